@@ -1,0 +1,238 @@
+"""Train-or-load: every run has a checkpoint; if it is there it is loaded, else the run trains.
+
+Files of a run in the checkpoint folder:
+  <run>_best.pt       written once, when the run has finished: best-on-val weights, config, results
+  <run>_last.pt       the state after the last finished epoch (weights, optimiser, scaler, RNG,
+                      history, best-so-far weights); removed when the run finishes
+  <run>_results.json  the results, for figures and the report
+  <run>.lock          held while the run trains, with the owner's pid
+Every write goes to a temporary file first and is renamed over the final name, so a crash
+or a full disk never leaves a half-written file under a final name. Loading uses
+`weights_only=True`: a checkpoint is data, never code.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import pickle
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from kdlab.config import RunConfig, config_dict, config_differences
+from kdlab.errors import KdlabError
+from kdlab.methods import build_method
+from kdlab.models import build_model, count_parameters
+from kdlab.train import autocast_dtype, evaluate, predict, train_epochs
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)`, then rename over `path`; on any failure the old file is untouched."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise KdlabError(f"could not write {path} ({err.strerror or err}); the previous version "
+                         f"of that file, if any, is intact. Free some space or choose another "
+                         f"--ckpt-dir, then run the same command again.") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint as plain data. Corrupted, truncated or code-carrying files are refused whole."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        # torch's weights-only refusal is a long text; the line that names the cause is enough.
+        detail = next((line for line in lines if "Unpickler error" in line), lines[0])
+        raise KdlabError(f"{path} cannot be loaded: it is corrupted, truncated or not a kdlab "
+                         f"checkpoint ({detail[:300]}). Either run again with --retrain to "
+                         f"train this run from the start, or delete the file.") from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise KdlabError(f"{path} is not a kdlab checkpoint (no config in it). Either run again "
+                         f"with --retrain, or delete the file.")
+    return state
+
+
+@dataclass
+class RunFiles:
+    ckpt_dir: Path
+    run: str
+    config: dict | None = None   # stored in every last checkpoint
+
+    @property
+    def best(self) -> Path:
+        return self.ckpt_dir / f"{self.run}_best.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.ckpt_dir / f"{self.run}_last.pt"
+
+    @property
+    def results(self) -> Path:
+        return self.ckpt_dir / f"{self.run}_results.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.ckpt_dir / f"{self.run}.lock"
+
+    def save_last(self, state: dict) -> None:
+        state.update(config=self.config, rng=torch.get_rng_state())
+        atomic_write(self.last, lambda tmp: torch.save(state, tmp))
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Only one process trains a run in a folder; a lock left by a dead process is taken over."""
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                owner = _lock_owner(self.lock_file)
+                if owner is not None and _alive(owner):
+                    raise KdlabError(f"{self.run} is already being trained by process {owner} "
+                                     f"(lock {self.lock_file}). Wait for it to finish, or stop it; "
+                                     f"if no such run is going on, delete the lock file.") from None
+                self.lock_file.unlink(missing_ok=True)  # stale: its owner is gone
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        for stale in self.ckpt_dir.glob(f"{self.run}_*.pt.tmp*"):
+            stale.unlink(missing_ok=True)                # left by a process killed mid-write
+        try:
+            yield
+        finally:
+            self.lock_file.unlink(missing_ok=True)
+
+
+def _lock_owner(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_config(stored: dict, cfg: RunConfig, path: Path) -> None:
+    diffs = config_differences(stored, cfg)
+    if diffs:
+        raise KdlabError(f"{path} was made with another config ({'; '.join(diffs)}). Run with the "
+                         f"settings it was made with, or with --retrain to train it again "
+                         f"(the file is replaced), or delete it.")
+
+
+@dataclass
+class TrainedRun:
+    model: nn.Module       # the student (or teacher), best-on-val weights, eval mode, on the device
+    results: dict
+    trained: bool          # False when the finished checkpoint was loaded
+
+
+def run_status(ckpt_dir: Path, run: str) -> str:
+    files = RunFiles(Path(ckpt_dir), run)
+    if files.best.exists():
+        return "trained"
+    return "resumable" if files.last.exists() else "missing"
+
+
+def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: str | Path,
+                  get_teacher=None, retrain: bool = False, progress=None, log=print) -> TrainedRun:
+    """Load the finished run from `ckpt_dir`, or resume it, or train it; then return it.
+
+    `get_splits()` and `get_teacher()` are called only if the run must train, so loading a
+    finished run needs neither the data nor the teacher.
+    """
+    files = RunFiles(Path(ckpt_dir), cfg.run, config_dict(cfg))
+    if not retrain and files.best.exists():
+        state = load_checkpoint(files.best)
+        check_config(state["config"], cfg, files.best)
+        model = build_model(cfg.arch, "none")
+        model.load_state_dict(state["modules"]["student"])
+        if not files.results.exists():
+            write_json(files.results, state["results"])
+        log(f"{cfg.run}: loaded {files.best} (test accuracy {state['results']['test_acc']:.4f})")
+        return TrainedRun(model.to(device, memory_format=torch.channels_last).eval(), state["results"],
+                          trained=False)
+
+    with files.lock():
+        if retrain:
+            for path in (files.best, files.last, files.results):
+                path.unlink(missing_ok=True)
+        resume = None
+        if files.last.exists():
+            resume = load_checkpoint(files.last)
+            check_config(resume["config"], cfg, files.last)
+            torch.set_rng_state(resume["rng"])
+            log(f"{cfg.run}: resuming after epoch {resume['epoch']} from {files.last}")
+        torch.manual_seed(cfg.seed)
+        splits = get_splits()
+        teacher = get_teacher() if cfg.uses_teacher else None
+        # A resumed run gets its weights from the checkpoint: no ImageNet download needed.
+        student = build_model(cfg.arch, cfg.weights if resume is None else "none").to(device)
+        method = build_method(cfg, student, teacher.model if teacher else None)
+        method.to(device, memory_format=torch.channels_last)
+        history = train_epochs(cfg, method, splits, device, files, resume, progress, log)
+        results = _results(cfg, method, splits, device, history, teacher)
+        modules = {k: m.state_dict() for k, m in method.trained_modules().items()}
+        write_json(files.results, results)
+        atomic_write(files.best, lambda tmp: torch.save(
+            dict(modules=modules, config=config_dict(cfg), results=results), tmp))
+        files.last.unlink(missing_ok=True)
+    log(f"{cfg.run}: test accuracy {results['test_acc']:.4f} (best val {results['best_val_acc']:.4f}"
+        f" at epoch {results['best_epoch']}); saved {files.best}")
+    return TrainedRun(student.eval(), results, trained=True)
+
+
+def _results(cfg, method, splits, device, history, teacher) -> dict:
+    dtype = autocast_dtype(device)
+    best = max(history, key=lambda h: h["val_acc"])
+    test_logits = predict(method.student, splits.test[0], cfg.image_size, dtype)
+    test_labels = splits.test[1].to(test_logits.device)
+    extra = [m for k, m in method.trained_modules().items() if k != "student"]
+    return dict(
+        run=cfg.run,
+        test_acc=(test_logits.argmax(1) == test_labels).float().mean().item(),
+        test_loss=torch.nn.functional.cross_entropy(test_logits, test_labels).item(),
+        best_val_acc=best["val_acc"], best_epoch=best["epoch"], epochs=cfg.epochs,
+        history=history, config=config_dict(cfg), weights=cfg.weights, smoke=cfg.smoke,
+        data=splits.source, n_train=len(splits.train[1]), n_val=len(splits.val[1]),
+        n_test=len(test_labels),
+        parameters=count_parameters(method.student),
+        extra_training_parameters=sum(count_parameters(m) for m in extra),
+        teacher=dict(run=teacher.results["run"], test_acc=teacher.results["test_acc"]) if teacher else None,
+        test_predictions=test_logits.argmax(1).tolist(),
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch_version=str(torch.__version__), torchvision_version=str(torchvision.__version__),
+        wall_seconds=sum(h["seconds"] for h in history),
+        finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )

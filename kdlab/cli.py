@@ -1,0 +1,106 @@
+"""`python -m kdlab`: the lab headless. Errors a user can cause print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from kdlab.checkpoints import RunFiles, run_status
+from kdlab.config import LAB_RUNS, RUNS
+from kdlab.errors import KdlabError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kdlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train-or-load runs (a KD run trains its teacher first if needed)")
+    run.add_argument("runs", nargs="+", metavar="RUN", help=f"'all' or any of: {', '.join(RUNS)}")
+    run.add_argument("--ckpt-dir", default="checkpoints")
+    run.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--weights", choices=["imagenet", "none"],
+                     help="start of the pretrained runs and the teacher (scratch runs are always 'none')")
+    run.add_argument("--epochs", type=int, help="epochs of every run named (and of the teacher)")
+    run.add_argument("--teacher-epochs", type=int, help="epochs of the teacher alone")
+    run.add_argument("--batch-size", type=int)
+    run.add_argument("--lr", type=float, help="peak learning rate")
+    run.add_argument("--image-size", type=int, help="input resolution (CIFAR is upsampled on the device)")
+    run.add_argument("--temperature", type=float)
+    run.add_argument("--alpha", type=float)
+    run.add_argument("--hint-layer", choices=["layer1", "layer2", "layer3", "layer4"])
+    run.add_argument("--hint-weight", type=float)
+    run.add_argument("--limit-train", type=int, help="train on a stratified subset of N images")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--retrain", action="store_true", help="ignore and replace existing checkpoints")
+    run.add_argument("--smoke", action="store_true",
+                     help="synthetic data, random weights, tiny budget: checks the pipeline, no results")
+    run.add_argument("--results-dir", help="also copy each run's results JSON here")
+
+    status = sub.add_parser("status", help="one line per run: trained / resumable / missing")
+    status.add_argument("--ckpt-dir", default="checkpoints")
+    return parser
+
+
+def command_run(args) -> None:
+    from kdlab.lab import Lab  # imports torch: keep `--help` and `status` quick
+
+    names = list(LAB_RUNS) if args.runs == ["all"] else args.runs
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise KdlabError(f"unknown run {', '.join(unknown)}; valid runs: {', '.join(RUNS)} (or 'all')")
+    overrides = dict(weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
+                     lr=args.lr, image_size=args.image_size, temperature=args.temperature,
+                     alpha=args.alpha, hint_layer=args.hint_layer, hint_weight=args.hint_weight,
+                     limit_train=args.limit_train, seed=args.seed)
+    if args.teacher_epochs is not None and args.teacher_epochs < 1:
+        raise KdlabError(f"teacher epochs must be at least 1, got {args.teacher_epochs}")
+    lab = Lab(args.ckpt_dir, args.data_dir, args.device, smoke=args.smoke,
+              teacher_epochs=args.teacher_epochs, **overrides)
+    for name in names:
+        lab.config(name)  # every name's settings are checked before anything trains
+    start = time.perf_counter()
+    rows = []
+    for name in names:
+        trained = lab.run(name, retrain=args.retrain)
+        rows.append((name, "trained" if trained.trained else "loaded", trained.results))
+        if args.results_dir:
+            Path(args.results_dir).mkdir(parents=True, exist_ok=True)
+            (Path(args.results_dir) / f"{name}_results.json").write_text(
+                json.dumps(trained.results, indent=1))
+    print(f"\n{'run':32} {'':8} {'best val':>8} {'test':>8} {'train s':>8}")
+    for name, how, r in rows:
+        print(f"{name:32} {how:8} {r['best_val_acc']:8.4f} {r['test_acc']:8.4f} {r['wall_seconds']:8.1f}")
+    smoke = " (smoke run: synthetic data, not results)" if args.smoke else ""
+    print(f"done in {time.perf_counter() - start:.1f}s on {lab.device}{smoke}")
+
+
+def command_status(args) -> None:
+    for name in RUNS:
+        state = run_status(Path(args.ckpt_dir), name)
+        line = f"{name:32} {state:9}"
+        results_path = RunFiles(Path(args.ckpt_dir), name).results
+        if state == "trained" and results_path.exists():
+            r = json.loads(results_path.read_text())
+            line += f" best val {r['best_val_acc']:.4f}  test {r['test_acc']:.4f}"
+            line += "  (smoke)" if r.get("smoke") else ""
+        print(line)
+
+
+COMMANDS = {"run": command_run, "status": command_status}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except KdlabError as err:
+        print(f"kdlab: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nkdlab: interrupted. Every finished epoch is saved in the checkpoint folder; "
+              "run the same command again to resume.", file=sys.stderr)
+        return 130
+    return 0

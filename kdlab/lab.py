@@ -1,0 +1,63 @@
+"""The lab: the runs by name, sharing one dataset and one teacher. The CLI and the notebook use it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kdlab.checkpoints import TrainedRun, train_or_load
+from kdlab.config import TEACHER_RUN, RunConfig, make_config
+from kdlab.data import Splits, load_cifar10, make_splits, make_synthetic_cifar
+from kdlab.errors import KdlabError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KdlabError("--device cuda was asked for but no CUDA GPU is visible to PyTorch; "
+                         "use --device cpu (or auto), or on Colab: Runtime > Change runtime type > GPU.")
+    if name not in ("cpu", "cuda"):
+        raise KdlabError(f"device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+class Lab:
+    """Runs of the lab by name, with train-or-load for each and the teacher shared by the KD runs.
+
+    `overrides` (epochs, image_size, ...) apply to every run; `teacher_epochs` to the teacher
+    alone, so a KD student and its teacher can have different budgets.
+    """
+
+    def __init__(self, ckpt_dir="checkpoints", data_dir="data", device="auto", smoke=False,
+                 teacher_epochs=None, progress=None, log=print, **overrides):
+        self.ckpt_dir, self.data_dir = Path(ckpt_dir), Path(data_dir)
+        self.device = resolve_device(device)
+        self.smoke, self.progress, self.log = smoke, progress, log
+        self.overrides = overrides
+        self.teacher_overrides = dict(overrides, epochs=teacher_epochs or overrides.get("epochs"))
+        self._data = None
+        self._splits: dict[tuple, Splits] = {}
+        self._runs: dict[str, TrainedRun] = {}
+
+    def config(self, run: str) -> RunConfig:
+        overrides = self.teacher_overrides if run == TEACHER_RUN else self.overrides
+        return make_config(run, smoke=self.smoke, **overrides)
+
+    def splits(self, cfg: RunConfig) -> Splits:
+        key = (cfg.val_per_class, cfg.seed, cfg.limit_train)
+        if key not in self._splits:
+            if self._data is None:
+                self._data = make_synthetic_cifar() if self.smoke else load_cifar10(self.data_dir)
+            self._splits[key] = make_splits(self._data, *key, self.device)
+        return self._splits[key]
+
+    def run(self, name: str, retrain: bool = False) -> TrainedRun:
+        """Train-or-load one run (and, for a KD run that must train, its teacher first)."""
+        if name not in self._runs or retrain:
+            cfg = self.config(name)
+            self._runs[name] = train_or_load(
+                cfg, lambda: self.splits(cfg), self.device, self.ckpt_dir,
+                get_teacher=lambda: self.run(TEACHER_RUN), retrain=retrain,
+                progress=self.progress, log=self.log)
+        return self._runs[name]

@@ -1,0 +1,28 @@
+"""The distillation losses as pure functions; kdlab.methods wraps each in a method."""
+import torch
+import torch.nn.functional as F
+
+
+def kd_logits_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   targets: torch.Tensor, temperature: float = 4.0, alpha: float = 0.9) -> torch.Tensor:
+    """Hinton et al. (2015): alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
+
+    The T^2 factor keeps the soft term's gradients the same size whatever the temperature;
+    the KL is summed over classes and averaged over the batch ("batchmean").
+    """
+    return alpha * distillation_term(student_logits, teacher_logits, temperature) \
+        + (1 - alpha) * F.cross_entropy(student_logits.float(), targets)
+
+
+def distillation_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), batch mean, in fp32 whatever the autocast dtype."""
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return temperature ** 2 * kl
+
+
+def hint_loss(regressed_student: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """FitNets (Romero et al. 2015): mean squared error between the regressed hint and the teacher's."""
+    return F.mse_loss(regressed_student.float(), teacher_features.float())

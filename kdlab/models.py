@@ -1,0 +1,60 @@
+"""torchvision's ResNet50 (teacher) and ResNet18 (student) with a 10-class head.
+
+The architectures are torchvision's, unmodified, so ImageNet weights load as trained;
+CIFAR images are upsampled on the device instead (README: "Input resolution").
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision import models
+
+from kdlab.errors import KdlabError
+
+ARCHS = {
+    "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2),
+    "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
+}
+
+
+def build_model(arch: str, weights: str, num_classes: int = 10) -> nn.Module:
+    """A torchvision ResNet; `weights="imagenet"` downloads (or reuses the cache of) its weights.
+
+    Never falls back to random weights: a run that asked for ImageNet and cannot get it stops.
+    """
+    constructor, imagenet = ARCHS[arch]
+    if weights == "none":
+        # Zero-init of each block's last BN makes every residual block start as the identity
+        # (Goyal et al. 2017), which helps short from-scratch schedules.
+        return constructor(weights=None, num_classes=num_classes, zero_init_residual=True)
+    try:
+        model = constructor(weights=imagenet)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad cache file a RuntimeError
+        raise KdlabError(
+            f"the ImageNet weights of {arch} ({imagenet}) are not in torch's cache "
+            f"({torch.hub.get_dir()}/checkpoints) and could not be downloaded ({err}). "
+            f"Run once with a network, copy the .pth file into that folder, or pass "
+            f"--weights none to train from scratch on purpose.") from None
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+def stage_channels(model: nn.Module, stage: str) -> int:
+    """Output channels of a ResNet stage (`layer1`..`layer4`): its last BatchNorm's width."""
+    norms = [m for m in getattr(model, stage).modules() if isinstance(m, nn.BatchNorm2d)]
+    return norms[-1].num_features
+
+
+class StageOutput:
+    """Keeps the latest output of one stage, taken by a forward hook (the model is untouched)."""
+
+    def __init__(self, model: nn.Module, stage: str):
+        self.output: torch.Tensor | None = None
+        getattr(model, stage).register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        self.output = output
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,129 @@
+"""The training loop: one epoch of batches from the device loader, validation, checkpoints.
+
+Everything a reader needs is in `train_epochs`: the loop, the mixed precision, the LR
+schedule and the two checkpoint writes. Metrics stay on the device until the epoch ends,
+so the step never waits for the host.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from kdlab.data import DeviceLoader, preprocess
+from kdlab.errors import KdlabError
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU has it (no scaler needed), fp16 on older GPUs (T4), fp32 on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to `peak`, then cosine decay to zero: a function of the step, so resuming is exact."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_epochs(cfg, method, splits, device, files, resume=None, progress=None, log=print) -> list[dict]:
+    """Train `method` for the epochs `cfg` asks for, from `resume` (a last checkpoint) if given.
+
+    After each epoch: validate, keep the best-on-val weights, save the last state.
+    Returns the history, one dict per epoch.
+    """
+    modules = method.trained_modules()
+    params = [p for m in modules.values() for p in m.parameters()]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                                weight_decay=cfg.weight_decay)
+    dtype = autocast_dtype(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    loader = DeviceLoader(*splits.train, cfg.batch_size, cfg.image_size, cfg.seed)
+    steps, total_steps = len(loader), cfg.epochs * len(loader)
+    warmup_steps = max(1, round(cfg.warmup_epochs * steps))
+    history, best_modules = [], None
+    if resume is not None:
+        for name, module in modules.items():
+            module.load_state_dict(resume["modules"][name])
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        history, best_modules = resume["history"], resume["best_modules"]
+    best_val = max((h["val_acc"] for h in history), default=-1.0)
+    quiet = None if progress is None else not progress   # None: bars only on a terminal
+
+    for epoch in tqdm(range(len(history), cfg.epochs), desc=cfg.run, unit="epoch", disable=quiet,
+                      initial=len(history), total=cfg.epochs):
+        start = time.perf_counter()
+        method.train()
+        step_losses: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        batches = tqdm(loader.epoch(epoch), total=steps, leave=False, disable=quiet, unit="step")
+        for step, (images, targets) in enumerate(batches):
+            lr = lr_at(epoch * steps + step, cfg.lr, warmup_steps, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits, losses = method.forward_train(images, targets)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            for name, value in losses.items():
+                step_losses.setdefault(name, torch.empty(steps, device=device))[step] = value.detach()
+            correct += (logits.argmax(1) == targets).sum()
+
+        per_step = torch.stack(list(step_losses.values()))          # (terms, steps), one sync below
+        bad_steps = (~torch.isfinite(per_step.sum(0))).nonzero().flatten().tolist()
+        if bad_steps:
+            terms = {k: v[bad_steps[0]].item() for k, v in step_losses.items()}
+            raise KdlabError(
+                f"{cfg.run}: the loss became non-finite at epoch {epoch + 1}, step {bad_steps[0] + 1} "
+                f"(terms {terms}). Nothing from this epoch was saved; the checkpoint of epoch "
+                f"{epoch} stays in {files.last}. Lower the learning rate (--lr) and run with --retrain.")
+        val_loss, val_acc = evaluate(method.student, *splits.val, cfg.image_size, dtype)
+        term_means = {k: v.mean().item() for k, v in step_losses.items()}
+        history.append(dict(epoch=epoch + 1, train_loss=sum(term_means.values()), losses=term_means,
+                            train_acc=correct.item() / (steps * loader.batch_size),
+                            val_loss=val_loss, val_acc=val_acc, lr=lr,
+                            seconds=time.perf_counter() - start))
+        log(f"{cfg.run} epoch {epoch + 1}/{cfg.epochs}: train loss {history[-1]['train_loss']:.4f} "
+            f"acc {history[-1]['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} "
+            f"| {history[-1]['seconds']:.1f}s")
+        if val_acc > best_val:
+            best_val = val_acc
+            best_modules = {k: {n: t.detach().clone() for n, t in m.state_dict().items()}
+                            for k, m in modules.items()}
+        files.save_last(dict(modules={k: m.state_dict() for k, m in modules.items()},
+                             best_modules=best_modules, optimizer=optimizer.state_dict(),
+                             scaler=scaler.state_dict(), history=history, epoch=epoch + 1))
+    for name, module in modules.items():
+        module.load_state_dict(best_modules[name])
+    return history
+
+
+@torch.no_grad()
+def predict(model, images: torch.Tensor, image_size: int, dtype=None,
+            batch_size: int = 1024) -> torch.Tensor:
+    """Logits (fp32) for uint8 images, in large batches: evaluation holds no activations."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = preprocess(images[i:i + batch_size].to(device), image_size)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out.append(model(x).float())
+    return torch.cat(out)
+
+
+def evaluate(model, images, labels, image_size: int, dtype=None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `model` on a split."""
+    logits = predict(model, images, image_size, dtype)
+    labels = labels.to(logits.device)
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
