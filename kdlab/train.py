@@ -32,6 +32,23 @@ def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def train_step(method, optimizer, scaler, images, targets, dtype):
+    """One optimisation step on a batch of the device loader; returns the logits and the loss terms."""
+    with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+        logits, losses = method.forward_train(images, targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(sum(losses.values())).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return logits, losses
+
+
+def make_optimizer(cfg, method):
+    params = [p for m in method.trained_modules().values() for p in m.parameters()]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                           weight_decay=cfg.weight_decay)
+
+
 def train_epochs(cfg, method, splits, device, files, resume=None, progress=None, log=print) -> list[dict]:
     """Train `method` for the epochs `cfg` asks for, from `resume` (a last checkpoint) if given.
 
@@ -39,9 +56,7 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
     Returns the history, one dict per epoch.
     """
     modules = method.trained_modules()
-    params = [p for m in modules.values() for p in m.parameters()]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                                weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, method)
     dtype = autocast_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loader = DeviceLoader(*splits.train, cfg.batch_size, cfg.image_size, cfg.seed)
@@ -68,13 +83,7 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
             lr = lr_at(epoch * steps + step, cfg.lr, warmup_steps, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits, losses = method.forward_train(images, targets)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            logits, losses = train_step(method, optimizer, scaler, images, targets, dtype)
             for name, value in losses.items():
                 step_losses.setdefault(name, torch.empty(steps, device=device))[step] = value.detach()
             correct += (logits.argmax(1) == targets).sum()
