@@ -191,15 +191,17 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
         if files.last.exists():
             resume = load_checkpoint(files.last)
             check_config(resume["config"], cfg, files.last)
-            torch.set_rng_state(resume["rng"])
             log(f"{cfg.run}: resuming after epoch {resume['epoch']} from {files.last}")
-        torch.manual_seed(cfg.seed)
         splits = get_splits()
         teacher = get_teacher() if cfg.uses_teacher else None
+        # Seeded after the teacher, which may have trained just now and drawn from the same RNG.
+        torch.manual_seed(cfg.seed)
         # A resumed run gets its weights from the checkpoint: no ImageNet download needed.
         student = build_model(cfg.arch, cfg.weights if resume is None else "none").to(device)
         method = build_method(cfg, student, teacher.model if teacher else None)
         method.to(device, memory_format=torch.channels_last)
+        if resume is not None:
+            torch.set_rng_state(resume["rng"])
         history = train_epochs(cfg, method, splits, device, files, resume, progress, log)
         results = _results(cfg, method, splits, device, history, teacher)
         modules = {k: m.state_dict() for k, m in method.trained_modules().items()}
