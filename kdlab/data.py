@@ -143,17 +143,18 @@ def make_synthetic_cifar(train_per_class: int = 200, test_per_class: int = 50,
 def split_train_val(labels, val_per_class: int = 500, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
     """Stratified split of the training set: `val_per_class` images of each class go to val.
 
-    numpy's PCG64 stream is the same on every machine, so the split is too.
+    The order comes from PCG64's raw 64-bit stream, which numpy guarantees across versions and
+    platforms (Generator.permutation is not), so the split is the same on every machine.
     """
     labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
+    keys = np.random.PCG64(seed).random_raw(len(labels))
     val = []
     for c in range(NUM_CLASSES):
         members = np.flatnonzero(labels == c)
         if len(members) <= val_per_class:
             raise KdlabError(f"class {CLASSES[c]} has {len(members)} training images, "
                              f"too few for {val_per_class} validation images")
-        val.append(rng.permutation(members)[:val_per_class])
+        val.append(members[np.argsort(keys[members], kind="stable")][:val_per_class])
     val_idx = np.sort(np.concatenate(val))
     train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
     return train_idx, val_idx
@@ -162,9 +163,10 @@ def split_train_val(labels, val_per_class: int = 500, seed: int = 42) -> tuple[n
 def limit_stratified(train_idx: np.ndarray, labels, n: int, seed: int = 42) -> np.ndarray:
     """A class-balanced subset of `n` training indices, for quick experiments."""
     labels = np.asarray(labels)
-    rng = np.random.default_rng(seed + 1)
+    keys = np.random.PCG64(seed + 1).random_raw(len(labels))
     per_class = n // NUM_CLASSES
-    keep = [rng.permutation(train_idx[labels[train_idx] == c])[:per_class] for c in range(NUM_CLASSES)]
+    members = [train_idx[labels[train_idx] == c] for c in range(NUM_CLASSES)]
+    keep = [m[np.argsort(keys[m], kind="stable")][:per_class] for m in members]
     return np.sort(np.concatenate(keep))
 
 
