@@ -649,8 +649,8 @@ def macros(rep: Report) -> dict[str, str]:
         "Alpha": setting(rep, logit_runs, "alpha"),
         "HintLayer": setting(rep, feature_runs, "hint_layer", fmt=tt),
         "HintWeight": setting(rep, feature_runs, "hint_weight"),
-        "RegressorParams": (f"{feature_results[0]['extra_training_parameters']:,}"
-                            if feature_results else r"\textit{not known yet (no feature-KD results)}"),
+        "RegressorParams": (f"{feature_results[0]['extra_training_parameters']:,} parameters"
+                            if feature_results else "its size is known once a feature-KD run has finished"),
         "TrainingDevice": from_results("device_name"),
         "TorchVersion": from_results("torch_version"),
         "DataSource": from_results("data"),
@@ -755,8 +755,9 @@ def make_report(results_dir="results/reference", figures_dir="figures", report_d
         return rep
     if shutil.which("latexmk") is None:
         message = ("latexmk is not installed, so the PDF was not built (the generated .tex is "
-                   "written). Install it with: apt-get install texlive-latex-recommended "
-                   "texlive-latex-extra texlive-fonts-recommended latexmk")
+                   "written). Install it with: apt-get install --no-install-recommends "
+                   "texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended "
+                   "lmodern latexmk")
         if pdf_required:
             raise KdlabError(message)
         log(f"kdlab: note: {message}")
