@@ -174,6 +174,15 @@ def tt(text) -> str:
     return rf"\texttt{{{tex(text)}}}".replace(r"\_", r"\_\allowbreak{}")
 
 
+def num(value: float) -> str:
+    """A config number as LaTeX: '0.2', '512', or '$5\\times10^{-5}$' where Python writes '5e-05'."""
+    text = f"{value:g}"
+    if "e" not in text:
+        return text
+    mantissa, exponent = text.split("e")
+    return rf"${mantissa}\times10^{{{int(exponent)}}}$"
+
+
 def pct(acc: float) -> str:
     return f"{100 * acc:.2f}"
 
@@ -222,6 +231,14 @@ def test_noise(a: dict, b: dict) -> str:
 
 # ----------------------------------------------------------------------------- tables
 
+def table(label: str, caption: str, columns: str, header: list[str], rows: list[str]) -> str:
+    """A booktabs table, small enough for the page; `header` is one or more lines of cells."""
+    return "\n".join([
+        r"\begin{table}[tbp]", r"\centering\footnotesize", r"\setlength{\tabcolsep}{3.5pt}",
+        rf"\caption{{{caption}}}", rf"\label{{{label}}}", rf"\begin{{tabular}}{{@{{}}{columns}@{{}}}}",
+        r"\toprule", *header, r"\midrule", *rows, r"\bottomrule", r"\end{tabular}", r"\end{table}", ""])
+
+
 def results_table(rep: Report) -> str:
     eff = rep.efficiency
     rows = []
@@ -240,27 +257,23 @@ def results_table(rep: Report) -> str:
                  f"measured on {tex(eff.get('device', 'an unnamed device'))} at "
                  f"{tex(eff.get('image_size', '?'))} px.")
     else:
-        where = (f"FLOPs and latency: -- (no efficiency.json in {tt(rep.figures_dir)}; the "
-                 f"figures module writes it).")
+        where = (f"FLOPs and latency: -- (no {tt('efficiency.json')} in {tt(rep.figures_dir)}; "
+                 f"the figures module writes it).")
     caption = (rf"Every run. Validation accuracy: the best epoch's (that epoch in brackets), "
                rf"whose weights are kept; test accuracy: those weights, once, on the "
                rf"test set. Parameters: the deployed network (a regressor used only in training "
                rf"is not counted). Train: wall time of all epochs, validation included. {where} "
                rf"Source: {tt(rep.results_dir)}.")
-    return "\n".join([
-        r"\begin{table}[tbp]", r"\centering\footnotesize", r"\setlength{\tabcolsep}{4pt}",
-        rf"\caption{{{caption}}}", r"\label{tab:results}",
-        r"\begin{tabular}{@{}lrrrrrrr@{}}", r"\toprule",
+    return table("tab:results", caption, "lrrrrrrr", [
         r"Run & Epochs & Val.\ acc. & Test acc. & Params & GFLOPs & Latency & Train \\",
-        r" & & \% (epoch) & \% & (M) & & (ms) & (min) \\", r"\midrule", *rows, r"\bottomrule", r"\end{tabular}",
-        r"\end{table}", ""])
+        r" & & \% (epoch) & \% & (M) & & (ms) & (min) \\"], rows)
 
 
 def distillation_settings(cfg: dict) -> str:
     if cfg["method"] == "kd_logits":
-        return rf"$T={cfg['temperature']:g}$, $\alpha={cfg['alpha']:g}$"
+        return rf"$T$ {num(cfg['temperature'])}, $\alpha$ {num(cfg['alpha'])}"
     if cfg["method"] == "kd_features":
-        return rf"hint {tt(cfg['hint_layer'])}, $\beta={cfg['hint_weight']:g}$"
+        return rf"hint {tt(cfg['hint_layer'])}, $\beta$ {num(cfg['hint_weight'])}"
     return "--"
 
 
@@ -268,8 +281,8 @@ def shared_setting(rep: Report, key: str) -> str:
     """The value most runs use, then the runs that differ: '512 (teacher_resnet50: 256)'."""
     values = {run: rep.config(run)[key] for run in rep.runs}
     common = Counter(values.values()).most_common(1)[0][0]
-    others = [f"{tt(run)}: {value:g}" for run, value in values.items() if value != common]
-    return f"{common:g}" + (f" ({'; '.join(others)})" if others else "")
+    others = [f"{tt(run)}: {num(value)}" for run, value in values.items() if value != common]
+    return num(common) + (f" ({'; '.join(others)})" if others else "")
 
 
 def config_table(rep: Report) -> str:
@@ -278,7 +291,7 @@ def config_table(rep: Report) -> str:
         cfg = rep.config(run)
         mark = "" if run in rep.results else r"\textsuperscript{$\dagger$}"
         rows.append(rf"{tt(run)}{mark} & {cfg['arch']} & {METHOD_NAMES.get(cfg['method'], tex(cfg['method']))} & "
-                    rf"{tex(cfg['weights'])} & {cfg['epochs']} & {cfg['lr']:g} & {cfg['weight_decay']:g} & "
+                    rf"{tex(cfg['weights'])} & {cfg['epochs']} & {num(cfg['lr'])} & {num(cfg['weight_decay'])} & "
                     rf"{distillation_settings(cfg)} \\")
     shared = "; ".join(f"{label} {shared_setting(rep, key)}" for key, label in SHARED_SETTINGS.items())
     planned = (r" $\dagger$: no results file yet; the settings the planned command "
@@ -289,12 +302,9 @@ def config_table(rep: Report) -> str:
                rf"temperature $T$ and weight $\alpha$ of logit KD (Eq.~\ref{{eq:kd}}), stage and "
                rf"weight $\beta$ of the hint (Eq.~\ref{{eq:hint}}). Shared: {shared}."
                rf"{planned}")
-    return "\n".join([
-        r"\begin{table}[tbp]", r"\centering\footnotesize", r"\setlength{\tabcolsep}{4pt}",
-        rf"\caption{{{caption}}}", r"\label{tab:config}",
-        r"\begin{tabular}{@{}lllrrrrl@{}}", r"\toprule",
+    return table("tab:config", caption, "llllrrrl", [
         r"Run & Network & Method & Start & Epochs & Peak & Weight & Distillation \\",
-        r" & & & & & LR & decay & \\", r"\midrule", *rows, r"\bottomrule", r"\end{tabular}", r"\end{table}", ""])
+        r" & & & & & LR & decay & \\"], rows)
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -330,10 +340,11 @@ def provenance(rep: Report) -> str:
         + rf"; training time of all runs together {minutes(sum(r['wall_seconds'] for r in results))} min.",
     ]
     if rep.manifest:
+        command = isinstance(rep.manifest.get("command"), str)   # shown in reproduce_block
         entries = "; ".join(f"{tt(k)}: {tex(v if isinstance(v, str) else json.dumps(v))}"
-                            for k, v in rep.manifest.items() if k != "command")
-        command = " Its command is in Section~\\ref{sec:reproduce}." if "command" in rep.manifest else ""
-        parts.append(rf"The run's {tt('manifest.json')} records: {entries}.{command}")
+                            for k, v in rep.manifest.items() if not (command and k == "command"))
+        parts.append(rf"The run's {tt('manifest.json')} records: {entries}."
+                     + (r" Its command is in Section~\ref{sec:reproduce}." if command else ""))
     if rep.efficiency:
         eff = rep.efficiency
         parts.append(rf"FLOPs and latency come from {tt(rep.figures_dir / 'efficiency.json')}, "
@@ -341,9 +352,10 @@ def provenance(rep: Report) -> str:
                      rf"{tex(eff.get('image_size', '?'))} px.")
     reason = rep.draft_reason()
     if reason:
+        why = ("synthetic data, random weights and a tiny budget: a check of the pipeline"
+               if reason == "smoke run" else "trained on the CPU, not on the GPU the lab is set up for")
         parts.append(rf"\textbf{{{tex(draft_text(reason))}:}} these files come from a {reason} "
-                     rf"({'synthetic data, random weights, a two-epoch budget' if reason == 'smoke run' else 'trained on the CPU'}), "
-                     rf"made to check the pipeline; none of their numbers is a result of the lab.")
+                     rf"({why}); none of their numbers is a result of the lab.")
     return " ".join(parts)
 
 
@@ -402,37 +414,42 @@ def student_groups(rep: Report):
             yield (start, *runs)
 
 
+def kd_pairs(rep: Report):
+    """(start, method name, cross-entropy run, distillation run) to compare, start by start."""
+    for start, base, logits, features in student_groups(rep):
+        yield start, "logit KD", base, logits
+        yield start, "feature KD", base, features
+
+
 def kd_gain_sentences(rep: Report) -> str:
     out = []
-    for start, base, logits, features in student_groups(rep):
-        for kd, name in ((logits, "logit KD"), (features, "feature KD")):
-            lacking = absent(rep, (base, kd))
-            if lacking:
-                out.append(cannot_yet(f"The gain of {name} {start}", lacking))
-                continue
-            b, k = rep.results[base], rep.results[kd]
-            out.append(rf"{start.capitalize()}, {name} ({tt(kd)}) reached "
-                       rf"{acc_text(k['test_acc'])} test accuracy, {compare(k['test_acc'], b['test_acc'])} "
-                       rf"the cross-entropy student ({acc_text(b['test_acc'])}), a gap "
-                       rf"{test_noise(k, b)}.")
+    for start, name, base, kd in kd_pairs(rep):
+        lacking = absent(rep, (base, kd))
+        if lacking:
+            out.append(cannot_yet(f"The gain of {name} {start}", lacking))
+            continue
+        b, k = rep.results[base], rep.results[kd]
+        out.append(rf"{start.capitalize()}, {name} ({tt(kd)}) reached "
+                   rf"{acc_text(k['test_acc'])} test accuracy, {compare(k['test_acc'], b['test_acc'])} "
+                   rf"the cross-entropy student ({acc_text(b['test_acc'])}), a gap "
+                   rf"{test_noise(k, b)}.")
     return " ".join(out)
 
 
 def kd_cost_sentences(rep: Report) -> str:
     out = []
-    for start, base, logits, features in student_groups(rep):
-        for kd, name in ((logits, "logit KD"), (features, "feature KD")):
-            lacking = absent(rep, (base, kd))
-            if lacking:
-                out.append(cannot_yet(f"The training cost of {name} {start}", lacking))
-                continue
-            b, k = rep.results[base], rep.results[kd]
-            per_epoch_b, per_epoch_k = b["wall_seconds"] / b["epochs"], k["wall_seconds"] / k["epochs"]
-            extra = (rf", and trains {k['extra_training_parameters']:,} regressor parameters "
-                     rf"besides the student" if k["extra_training_parameters"] else "")
-            out.append(rf"An epoch of {name} {start} took {per_epoch_k:.1f} s against "
-                       rf"{per_epoch_b:.1f} s for cross-entropy alone "
-                       rf"({per_epoch_k / per_epoch_b:.2f} times as long){extra}.")
+    for start, name, base, kd in kd_pairs(rep):
+        lacking = absent(rep, (base, kd))
+        if lacking:
+            out.append(cannot_yet(f"The training cost of {name} {start}", lacking))
+            continue
+        b, k = rep.results[base], rep.results[kd]
+        per_epoch_b, per_epoch_k = b["wall_seconds"] / b["epochs"], k["wall_seconds"] / k["epochs"]
+        extra = (rf", and trains {k['extra_training_parameters']:,} regressor parameters "
+                 rf"besides the student" if k["extra_training_parameters"] else "")
+        out.append(rf"An epoch of {name} {start} took {per_epoch_k:.1f} s against "
+                   rf"{per_epoch_b:.1f} s for cross-entropy alone "
+                   rf"({per_epoch_k / per_epoch_b:.2f} times as long){extra}.")
     if TEACHER_RUN in rep.results:
         t = rep.results[TEACHER_RUN]
         out.append(rf"The teacher those runs need cost {minutes(t['wall_seconds'])} min of "
@@ -527,11 +544,10 @@ def agreement_sentences(rep: Report) -> str:
     out = ["On the test set, the students predict the same class as the teacher for "
            + enumerate_text([rf"{acc_text(share)} of the images ({tt(run)})"
                              for run, share in shares.items()]) + "."]
-    for start, base, logits, features in student_groups(rep):
-        for kd, name in ((logits, "logit KD"), (features, "feature KD")):
-            if base in shares and kd in shares:
-                out.append(rf"{start.capitalize()}, {name} agrees with the teacher "
-                           rf"{compare(shares[kd], shares[base])} the cross-entropy student.")
+    for start, name, base, kd in kd_pairs(rep):
+        if base in shares and kd in shares:
+            out.append(rf"{start.capitalize()}, the agreement of {name} with the teacher is "
+                       rf"{compare(shares[kd], shares[base])} the cross-entropy student's.")
     return " ".join(out)
 
 
@@ -546,9 +562,9 @@ def best_epoch_sentence(rep: Report) -> str:
                    rf"at {'its' if len(last) == 1 else 'their'} last epoch, as a cosine schedule "
                    rf"that ends at zero makes likely.")
     if earlier:
-        out.append(rf"{runs_text(earlier)} peaked before the end "
-                   + "(" + "; ".join(rf"{tt(run)}: epoch {rep.results[run]['best_epoch']} of "
-                                     rf"{rep.results[run]['epochs']}" for run in earlier) + ").")
+        out.append("Peaked before the end: " + enumerate_text(
+            [rf"{tt(run)} (epoch {rep.results[run]['best_epoch']} of {rep.results[run]['epochs']})"
+             for run in earlier]) + ".")
     return " ".join(out)
 
 
@@ -565,12 +581,12 @@ def abstract_results(rep: Report) -> str:
 
 # ----------------------------------------------------------------------------- macros
 
-def setting(rep: Report, runs: list[str], key: str, fmt=lambda v: f"{v:g}") -> str:
+def setting(rep: Report, runs: list[str], key: str, fmt=num) -> str:
     """One config value for the prose: shared by `runs`, or a pointer to the config table."""
     values = list(dict.fromkeys(rep.config(run)[key] for run in runs))
     if len(values) == 1:
         return fmt(values[0])
-    return r"(per run, Table~\ref{tab:config})"
+    return r"per run (Table~\ref{tab:config})"
 
 
 def split_sizes(rep: Report) -> tuple[str, str, str]:
@@ -625,7 +641,7 @@ def macros(rep: Report) -> dict[str, str]:
                        else "no results yet"),
         "FiguresDir": rep.figures_tex_path,
         "FiguresDirText": tt(rep.figures_dir),
-        "ImageSize": str(size) if size else r"(per run, Table~\ref{tab:config})",
+        "ImageSize": rf"{size}~px" if size else r"a size set per run (Table~\ref{tab:config})",
         "StageSentence": stage_sentence(size),
         "ResolutionCost": (r"a number of pixels that differs between runs (Table~\ref{tab:config})"
                            if size is None else

@@ -85,6 +85,12 @@ def efficiency(runs) -> dict:
     return dict(device="Test GPU", image_size=128, measured=measured)
 
 
+def number(cell: str) -> float:
+    """A table cell's number: '0.2', or '$5\\times10^{-5}$' as report.num writes small ones."""
+    sci = re.fullmatch(r"\$([\d.]+)\\times10\^\{(-?\d+)\}\$", cell)
+    return float(sci[1]) * 10 ** int(sci[2]) if sci else float(cell)
+
+
 def table_rows(path: Path) -> dict[str, list[str]]:
     """The body rows of a generated table: run -> its cells after the run's name."""
     body = path.read_text().split(r"\midrule")[1].split(r"\bottomrule")[0]
@@ -131,9 +137,13 @@ def test_tables_equal_the_results_files(tmp_path, reference):
         arch, method, start, epochs, lr, wd, distillation = config_rows[run]
         cfg = r["config"]
         assert (arch, start, int(epochs)) == (cfg["arch"], cfg["weights"], cfg["epochs"])
-        assert float(lr) == cfg["lr"] and float(wd) == cfg["weight_decay"]
+        assert number(lr) == pytest.approx(cfg["lr"]) and number(wd) == pytest.approx(cfg["weight_decay"])
         if cfg["method"] == "kd_logits":
-            assert distillation == rf"$T={cfg['temperature']:g}$, $\alpha={cfg['alpha']:g}$"
+            t, alpha = re.fullmatch(r"\$T\$ (\S+), \$\\alpha\$ (\S+)", distillation).groups()
+            assert (number(t), number(alpha)) == (cfg["temperature"], cfg["alpha"])
+        if cfg["method"] == "kd_features":
+            layer, beta = re.fullmatch(r"hint \\texttt\{(\w+)\}, \$\\beta\$ (\S+)", distillation).groups()
+            assert (layer, number(beta)) == (cfg["hint_layer"], cfg["hint_weight"])
 
 
 def test_comparisons_follow_the_numbers(tmp_path, reference):
