@@ -210,6 +210,7 @@ def test_report_source_uses_every_macro_and_types_no_result():
                         Path("figures"), "../figures")
     for name in report.macros(rep):
         assert re.search(rf"\\{name}(?![A-Za-z])", source), f"\\{name} is generated but not used"
+        assert not re.search(rf"\\{name} +\w", source), f"TeX eats the space after \\{name}: write \\{name}{{}}"
     for name in report.EXPECTED_FIGURES:
         assert name in source
     body = source.split(r"\begin{document}")[1].split(r"\begin{thebibliography}")[0]
