@@ -10,6 +10,7 @@ from pathlib import Path
 from kdlab.checkpoints import RunFiles, run_status
 from kdlab.config import LAB_RUNS, RUNS
 from kdlab.errors import KdlabError
+from kdlab.report import REFERENCE_RUNS, make_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="one line per run: trained / resumable / missing")
     status.add_argument("--ckpt-dir", default="checkpoints")
+
+    report = sub.add_parser("report", help="write report/generated/*.tex from results files, then build the PDF")
+    report.add_argument("--results", default="results/reference", help="folder of <run>_results.json")
+    report.add_argument("--figures", default="figures", help="folder of the figures and efficiency.json")
+    report.add_argument("--report-dir", default="report", help="folder of KD_LAB.tex")
+    report.add_argument("--runs", nargs="+", default=list(REFERENCE_RUNS), metavar="RUN",
+                        help="runs the report expects; those without a results file are marked missing")
+    report.add_argument("--draft", action="store_true",
+                        help="accept smoke or CPU results; every page then says DRAFT")
+    report.add_argument("--no-pdf", action="store_true", help="write the generated .tex only")
+    report.add_argument("--pdf-required", action="store_true", help="fail when latexmk is not installed")
     return parser
 
 
@@ -89,7 +101,12 @@ def command_status(args) -> None:
         print(line)
 
 
-COMMANDS = {"run": command_run, "status": command_status}
+def command_report(args) -> None:
+    make_report(args.results, args.figures, args.report_dir, args.runs, draft=args.draft,
+                pdf=not args.no_pdf, pdf_required=args.pdf_required)
+
+
+COMMANDS = {"run": command_run, "status": command_status, "report": command_report}
 
 
 def main(argv=None) -> int:

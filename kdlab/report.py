@@ -1,0 +1,783 @@
+"""The lab report, generated from the results files: tables, numbers and sentences, then the PDF.
+
+`python -m kdlab report` reads every `<run>_results.json` in the results folder (with its
+manifest.json, and the figures folder's efficiency.json, when they exist) and writes
+report/generated/*.tex. report/KD_LAB.tex inputs those files and types no result: every
+number of its prose, and every comparison ("above", "below"), is a macro computed here, so
+the text stays true whatever the runs gave. Then latexmk builds report/KD_LAB.pdf.
+
+Runs the report expects but finds no results file for are named as missing, in a sentence
+and in the tables. Smoke results (synthetic data) and CPU runs are refused unless --draft,
+and a draft says so on every page.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import textwrap
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdlab.config import RUNS, TEACHER_RUN, config_dict, make_config
+from kdlab.errors import KdlabError
+
+# The runs of the reference GPU run. ImageNet weights cannot be fetched on the machine it
+# runs on, so every run there starts from random weights, the teacher included.
+REFERENCE_RUNS = (TEACHER_RUN, "student_scratch_baseline", "student_scratch_kd_scores",
+                  "student_scratch_kd_features")
+PLANNED_WEIGHTS = "none"
+# The figures KD_LAB.tex takes from the figures folder; the first two are always placed.
+EXPECTED_FIGURES = ("comparaison_finale.png", "comparison_test_accuracy.png", "loss_curves.png",
+                    "efficiency.png", "confusion_matrix.png", "agreement.png")
+# The students the discussion compares, per start: (cross-entropy, logit KD, feature KD).
+STUDENTS = {
+    "from scratch": ("student_scratch_baseline", "student_scratch_kd_scores",
+                     "student_scratch_kd_features"),
+    "from ImageNet": ("student_pretrained_baseline", "student_pretrained_kd_logits",
+                      "student_pretrained_kd_features"),
+}
+METHOD_NAMES = {"ce": "cross-entropy", "kd_logits": "logit KD", "kd_features": "feature KD"}
+# What the report reads from a results file (kdlab.checkpoints._results writes more).
+RESULT_KEYS = ("run", "test_acc", "best_val_acc", "best_epoch", "epochs", "config",
+               "weights", "smoke", "data", "n_train", "n_val", "n_test", "parameters",
+               "extra_training_parameters", "test_predictions", "device", "device_name",
+               "torch_version", "wall_seconds", "finished")
+# Settings every run normally shares: one line under the config table, not a column each.
+SHARED_SETTINGS = {"batch_size": "batch size", "momentum": "momentum (Nesterov)",
+                   "warmup_epochs": "warm-up epochs", "image_size": "input px",
+                   "seed": "seed", "val_per_class": "validation images per class"}
+CIFAR_TRAIN, CIFAR_TEST, CIFAR_PX = 50_000, 10_000, 32
+# The stage map sizes of a CIFAR ResNet at 32 px, which the upsampled input reproduces.
+CIFAR_RESNET_STAGES = (32, 16, 8, 4)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise KdlabError(f"{path} is not readable JSON ({err}); {what}") from None
+
+
+def load_results(results_dir: Path) -> dict[str, dict]:
+    """Every `<run>_results.json` of the folder by run, in the order of kdlab.config.RUNS."""
+    results = {}
+    for path in sorted(results_dir.glob("*_results.json")):
+        r = read_json(path, "copy it again from the run's checkpoint folder, or delete it.")
+        lacking = [k for k in RESULT_KEYS if k not in r] if isinstance(r, dict) else list(RESULT_KEYS)
+        if lacking:
+            raise KdlabError(f"{path} is not a kdlab results file (it lacks {', '.join(lacking)}); "
+                             f"copy it again from the run's checkpoint folder, or delete it.")
+        if path.name != f"{r['run']}_results.json":
+            raise KdlabError(f"{path} holds the results of {r['run']!r}; rename it "
+                             f"{r['run']}_results.json or delete it.")
+        results[r["run"]] = r
+    return dict(sorted(results.items(), key=lambda item: run_order(item[0])))
+
+
+def load_efficiency(figures_dir: Path) -> dict | None:
+    """efficiency.json of the figures module: device, image_size, measured {run: {...}}; or None."""
+    path = figures_dir / "efficiency.json"
+    if not path.exists():
+        return None
+    what = "make it again with the figures module, or delete it."
+    eff = read_json(path, what)
+    if not (isinstance(eff, dict) and isinstance(eff.get("measured"), dict)
+            and all(isinstance(row, dict) for row in eff["measured"].values())):
+        raise KdlabError(f"{path} does not have efficiency.json's layout (device, image_size, "
+                         f"measured: one dict per run); {what}")
+    return eff
+
+
+def load_manifest(results_dir: Path) -> dict | None:
+    path = results_dir / "manifest.json"
+    if not path.exists():
+        return None
+    manifest = read_json(path, "write it again, or delete it.")
+    if not isinstance(manifest, dict):
+        raise KdlabError(f"{path} must hold one JSON object (key: value); write it again, or delete it.")
+    return manifest
+
+
+def run_order(run: str) -> tuple[int, str]:
+    names = list(RUNS)
+    return (names.index(run) if run in names else len(names), run)
+
+
+# ----------------------------------------------------------------------------- the report's data
+
+@dataclass
+class Report:
+    results: dict[str, dict]          # the results files, by run
+    expected: list[str]               # the runs the report should hold
+    efficiency: dict | None           # efficiency.json, if the figures folder has one
+    manifest: dict | None             # manifest.json of the results folder, if any
+    results_dir: Path
+    figures_dir: Path
+    figures_tex_path: str             # the figures folder as LaTeX, run from the report folder
+
+    @property
+    def runs(self) -> list[str]:
+        return sorted(set(self.results) | set(self.expected), key=run_order)
+
+    @property
+    def missing(self) -> list[str]:
+        return [run for run in self.runs if run not in self.results]
+
+    @property
+    def missing_figures(self) -> list[str]:
+        return [name for name in EXPECTED_FIGURES if not (self.figures_dir / name).is_file()]
+
+    def config(self, run: str) -> dict:
+        """The stored config, or for a missing run the config the planned command would use."""
+        if run in self.results:
+            return self.results[run]["config"]
+        return config_dict(make_config(run, weights=PLANNED_WEIGHTS))
+
+    def measured(self, run: str) -> dict:
+        return self.efficiency["measured"].get(run, {}) if self.efficiency else {}
+
+    def draft_reason(self) -> str | None:
+        """Why these results are not the lab's results, or None when they are."""
+        if any(r["smoke"] for r in self.results.values()):
+            return "smoke run"
+        if any(r["device"] == "cpu" for r in self.results.values()):
+            return "CPU run"
+        return None
+
+
+def draft_text(reason: str) -> str:
+    return f"DRAFT - {reason}, not results"
+
+
+# ----------------------------------------------------------------------------- LaTeX text
+
+TEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                "^": r"\textasciicircum{}"}
+
+
+def tex(text) -> str:
+    """Any value as LaTeX text, its special characters escaped ('--' stays two hyphens)."""
+    return re.sub("-(?=-)", "-{}", "".join(TEX_SPECIALS.get(ch, ch) for ch in str(text)))
+
+
+def tt(text) -> str:
+    """Typewriter text that may break after an underscore: run names are long."""
+    return rf"\texttt{{{tex(text)}}}".replace(r"\_", r"\_\allowbreak{}")
+
+
+def num(value: float) -> str:
+    """A config number as LaTeX: '0.2', '512', or '$5\\times10^{-5}$' where Python writes '5e-05'."""
+    text = f"{value:g}"
+    if "e" not in text:
+        return text
+    mantissa, exponent = text.split("e")
+    return rf"${mantissa}\times10^{{{int(exponent)}}}$"
+
+
+def pct(acc: float) -> str:
+    return f"{100 * acc:.2f}"
+
+
+def acc_text(acc: float) -> str:
+    return rf"{pct(acc)}\%"
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f}"
+
+
+def enumerate_text(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" and {items[-1]}"
+
+
+def runs_text(runs: list[str]) -> str:
+    return enumerate_text([tt(run) for run in runs])
+
+
+def compare(a: float, b: float, unit: str = "points") -> str:
+    """How `a` stands to `b` (accuracies as fractions): '1.23 points above', 'level with'."""
+    diff = 100 * (a - b)
+    if f"{abs(diff):.2f}" == "0.00":
+        return "level with"
+    return f"{abs(diff):.2f} {unit} {'above' if diff > 0 else 'below'}"
+
+
+def times(reference: float, value: float, less: str, more: str) -> str:
+    """How `value` stands to `reference` as a factor: '2.10 times fewer', '1.30 times more'."""
+    if value <= reference:
+        return f"{reference / value:.2f} times {less}"
+    return f"{value / reference:.2f} times {more}"
+
+
+def test_noise(a: dict, b: dict) -> str:
+    """The binomial standard error of the difference of two test accuracies, and where the gap lies."""
+    se = 100 * math.sqrt(a["test_acc"] * (1 - a["test_acc"]) / a["n_test"]
+                         + b["test_acc"] * (1 - b["test_acc"]) / b["n_test"])
+    gap = 100 * abs(a["test_acc"] - b["test_acc"])
+    where = "beyond" if gap > 2 * se else "within"
+    return (f"{where} two standard errors of the test set's sampling alone "
+            f"({se:.2f} points for this pair)")
+
+
+# ----------------------------------------------------------------------------- tables
+
+def table(label: str, caption: str, columns: str, header: list[str], rows: list[str]) -> str:
+    """A booktabs table, small enough for the page; `header` is one or more lines of cells."""
+    return "\n".join([
+        r"\begin{table}[tbp]", r"\centering\footnotesize", r"\setlength{\tabcolsep}{3.5pt}",
+        rf"\caption{{{caption}}}", rf"\label{{{label}}}", rf"\begin{{tabular}}{{@{{}}{columns}@{{}}}}",
+        r"\toprule", *header, r"\midrule", *rows, r"\bottomrule", r"\end{tabular}", r"\end{table}", ""])
+
+
+def results_table(rep: Report) -> str:
+    eff = rep.efficiency
+    rows = []
+    for run in rep.runs:
+        if run not in rep.results:
+            rows.append(rf"{tt(run)} & \multicolumn{{7}}{{c}}{{\textit{{missing: no results file}}}} \\")
+            continue
+        r, m = rep.results[run], rep.measured(run)
+        flops = f"{m['flops_per_image'] / 1e9:.2f}" if "flops_per_image" in m else "--"
+        latency = f"{m['latency_ms']:.2f}" if "latency_ms" in m else "--"
+        rows.append(rf"{tt(run)} & {r['epochs']} & {pct(r['best_val_acc'])} ({r['best_epoch']}) & "
+                    rf"{pct(r['test_acc'])} & {r['parameters'] / 1e6:.2f} & {flops} & {latency} & "
+                    rf"{minutes(r['wall_seconds'])} \\")
+    if eff:
+        where = (f"FLOPs per image and latency from {tt(rep.figures_dir / 'efficiency.json')}, "
+                 f"measured on {tex(eff.get('device', 'an unnamed device'))} at "
+                 f"{tex(eff.get('image_size', '?'))} px.")
+    else:
+        where = (f"FLOPs and latency: -- (no {tt('efficiency.json')} in {tt(rep.figures_dir)}; "
+                 f"the figures module writes it).")
+    caption = (rf"Every run. Validation accuracy: the best epoch's (that epoch in brackets), "
+               rf"whose weights are kept; test accuracy: those weights, once, on the "
+               rf"test set. Parameters: the deployed network (a regressor used only in training "
+               rf"is not counted). Train: wall time of all epochs, validation included. {where} "
+               rf"Source: {tt(rep.results_dir)}.")
+    return table("tab:results", caption, "lrrrrrrr", [
+        r"Run & Epochs & Val.\ acc. & Test acc. & Params & GFLOPs & Latency & Train \\",
+        r" & & \% (epoch) & \% & (M) & & (ms) & (min) \\"], rows)
+
+
+def distillation_settings(cfg: dict) -> str:
+    if cfg["method"] == "kd_logits":
+        return rf"$T$ {num(cfg['temperature'])}, $\alpha$ {num(cfg['alpha'])}"
+    if cfg["method"] == "kd_features":
+        return rf"hint {tt(cfg['hint_layer'])}, $\beta$ {num(cfg['hint_weight'])}"
+    return "--"
+
+
+def shared_setting(rep: Report, key: str) -> str:
+    """The value most runs use, then the runs that differ: '512 (teacher_resnet50: 256)'."""
+    values = {run: rep.config(run)[key] for run in rep.runs}
+    common = Counter(values.values()).most_common(1)[0][0]
+    others = [f"{tt(run)}: {num(value)}" for run, value in values.items() if value != common]
+    return num(common) + (f" ({'; '.join(others)})" if others else "")
+
+
+def config_table(rep: Report) -> str:
+    rows = []
+    for run in rep.runs:
+        cfg = rep.config(run)
+        mark = "" if run in rep.results else r"\textsuperscript{$\dagger$}"
+        rows.append(rf"{tt(run)}{mark} & {cfg['arch']} & {METHOD_NAMES.get(cfg['method'], tex(cfg['method']))} & "
+                    rf"{tex(cfg['weights'])} & {cfg['epochs']} & {num(cfg['lr'])} & {num(cfg['weight_decay'])} & "
+                    rf"{distillation_settings(cfg)} \\")
+    shared = "; ".join(f"{label} {shared_setting(rep, key)}" for key, label in SHARED_SETTINGS.items())
+    planned = (r" $\dagger$: no results file yet; the settings the planned command "
+               r"(Section~\ref{sec:reproduce}) would use, from \texttt{kdlab.config}."
+               if rep.missing else "")
+    caption = (rf"Settings of each run, as stored in its results file. Start: initial weights "
+               rf"(\texttt{{none}}: random). Peak LR and weight decay of SGD. Distillation: "
+               rf"temperature $T$ and weight $\alpha$ of logit KD (Eq.~\ref{{eq:kd}}), stage and "
+               rf"weight $\beta$ of the hint (Eq.~\ref{{eq:hint}}). Shared: {shared}."
+               rf"{planned}")
+    return table("tab:config", caption, "llllrrrl", [
+        r"Run & Network & Method & Start & Epochs & Peak & Weight & Distillation \\",
+        r" & & & & & LR & decay & \\"], rows)
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def provenance(rep: Report) -> str:
+    """Where the numbers come from: the paragraph at the head of the results section."""
+    if not rep.results:
+        return (rf"\textbf{{No results yet.}} The results folder {tt(rep.results_dir)} holds no "
+                rf"results file, so no number of this report is a result. The reference run "
+                rf"(Section~\ref{{sec:reproduce}}) writes the results files; this report is "
+                rf"then built again from them.")
+    results = list(rep.results.values())
+
+    def distinct(key):
+        return "; ".join(tex(v) for v in dict.fromkeys(str(r[key]) for r in results))
+
+    def per_run(key):
+        values = {r["run"]: r[key] for r in results}
+        if len(set(values.values())) == 1 and len(values) > 1:
+            return f"{tex(results[0][key])} for every run"
+        return "; ".join(f"{tt(run)} {tex(value)}" for run, value in values.items())
+
+    finished = sorted(r["finished"] for r in results)
+    parts = [
+        rf"\textbf{{Provenance.}} Every result of this report is read from the "
+        rf"{len(results)} results files in {tt(rep.results_dir)} "
+        rf"({runs_text(list(rep.results))}), which the training runs wrote.",
+        rf"Trained on: {distinct('device_name')}, with torch {distinct('torch_version')}.",
+        "Data: {}; {} training, {} validation and {} test images.".format(distinct("data"), *split_sizes(rep)),
+        f"Initial weights: {per_run('weights')}. Epochs: {per_run('epochs')}.",
+        rf"Finished (UTC): {tex(finished[0][:16].replace('T', ' '))}"
+        + (rf" to {tex(finished[-1][:16].replace('T', ' '))}" if len(finished) > 1 else "")
+        + rf"; training time of all runs together {minutes(sum(r['wall_seconds'] for r in results))} min.",
+    ]
+    if rep.manifest:
+        command = isinstance(rep.manifest.get("command"), str)   # shown in reproduce_block
+        entries = "; ".join(f"{tt(k)}: {tex(v if isinstance(v, str) else json.dumps(v))}"
+                            for k, v in rep.manifest.items() if not (command and k == "command"))
+        parts.append(rf"The run's {tt('manifest.json')} records: {entries}."
+                     + (r" Its command is in Section~\ref{sec:reproduce}." if command else ""))
+    if rep.efficiency:
+        eff = rep.efficiency
+        parts.append(rf"FLOPs and latency come from {tt(rep.figures_dir / 'efficiency.json')}, "
+                     rf"measured on {tex(eff.get('device', 'an unnamed device'))} at "
+                     rf"{tex(eff.get('image_size', '?'))} px.")
+    reason = rep.draft_reason()
+    if reason:
+        why = ("synthetic data, random weights and a tiny budget: a check of the pipeline"
+               if reason == "smoke run" else "trained on the CPU, not on the GPU the lab is set up for")
+        parts.append(rf"\textbf{{{tex(draft_text(reason))}:}} these files come from a {reason} "
+                     rf"({why}); none of their numbers is a result of the lab.")
+    return " ".join(parts)
+
+
+def missing_runs_sentence(rep: Report) -> str:
+    if not rep.missing:
+        return rf"Every expected run has its results file in {tt(rep.results_dir)}."
+    if not rep.results:
+        return (rf"\textbf{{Every run is missing:}} {runs_text(rep.missing)}; the tables mark "
+                rf"them, and every comparison says what it waits for.")
+    verb = "has" if len(rep.missing) == 1 else "have"
+    return (rf"\textbf{{Missing runs:}} {runs_text(rep.missing)} {verb} no results file in "
+            rf"{tt(rep.results_dir)}; the tables mark {'it' if len(rep.missing) == 1 else 'them'} "
+            rf"and the comparisons that need {'it' if len(rep.missing) == 1 else 'them'} say so.")
+
+
+def missing_figures_sentence(rep: Report) -> str:
+    missing = rep.missing_figures
+    if not missing:
+        return rf"All {len(EXPECTED_FIGURES)} figures are in {tt(rep.figures_dir)}."
+    return (rf"\textbf{{Missing figures:}} {runs_text(missing)} "
+            rf"{'is' if len(missing) == 1 else 'are'} not in {tt(rep.figures_dir)}; "
+            rf"the figures module makes them from the results files.")
+
+
+def reproduce_block(rep: Report) -> str:
+    """The commands that make the results, as a verbatim block: the manifest's, or the planned ones."""
+    if rep.manifest and isinstance(rep.manifest.get("command"), str):
+        # Shell continuation lines, so that a long command fits the page and still runs pasted.
+        wrapped = textwrap.wrap(rep.manifest["command"], 72, break_long_words=False,
+                                break_on_hyphens=False)
+        lines = ["# the command of the reference run, from its manifest.json",
+                 " \\\n    ".join(wrapped)]
+    else:
+        lines = ["# the planned reference run (no manifest.json yet)",
+                 "python -m kdlab run \\",
+                 *[f"    {run} \\" for run in rep.expected],
+                 f"    --weights {PLANNED_WEIGHTS} --results-dir {rep.results_dir}"]
+    return "\n".join([r"\begin{verbatim}", *lines, r"\end{verbatim}", ""])
+
+
+# ----------------------------------------------------------------------------- sentences
+
+def absent(rep: Report, runs: tuple[str, ...]) -> list[str]:
+    return [run for run in runs if run not in rep.results]
+
+
+def cannot_yet(what: str, lacking: list[str]) -> str:
+    verb = "has" if len(lacking) == 1 else "have"
+    return f"{what} cannot be measured yet: {runs_text(lacking)} {verb} no results file."
+
+
+def student_groups(rep: Report):
+    """(start, baseline, logit KD, feature KD) for each start the report has or expects a run of."""
+    for start, runs in STUDENTS.items():
+        if any(run in rep.runs for run in runs):
+            yield (start, *runs)
+
+
+def kd_pairs(rep: Report):
+    """(start, method name, cross-entropy run, distillation run) to compare, start by start."""
+    for start, base, logits, features in student_groups(rep):
+        yield start, "logit KD", base, logits
+        yield start, "feature KD", base, features
+
+
+def kd_gain_sentences(rep: Report) -> str:
+    out = []
+    for start, name, base, kd in kd_pairs(rep):
+        lacking = absent(rep, (base, kd))
+        if lacking:
+            out.append(cannot_yet(f"The gain of {name} {start}", lacking))
+            continue
+        b, k = rep.results[base], rep.results[kd]
+        out.append(rf"{start.capitalize()}, {name} ({tt(kd)}) reached "
+                   rf"{acc_text(k['test_acc'])} test accuracy, {compare(k['test_acc'], b['test_acc'])} "
+                   rf"the cross-entropy student ({acc_text(b['test_acc'])}), a gap "
+                   rf"{test_noise(k, b)}.")
+    return " ".join(out)
+
+
+def kd_cost_sentences(rep: Report) -> str:
+    out = []
+    for start, name, base, kd in kd_pairs(rep):
+        lacking = absent(rep, (base, kd))
+        if lacking:
+            out.append(cannot_yet(f"The training cost of {name} {start}", lacking))
+            continue
+        b, k = rep.results[base], rep.results[kd]
+        per_epoch_b, per_epoch_k = b["wall_seconds"] / b["epochs"], k["wall_seconds"] / k["epochs"]
+        extra = (rf", and trains {k['extra_training_parameters']:,} regressor parameters "
+                 rf"besides the student" if k["extra_training_parameters"] else "")
+        out.append(rf"An epoch of {name} {start} took {per_epoch_k:.1f} s against "
+                   rf"{per_epoch_b:.1f} s for cross-entropy alone "
+                   rf"({per_epoch_k / per_epoch_b:.2f} times as long){extra}.")
+    if TEACHER_RUN in rep.results:
+        t = rep.results[TEACHER_RUN]
+        out.append(rf"The teacher those runs need cost {minutes(t['wall_seconds'])} min of "
+                   rf"training ({t['epochs']} epochs), once for all of them.")
+    else:
+        out.append(cannot_yet("The teacher's training cost", [TEACHER_RUN]))
+    return " ".join(out)
+
+
+def logits_vs_features_sentences(rep: Report) -> str:
+    out = []
+    for start, _, logits, features in student_groups(rep):
+        lacking = absent(rep, (logits, features))
+        if lacking:
+            out.append(cannot_yet(f"Logits against features {start}", lacking))
+            continue
+        lg, ft = rep.results[logits], rep.results[features]
+        out.append(rf"{start.capitalize()}, logit KD ({acc_text(lg['test_acc'])}) ended "
+                   rf"{compare(lg['test_acc'], ft['test_acc'])} feature KD "
+                   rf"({acc_text(ft['test_acc'])}), a gap {test_noise(lg, ft)}.")
+    return " ".join(out)
+
+
+def pretrained_vs_scratch_sentences(rep: Report) -> str:
+    pretrained = [r for r in rep.results.values() if r["weights"] == "imagenet"]
+    if not pretrained:
+        which = "these results files" if rep.results else "this report, which has no results yet,"
+        return (rf"No run in {which} started from ImageNet weights, so the question is "
+                rf"left open by numbers here: it needs the \texttt{{student\_pretrained\_*}} runs, "
+                rf"trained where the ImageNet weights can be downloaded.")
+    out = []
+    scratch, imagenet = STUDENTS["from scratch"], STUDENTS["from ImageNet"]
+    for s_run, p_run, name in zip(scratch, imagenet, ("cross-entropy", "logit KD", "feature KD")):
+        lacking = absent(rep, (s_run, p_run))
+        if lacking:
+            out.append(cannot_yet(f"ImageNet against scratch for {name}", lacking))
+            continue
+        s, p = rep.results[s_run], rep.results[p_run]
+        out.append(rf"With {name}, the student started from ImageNet reached "
+                   rf"{acc_text(p['test_acc'])} in {p['epochs']} epochs, "
+                   rf"{compare(p['test_acc'], s['test_acc'])} the one from scratch "
+                   rf"({acc_text(s['test_acc'])} in {s['epochs']} epochs).")
+    return " ".join(out)
+
+
+def best_student(rep: Report) -> str | None:
+    students = [run for run in rep.results if run != TEACHER_RUN]
+    return max(students, key=lambda run: rep.results[run]["test_acc"]) if students else None
+
+
+def student_vs_teacher_sentences(rep: Report) -> str:
+    best = best_student(rep)
+    lacking = [TEACHER_RUN] if TEACHER_RUN not in rep.results else []
+    if best is None:
+        lacking += [run for run in rep.missing if run != TEACHER_RUN]
+    if lacking:
+        return cannot_yet("How close the students come to the teacher", lacking)
+    s, t = rep.results[best], rep.results[TEACHER_RUN]
+    out = [rf"The best student, {tt(best)} ({acc_text(s['test_acc'])}), ended "
+           rf"{compare(s['test_acc'], t['test_acc'])} its teacher ({acc_text(t['test_acc'])}), "
+           rf"a gap {test_noise(s, t)}, with {times(t['parameters'], s['parameters'], 'fewer', 'more')} "
+           rf"parameters ({s['parameters'] / 1e6:.2f} M against {t['parameters'] / 1e6:.2f} M)."]
+    ms, mt = rep.measured(best), rep.measured(TEACHER_RUN)
+    if "flops_per_image" in ms and "flops_per_image" in mt:
+        out.append(rf"It needs {times(mt['flops_per_image'], ms['flops_per_image'], 'fewer', 'more')} "
+                   rf"FLOPs per image.")
+    if "latency_ms" in ms and "latency_ms" in mt:
+        out.append(rf"On {tex(rep.efficiency.get('device', 'the measuring device'))} its latency "
+                   rf"is {ms['latency_ms']:.2f} ms against the teacher's {mt['latency_ms']:.2f} ms "
+                   rf"({times(mt['latency_ms'], ms['latency_ms'], 'faster', 'slower')}).")
+    elif rep.efficiency is None:
+        out.append(r"FLOPs and latency are not compared here: the figures folder has no "
+                   r"\texttt{efficiency.json} yet.")
+    return " ".join(out)
+
+
+def agreement(a: dict, b: dict) -> float:
+    pa, pb = a["test_predictions"], b["test_predictions"]
+    return sum(x == y for x, y in zip(pa, pb)) / len(pa)
+
+
+def agreement_sentences(rep: Report) -> str:
+    if TEACHER_RUN not in rep.results:
+        return cannot_yet("The students' agreement with the teacher", [TEACHER_RUN])
+    t = rep.results[TEACHER_RUN]
+    students = [run for run in rep.results if run != TEACHER_RUN
+                and len(rep.results[run]["test_predictions"]) == len(t["test_predictions"])]
+    if not students:
+        return cannot_yet("The students' agreement with the teacher",
+                          [run for run in rep.missing if run != TEACHER_RUN])
+    shares = {run: agreement(rep.results[run], t) for run in students}
+    out = ["On the test set, the students predict the same class as the teacher for "
+           + enumerate_text([rf"{acc_text(share)} of the images ({tt(run)})"
+                             for run, share in shares.items()]) + "."]
+    for start, name, base, kd in kd_pairs(rep):
+        if base in shares and kd in shares:
+            out.append(rf"{start.capitalize()}, the agreement of {name} with the teacher is "
+                       rf"{compare(shares[kd], shares[base])} the cross-entropy student's.")
+    return " ".join(out)
+
+
+def best_epoch_sentence(rep: Report) -> str:
+    if not rep.results:
+        return cannot_yet("When each run peaked", rep.missing)
+    last = [run for run, r in rep.results.items() if r["best_epoch"] == r["epochs"]]
+    earlier = [run for run in rep.results if run not in last]
+    out = []
+    if last:
+        out.append(rf"{runs_text(last)} {'was' if len(last) == 1 else 'were'} best on validation "
+                   rf"at {'its' if len(last) == 1 else 'their'} last epoch, as a cosine schedule "
+                   rf"that ends at zero makes likely.")
+    if earlier:
+        out.append("Peaked before the end: " + enumerate_text(
+            [rf"{tt(run)} (epoch {rep.results[run]['best_epoch']} of {rep.results[run]['epochs']})"
+             for run in earlier]) + ".")
+    return " ".join(out)
+
+
+def abstract_results(rep: Report) -> str:
+    if not rep.results:
+        return (r"No run has finished yet: this version of the report holds the method and "
+                r"the setup, and marks every result as missing.")
+    accs = enumerate_text([rf"{tt(run)} {acc_text(r['test_acc'])}" for run, r in rep.results.items()])
+    missing = (rf" Still missing: {runs_text(rep.missing)}." if rep.missing else "")
+    best = best_student(rep)
+    lead = (rf" The best student is {tt(best)}." if best else "")
+    return rf"Test accuracies: {accs}.{lead}{missing}"
+
+
+# ----------------------------------------------------------------------------- macros
+
+def setting(rep: Report, runs: list[str], key: str, fmt=num) -> str:
+    """One config value for the prose: shared by `runs`, or a pointer to the config table."""
+    values = list(dict.fromkeys(rep.config(run)[key] for run in runs))
+    if len(values) == 1:
+        return fmt(values[0])
+    return r"per run (Table~\ref{tab:config})"
+
+
+def split_sizes(rep: Report) -> tuple[str, str, str]:
+    """Training, validation and test images: from the results, else what the config implies."""
+    if rep.results:
+        sizes = {(r["n_train"], r["n_val"], r["n_test"]) for r in rep.results.values()}
+        if len(sizes) == 1:
+            return tuple(f"{n:,}" for n in sizes.pop())
+        return (r"(differs between runs)",) * 3
+    cfg = rep.config(rep.runs[0])
+    n_val = 10 * cfg["val_per_class"]
+    n_train = cfg["limit_train"] // 10 * 10 if cfg["limit_train"] else CIFAR_TRAIN - n_val
+    return tuple(f"{n:,}" for n in (n_train, n_val, CIFAR_TEST))
+
+
+def stage_sentence(size: int | None) -> str:
+    """The map sizes the four ResNet stages see at the input size, against a CIFAR ResNet's."""
+    if size is None:
+        return r"The input size differs between runs (Table~\ref{tab:config})."
+    # ImageNet stem: stride-2 conv and stride-2 max-pool (/4), then each stage after the first /2.
+    stages = tuple(size // 4 // 2 ** i for i in range(4))
+    maps = enumerate_text([str(n) for n in stages])
+    cifar = r"a CIFAR ResNet (a $3\times3$ stride-1 stem and no pooling)"
+    if stages == CIFAR_RESNET_STAGES:
+        return rf"At {size}~px the four stages see maps of {maps}~px, the sizes {cifar} sees at {CIFAR_PX}~px."
+    return (rf"At {size}~px the four stages see maps of {maps}~px, where {cifar} sees "
+            rf"{enumerate_text([str(n) for n in CIFAR_RESNET_STAGES])}~px at {CIFAR_PX}~px.")
+
+
+def macros(rep: Report) -> dict[str, str]:
+    """Every value the prose of KD_LAB.tex uses, by macro name (letters only)."""
+    students = [run for run in rep.runs if run != TEACHER_RUN]
+    logit_runs = [run for run in rep.runs if rep.config(run)["method"] == "kd_logits"] or students
+    feature_runs = [run for run in rep.runs if rep.config(run)["method"] == "kd_features"] or students
+    image_sizes = {rep.config(run)["image_size"] for run in rep.runs}
+    size = image_sizes.pop() if len(image_sizes) == 1 else None
+    n_train, n_val, n_test = split_sizes(rep)
+    reason = rep.draft_reason()
+    results = list(rep.results.values())
+    feature_results = [rep.results[r] for r in feature_runs if r in rep.results]
+
+    def from_results(key, fmt=tex, none=r"\textit{not known yet (no results file)}"):
+        values = list(dict.fromkeys(str(r[key]) for r in results))
+        return "; ".join(fmt(v) for v in values) if values else none
+
+    return {
+        "DraftText": tex(draft_text(reason)) if reason else "",
+        "ReportStatus": ("no results yet: every run is missing" if not rep.results else
+                         f"{len(rep.missing)} of {len(rep.runs)} runs missing" if rep.missing else
+                         "results of " + tex(rep.results_dir)),
+        "ReportDate": (tex(max(r["finished"] for r in results)[:10]) if results
+                       else "no results yet"),
+        "FiguresDir": rep.figures_tex_path,
+        "FiguresDirText": tt(rep.figures_dir),
+        "ImageSize": rf"{size}~px" if size else r"a size set per run (Table~\ref{tab:config})",
+        "StageSentence": stage_sentence(size),
+        "ResolutionCost": (r"a number of pixels that differs between runs (Table~\ref{tab:config})"
+                           if size is None else
+                           rf"{(size / CIFAR_PX) ** 2:g} times the pixels of a native {CIFAR_PX}~px input"
+                           if size > CIFAR_PX else rf"no more pixels than a native {CIFAR_PX}~px input"),
+        "BatchSize": setting(rep, rep.runs, "batch_size"),
+        "Momentum": setting(rep, rep.runs, "momentum"),
+        "WarmupEpochs": setting(rep, rep.runs, "warmup_epochs"),
+        "Seed": setting(rep, rep.runs, "seed"),
+        "ValPerClass": setting(rep, rep.runs, "val_per_class"),
+        "NTrain": n_train, "NVal": n_val, "NTest": n_test,
+        "TeacherEpochs": setting(rep, [TEACHER_RUN], "epochs"),
+        "TeacherPeakLR": setting(rep, [TEACHER_RUN], "lr"),
+        "TeacherWeightDecay": setting(rep, [TEACHER_RUN], "weight_decay"),
+        "TeacherStart": ("random weights" if rep.config(TEACHER_RUN)["weights"] == "none"
+                         else "ImageNet weights"),
+        "StudentEpochs": setting(rep, students, "epochs"),
+        "StudentPeakLR": setting(rep, students, "lr"),
+        "StudentWeightDecay": setting(rep, students, "weight_decay"),
+        "Temperature": setting(rep, logit_runs, "temperature"),
+        "Alpha": setting(rep, logit_runs, "alpha"),
+        "HintLayer": setting(rep, feature_runs, "hint_layer", fmt=tt),
+        "HintWeight": setting(rep, feature_runs, "hint_weight"),
+        "RegressorParams": (f"{feature_results[0]['extra_training_parameters']:,} parameters"
+                            if feature_results else "its size is known once a feature-KD run has finished"),
+        "TrainingDevice": from_results("device_name"),
+        "TorchVersion": from_results("torch_version"),
+        "DataSource": from_results("data"),
+        "MissingRunsSentence": missing_runs_sentence(rep),
+        "MissingFiguresSentence": missing_figures_sentence(rep),
+        "AbstractResults": abstract_results(rep),
+        "KDGainSentences": kd_gain_sentences(rep),
+        "KDCostSentences": kd_cost_sentences(rep),
+        "LogitsVsFeaturesSentences": logits_vs_features_sentences(rep),
+        "PretrainedVsScratchSentences": pretrained_vs_scratch_sentences(rep),
+        "StudentVsTeacherSentences": student_vs_teacher_sentences(rep),
+        "AgreementSentences": agreement_sentences(rep),
+        "BestEpochSentence": best_epoch_sentence(rep),
+    }
+
+
+def macros_tex(rep: Report) -> str:
+    lines = ["% Generated by `python -m kdlab report`; do not edit. Input in KD_LAB.tex's preamble.",
+             r"\newif\ifDraft"]
+    for name, value in macros(rep).items():
+        if not re.fullmatch("[A-Za-z]+", name):
+            raise ValueError(f"macro name {name!r} must be letters only")
+        lines.append(rf"\newcommand{{\{name}}}{{{value}}}")
+    if rep.draft_reason():
+        # Every page, over the text: a draft cannot be mistaken for the lab's results.
+        lines += [r"\Drafttrue", r"\usepackage{draftwatermark}", r"\SetWatermarkText{\DraftText}",
+                  r"\SetWatermarkScale{0.45}", r"\SetWatermarkLightness{0.85}"]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- writing and building
+
+def figures_path_for_latex(figures_dir: Path, report_dir: Path) -> str:
+    path = Path(os.path.relpath(figures_dir.resolve(), report_dir.resolve())).as_posix()
+    if not re.fullmatch(r"[A-Za-z0-9_./-]+", path):
+        raise KdlabError(f"the figures folder {figures_dir} has characters LaTeX cannot take in a "
+                         f"file name (spaces, accents, symbols); move or link it to a plain path "
+                         f"and pass that with --figures.")
+    return path
+
+
+def collect(results_dir, figures_dir, report_dir, expected=REFERENCE_RUNS) -> Report:
+    results_dir, figures_dir, report_dir = Path(results_dir), Path(figures_dir), Path(report_dir)
+    unknown = [run for run in expected if run not in RUNS]
+    if unknown:
+        raise KdlabError(f"unknown run {', '.join(unknown)}; valid runs: {', '.join(RUNS)}")
+    if results_dir.exists() and not results_dir.is_dir():
+        raise KdlabError(f"--results {results_dir} is a file; give the folder of the results files.")
+    results = load_results(results_dir) if results_dir.is_dir() else {}
+    manifest = load_manifest(results_dir) if results_dir.is_dir() else None
+    return Report(results, list(expected), load_efficiency(figures_dir), manifest,
+                  results_dir, figures_dir, figures_path_for_latex(figures_dir, report_dir))
+
+
+def write_generated(rep: Report, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"macros.tex": macros_tex(rep), "results_table.tex": results_table(rep),
+             "config_table.tex": config_table(rep), "provenance.tex": provenance(rep) + "\n",
+             "reproduce.tex": reproduce_block(rep)}
+    for name, text in files.items():
+        (out_dir / name).write_text(text)
+    return [out_dir / name for name in files]
+
+
+def build_pdf(report_dir: Path) -> float:
+    """latexmk -pdf on KD_LAB.tex in `report_dir`; returns the seconds it took."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        ["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "-file-line-error",
+         "KD_LAB.tex"], cwd=report_dir, capture_output=True, text=True)
+    if proc.returncode != 0:
+        errors = [line for line in proc.stdout.splitlines()
+                  if line.startswith("!") or re.match(r"\S+\.tex:\d+:", line)]
+        detail = errors[0] if errors else (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise KdlabError(f"latexmk could not build {report_dir / 'KD_LAB.pdf'} ({detail}); the "
+                         f"whole log is {report_dir / 'KD_LAB.log'}.")
+    return time.perf_counter() - start
+
+
+def make_report(results_dir="results/reference", figures_dir="figures", report_dir="report",
+                expected=REFERENCE_RUNS, draft=False, pdf=True, pdf_required=False, log=print) -> Report:
+    """Generate report_dir/generated/*.tex from the results, then build the PDF if latexmk is here."""
+    report_dir = Path(report_dir)
+    if not (report_dir / "KD_LAB.tex").is_file():
+        raise KdlabError(f"{report_dir / 'KD_LAB.tex'} is not there; run from the repository's "
+                         f"root or pass --report-dir.")
+    rep = collect(results_dir, figures_dir, report_dir, expected)
+    reason = rep.draft_reason()
+    if reason and not draft:
+        which = [run for run, r in rep.results.items()
+                 if r["smoke"] or (reason == "CPU run" and r["device"] == "cpu")]
+        raise KdlabError(f"the results of {', '.join(which)} in {rep.results_dir} come from a "
+                         f"{reason}, not the lab's results. Point --results at a real run's folder, "
+                         f"or pass --draft for a draft that says so on every page.")
+    written = write_generated(rep, report_dir / "generated")
+    log(f"wrote {', '.join(str(p) for p in written)}")
+    log(f"{len(rep.results)} results file(s) in {rep.results_dir}"
+        + (f"; missing runs: {', '.join(rep.missing)}" if rep.missing else "")
+        + (f"; missing figures: {', '.join(rep.missing_figures)}" if rep.missing_figures else "")
+        + (f"; {draft_text(reason)}" if reason else ""))
+    if not pdf:
+        return rep
+    if shutil.which("latexmk") is None:
+        message = ("latexmk is not installed, so the PDF was not built (the generated .tex is "
+                   "written). Install it with: apt-get install --no-install-recommends "
+                   "texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended "
+                   "lmodern latexmk")
+        if pdf_required:
+            raise KdlabError(message)
+        log(f"kdlab: note: {message}")
+        return rep
+    seconds = build_pdf(report_dir)
+    log(f"built {report_dir / 'KD_LAB.pdf'} in {seconds:.1f}s")
+    return rep

@@ -1,0 +1,247 @@
+"""The report generator: its tables equal the results files, smoke results are refused unless
+--draft, a draft says so, missing runs are named, and the PDF builds where LaTeX is installed.
+
+Results files are made by kdlab.checkpoints._results itself (the schema a run writes) on a
+tiny synthetic split, then given the accuracies and timings each test needs.
+"""
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdlab import report
+from kdlab.checkpoints import TrainedRun, _results
+from kdlab.cli import main
+from kdlab.config import TEACHER_RUN, make_config
+from kdlab.data import make_splits, make_synthetic_cifar
+from kdlab.errors import KdlabError
+from kdlab.methods import build_method
+from kdlab.models import build_model
+
+REPORT_TEX = Path(__file__).resolve().parents[1] / "report" / "KD_LAB.tex"
+CPU = torch.device("cpu")
+# (test accuracy, best val accuracy, best epoch, seconds per epoch) of each reference run.
+NUMBERS = {
+    TEACHER_RUN:                   (0.9312, 0.9358, 3, 41.0),
+    "student_scratch_baseline":    (0.9050, 0.9102, 2, 20.0),
+    "student_scratch_kd_scores":   (0.9171, 0.9214, 3, 26.0),
+    "student_scratch_kd_features": (0.8987, 0.9040, 3, 29.5),
+}
+EPOCHS = 3
+
+
+def results_of(run, splits, teacher=None, smoke=False):
+    """A results dict exactly as a run writes it, with NUMBERS' accuracies and timings."""
+    test_acc, best_val, best_epoch, seconds = NUMBERS[run]
+    cfg = make_config(run, smoke=True, weights="none", epochs=EPOCHS)
+    arch = "resnet50" if run == TEACHER_RUN else "resnet18"
+    method = build_method(cfg, build_model(arch, "none"), teacher.model if teacher else None)
+    history = [dict(epoch=e, train_loss=1.0, losses={"ce": 1.0}, train_acc=0.5, val_loss=1.0,
+                    val_acc=best_val if e == best_epoch else best_val - 0.01 * e, lr=cfg.lr,
+                    seconds=seconds) for e in range(1, EPOCHS + 1)]
+    r = _results(cfg, method, splits, CPU, history, teacher)
+    r.update(test_acc=test_acc)
+    if not smoke:
+        r.update(smoke=False, device="cuda", device_name="Test GPU", data="CIFAR-10 test copy")
+        r["config"]["smoke"] = False
+    return r
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The four reference runs, as real results would look."""
+    data = make_synthetic_cifar(train_per_class=10, test_per_class=5)
+    splits = make_splits(data, val_per_class=2, seed=42, limit_train=0, device=CPU)
+    teacher_results = results_of(TEACHER_RUN, splits)
+    teacher = TrainedRun(build_model("resnet50", "none").eval(), teacher_results, trained=True)
+    out = {TEACHER_RUN: teacher_results}
+    for run in list(NUMBERS)[1:]:
+        out[run] = results_of(run, splits, teacher)
+    return out, splits
+
+
+def write_results(folder: Path, results: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for run, r in results.items():
+        (folder / f"{run}_results.json").write_text(json.dumps(r))
+    return folder
+
+
+def report_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "report"
+    folder.mkdir()
+    shutil.copy(REPORT_TEX, folder)
+    return folder
+
+
+def efficiency(runs) -> dict:
+    measured = {run: dict(params=11e6 + i, flops_per_image=(2.5 + i) * 1e9, checkpoint_mb=44.0,
+                          latency_ms=1.25 + i, throughput_img_s=900.0 - i, test_acc=0.9)
+                for i, run in enumerate(runs)}
+    return dict(device="Test GPU", image_size=128, measured=measured)
+
+
+def number(cell: str) -> float:
+    """A table cell's number: '0.2', or '$5\\times10^{-5}$' as report.num writes small ones."""
+    sci = re.fullmatch(r"\$([\d.]+)\\times10\^\{(-?\d+)\}\$", cell)
+    return float(sci[1]) * 10 ** int(sci[2]) if sci else float(cell)
+
+
+def table_rows(path: Path) -> dict[str, list[str]]:
+    """The body rows of a generated table: run -> its cells after the run's name."""
+    body = path.read_text().split(r"\midrule")[1].split(r"\bottomrule")[0]
+    rows = {}
+    for line in body.strip().splitlines():
+        cells = [c.strip() for c in line.removesuffix(r"\\").split("&")]
+        run = re.search(r"\\texttt\{(.+?)\}", cells[0].replace(r"\allowbreak{}", "")).group(1)
+        rows[run.replace(r"\_", "_")] = cells[1:]
+    return rows
+
+
+def generated_macros(folder: Path) -> dict[str, str]:
+    text = (folder / "generated" / "macros.tex").read_text()
+    return dict(re.findall(r"^\\newcommand\{\\([A-Za-z]+)\}\{(.*)\}$", text, re.M))
+
+
+def test_tables_equal_the_results_files(tmp_path, reference):
+    results, _ = reference
+    results_dir = write_results(tmp_path / "results", results)
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    eff = efficiency(results)
+    (figures / "efficiency.json").write_text(json.dumps(eff))
+    out = report_dir(tmp_path)
+    report.make_report(results_dir, figures, out, pdf=False, log=lambda *_: None)
+
+    rows = table_rows(out / "generated" / "results_table.tex")
+    assert set(rows) == set(results)
+    for run, r in results.items():
+        epochs, val, test, params, gflops, latency, train_min = rows[run]
+        val_acc, best_epoch = re.fullmatch(r"([\d.]+) \((\d+)\)", val).groups()
+        m = eff["measured"][run]
+        assert int(epochs) == r["epochs"] and int(best_epoch) == r["best_epoch"]
+        assert float(val_acc) == pytest.approx(100 * r["best_val_acc"], abs=0.005)
+        assert float(test) == pytest.approx(100 * r["test_acc"], abs=0.005)
+        assert float(params) == pytest.approx(r["parameters"] / 1e6, abs=0.005)
+        assert float(gflops) == pytest.approx(m["flops_per_image"] / 1e9, abs=0.005)
+        assert float(latency) == pytest.approx(m["latency_ms"], abs=0.005)
+        assert float(train_min) == pytest.approx(r["wall_seconds"] / 60, abs=0.05)
+
+    config_rows = table_rows(out / "generated" / "config_table.tex")
+    assert set(config_rows) == set(results)
+    for run, r in results.items():
+        arch, method, start, epochs, lr, wd, distillation = config_rows[run]
+        cfg = r["config"]
+        assert (arch, start, int(epochs)) == (cfg["arch"], cfg["weights"], cfg["epochs"])
+        assert number(lr) == pytest.approx(cfg["lr"]) and number(wd) == pytest.approx(cfg["weight_decay"])
+        if cfg["method"] == "kd_logits":
+            t, alpha = re.fullmatch(r"\$T\$ (\S+), \$\\alpha\$ (\S+)", distillation).groups()
+            assert (number(t), number(alpha)) == (cfg["temperature"], cfg["alpha"])
+        if cfg["method"] == "kd_features":
+            layer, beta = re.fullmatch(r"hint \\texttt\{(\w+)\}, \$\\beta\$ (\S+)", distillation).groups()
+            assert (layer, number(beta)) == (cfg["hint_layer"], cfg["hint_weight"])
+
+
+def test_comparisons_follow_the_numbers(tmp_path, reference):
+    results, _ = reference
+    out = report_dir(tmp_path)
+    report.make_report(write_results(tmp_path / "results", results), tmp_path / "figures", out,
+                       pdf=False, log=lambda *_: None)
+    m = generated_macros(out)
+    # NUMBERS: logit KD 91.71 vs baseline 90.50; feature KD 89.87; teacher 93.12.
+    assert "1.21 points above the cross-entropy student" in m["KDGainSentences"]
+    assert "0.63 points below the cross-entropy student" in m["KDGainSentences"]
+    assert "1.84 points above feature KD" in m["LogitsVsFeaturesSentences"]
+    assert "kd\\_\\allowbreak{}scores} (91.71\\%), ended 1.41 points below its teacher" \
+        in m["StudentVsTeacherSentences"]
+    assert "1.30 times as long" in m["KDCostSentences"]   # 26.0 s against 20.0 s per epoch
+    assert "Every expected run has its results file" in m["MissingRunsSentence"]
+    assert m["NTest"] == f"{results[TEACHER_RUN]['n_test']:,}"
+
+
+def test_smoke_results_are_refused_without_draft(tmp_path, reference):
+    _, splits = reference
+    results_dir = write_results(tmp_path / "results",
+                                {"student_scratch_baseline": results_of("student_scratch_baseline", splits, smoke=True)})
+    out = report_dir(tmp_path)
+    args = ["report", "--results", str(results_dir), "--figures", str(tmp_path / "figures"),
+            "--report-dir", str(out), "--no-pdf"]
+    assert main(args) == 2
+    assert not (out / "generated").exists()
+
+    assert main(args + ["--draft"]) == 0
+    macros_file = (out / "generated" / "macros.tex").read_text()
+    assert generated_macros(out)["DraftText"] == "DRAFT - smoke run, not results"
+    assert r"\Drafttrue" in macros_file and r"\usepackage{draftwatermark}" in macros_file
+    assert "DRAFT - smoke run, not results" in (out / "generated" / "provenance.tex").read_text()
+
+
+def test_missing_runs_are_named(tmp_path, reference):
+    results, _ = reference
+    present = {"student_scratch_baseline": results["student_scratch_baseline"]}
+    out = report_dir(tmp_path)
+    report.make_report(write_results(tmp_path / "results", present), tmp_path / "figures", out,
+                       pdf=False, log=lambda *_: None)
+    missing = [run for run in report.REFERENCE_RUNS if run not in present]
+    sentence = generated_macros(out)["MissingRunsSentence"].replace(r"\allowbreak{}", "")
+    for run in missing:
+        assert report.tex(run) in sentence
+    rows = table_rows(out / "generated" / "results_table.tex")
+    assert [run for run, cells in rows.items() if "missing" in cells[0]] == missing
+    assert "cannot be measured yet" in generated_macros(out)["KDGainSentences"]
+
+
+def test_no_results_at_all_says_every_run_is_missing(tmp_path):
+    out = report_dir(tmp_path)
+    rep = report.make_report(tmp_path / "absent", tmp_path / "figures", out, pdf=False,
+                             log=lambda *_: None)
+    assert rep.missing == list(report.REFERENCE_RUNS)
+    assert generated_macros(out)["MissingRunsSentence"].startswith(r"\textbf{Every run is missing:}")
+    assert "No results yet" in (out / "generated" / "provenance.tex").read_text()
+
+
+def test_report_source_uses_every_macro_and_types_no_result():
+    source = REPORT_TEX.read_text()
+    rep = report.Report({}, list(report.REFERENCE_RUNS), None, None, Path("results"),
+                        Path("figures"), "../figures")
+    for name in report.macros(rep):
+        assert re.search(rf"\\{name}(?![A-Za-z])", source), f"\\{name} is generated but not used"
+        assert not re.search(rf"\\{name} +\w", source), f"TeX eats the space after \\{name}: write \\{name}{{}}"
+    for name in report.EXPECTED_FIGURES:
+        assert name in source
+    body = source.split(r"\begin{document}")[1].split(r"\begin{thebibliography}")[0]
+    prose = re.sub(r"(?m)(?<!\\)%.*$", "", body)
+    assert not re.findall(r"\d+\.\d+|\d\s*\\%", prose), "a result typed by hand in KD_LAB.tex"
+
+
+def test_missing_latexmk_is_a_note_unless_the_pdf_is_required(tmp_path, monkeypatch):
+    monkeypatch.setattr(report.shutil, "which", lambda name: None)
+    notes = []
+    out = report_dir(tmp_path)
+    report.make_report(tmp_path / "absent", tmp_path / "figures", out, log=notes.append)
+    assert any("PDF was not built" in note for note in notes)
+    with pytest.raises(KdlabError, match="latexmk is not installed"):
+        report.make_report(tmp_path / "absent", tmp_path / "figures", out, pdf_required=True,
+                           log=lambda *_: None)
+
+
+@pytest.mark.skipif(shutil.which("latexmk") is None, reason="latexmk (TeX Live) is not installed")
+def test_draft_pdf_builds_and_says_draft_on_every_page(tmp_path, reference):
+    _, splits = reference
+    results_dir = write_results(tmp_path / "results",
+                                {"student_scratch_baseline": results_of("student_scratch_baseline", splits, smoke=True)})
+    out = report_dir(tmp_path)
+    report.make_report(results_dir, tmp_path / "figures", out, draft=True, log=lambda *_: None)
+    pdf = out / "KD_LAB.pdf"
+    assert pdf.stat().st_size > 0
+    if shutil.which("pdftotext") is None:
+        return
+    pages = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True,
+                           text=True, check=True).stdout.split("\f")
+    pages = [page for page in pages if page.strip()]
+    assert len(pages) >= 4
+    assert all("DRAFT - smoke run, not results" in page for page in pages)
