@@ -5,19 +5,20 @@ Files of a run in the checkpoint folder:
   <run>_last.pt       the state after the last finished epoch (weights, optimiser, scaler, RNG,
                       history, best-so-far weights); removed when the run finishes
   <run>_results.json  the results, for figures and the report
-  <run>.lock          held while the run trains, with the owner's pid
+  <run>.lock          held while the run trains, with the owner's pid and host
 Every write goes to a temporary file first and is renamed over the final name, so a crash
-or a full disk never leaves a half-written file under a final name. Loading uses
-`weights_only=True`: a checkpoint is data, never code.
+or a full disk never leaves a half-written file under a final name. Loading checks the
+zip's checksums and uses `weights_only=True`: a checkpoint is data, never code.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import json
 import os
 import pickle
-import time
+import socket
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch import nn
 from kdlab.config import RunConfig, config_dict, config_differences
 from kdlab.errors import KdlabError
 from kdlab.methods import build_method
-from kdlab.models import build_model, count_parameters
+from kdlab.models import build_model, count_parameters, load_weights
 from kdlab.train import autocast_dtype, evaluate, predict, train_epochs
 
 
@@ -55,9 +56,22 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
 
 
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save through memory: torch's own file writer turns a full disk into an obscure
+    RuntimeError, Python's write gives the OSError that atomic_write reports."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
+
+
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint as plain data. Corrupted, truncated or code-carrying files are refused whole."""
     try:
+        # torch.load does not check the zip's CRC-32s: a flipped byte would load as a wrong weight.
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise ValueError(f"{damaged} fails its checksum")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
@@ -96,41 +110,54 @@ class RunFiles:
 
     def save_last(self, state: dict) -> None:
         state.update(config=self.config, rng=torch.get_rng_state())
-        atomic_write(self.last, lambda tmp: torch.save(state, tmp))
+        save_checkpoint(self.last, state)
 
     @contextlib.contextmanager
     def lock(self):
         """Only one process trains a run in a folder; a lock left by a dead process is taken over."""
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                fd = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                break
-            except FileExistsError:
-                owner = _lock_owner(self.lock_file)
-                if owner is not None and _alive(owner):
-                    raise KdlabError(f"{self.run} is already being trained by process {owner} "
-                                     f"(lock {self.lock_file}). Wait for it to finish, or stop it; "
-                                     f"if no such run is going on, delete the lock file.") from None
-                self.lock_file.unlink(missing_ok=True)  # stale: its owner is gone
+        try:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            fd = self._create_lock()
+        except OSError as err:
+            raise KdlabError(f"cannot write to the checkpoint folder {self.ckpt_dir} "
+                             f"({err.strerror or err}); choose another --ckpt-dir.") from None
         with os.fdopen(fd, "w") as fh:
-            fh.write(str(os.getpid()))
-        for stale in self.ckpt_dir.glob(f"{self.run}_*.pt.tmp*"):
+            fh.write(f"{os.getpid()} {socket.gethostname()}")
+        for stale in self.ckpt_dir.glob(f"{self.run}_*.tmp*"):
             stale.unlink(missing_ok=True)                # left by a process killed mid-write
         try:
             yield
         finally:
             self.lock_file.unlink(missing_ok=True)
 
+    def _create_lock(self) -> int:
+        while True:
+            try:
+                return os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = _lock_owner(self.lock_file)
+                if owner is not None and _alive(*owner):
+                    raise KdlabError(f"{self.run} is already being trained by process {owner[0]} on "
+                                     f"{owner[1]} (lock {self.lock_file}). Wait for it to finish, or "
+                                     f"stop it; if no such run is going on, delete the lock file.") from None
+                self.lock_file.unlink(missing_ok=True)  # stale: its owner is gone
 
-def _lock_owner(path: Path) -> int | None:
+
+def _lock_owner(path: Path) -> tuple[int, str] | None:
+    """(pid, host) of the lock's owner; None if the lock is unreadable (its owner died writing it)."""
     try:
-        return int(path.read_text().strip())
+        pid, host = path.read_text().split()
+        return int(pid), host
     except (OSError, ValueError):
         return None
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, host: str) -> bool:
+    if host != socket.gethostname():
+        # A process on another machine cannot be asked. The usual case is a Colab runtime that
+        # was disconnected: its folder on Drive outlives it, and the new runtime's processes may
+        # even reuse its pids.
+        return False
     if pid == os.getpid():
         return True
     try:
@@ -176,7 +203,7 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
         state = load_checkpoint(files.best)
         check_config(state["config"], cfg, files.best)
         model = build_model(cfg.arch, "none")
-        model.load_state_dict(state["modules"]["student"])
+        load_weights(model, state["modules"]["student"], files.best)
         if not files.results.exists():
             write_json(files.results, state["results"])
         log(f"{cfg.run}: loaded {files.best} (test accuracy {state['results']['test_acc']:.4f})")
@@ -206,8 +233,7 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
         results = _results(cfg, method, splits, device, history, teacher)
         modules = {k: m.state_dict() for k, m in method.trained_modules().items()}
         write_json(files.results, results)
-        atomic_write(files.best, lambda tmp: torch.save(
-            dict(modules=modules, config=config_dict(cfg), results=results), tmp))
+        save_checkpoint(files.best, dict(modules=modules, config=config_dict(cfg), results=results))
         files.last.unlink(missing_ok=True)
     log(f"{cfg.run}: test accuracy {results['test_acc']:.4f} (best val {results['best_val_acc']:.4f}"
         f" at epoch {results['best_epoch']}); saved {files.best}")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from kdlab.checkpoints import TrainedRun, train_or_load
+from kdlab.checkpoints import RunFiles, TrainedRun, train_or_load
 from kdlab.config import TEACHER_RUN, RunConfig, make_config
 from kdlab.data import Splits, load_cifar10, make_splits, make_synthetic_cifar
 from kdlab.errors import KdlabError
@@ -56,8 +56,15 @@ class Lab:
         """Train-or-load one run (and, for a KD run that must train, its teacher first)."""
         if name not in self._runs or retrain:
             cfg = self.config(name)
-            self._runs[name] = train_or_load(
-                cfg, lambda: self.splits(cfg), self.device, self.ckpt_dir,
-                get_teacher=lambda: self.run(TEACHER_RUN), retrain=retrain,
-                progress=self.progress, log=self.log)
+            try:
+                self._runs[name] = train_or_load(
+                    cfg, lambda: self.splits(cfg), self.device, self.ckpt_dir,
+                    get_teacher=lambda: self.run(TEACHER_RUN), retrain=retrain,
+                    progress=self.progress, log=self.log)
+            except KeyboardInterrupt:
+                last = RunFiles(self.ckpt_dir, name).last
+                saved = (f"every finished epoch is saved in {last}; run it again (the same cell "
+                         f"or command) to resume" if last.exists() else "it has no finished epoch to resume from")
+                self.log(f"{name}: interrupted; {saved}.")
+                raise
         return self._runs[name]

@@ -39,6 +39,17 @@ def build_model(arch: str, weights: str, num_classes: int = 10) -> nn.Module:
     return model
 
 
+def load_weights(model: nn.Module, state: dict, source) -> None:
+    """`model.load_state_dict(state)`, with weights that do not fit the model refused by name."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        # torch lists every missing, unexpected and mis-shaped tensor; the first few name the problem.
+        detail = " ".join(str(err).split())
+        raise KdlabError(f"{source} does not fit the model ({detail[:300]}). Either run again with "
+                         f"--retrain to train this run from the start, or delete the file.") from None
+
+
 def stage_channels(model: nn.Module, stage: str) -> int:
     """Output channels of a ResNet stage (`layer1`..`layer4`): its last BatchNorm's width."""
     norms = [m for m in getattr(model, stage).modules() if isinstance(m, nn.BatchNorm2d)]

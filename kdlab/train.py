@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from kdlab.data import DeviceLoader, preprocess
 from kdlab.errors import KdlabError
+from kdlab.models import load_weights
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -65,7 +66,7 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
     history, best_modules = [], None
     if resume is not None:
         for name, module in modules.items():
-            module.load_state_dict(resume["modules"][name])
+            load_weights(module, resume["modules"][name], files.last)
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         history, best_modules = resume["history"], resume["best_modules"]
@@ -88,15 +89,8 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
                 step_losses.setdefault(name, torch.empty(steps, device=device))[step] = value.detach()
             correct += (logits.argmax(1) == targets).sum()
 
-        per_step = torch.stack(list(step_losses.values()))          # (terms, steps), one sync below
-        bad_steps = (~torch.isfinite(per_step.sum(0))).nonzero().flatten().tolist()
-        if bad_steps:
-            terms = {k: v[bad_steps[0]].item() for k, v in step_losses.items()}
-            raise KdlabError(
-                f"{cfg.run}: the loss became non-finite at epoch {epoch + 1}, step {bad_steps[0] + 1} "
-                f"(terms {terms}). Nothing from this epoch was saved; the checkpoint of epoch "
-                f"{epoch} stays in {files.last}. Lower the learning rate (--lr) and run with --retrain.")
         val_loss, val_acc = evaluate(method.student, *splits.val, cfg.image_size, dtype)
+        stop_if_diverged(cfg, epoch, step_losses, val_loss, files)
         term_means = {k: v.mean().item() for k, v in step_losses.items()}
         history.append(dict(epoch=epoch + 1, train_loss=sum(term_means.values()), losses=term_means,
                             train_acc=correct.item() / (steps * loader.batch_size),
@@ -115,6 +109,24 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
     for name, module in modules.items():
         module.load_state_dict(best_modules[name])
     return history
+
+
+def stop_if_diverged(cfg, epoch: int, step_losses: dict, val_loss: float, files) -> None:
+    """Raise before a diverged epoch is saved, so the last checkpoint stays the last good one."""
+    per_step = torch.stack(list(step_losses.values()))          # (terms, steps), one sync below
+    bad_steps = (~torch.isfinite(per_step.sum(0))).nonzero().flatten().tolist()
+    if bad_steps:
+        terms = {k: v[bad_steps[0]].item() for k, v in step_losses.items()}
+        problem = f"the loss became non-finite at epoch {epoch + 1}, step {bad_steps[0] + 1} (terms {terms})"
+    elif not math.isfinite(val_loss):
+        # Every training loss was finite, but the last update blew the weights up.
+        problem = f"the validation loss became {val_loss} at epoch {epoch + 1}: the weights diverged"
+    else:
+        return
+    kept = (f"the checkpoint of epoch {epoch} stays in {files.last}" if epoch
+            else "no epoch had finished, so there is no checkpoint")
+    raise KdlabError(f"{cfg.run}: {problem}. Nothing from this epoch was saved; {kept}. "
+                     f"Lower the learning rate (--lr) and run with --retrain.")
 
 
 @torch.no_grad()
