@@ -31,7 +31,7 @@ from kdlab.config import RunConfig, config_dict, config_differences
 from kdlab.errors import KdlabError
 from kdlab.methods import build_method
 from kdlab.models import build_model, count_parameters, load_weights
-from kdlab.train import autocast_dtype, evaluate, predict, train_epochs
+from kdlab.train import autocast_dtype, predict, train_epochs
 
 
 def atomic_write(path: Path, write) -> None:
