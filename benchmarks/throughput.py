@@ -9,7 +9,7 @@ times images/s after warm-up, on two paths:
 Then the epoch time against the training-set size (cost should grow linearly), and, on CUDA,
 whether each fast-path choice pays: channels_last, bf16 autocast, cudnn.benchmark, torch.compile.
 
-    python benchmarks/throughput.py --device cuda --json benchmarks/results/h100.json
+    python benchmarks/throughput.py --device cuda --json benchmarks/results/h100-full.json
     python benchmarks/throughput.py --device cpu --quick --json benchmarks/results/cpu-quick.json
 
 Images are synthetic and CIFAR-shaped (kdlab.data.make_synthetic_cifar), weights random: a
