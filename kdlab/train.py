@@ -25,6 +25,16 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def tune_cudnn(device: torch.device) -> None:
+    """Let cuDNN time its convolution algorithms on the first batch of each shape and keep the fastest.
+
+    Every training batch has one shape (the loader drops the ragged last batch), so the search
+    is paid once per run; benchmarks/throughput.py measures what it buys on the GPU at hand.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
     """Linear warmup to `peak`, then cosine decay to zero: a function of the step, so resuming is exact."""
     if step < warmup_steps:
@@ -56,6 +66,7 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
     After each epoch: validate, keep the best-on-val weights, save the last state.
     Returns the history, one dict per epoch.
     """
+    tune_cudnn(device)
     modules = method.trained_modules()
     optimizer = make_optimizer(cfg, method)
     dtype = autocast_dtype(device)

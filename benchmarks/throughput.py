@@ -1,0 +1,635 @@
+"""Throughput of kdlab's training path against the way a typical Colab notebook trains.
+
+For each step kind (teacher fine-tuning, student CE, logit KD, feature KD, evaluation) it
+times images/s after warm-up, on two paths:
+  kdlab  the package itself: DeviceLoader batches (uint8 on the device, batched augmentation),
+         build_method, make_optimizer, train_step (bf16 autocast, channels_last), predict;
+  naive  torchvision-style per-image PIL transforms through DataLoader(num_workers=2,
+         pin_memory=True), fp32, default memory format, plain SGD, the loss read back every step.
+Then the epoch time against the training-set size (cost should grow linearly), and, on CUDA,
+whether each fast-path choice pays: channels_last, bf16 autocast, cudnn.benchmark, torch.compile.
+
+    python benchmarks/throughput.py --device cuda --json benchmarks/results/h100-full.json
+    python benchmarks/throughput.py --device cpu --quick --json benchmarks/results/cpu-quick.json
+
+Images are synthetic and CIFAR-shaped (kdlab.data.make_synthetic_cifar), weights random: a
+step's cost depends on shapes, not on pixel values or weights, so nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
+
+# Run as a script from a checkout: the package is the folder above, installed or not.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kdlab.checkpoints import write_json  # noqa: E402
+from kdlab.config import TEACHER_RUN, config_dict, make_config  # noqa: E402
+from kdlab.data import MEAN, PAD, STD, Cifar10, DeviceLoader, make_splits, make_synthetic_cifar  # noqa: E402
+from kdlab.errors import KdlabError  # noqa: E402
+from kdlab.lab import resolve_device  # noqa: E402
+from kdlab.methods import build_method  # noqa: E402
+from kdlab.models import build_model  # noqa: E402
+from kdlab.train import autocast_dtype, make_optimizer, predict, train_step, tune_cudnn  # noqa: E402
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The sizes of one mode; image_size/batch_size None keep the lab's configs (128 px, 512)."""
+    image_size: int | None
+    batch_size: int | None
+    warmup_steps: int
+    timed_steps: int
+    eval_batch_size: int
+    eval_warmup_batches: int
+    eval_timed_batches: int
+    # Steps of the smaller epoch of the scaling measurement. N = scaling_steps * batch must be a
+    # multiple of 10: --limit-train keeps N // 10 images of each class, and N whole batches.
+    scaling_steps: int
+
+
+BUDGETS = {
+    "full": Budget(None, None, 5, 20, 1024, 2, 10, 20),      # about 150 s on an H100
+    "quick": Budget(32, 32, 2, 5, 256, 1, 4, 10),            # about 25 s on a quiet 2-core CPU
+    "tiny": Budget(16, 10, 1, 2, 10, 1, 2, 2),               # the tests: every path, no meaning
+}
+
+# Each step kind and the lab run whose config it takes. The fine-tuning runs are the lab's;
+# their ImageNet start does not change a step's cost, so every model here has random weights.
+STEP_RUNS = {
+    "teacher_ce": TEACHER_RUN,
+    "student_ce": "student_pretrained_baseline",
+    "logit_kd": "student_pretrained_kd_logits",
+    "feature_kd": "student_pretrained_kd_features",
+    "evaluation": "student_pretrained_baseline",
+}
+
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s from the vendor datasheets (H100/H200: the SXM
+# parts; a PCIe H100 peaks lower, so its share reads high).
+PEAK_TFLOPS = {"T4": 65, "A100": 312, "H100": 989, "H200": 989}
+
+# A gap under 3% between two settings is read as no difference, not as a verdict.
+NOISE = 0.03
+
+NAIVE_WORKERS = 2   # what a Colab notebook passes (Colab has 2 CPU cores)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for chip, peak in PEAK_TFLOPS.items():
+        if re.search(rf"\b{chip}\b", device_name):
+            return peak
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def size_overrides(budget: Budget) -> dict:
+    return dict(image_size=budget.image_size, batch_size=budget.batch_size)
+
+
+def make_data(budget: Budget, cfg) -> Cifar10:
+    """Synthetic CIFAR on the host, large enough for every measurement of `budget`.
+
+    Its training images must give the scaling run 2N images after the validation split, and
+    the naive loader one batch per step (a second epoch mid-timing would restart its
+    workers); its test images one batch per evaluation step.
+    """
+    steps = budget.warmup_steps + budget.timed_steps
+    per_class = max(2 * budget.scaling_steps * cfg.batch_size, steps * cfg.batch_size) // 10
+    test_images = (budget.eval_warmup_batches + budget.eval_timed_batches) * budget.eval_batch_size
+    return make_synthetic_cifar(train_per_class=per_class + cfg.val_per_class + 1,
+                                test_per_class=math.ceil(test_images / 10))
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what the last measurement left, so the next one's peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure(make_steps, warmup: int, timed: int, device: torch.device) -> dict:
+    """Images/s of the steps of the generator `make_steps()` builds, after `warmup` steps.
+
+    Each step yields its number of images. The device is synchronised at both marks, so GPU
+    work queued by the host is counted where it ran. The peak memory covers building too.
+    """
+    release_memory(device)
+    steps = make_steps()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        next(steps)
+    synchronize(device)
+    mark = time.perf_counter()
+    images = sum(next(steps) for _ in range(timed))
+    synchronize(device)
+    seconds = time.perf_counter() - mark
+    steps.close()   # ends a DataLoader's workers now, not whenever the generator is collected
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return dict(images_per_s=images / seconds, images=images, timed_seconds=seconds,
+                warmup_seconds=mark - start, peak_memory_gib=peak)
+
+
+def forward_flops(cfg, image_size: int) -> dict:
+    """Forward FLOPs per image of what a step of `cfg` runs: the trained part and the teacher.
+
+    Counted by FlopCounterMode on the meta device (shapes only, nothing computed), in eval
+    mode because BatchNorm in train mode refuses a batch of one image at small sizes.
+    """
+    with torch.device("meta"):
+        teacher = build_model(make_config(TEACHER_RUN).arch, "none") if cfg.uses_teacher else None
+        method = build_method(cfg, build_model(cfg.arch, "none"), teacher)
+        images = torch.empty(1, 3, image_size, image_size)
+        targets = torch.zeros(1, dtype=torch.long)
+    method.eval()
+
+    def count(fn, *args) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn(*args)
+        return counter.get_total_flops()
+
+    teacher_flops = count(method.teacher, images) if teacher is not None else 0
+    return dict(trained=count(method.forward_train, images, targets) - teacher_flops,
+                teacher=teacher_flops or None)
+
+
+# ----------------------------------------------------------------------------- kdlab's path
+
+
+def build_on_device(cfg, device: torch.device, memory_format) -> torch.nn.Module:
+    """The method of `cfg` (with a teacher if it distils), random weights, on `device`."""
+    torch.manual_seed(cfg.seed)
+    teacher = None
+    if cfg.uses_teacher:
+        teacher = build_model(make_config(TEACHER_RUN).arch, "none").to(device, memory_format=memory_format)
+    method = build_method(cfg, build_model(cfg.arch, "none"), teacher)
+    return method.to(device, memory_format=memory_format)
+
+
+def kdlab_train(cfg, images, labels, device, memory_format=torch.channels_last, autocast=True,
+                compile_student=False):
+    """kdlab's training steps; the arguments switch its fast-path choices off (or compile on)."""
+    method = build_on_device(cfg, device, memory_format)
+    if compile_student:
+        method.student = torch.compile(method.student)
+    optimizer = make_optimizer(cfg, method)
+    dtype = autocast_dtype(device) if autocast else None
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    loader = DeviceLoader(images.to(device), labels.to(device), cfg.batch_size, cfg.image_size, cfg.seed)
+    return kdlab_train_steps(method, optimizer, scaler, loader, dtype, memory_format)
+
+
+def kdlab_train_steps(method, optimizer, scaler, loader, dtype, memory_format):
+    method.train()
+    for epoch in itertools.count():
+        for images, targets in loader.epoch(epoch):
+            images = images.contiguous(memory_format=memory_format)  # a no-op on kdlab's default
+            train_step(method, optimizer, scaler, images, targets, dtype)
+            yield len(targets)
+
+
+def kdlab_eval(cfg, images, device, batch_size):
+    student = build_on_device(cfg, device, torch.channels_last).student
+    return kdlab_eval_steps(student, images.to(device), cfg.image_size, autocast_dtype(device), batch_size)
+
+
+def kdlab_eval_steps(model, images, image_size, dtype, batch_size):
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        predict(model, batch, image_size, dtype, batch_size)
+        yield len(batch)
+
+
+# ----------------------------------------------------------------------------- the naive reference
+
+
+class PILCifar(Dataset):
+    """CIFAR as torchvision.datasets.CIFAR10 holds it: HWC uint8 in memory, one PIL image per item."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.images = images.permute(0, 2, 3, 1).contiguous().numpy()
+        self.labels = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+
+
+def naive_loader(images, labels, image_size, batch_size, device, train: bool) -> DataLoader:
+    augment = [transforms.RandomCrop(32, padding=PAD), transforms.RandomHorizontalFlip()] if train else []
+    transform = transforms.Compose([*augment, transforms.Resize(image_size), transforms.ToTensor(),
+                                    transforms.Normalize(MEAN, STD)])
+    return DataLoader(PILCifar(images, labels, transform), batch_size=batch_size, shuffle=train,
+                      drop_last=train, num_workers=NAIVE_WORKERS, pin_memory=device.type == "cuda")
+
+
+def naive_train(cfg, images, labels, device):
+    method = build_on_device(cfg, device, torch.contiguous_format)
+    optimizer = torch.optim.SGD(method.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    loader = naive_loader(images, labels, cfg.image_size, cfg.batch_size, device, train=True)
+    return naive_train_steps(method, optimizer, loader, device)
+
+
+def naive_train_steps(method, optimizer, loader, device):
+    method.train()
+    running_loss = 0.0
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        _, losses = method.forward_train(images, targets)
+        loss = sum(losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        running_loss += loss.item()   # a notebook logs its running loss: one host sync per step
+        yield len(targets)
+
+
+def naive_eval(cfg, images, labels, device, batch_size):
+    model = build_on_device(cfg, device, torch.contiguous_format).student
+    loader = naive_loader(images, labels, cfg.image_size, batch_size, device, train=False)
+    return naive_eval_steps(model, loader, device)
+
+
+@torch.no_grad()
+def naive_eval_steps(model, loader, device):
+    model.eval()
+    correct = 0
+    for images, targets in loader:
+        logits = model(images.to(device))
+        correct += (logits.argmax(1) == targets.to(device)).sum().item()
+        yield len(targets)
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def measure_row(kind: str, cfg, data: Cifar10, budget: Budget, device: torch.device, peak) -> dict:
+    """One step kind on both paths, with its FLOPs and each path's share of the device's peak."""
+    flops = forward_flops(cfg, cfg.image_size)
+    if kind == "evaluation":
+        warmup, timed, batch = budget.eval_warmup_batches, budget.eval_timed_batches, budget.eval_batch_size
+        images, labels = data.test_images[:(warmup + timed) * batch], data.test_labels[:(warmup + timed) * batch]
+        flops_per_image = flops["trained"]
+        kdlab_steps = lambda: kdlab_eval(cfg, images, device, batch)  # noqa: E731
+        naive_steps = lambda: naive_eval(cfg, images, labels, device, batch)  # noqa: E731
+    else:
+        warmup, timed = budget.warmup_steps, budget.timed_steps
+        n = (warmup + timed) * cfg.batch_size
+        images, labels = data.train_images[:n], data.train_labels[:n]
+        # Forward and backward of the trained part cost about 3 forwards; the teacher only runs forward.
+        flops_per_image = 3 * flops["trained"] + (flops["teacher"] or 0)
+        kdlab_steps = lambda: kdlab_train(cfg, images, labels, device)  # noqa: E731
+        naive_steps = lambda: naive_train(cfg, images, labels, device)  # noqa: E731
+    tune_cudnn(device)
+    kdlab = measure(kdlab_steps, warmup, timed, device)
+    torch.backends.cudnn.benchmark = False   # PyTorch's default, which a notebook keeps
+    naive = measure(naive_steps, warmup, timed, device)
+    row = dict(step=kind, run=cfg.run, flops_per_image=flops_per_image,
+               forward_flops_per_image=flops, speedup=kdlab["images_per_s"] / naive["images_per_s"])
+    for path, result in (("kdlab", kdlab), ("naive", naive)):
+        result["tflops"] = flops_per_image * result["images_per_s"] / 1e12
+        result["peak_share"] = result["tflops"] / peak if peak else None
+        row[path] = result
+    return row
+
+
+def measure_scaling(budget: Budget, data: Cifar10, device: torch.device) -> dict:
+    """Epoch time of the student CE step on a --limit-train subset of N and of 2N images.
+
+    One method trains through both epochs, after warm-up steps, so neither pays for cuDNN's
+    search or the first-step allocations; a ratio near 2 means the cost per image is constant.
+    """
+    run_name = STEP_RUNS["student_ce"]
+    cfg = make_config(run_name, **size_overrides(budget))
+    sizes = [budget.scaling_steps * cfg.batch_size, 2 * budget.scaling_steps * cfg.batch_size]
+    tune_cudnn(device)
+    release_memory(device)
+    method = build_on_device(cfg, device, torch.channels_last).train()
+    optimizer = make_optimizer(cfg, method)
+    dtype = autocast_dtype(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    epochs = []
+    for size in sizes:
+        limited = make_config(run_name, limit_train=size, **size_overrides(budget))
+        splits = make_splits(data, limited.val_per_class, limited.seed, limited.limit_train, device)
+        loader = DeviceLoader(*splits.train, limited.batch_size, limited.image_size, limited.seed)
+        if not epochs:
+            for images, targets in itertools.islice(loader.epoch(0), budget.warmup_steps):
+                train_step(method, optimizer, scaler, images, targets, dtype)
+        synchronize(device)
+        start = time.perf_counter()
+        for images, targets in loader.epoch(1):
+            train_step(method, optimizer, scaler, images, targets, dtype)
+        synchronize(device)
+        epochs.append(dict(limit_train=size, train_images=len(splits.train[1]), steps=len(loader),
+                           epoch_seconds=time.perf_counter() - start))
+    return dict(step="student_ce", run=run_name, epochs=epochs,
+                ratio=epochs[1]["epoch_seconds"] / epochs[0]["epoch_seconds"],
+                size_ratio=epochs[1]["train_images"] / epochs[0]["train_images"])
+
+
+def compare(on: dict, off: dict) -> dict:
+    speedup = on["images_per_s"] / off["images_per_s"]
+    verdict = "pays" if speedup > 1 + NOISE else "costs" if speedup < 1 - NOISE else "no clear difference"
+    return dict(on=on, off=off, speedup=speedup, verdict=verdict)
+
+
+def measure_cudnn_off(mode: str, device: torch.device) -> dict:
+    """The student CE step with cudnn.benchmark off, in a fresh process.
+
+    cuDNN keeps the algorithm it chose for a shape for the life of the process, whatever the
+    flag says later, so a measurement after the rows would time the tuned choice again.
+    """
+    command = [sys.executable, str(Path(__file__).resolve()), "--device", device.type, "--probe-cudnn-off"]
+    command += [] if mode == "full" else [f"--{mode}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"the cudnn.benchmark-off probe exited {result.returncode}: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def student_ce_data(budget: Budget, data: Cifar10, cfg):
+    n = (budget.warmup_steps + budget.timed_steps) * cfg.batch_size
+    return data.train_images[:n], data.train_labels[:n]
+
+
+def measure_fast_paths(budget: Budget, data: Cifar10, device: torch.device, mode: str,
+                       baseline: dict, compile_student: bool, log) -> dict:
+    """Each of kdlab's fast-path choices switched off (torch.compile: on) alone, on the student CE step.
+
+    `baseline` is the student CE row's kdlab measurement: channels_last, bf16 autocast,
+    cudnn.benchmark on, eager. A switch whose measurement fails records the error.
+    """
+    cfg = make_config(STEP_RUNS["student_ce"], **size_overrides(budget))
+    images, labels = student_ce_data(budget, data, cfg)
+    warmup, timed = budget.warmup_steps, budget.timed_steps
+    tune_cudnn(device)
+    switches = {}
+
+    channels_first = measure(lambda: kdlab_train(cfg, images, labels, device, memory_format=torch.contiguous_format),
+                             warmup, timed, device)
+    switches["channels_last"] = compare(baseline, channels_first)
+    log(f"  channels_last off: {channels_first['images_per_s']:.0f} img/s")
+    fp32 = measure(lambda: kdlab_train(cfg, images, labels, device, autocast=False), warmup, timed, device)
+    switches["autocast"] = dict(compare(baseline, fp32), dtype=str(autocast_dtype(device)))
+    log(f"  autocast off (fp32): {fp32['images_per_s']:.0f} img/s")
+    release_memory(device)   # the probe needs the GPU's memory, not this process's cache
+    try:
+        switches["cudnn_benchmark"] = dict(compare(baseline, measure_cudnn_off(mode, device)),
+                                           off_measured_in="a fresh process")
+        log(f"  cudnn.benchmark off: {switches['cudnn_benchmark']['off']['images_per_s']:.0f} img/s")
+    except (RuntimeError, ValueError, IndexError, subprocess.TimeoutExpired) as err:
+        switches["cudnn_benchmark"] = dict(error=f"{type(err).__name__}: {err}"[:3000])
+        log(f"  cudnn.benchmark off: failed ({switches['cudnn_benchmark']['error'][:300]})")
+    switches["compile"] = measure_compile(cfg, images, labels, device, budget, baseline, log) \
+        if compile_student else dict(skipped="--no-compile")
+    return dict(step="student_ce", run=cfg.run, switches=switches)
+
+
+def measure_compile(cfg, images, labels, device, budget: Budget, baseline: dict, log) -> dict:
+    """torch.compile on the student: its speed, and the warm-up seconds it adds (compilation)."""
+    try:
+        compiled = measure(lambda: kdlab_train(cfg, images, labels, device, compile_student=True),
+                           budget.warmup_steps, budget.timed_steps, device)
+    except Exception as err:  # noqa: BLE001 - a compiler failure is a finding to report, not a crash
+        log(f"  torch.compile: failed ({type(err).__name__}: {str(err)[:300]})")
+        return dict(error=f"{type(err).__name__}: {err}"[:3000])
+    result = compare(compiled, baseline)
+    # Compilation happens in the warm-up steps; it is repaid once the faster steps make up for it.
+    result["compile_seconds"] = compiled["warmup_seconds"] - baseline["warmup_seconds"]
+    saved_per_step = (baseline["timed_seconds"] - compiled["timed_seconds"]) / budget.timed_steps
+    result["break_even_steps"] = (result["compile_seconds"] / saved_per_step
+                                  if result["compile_seconds"] > 0 and saved_per_step > 0 else None)
+    log(f"  torch.compile: {compiled['images_per_s']:.0f} img/s, {result['compile_seconds']:.1f}s "
+        f"more warm-up than eager")
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def table(report: dict) -> str:
+    b = report["budget"]
+    lines = [f"kdlab vs naive on {report['device_name']} ({report['mode']} mode: {report['image_size']} px, "
+             f"batch {report['batch_size']}, {b['warmup_steps']} warm-up + {b['timed_steps']} timed steps; "
+             f"evaluation batch {b['eval_batch_size']})",
+             f"{'step':11} {'kdlab img/s':>11} {'naive img/s':>11} {'speedup':>7} {'TFLOP/s':>8} "
+             f"{'% peak':>6} {'GiB kdlab':>9} {'GiB naive':>9}"]
+    for row in report["rows"]:
+        k, n = row["kdlab"], row["naive"]
+        share = f"{100 * k['peak_share']:.1f}" if k["peak_share"] else "-"
+        memory = [f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] else "-" for r in (k, n)]
+        lines.append(f"{row['step']:11} {k['images_per_s']:11.1f} {n['images_per_s']:11.1f} "
+                     f"{row['speedup']:6.2f}x {k['tflops']:8.3g} {share:>6} {memory[0]:>9} {memory[1]:>9}")
+    s = report["scaling"]
+    first, second = s["epochs"]
+    lines.append(f"scaling (student CE epoch): {first['train_images']} images {first['epoch_seconds']:.2f}s, "
+                 f"{second['train_images']} images {second['epoch_seconds']:.2f}s: ratio {s['ratio']:.2f} "
+                 f"for {s['size_ratio']:.0f}x the images")
+    fast = report["fast_path"]
+    if fast is None:
+        lines.append("fast paths: measured on CUDA only")
+        return "\n".join(lines)
+    lines.append("fast paths (student CE, kdlab img/s with / without):")
+    for name, result in fast["switches"].items():
+        if "speedup" not in result:
+            lines.append(f"  {name:16} {result.get('skipped') or result.get('error', '')[:100]}")
+            continue
+        line = (f"  {name:16} {result['on']['images_per_s']:9.0f} / {result['off']['images_per_s']:9.0f} "
+                f"{result['speedup']:5.2f}x  {result['verdict']}")
+        if name == "compile":
+            line += f"; compiling took {result['compile_seconds']:.1f}s"
+            if result["break_even_steps"]:
+                line += f", repaid after {result['break_even_steps']:.0f} steps"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+STEP_LABELS = {
+    "teacher_ce": "teacher fine-tuning step (ResNet50, CE)",
+    "student_ce": "student CE step (ResNet18)",
+    "logit_kd": "logit-KD step (ResNet18, ResNet50 forward)",
+    "feature_kd": "feature-KD step (ResNet18, ResNet50 forward)",
+    "evaluation": "evaluation (ResNet18 forward)",
+}
+
+
+def markdown(report: dict, source: str) -> str:
+    """The tables of a results file in Markdown, labelled with where they came from (for the README)."""
+    b = report["budget"]
+    label = f" ({report['note']})" if report.get("note") else ""
+    lines = [f"Measured on {report['device_name']}{label}, torch {report['torch_version']}, {report['mode']} "
+             f"mode: {report['image_size']} px, batch {report['batch_size']}, {b['warmup_steps']} warm-up + "
+             f"{b['timed_steps']} timed steps (evaluation: batches of {b['eval_batch_size']}); from `{source}`.",
+             "",
+             "| step | kdlab img/s | naive img/s | speedup | kdlab TFLOP/s | share of peak | peak GiB (kdlab / naive) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in report["rows"]:
+        k, n = row["kdlab"], row["naive"]
+        share = f"{100 * k['peak_share']:.1f}%" if k["peak_share"] else "n/a"
+        memory = (f"{k['peak_memory_gib']:.1f} / {n['peak_memory_gib']:.1f}"
+                  if k["peak_memory_gib"] and n["peak_memory_gib"] else "n/a")
+        lines.append(f"| {STEP_LABELS[row['step']]} | {k['images_per_s']:,.0f} | {n['images_per_s']:,.0f} | "
+                     f"{row['speedup']:.2f}x | {k['tflops']:.3g} | {share} | {memory} |")
+    s = report["scaling"]
+    first, second = s["epochs"]
+    lines += ["", f"Epoch time of the student CE step: {first['epoch_seconds']:.2f} s for {first['train_images']:,} "
+                  f"images, {second['epoch_seconds']:.2f} s for {second['train_images']:,} (ratio {s['ratio']:.2f}; "
+                  f"2.00 is linear)."]
+    if report["fast_path"]:
+        lines += ["", "| fast-path switch (student CE step) | img/s with | img/s without | speedup | verdict |",
+                  "|---|---:|---:|---:|---|"]
+        for name, result in report["fast_path"]["switches"].items():
+            if "speedup" not in result:
+                lines.append(f"| {name} | | | | {result.get('skipped') or 'failed: ' + result['error'][:80]} |")
+                continue
+            verdict = result["verdict"]
+            if name == "compile":
+                verdict += f" (compiling: {result['compile_seconds']:.0f} s"
+                verdict += (f", repaid after {result['break_even_steps']:.0f} steps)"
+                            if result["break_even_steps"] else ")")
+            lines.append(f"| {name} | {result['on']['images_per_s']:,.0f} | {result['off']['images_per_s']:,.0f} | "
+                         f"{result['speedup']:.2f}x | {verdict} |")
+    return "\n".join(lines)
+
+
+def environment(device: torch.device, mode: str, budget: Budget, cfg, note: str | None) -> dict:
+    name = device_name(device)
+    return dict(
+        device=device.type, device_name=name, peak_tflops=peak_tflops(name) if device.type == "cuda" else None,
+        torch_version=str(torch.__version__), torchvision_version=str(torchvision.__version__),
+        cuda_version=torch.version.cuda if device.type == "cuda" else None,
+        cudnn_version=torch.backends.cudnn.version() if device.type == "cuda" else None,
+        python_version=platform.python_version(), platform=platform.platform(), cpu_count=os.cpu_count(),
+        # Other processes on the host slow CPU steps and the naive loader's workers: the
+        # 1-minute load average when the run started says how busy it was.
+        load_average_at_start=os.getloadavg()[0],
+        note=note, mode=mode, budget=asdict(budget), image_size=cfg.image_size, batch_size=cfg.batch_size,
+        data="synthetic CIFAR-shaped images (kdlab.data.make_synthetic_cifar); random weights",
+        kdlab_path="DeviceLoader + build_method + make_optimizer + train_step (autocast "
+                   f"{autocast_dtype(device) or 'off on the CPU'}, channels_last, tune_cudnn); predict",
+        naive_path=f"per-image PIL RandomCrop(32, padding={PAD}) + RandomHorizontalFlip + Resize + ToTensor + "
+                   f"Normalize, DataLoader(num_workers={NAIVE_WORKERS}, pin_memory on CUDA), fp32, "
+                   "default memory format, SGD(momentum), loss.item() each step, cudnn.benchmark off",
+    )
+
+
+def benchmark(args, log=print) -> dict:
+    device = resolve_device(args.device)
+    budget = BUDGETS[args.mode]
+    started = time.perf_counter()
+    configs = {kind: make_config(run, **size_overrides(budget)) for kind, run in STEP_RUNS.items()}
+    data = make_data(budget, configs["student_ce"])
+    report = environment(device, args.mode, budget, configs["student_ce"], args.note)
+    report.update(configs={kind: config_dict(cfg) for kind, cfg in configs.items()},
+                  rows=[], scaling=None, fast_path=None)
+    log(f"{report['device_name']}, torch {torch.__version__}, {args.mode} mode")
+
+    def save():
+        report["wall_seconds"] = time.perf_counter() - started
+        report["load_average_at_end"] = os.getloadavg()[0]
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            write_json(Path(args.json), report)   # after every section: a late failure keeps the rest
+
+    for kind, cfg in configs.items():
+        row = measure_row(kind, cfg, data, budget, device, report["peak_tflops"])
+        report["rows"].append(row)
+        log(f"{kind:11} kdlab {row['kdlab']['images_per_s']:9.1f} img/s | naive {row['naive']['images_per_s']:9.1f}"
+            f" img/s | {row['speedup']:.2f}x | {row['kdlab']['tflops']:.3g} TFLOP/s")
+        save()
+    report["scaling"] = measure_scaling(budget, data, device)
+    log(f"scaling: epoch time ratio {report['scaling']['ratio']:.2f} for 2x the images")
+    save()
+    if device.type == "cuda":
+        log("fast paths (student CE):")
+        student_ce = next(row for row in report["rows"] if row["step"] == "student_ce")
+        report["fast_path"] = measure_fast_paths(budget, data, device, args.mode, student_ce["kdlab"],
+                                                 not args.no_compile, log)
+    save()
+    return report
+
+
+def probe_cudnn_off(args) -> dict:
+    """The student CE step on kdlab's path with cudnn.benchmark off (see measure_cudnn_off)."""
+    device = resolve_device(args.device)
+    budget = BUDGETS[args.mode]
+    cfg = make_config(STEP_RUNS["student_ce"], **size_overrides(budget))
+    images, labels = student_ce_data(budget, make_data(budget, cfg), cfg)
+    torch.backends.cudnn.benchmark = False
+    return measure(lambda: kdlab_train(cfg, images, labels, device), budget.warmup_steps, budget.timed_steps, device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", dest="mode", action="store_const", const="quick", default="full",
+                       help="32 px, batch 32, a few steps: about 25 s on a quiet 2-core CPU")
+    sizes.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
+                       help="the smallest sizes that run every path, for the tests; its numbers mean nothing")
+    parser.add_argument("--json", metavar="OUT", help="write the measurements here")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement (CUDA)")
+    parser.add_argument("--note", help="recorded in the JSON, e.g. which machine this is")
+    parser.add_argument("--markdown", metavar="RESULTS",
+                        help="print the tables of a results JSON as Markdown (for the README), measure nothing")
+    parser.add_argument("--probe-cudnn-off", action="store_true",
+                        help="internal: time only the student CE step with cudnn.benchmark off and print "
+                             "its JSON (the full run starts this in a fresh process)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.markdown:
+            print(markdown(json.loads(Path(args.markdown).read_text()), args.markdown))
+        elif args.probe_cudnn_off:
+            print(json.dumps(probe_cudnn_off(args)))
+        else:
+            print("\n" + table(benchmark(args)))
+    except KdlabError as err:
+        print(f"throughput: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""benchmarks/throughput.py runs end to end on the CPU and writes a well-formed report.
+
+Only structure is checked: tiny mode's timings on a shared CPU mean nothing, so no test
+compares speeds.
+"""
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "throughput.py"
+STEPS = ["teacher_ce", "student_ce", "logit_kd", "feature_kd", "evaluation"]
+# One CPU thread: on a shared CI machine, OpenMP threads spinning against other processes slow a
+# two-thread run many-fold, and these tests check structure, not speed.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def numbers(tree, path=""):
+    """Every number in a JSON tree, with its path (booleans are not numbers here)."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from numbers(value, f"{path}.{key}")
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from numbers(value, f"{path}[{i}]")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield path, tree
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    for name, value in ONE_THREAD.items():
+        monkeypatch.setenv(name, value)               # for the processes a test starts
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cpu_run_writes_every_row_scaling_and_the_table(tmp_path, one_thread):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--json", str(out)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    budget = report["budget"]
+
+    assert report["device"] == "cpu" and report["mode"] == "tiny" and report["torch_version"]
+    assert report["peak_tflops"] is None and report["fast_path"] is None   # both CUDA only
+    assert list(report["configs"]) == STEPS == [row["step"] for row in report["rows"]]
+    for row in report["rows"]:
+        assert row["run"] == report["configs"][row["step"]]["run"]
+        forward = row["forward_flops_per_image"]
+        if row["step"] == "evaluation":
+            assert row["flops_per_image"] == forward["trained"]
+            images = budget["eval_timed_batches"] * budget["eval_batch_size"]
+        else:
+            assert row["flops_per_image"] == 3 * forward["trained"] + (forward["teacher"] or 0)
+            images = budget["timed_steps"] * report["batch_size"]
+        assert (forward["teacher"] is None) == (row["step"] in ("teacher_ce", "student_ce", "evaluation"))
+        for path in ("kdlab", "naive"):
+            assert row[path]["images"] == images
+            assert row[path]["peak_memory_gib"] is None and row[path]["peak_share"] is None
+        assert row["speedup"] == row["kdlab"]["images_per_s"] / row["naive"]["images_per_s"]
+
+    first, second = report["scaling"]["epochs"]
+    assert second["limit_train"] == 2 * first["limit_train"] == second["train_images"]
+    assert second["steps"] == 2 * first["steps"] == 2 * budget["scaling_steps"]
+
+    for path, value in numbers(report):
+        assert math.isfinite(value), path
+    for path, value in numbers({"rows": report["rows"], "scaling": report["scaling"]}):
+        assert value > 0, path
+
+    table = result.stdout.split("kdlab vs naive on", 1)[1]
+    assert all(step in table for step in STEPS) and "scaling (student CE epoch)" in table
+
+
+def test_fast_path_switches_and_their_table_run_on_the_cpu(one_thread):
+    """The CUDA-only section, run here on the CPU (no compile), so the GPU run meets no new code."""
+    bench = load_benchmark()
+    budget, device = bench.BUDGETS["tiny"], torch.device("cpu")
+    cfg = bench.make_config(bench.STEP_RUNS["student_ce"], **bench.size_overrides(budget))
+    data = bench.make_data(budget, cfg)
+    images, labels = bench.student_ce_data(budget, data, cfg)
+    baseline = bench.measure(lambda: bench.kdlab_train(cfg, images, labels, device),
+                             budget.warmup_steps, budget.timed_steps, device)
+    fast = bench.measure_fast_paths(budget, data, device, "tiny", baseline, False, log=lambda line: None)
+
+    switches = fast["switches"]
+    assert list(switches) == ["channels_last", "autocast", "cudnn_benchmark", "compile"]
+    for name in ("channels_last", "autocast", "cudnn_benchmark"):
+        assert switches[name]["on"]["images_per_s"] > 0 and switches[name]["off"]["images_per_s"] > 0
+        assert switches[name]["verdict"] in ("pays", "costs", "no clear difference")
+    assert switches["compile"] == {"skipped": "--no-compile"}
+
+    report = dict(device_name="cpu", mode="tiny", image_size=cfg.image_size, batch_size=cfg.batch_size,
+                  budget=bench.asdict(budget), rows=[], fast_path=fast,
+                  scaling=bench.measure_scaling(budget, data, device))
+    table = bench.table(report)
+    assert "channels_last" in table and "cudnn_benchmark" in table and "--no-compile" in table
+
+
+def test_peak_of_known_gpus_is_found_by_name():
+    bench = load_benchmark()
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert bench.peak_tflops("NVIDIA H200") == 989
+    assert bench.peak_tflops("NVIDIA A100-SXM4-40GB") == 312
+    assert bench.peak_tflops("Tesla T4") == 65
+    assert bench.peak_tflops("NVIDIA GeForce RTX 4090") is None
