@@ -7,7 +7,7 @@ Runs, in order, each writing under --out as it finishes (so a late failure keeps
      student_scratch_kd_scores, student_scratch_kd_features) at the default resolution, with
      the default epochs (teacher 30, students 20) or, if the measured throughput says they do
      not fit, proportionally fewer (recorded in the manifest);
-  3. the figures, made from the results on the same GPU;
+  3. the figures, made from the results on the same GPU (as figures.tgz);
   4. manifest.json: GPU, torch version, data copy, weights, date, wall times, command lines.
 
     python scripts/reference_run.py --data-dir data --out OUT --budget 540
@@ -23,6 +23,8 @@ import json
 import math
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -136,10 +138,14 @@ def main() -> int:
     save_manifest()
 
     # 3. Figures from those results, with latency measured on this GPU.
+    # The device tool returns at most 8 files: the figures travel as one archive.
+    figures_dir = Path(tempfile.mkdtemp(prefix="kdlab-figures-"))
     fig_cmd = [py, "-m", "kdlab", "figures", "--results-dir", str(out / "reference"),
-               "--ckpt-dir", args.ckpt_dir, "--out", str(out / "figures")]
+               "--ckpt-dir", args.ckpt_dir, "--out", str(figures_dir)]
     code, seconds = run(fig_cmd, log_path, timeout=deadline - time.perf_counter() - 5)
     manifest["steps"]["figures"] = dict(command=" ".join(fig_cmd), exit=code, seconds=seconds)
+    with tarfile.open(out / "figures.tgz", "w:gz") as tar:
+        tar.add(figures_dir, arcname="figures")
     manifest["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     save_manifest()
     print(json.dumps({k: manifest.get(k) for k in ("gpu", "epochs", "test_acc", "run_seconds", "wall_seconds")},
