@@ -41,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="one line per run: trained / resumable / missing")
     status.add_argument("--ckpt-dir", default="checkpoints")
+
+    figures = sub.add_parser("figures", help="every figure and the efficiency table, from results files")
+    figures.add_argument("--ckpt-dir", default="checkpoints",
+                         help="folder of <run>_results.json and <run>_best.pt (sizes on disk)")
+    figures.add_argument("--results-dir", help="read the results files here instead of --ckpt-dir")
+    figures.add_argument("--out", default="figures", help="folder the figures are written to")
+    figures.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                         help="where latency and throughput are measured")
     return parser
 
 
@@ -89,7 +97,15 @@ def command_status(args) -> None:
         print(line)
 
 
-COMMANDS = {"run": command_run, "status": command_status}
+def command_figures(args) -> None:
+    from kdlab.figures import make_all_figures  # imports torch and matplotlib
+
+    start = time.perf_counter()
+    make_all_figures(args.results_dir or args.ckpt_dir, args.out, ckpt_dir=args.ckpt_dir, device=args.device)
+    print(f"done in {time.perf_counter() - start:.1f}s")
+
+
+COMMANDS = {"run": command_run, "status": command_status, "figures": command_figures}
 
 
 def main(argv=None) -> int:
