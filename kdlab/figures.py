@@ -99,6 +99,19 @@ def source_line(results: list[dict], origin: str = "") -> str:
     return f"data: {data} | trained on: {devices}{where}"
 
 
+def format_config_table(configs) -> str:
+    """The settings each run trains with (kdlab.config.RunConfig), as a markdown table."""
+    rows = ["| run | arch | start | method | epochs | image px | batch | peak lr | T | alpha | hint |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for c in configs:
+        logit_kd = c.method == "kd_logits"
+        hint = f"{c.hint_layer}, weight {c.hint_weight}" if c.method == "kd_features" else "-"
+        rows.append(f"| {c.run} | {c.arch} | {c.weights} | {c.method} | {c.epochs} | {c.image_size} "
+                    f"| {c.batch_size} | {c.lr} | {c.temperature if logit_kd else '-'} "
+                    f"| {c.alpha if logit_kd else '-'} | {hint} |")
+    return "\n".join(rows)
+
+
 def format_results_table(results: dict[str, dict]) -> str:
     """The runs' accuracies and budgets as a markdown table."""
     rows = ["| run | test acc | best val acc (epoch) | epochs | train time (s) |",
