@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN
 from kdlab.data import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
+from kdlab.lab import resolve_device
 from kdlab.models import build_model
 from kdlab.train import autocast_dtype
 
@@ -470,8 +471,6 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
     Returns {"files": [paths written], "missing_runs": [...], "skipped": {file: why},
     "efficiency": the table}.
     """
-    from kdlab.lab import resolve_device  # kdlab.lab imports the training stack; only needed here
-
     device = device if isinstance(device, torch.device) else resolve_device(device)
     results = load_results(results_dir)
     missing = [run for run in LAB_RUNS if run not in results]
