@@ -133,18 +133,20 @@ def _figure(title: str, source: str, smoke: bool, size: tuple[float, float],
     the runs it lacks."""
     fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
-    # Room above the axes for the banner and the title, below for the source and missing runs.
-    top = 0.86 if smoke else 0.92
-    bottom = 0.08 if missing else 0.04
+    # Bands of fixed height (inches) above the axes for the banner and the title, below them
+    # for the missing runs and the source; the layout engine fits the axes in between.
+    inch = 1 / size[1]
+    banner, heading, footer, notice = 0.35 * smoke, 0.45, 0.25, 0.25 * bool(missing)
+    top, bottom = 1 - (banner + heading) * inch, (footer + notice) * inch
     fig.get_layout_engine().set(rect=(0, bottom, 1, top - bottom))
     if smoke:
-        fig.text(0.5, 0.995, SMOKE_BANNER, ha="center", va="top", color="red",
+        fig.text(0.5, 1 - 0.05 * inch, SMOKE_BANNER, ha="center", va="top", color="red",
                  fontsize=13, weight="bold")
-    fig.text(0.5, top + (1 - top) * 0.25, title, ha="center", va="bottom", fontsize=12)
-    fig.text(0.5, 0.005, source, ha="center", va="bottom", fontsize=6.5, color="0.35", wrap=True)
+    fig.text(0.5, 1 - (banner + 0.08) * inch, title, ha="center", va="top", fontsize=12)
+    fig.text(0.5, 0.05 * inch, source, ha="center", va="bottom", fontsize=6.5, color="0.35", wrap=True)
     if missing:
-        fig.text(0.5, 0.04, "missing runs (no results file): " + ", ".join(missing), ha="center",
-                 va="bottom", fontsize=8, color="#b35900", wrap=True)
+        fig.text(0.5, footer * inch, "missing runs (no results file): " + ", ".join(missing),
+                 ha="center", va="bottom", fontsize=8, color="#b35900", wrap=True)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     return fig, axes
 
