@@ -156,6 +156,11 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def _run_ticks(ax, runs: list[str]) -> None:
+    """One tick per run on the x axis, its label broken before the method."""
+    ax.set_xticks(range(len(runs)), [RUN_LABELS[run].replace(" + ", "\n+ ") for run in runs], fontsize=8)
+
+
 def _percent(value: float) -> float:
     return 100 * value
 
@@ -198,7 +203,7 @@ def plot_test_accuracy(results: dict[str, dict], missing: list[str], out_dir: Pa
             bars = ax.bar(x + width / 2, _percent(reference), width, facecolor="white",
                           edgecolor=RUN_COLOURS[run], hatch="//")
             ax.bar_label(bars, fmt="%.2f", fontsize=8, color="0.3")
-    ax.set_xticks(range(len(runs)), [RUN_LABELS[run].replace(" + ", "\n+ ") for run in runs], fontsize=8)
+    _run_ticks(ax, runs)
     ax.set(ylabel=f"test accuracy (%, {_count(results, 'n_test')} images)", ylim=(0, 108))
     ax.legend(handles=[Patch(facecolor="0.5", label="this lab (results files)"),
                        Patch(facecolor="white", edgecolor="0.3", hatch="//", label=ORIGINAL_LAB_LABEL)],
@@ -315,7 +320,7 @@ def plot_agreement(results: dict[str, dict], missing: list[str], out_dir: Path,
     bars = ax.bar(range(len(runs)), [_percent(agreement[run]) for run in runs],
                   color=[RUN_COLOURS[run] for run in runs])
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_xticks(range(len(runs)), [RUN_LABELS[run].replace(" + ", "\n+ ") for run in runs], fontsize=8)
+    _run_ticks(ax, runs)
     ax.set(ylabel=f"same class as the teacher (% of {_count(results, 'n_test')} test images)",
            ylim=(0, 108))
     return _save(fig, out_dir / "agreement.png")
