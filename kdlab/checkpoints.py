@@ -258,6 +258,7 @@ def _results(cfg, method, splits, device, history, teacher) -> dict:
         extra_training_parameters=sum(count_parameters(m) for m in extra),
         teacher=dict(run=teacher.results["run"], test_acc=teacher.results["test_acc"]) if teacher else None,
         test_predictions=test_logits.argmax(1).tolist(),
+        test_labels=test_labels.tolist(),  # with the predictions: confusion matrices need no data
         device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch_version=str(torch.__version__), torchvision_version=str(torchvision.__version__),

@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="accept smoke or CPU results; every page then says DRAFT")
     report.add_argument("--no-pdf", action="store_true", help="write the generated .tex only")
     report.add_argument("--pdf-required", action="store_true", help="fail when latexmk is not installed")
+    figures = sub.add_parser("figures", help="every figure and the efficiency table, from results files")
+    figures.add_argument("--ckpt-dir", default="checkpoints",
+                         help="folder of <run>_results.json and <run>_best.pt (sizes on disk)")
+    figures.add_argument("--results-dir", help="read the results files here instead of --ckpt-dir")
+    figures.add_argument("--out", default="figures", help="folder the figures are written to")
+    figures.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                         help="where latency and throughput are measured")
     return parser
 
 
@@ -106,7 +113,16 @@ def command_report(args) -> None:
                 pdf=not args.no_pdf, pdf_required=args.pdf_required)
 
 
-COMMANDS = {"run": command_run, "status": command_status, "report": command_report}
+def command_figures(args) -> None:
+    from kdlab.figures import make_all_figures  # imports torch and matplotlib
+
+    start = time.perf_counter()
+    make_all_figures(args.results_dir or args.ckpt_dir, args.out, ckpt_dir=args.ckpt_dir, device=args.device)
+    print(f"done in {time.perf_counter() - start:.1f}s")
+
+
+COMMANDS = {"run": command_run, "status": command_status, "figures": command_figures,
+            "report": command_report}
 
 
 def main(argv=None) -> int:

@@ -83,16 +83,16 @@ def load_results(results_dir: Path) -> dict[str, dict]:
 
 
 def load_efficiency(figures_dir: Path) -> dict | None:
-    """efficiency.json of the figures module: device, image_size, measured {run: {...}}; or None."""
+    """efficiency.json of the figures module: device, image_size, measured (date), runs {run: {...}}; or None."""
     path = figures_dir / "efficiency.json"
     if not path.exists():
         return None
     what = "make it again with the figures module, or delete it."
     eff = read_json(path, what)
-    if not (isinstance(eff, dict) and isinstance(eff.get("measured"), dict)
-            and all(isinstance(row, dict) for row in eff["measured"].values())):
+    if not (isinstance(eff, dict) and isinstance(eff.get("runs"), dict)
+            and all(isinstance(row, dict) for row in eff["runs"].values())):
         raise KdlabError(f"{path} does not have efficiency.json's layout (device, image_size, "
-                         f"measured: one dict per run); {what}")
+                         f"runs: one dict per run); {what}")
     return eff
 
 
@@ -142,7 +142,7 @@ class Report:
         return config_dict(make_config(run, weights=PLANNED_WEIGHTS))
 
     def measured(self, run: str) -> dict:
-        return self.efficiency["measured"].get(run, {}) if self.efficiency else {}
+        return self.efficiency["runs"].get(run, {}) if self.efficiency else {}
 
     def draft_reason(self) -> str | None:
         """Why these results are not the lab's results, or None when they are."""

@@ -79,10 +79,10 @@ def report_dir(tmp_path: Path) -> Path:
 
 
 def efficiency(runs) -> dict:
-    measured = {run: dict(params=11e6 + i, flops_per_image=(2.5 + i) * 1e9, checkpoint_mb=44.0,
-                          latency_ms=1.25 + i, throughput_img_s=900.0 - i, test_acc=0.9)
-                for i, run in enumerate(runs)}
-    return dict(device="Test GPU", image_size=128, measured=measured)
+    runs = {run: dict(params=11e6 + i, flops_per_image=(2.5 + i) * 1e9, checkpoint_mb=44.0,
+                      latency_ms=1.25 + i, throughput_img_s=900.0 - i, test_acc=0.9)
+            for i, run in enumerate(runs)}
+    return dict(device="Test GPU", image_size=128, measured="2026-11-28T00:00:00+00:00", runs=runs)
 
 
 def number(cell: str) -> float:
@@ -122,7 +122,7 @@ def test_tables_equal_the_results_files(tmp_path, reference):
     for run, r in results.items():
         epochs, val, test, params, gflops, latency, train_min = rows[run]
         val_acc, best_epoch = re.fullmatch(r"([\d.]+) \((\d+)\)", val).groups()
-        m = eff["measured"][run]
+        m = eff["runs"][run]
         assert int(epochs) == r["epochs"] and int(best_epoch) == r["best_epoch"]
         assert float(val_acc) == pytest.approx(100 * r["best_val_acc"], abs=0.005)
         assert float(test) == pytest.approx(100 * r["test_acc"], abs=0.005)

@@ -1,0 +1,562 @@
+"""The lab's figures and efficiency table, made from results files alone.
+
+Every chart reads the `<run>_results.json` files of a folder (the checkpoint folder, or a
+results folder such as results/reference/): nothing downloads, nothing trains. Only the
+efficiency table looks further: at the size of each `<run>_best.pt` on disk, and at the two
+architectures, counted and timed on this machine. Each figure says where its numbers came
+from, and a smoke run's figure says in red that it is not a result.
+
+The data section of the notebook adds two views that need the data itself: the class counts
+of each split and a grid of sample images (`class_counts_table`, `save_sample_grid`).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+from torch.utils.flop_counter import FlopCounterMode
+
+from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN
+from kdlab.data import CLASSES, NUM_CLASSES
+from kdlab.errors import KdlabError
+from kdlab.lab import resolve_device
+from kdlab.models import build_model
+from kdlab.train import autocast_dtype
+
+# The original lab's CIFAR-10 test accuracies (10,000 test images), as its final comparison
+# reported them and this project's issue 3 quotes them. Drawn beside ours, hatched and named
+# ORIGINAL_LAB_LABEL; never used as a result of this code.
+ORIGINAL_LAB_REFERENCE = {
+    "teacher_resnet50": 0.9297,
+    "student_pretrained_baseline": 0.9213,
+    "student_pretrained_kd_logits": 0.9312,
+}
+ORIGINAL_LAB_LABEL = "original lab (reference)"
+
+# One colour per run, the same on every chart.
+RUN_COLOURS = {
+    "teacher_resnet50": "#1f77b4",
+    "student_pretrained_baseline": "#ff7f0e",
+    "student_pretrained_kd_logits": "#2ca02c",
+    "student_pretrained_kd_features": "#d62728",
+    "student_scratch_baseline": "#9467bd",
+    "student_scratch_kd_scores": "#8c564b",
+    "student_scratch_kd_features": "#e377c2",
+}
+RUN_LABELS = {
+    "teacher_resnet50": "ResNet50 teacher",
+    "student_pretrained_baseline": "ResNet18 pretrained",
+    "student_pretrained_kd_logits": "ResNet18 pretrained + logit KD",
+    "student_pretrained_kd_features": "ResNet18 pretrained + feature KD",
+    "student_scratch_baseline": "ResNet18 scratch",
+    "student_scratch_kd_scores": "ResNet18 scratch + logit KD",
+    "student_scratch_kd_features": "ResNet18 scratch + feature KD",
+}
+# Line style of each loss term a method logs (kdlab.methods); a new term gets the last one.
+TERM_STYLES = {"ce": "-", "kd": "--", "hint": ":"}
+SMOKE_BANNER = "SMOKE RUN: synthetic data, not results"
+DPI = 150
+
+
+# ----------------------------------------------------------------------------- results
+
+def load_results(results_dir: str | Path) -> dict[str, dict]:
+    """The `<run>_results.json` of every run found in `results_dir`, in the lab's order."""
+    folder = Path(results_dir)
+    found = {}
+    for run in RUNS:
+        path = folder / f"{run}_results.json"
+        if not path.is_file():
+            continue
+        try:
+            found[run] = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise KdlabError(f"{path} is not a valid results file ({err}). Delete it and run "
+                             f"`python -m kdlab run {run} --ckpt-dir {folder}`: a finished run "
+                             f"writes it again from its checkpoint.") from None
+    if not found:
+        raise KdlabError(f"no <run>_results.json in {folder}. Train the runs first "
+                         f"(`python -m kdlab run all --ckpt-dir {folder}`), or point to a folder "
+                         f"that holds results files, such as results/reference.")
+    return found
+
+
+def source_line(results: list[dict], origin: str = "") -> str:
+    """Where the numbers of a figure came from: the data, the training device, the folder."""
+    data = "; ".join(sorted({r["data"] for r in results}))
+    devices = ", ".join(sorted({r["device_name"] for r in results}))
+    where = f" | results from {origin}" if origin else ""
+    return f"data: {data} | trained on: {devices}{where}"
+
+
+def format_config_table(configs) -> str:
+    """The settings each run trains with (kdlab.config.RunConfig), as a markdown table."""
+    rows = ["| run | arch | start | method | epochs | image px | batch | peak lr | T | alpha | hint |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for c in configs:
+        logit_kd = c.method == "kd_logits"
+        hint = f"{c.hint_layer}, weight {c.hint_weight}" if c.method == "kd_features" else "-"
+        rows.append(f"| {c.run} | {c.arch} | {c.weights} | {c.method} | {c.epochs} | {c.image_size} "
+                    f"| {c.batch_size} | {c.lr} | {c.temperature if logit_kd else '-'} "
+                    f"| {c.alpha if logit_kd else '-'} | {hint} |")
+    return "\n".join(rows)
+
+
+def format_results_table(results: dict[str, dict]) -> str:
+    """The runs' accuracies and budgets as a markdown table."""
+    rows = ["| run | test acc | best val acc (epoch) | epochs | train time (s) |",
+            "|---|---:|---:|---:|---:|"]
+    for run, r in results.items():
+        rows.append(f"| {run} | {r['test_acc']:.4f} | {r['best_val_acc']:.4f} ({r['best_epoch']}) "
+                    f"| {r['epochs']} | {r['wall_seconds']:.0f} |")
+    if any(r["smoke"] for r in results.values()):
+        rows.append(f"\n{SMOKE_BANNER}")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- figure frame
+
+def _figure(title: str, source: str, smoke: bool, size: tuple[float, float],
+            nrows: int = 1, ncols: int = 1, missing: list[str] = ()):
+    """A figure drawn by Agg whatever the session's backend, with its title, its data source and
+    the runs it lacks."""
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    # Bands of fixed height (inches) above the axes for the banner and the title, below them
+    # for the missing runs and the source; the layout engine fits the axes in between.
+    inch = 1 / size[1]
+    banner, heading, footer, notice = 0.35 * smoke, 0.45, 0.25, 0.25 * bool(missing)
+    top, bottom = 1 - (banner + heading) * inch, (footer + notice) * inch
+    fig.get_layout_engine().set(rect=(0, bottom, 1, top - bottom))
+    if smoke:
+        fig.text(0.5, 1 - 0.05 * inch, SMOKE_BANNER, ha="center", va="top", color="red",
+                 fontsize=13, weight="bold")
+    fig.text(0.5, 1 - (banner + 0.08) * inch, title, ha="center", va="top", fontsize=12)
+    fig.text(0.5, 0.05 * inch, source, ha="center", va="bottom", fontsize=6.5, color="0.35", wrap=True)
+    if missing:
+        fig.text(0.5, footer * inch, "missing runs (no results file): " + ", ".join(missing),
+                 ha="center", va="bottom", fontsize=8, color="#b35900", wrap=True)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _run_ticks(ax, runs: list[str]) -> None:
+    """One tick per run on the x axis, its label broken before the method."""
+    ax.set_xticks(range(len(runs)), [RUN_LABELS[run].replace(" + ", "\n+ ") for run in runs], fontsize=8)
+
+
+def _percent(value: float) -> float:
+    return 100 * value
+
+
+# ----------------------------------------------------------------------------- training figures
+
+def plot_validation_accuracy(results: dict[str, dict], missing: list[str], out_dir: Path,
+                             origin: str = "") -> Path:
+    """comparaison_finale.png: validation accuracy per epoch, every run on one chart."""
+    fig, axes = _figure("Validation accuracy per epoch", source_line(list(results.values()), origin),
+                        _smoke(results), (9, 5.5), missing=missing)
+    ax = axes[0, 0]
+    for run, r in results.items():
+        ax.plot([h["epoch"] for h in r["history"]], [_percent(h["val_acc"]) for h in r["history"]],
+                marker="o", color=RUN_COLOURS[run], label=RUN_LABELS[run])
+    ax.set(xlabel="epoch", ylabel=f"validation accuracy (%, {_count(results, 'n_val')} images)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir / "comparaison_finale.png")
+
+
+def plot_test_accuracy(results: dict[str, dict], missing: list[str], out_dir: Path,
+                       origin: str = "") -> Path:
+    """comparison_test_accuracy.png: our test accuracy per run, the original lab's beside it."""
+    runs = [run for run in RUNS if run in results or run in ORIGINAL_LAB_REFERENCE]
+    fig, axes = _figure("Test accuracy per run", source_line(list(results.values()), origin),
+                        _smoke(results), (11, 6), missing=missing)
+    ax = axes[0, 0]
+    width = 0.38
+    for x, run in enumerate(runs):
+        reference = ORIGINAL_LAB_REFERENCE.get(run)
+        ours_x = x - width / 2 if reference is not None else x
+        if run in results:
+            bars = ax.bar(ours_x, _percent(results[run]["test_acc"]), width, color=RUN_COLOURS[run])
+            ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        else:
+            ax.text(ours_x, 1, "missing", rotation=90, ha="center", va="bottom", fontsize=8)
+        if reference is not None:
+            bars = ax.bar(x + width / 2, _percent(reference), width, facecolor="white",
+                          edgecolor=RUN_COLOURS[run], hatch="//")
+            ax.bar_label(bars, fmt="%.2f", fontsize=8, color="0.3")
+    _run_ticks(ax, runs)
+    ax.set(ylabel=f"test accuracy (%, {_count(results, 'n_test')} images)", ylim=(0, 108))
+    ax.legend(handles=[Patch(facecolor="0.5", label="this lab (results files)"),
+                       Patch(facecolor="white", edgecolor="0.3", hatch="//", label=ORIGINAL_LAB_LABEL)],
+              loc="upper right", fontsize=8)
+    return _save(fig, out_dir / "comparison_test_accuracy.png")
+
+
+def plot_training_losses(results: dict[str, dict], missing: list[str], out_dir: Path,
+                         origin: str = "") -> Path:
+    """training_losses.png: each loss term of each run, by the name its method logs."""
+    ncols = min(3, len(results))
+    nrows = math.ceil(len(results) / ncols)
+    fig, axes = _figure("Training loss per epoch, each term as the loop sums it",
+                        source_line(list(results.values()), origin), _smoke(results),
+                        (4.2 * ncols + 1, 3.4 * nrows + 1), nrows, ncols, missing)
+    for ax, (run, r) in zip(axes.flat, results.items()):
+        epochs = [h["epoch"] for h in r["history"]]
+        terms = list(r["history"][0]["losses"])
+        for term in terms:
+            ax.plot(epochs, [h["losses"][term] for h in r["history"]], marker=".", color=RUN_COLOURS[run],
+                    linestyle=TERM_STYLES.get(term, "-."), label=term)
+        if len(terms) > 1:
+            ax.plot(epochs, [h["train_loss"] for h in r["history"]], color=RUN_COLOURS[run],
+                    linewidth=3, alpha=0.35, label="total")
+        ax.set(title=RUN_LABELS[run], xlabel="epoch", ylabel="loss (epoch mean)")
+        ax.title.set_fontsize(9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(results):]:
+        ax.set_axis_off()
+    return _save(fig, out_dir / "training_losses.png")
+
+
+def plot_run_curves(r: dict, out_dir: str | Path, origin: str = "") -> Path:
+    """curves_<run>.png: loss and accuracy per epoch of one run, train and validation."""
+    run, history = r["run"], r["history"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, axes = _figure(f"{RUN_LABELS[run]}: test accuracy {_percent(r['test_acc']):.2f}% "
+                        f"(best validation epoch {r['best_epoch']} of {r['epochs']})",
+                        source_line([r], origin), r["smoke"], (10, 4.2), 1, 2)
+    loss_ax, acc_ax = axes[0]
+    epochs = [h["epoch"] for h in history]
+    colour = RUN_COLOURS[run]
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", color=colour,
+                 label="train (all terms)")
+    loss_ax.plot(epochs, [h["val_loss"] for h in history], marker="o", color=colour, linestyle="--",
+                 label="validation (cross-entropy)")
+    loss_ax.set(xlabel="epoch", ylabel="loss (epoch mean)")
+    acc_ax.plot(epochs, [_percent(h["train_acc"]) for h in history], marker="o", color=colour,
+                label="train (augmented batches)")
+    acc_ax.plot(epochs, [_percent(h["val_acc"]) for h in history], marker="o", color=colour,
+                linestyle="--", label="validation")
+    acc_ax.axhline(_percent(r["test_acc"]), color="0.3", linestyle=":", label="test (best-on-val weights)")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)")
+    for ax in (loss_ax, acc_ax):
+        ax.axvline(r["best_epoch"], color="0.7", linewidth=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, out_dir / f"curves_{run}.png")
+
+
+# ----------------------------------------------------------------------------- predictions
+
+def confusion_counts(predictions, labels) -> np.ndarray:
+    """(true class, predicted class) -> number of test images."""
+    pairs = np.asarray(labels) * NUM_CLASSES + np.asarray(predictions)
+    return np.bincount(pairs, minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+def best_student(results: dict[str, dict]) -> str | None:
+    students = [run for run in results if run != TEACHER_RUN]
+    return max(students, key=lambda run: results[run]["test_acc"], default=None)
+
+
+def plot_confusion_matrix(r: dict, out_dir: Path, origin: str = "") -> Path:
+    """confusion_matrix.png: share of each true class given to each predicted class."""
+    counts = confusion_counts(r["test_predictions"], r["test_labels"])
+    shares = 100 * counts / counts.sum(1, keepdims=True).clip(min=1)
+    fig, axes = _figure(f"Confusion matrix of the best student, {RUN_LABELS[r['run']]} "
+                        f"(test accuracy {_percent(r['test_acc']):.2f}%)",
+                        source_line([r], origin), r["smoke"], (8.5, 7.5))
+    ax = axes[0, 0]
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=100)
+    for true in range(NUM_CLASSES):
+        for pred in range(NUM_CLASSES):
+            ax.text(pred, true, f"{shares[true, pred]:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if shares[true, pred] > 50 else "black")
+    ax.set_xticks(range(NUM_CLASSES), CLASSES, rotation=45, ha="right")
+    ax.set_yticks(range(NUM_CLASSES), CLASSES)
+    ax.set(xlabel="predicted class", ylabel=f"true class ({len(r['test_labels'])} test images)")
+    fig.colorbar(image, ax=ax, label="share of the true class (%)")
+    return _save(fig, out_dir / "confusion_matrix.png")
+
+
+def teacher_agreement(results: dict[str, dict]) -> dict[str, float]:
+    """Share of test images on which each student predicts the teacher's class."""
+    teacher = np.asarray(results[TEACHER_RUN]["test_predictions"])
+    return {run: float((np.asarray(r["test_predictions"]) == teacher).mean())
+            for run, r in results.items() if run != TEACHER_RUN}
+
+
+def plot_agreement(results: dict[str, dict], missing: list[str], out_dir: Path,
+                   origin: str = "") -> Path:
+    """agreement.png: how often each student predicts what the teacher predicts."""
+    agreement = teacher_agreement(results)
+    fig, axes = _figure("Teacher-student agreement on the test set",
+                        source_line(list(results.values()), origin), _smoke(results), (9, 5.5),
+                        missing=missing)
+    ax = axes[0, 0]
+    runs = list(agreement)
+    bars = ax.bar(range(len(runs)), [_percent(agreement[run]) for run in runs],
+                  color=[RUN_COLOURS[run] for run in runs])
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    _run_ticks(ax, runs)
+    ax.set(ylabel=f"same class as the teacher (% of {_count(results, 'n_test')} test images)",
+           ylim=(0, 108))
+    return _save(fig, out_dir / "agreement.png")
+
+
+# ----------------------------------------------------------------------------- efficiency
+
+@dataclass(frozen=True)
+class TimingBudget:
+    warmup: int             # untimed forwards first (allocator, cuDNN autotuning)
+    latency_iters: int      # timed forwards at batch 1; the median is reported
+    throughput_batch: int
+    throughput_iters: int
+
+
+# A smoke run is a pipeline check: time it just enough to run the code. A CPU gets a smaller
+# throughput batch than a GPU so that regenerating figures on a laptop stays quick.
+TIMING = {
+    "smoke": TimingBudget(warmup=1, latency_iters=3, throughput_batch=8, throughput_iters=2),
+    "cpu": TimingBudget(warmup=2, latency_iters=10, throughput_batch=32, throughput_iters=3),
+    "cuda": TimingBudget(warmup=10, latency_iters=50, throughput_batch=256, throughput_iters=10),
+}
+
+
+def flops_per_image(model: torch.nn.Module, image_size: int) -> int:
+    """FLOPs of one forward at batch 1, counted by PyTorch (a multiply-add counts as 2)."""
+    x = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def time_inference(model: torch.nn.Module, image_size: int, device: torch.device,
+                   budget: TimingBudget) -> tuple[float, float]:
+    """(latency in ms at batch 1, throughput in images/s at budget.throughput_batch) on `device`,
+    in the precision the lab evaluates in (kdlab.train.autocast_dtype)."""
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    dtype = autocast_dtype(device)
+
+    def timed_forwards(batch: int, iters: int) -> list[float]:
+        x = torch.randn(batch, 3, image_size, image_size, device=device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            for _ in range(budget.warmup):
+                model(x)
+            seconds = []
+            for _ in range(iters):
+                _synchronize(device)
+                start = time.perf_counter()
+                model(x)
+                _synchronize(device)
+                seconds.append(time.perf_counter() - start)
+        return seconds
+
+    latency = statistics.median(timed_forwards(1, budget.latency_iters))
+    per_batch = sum(timed_forwards(budget.throughput_batch, budget.throughput_iters)) / budget.throughput_iters
+    return 1000 * latency, budget.throughput_batch / per_batch
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def measure_efficiency(results: dict[str, dict], ckpt_dir: str | Path, device: torch.device,
+                       log=print) -> dict:
+    """Parameters, FLOPs, checkpoint size, latency and throughput of each run, plus its test accuracy.
+
+    Cost depends on the architecture and the input size, not on the weights' values, so each
+    (arch, image size) is built once with random weights and timed once.
+    """
+    smoke = _smoke(results)
+    budget = TIMING["smoke" if smoke else device.type]
+    cost = {}
+    runs = {}
+    for run, r in results.items():
+        arch, image_size = r["config"]["arch"], r["config"]["image_size"]
+        if (arch, image_size) not in cost:
+            log(f"efficiency: counting and timing {arch} at {image_size} px on {device}")
+            model = build_model(arch, "none").eval()
+            flops = flops_per_image(model, image_size)
+            cost[arch, image_size] = (flops, *time_inference(model, image_size, device, budget))
+        flops, latency_ms, throughput = cost[arch, image_size]
+        checkpoint = Path(ckpt_dir) / f"{run}_best.pt"
+        if checkpoint.is_file():
+            size, size_source = checkpoint.stat().st_size, f"size of {checkpoint.name}"
+        else:
+            size, size_source = 4 * r["parameters"], "no checkpoint file: fp32 weights, parameters x 4 bytes"
+        runs[run] = dict(arch=arch, image_size=image_size, params=r["parameters"],
+                         flops_per_image=flops, checkpoint_mb=size / 1e6,
+                         checkpoint_source=size_source, latency_ms=latency_ms,
+                         throughput_img_s=throughput, test_acc=r["test_acc"])
+    image_sizes = sorted({entry["image_size"] for entry in runs.values()})
+    return dict(
+        device=device_description(device),
+        image_size=image_sizes[0] if len(image_sizes) == 1 else image_sizes,
+        measured=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        smoke=smoke,
+        timing=dict(asdict(budget), precision=str(autocast_dtype(device) or torch.float32),
+                    weights="random: cost does not depend on the weights' values"),
+        flops_counter="torch.utils.flop_counter.FlopCounterMode, batch 1, multiply-add = 2 FLOPs",
+        runs=runs,
+    )
+
+
+def format_efficiency_table(efficiency: dict) -> str:
+    rows = ["| run | params (M) | GFLOPs / image | checkpoint (MB) | latency, batch 1 (ms) "
+            f"| throughput, batch {efficiency['timing']['throughput_batch']} (img/s) | test acc |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for run, e in efficiency["runs"].items():
+        rows.append(f"| {run} | {e['params'] / 1e6:.2f} | {e['flops_per_image'] / 1e9:.3f} "
+                    f"| {e['checkpoint_mb']:.1f} | {e['latency_ms']:.2f} | {e['throughput_img_s']:.0f} "
+                    f"| {e['test_acc']:.4f} |")
+    rows.append(f"\nMeasured {efficiency['measured']} on {efficiency['device']}, "
+                f"{efficiency['image_size']} px inputs.")
+    if efficiency["smoke"]:
+        rows.append(SMOKE_BANNER)
+    return "\n".join(rows)
+
+
+def plot_efficiency(efficiency: dict, results: dict[str, dict], missing: list[str], out_dir: Path,
+                    origin: str = "") -> Path:
+    """efficiency.png: test accuracy against three costs: parameters, FLOPs, latency."""
+    source = f"{source_line(list(results.values()), origin)} | timed on {efficiency['device']}"
+    fig, axes = _figure("Test accuracy against cost", source, efficiency["smoke"], (13, 4.6), 1, 3,
+                        missing)
+    costs = [("params", 1e-6, "parameters (millions)"),
+             ("flops_per_image", 1e-9, "GFLOPs per image (FlopCounterMode)"),
+             ("latency_ms", 1, f"latency at batch 1 (ms, {efficiency['device']})")]
+    for ax, (key, scale, label) in zip(axes[0], costs):
+        for run, e in efficiency["runs"].items():
+            ax.scatter(e[key] * scale, _percent(e["test_acc"]), s=60, color=RUN_COLOURS[run],
+                       label=RUN_LABELS[run], zorder=3)
+        ax.set(xlabel=label, ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    return _save(fig, out_dir / "efficiency.png")
+
+
+# ----------------------------------------------------------------------------- all of them
+
+def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
+                     ckpt_dir: str | Path | None = None, device="cpu", log=print) -> dict:
+    """Every figure and the efficiency table from the results files in `results_dir`.
+
+    `ckpt_dir` (default: `results_dir`) is only read for the checkpoint sizes. A missing run
+    leaves the other figures intact; it is named in the return value, the log and the charts.
+    Returns {"files": [paths written], "missing_runs": [...], "skipped": {file: why},
+    "efficiency": the table}.
+    """
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    results = load_results(results_dir)
+    missing = [run for run in LAB_RUNS if run not in results]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    origin = str(results_dir)
+    files = [plot_validation_accuracy(results, missing, out, origin),
+             plot_test_accuracy(results, missing, out, origin),
+             plot_training_losses(results, missing, out, origin),
+             *(plot_run_curves(r, out, origin) for r in results.values())]
+    skipped = {}
+
+    if TEACHER_RUN in results and len(results) > 1:
+        files.append(plot_agreement(results, missing, out, origin))
+    else:
+        skipped["agreement.png"] = "needs the teacher's results and at least one student's"
+
+    best = best_student(results)
+    if best is None:
+        skipped["confusion_matrix.png"] = "no student results"
+    elif "test_labels" not in results[best]:
+        skipped["confusion_matrix.png"] = (f"{best}_results.json has no test_labels (written by an "
+                                           f"older kdlab); run `python -m kdlab run {best}` with "
+                                           f"--retrain to record them")
+    else:
+        files.append(plot_confusion_matrix(results[best], out, origin))
+
+    efficiency = measure_efficiency(results, Path(ckpt_dir or results_dir), device, log)
+    (out / "efficiency.json").write_text(json.dumps(efficiency, indent=1))
+    table = format_efficiency_table(efficiency)
+    (out / "efficiency.md").write_text(table + "\n")
+    files += [out / "efficiency.json", out / "efficiency.md",
+              plot_efficiency(efficiency, results, missing, out, origin)]
+
+    log(table)
+    log(f"wrote {len(files)} files to {out}")
+    if missing:
+        log(f"missing runs (no results file in {results_dir}): {', '.join(missing)}")
+    for name, why in skipped.items():
+        log(f"skipped {name}: {why}")
+    return dict(files=files, missing_runs=missing, skipped=skipped, efficiency=efficiency)
+
+
+# ----------------------------------------------------------------------------- the data
+
+def class_counts_table(splits) -> str:
+    """Images per class in each split (a kdlab.data.Splits), as a markdown table."""
+    counts = {name: torch.bincount(labels.cpu(), minlength=NUM_CLASSES).tolist()
+              for name, (_, labels) in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+    rows = ["| class | train | val | test |", "|---|---:|---:|---:|"]
+    rows += [f"| {name} | " + " | ".join(str(counts[s][c]) for s in counts) + " |"
+             for c, name in enumerate(CLASSES)]
+    rows.append("| **total** | " + " | ".join(f"**{sum(counts[s])}**" for s in counts) + " |")
+    return "\n".join(rows)
+
+
+def save_sample_grid(splits, out_dir: str | Path, smoke: bool, per_class: int = 8) -> Path:
+    """sample_images.png: the first `per_class` training images of each class, one row per class."""
+    images, labels = splits.train[0].cpu(), splits.train[1].cpu()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, axes = _figure(f"Training images ({per_class} per class, 32 x 32 px)", f"data: {splits.source}",
+                        smoke, (per_class * 0.9 + 1, NUM_CLASSES * 0.9 + 1), NUM_CLASSES, per_class)
+    for c, name in enumerate(CLASSES):
+        members = torch.nonzero(labels == c).flatten()[:per_class]
+        for k, ax in enumerate(axes[c]):
+            if k < len(members):
+                ax.imshow(images[members[k]].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.spines[:].set_visible(False)
+        axes[c, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    return _save(fig, out_dir / "sample_images.png")
+
+
+def _smoke(results: dict[str, dict]) -> bool:
+    return any(r["smoke"] for r in results.values())
+
+
+def _count(results: dict[str, dict], key: str) -> str:
+    """The size of a split, or the sizes if runs disagree, with thousands separators."""
+    return " / ".join(f"{n:,}" for n in sorted({r[key] for r in results.values()}))

@@ -1,0 +1,52 @@
+"""kdlab.figures's counting functions, on inputs small enough to check by hand.
+
+The figures themselves are drawn from real smoke runs in test_notebook.py.
+"""
+import numpy as np
+import pytest
+from torchvision import models
+
+from kdlab.errors import KdlabError
+from kdlab.figures import (ORIGINAL_LAB_REFERENCE, RUN_COLOURS, RUN_LABELS, best_student,
+                           confusion_counts, flops_per_image, load_results, teacher_agreement)
+from kdlab.config import RUNS
+from kdlab.models import build_model
+
+
+def test_confusion_counts_puts_true_classes_in_rows():
+    counts = confusion_counts(predictions=[0, 1, 1, 9, 3], labels=[0, 1, 2, 9, 9])
+    expected = np.zeros((10, 10), dtype=int)
+    expected[0, 0] = expected[1, 1] = expected[2, 1] = expected[9, 9] = expected[9, 3] = 1
+    np.testing.assert_array_equal(counts, expected)
+
+
+def test_agreement_and_best_student_compare_predictions_per_image():
+    results = {"teacher_resnet50": dict(test_predictions=[1, 2, 3, 4], test_acc=0.9),
+               "student_pretrained_baseline": dict(test_predictions=[1, 2, 0, 0], test_acc=0.5),
+               "student_pretrained_kd_logits": dict(test_predictions=[1, 2, 3, 0], test_acc=0.7)}
+    assert teacher_agreement(results) == {"student_pretrained_baseline": 0.5,
+                                          "student_pretrained_kd_logits": 0.75}
+    assert best_student(results) == "student_pretrained_kd_logits"
+
+
+@pytest.mark.parametrize("arch, weights", [("resnet18", models.ResNet18_Weights.IMAGENET1K_V1),
+                                           ("resnet50", models.ResNet50_Weights.IMAGENET1K_V2)])
+def test_flops_match_torchvisions_published_count(arch, weights):
+    # torchvision publishes GFLOPs at 224 px counting a multiply-add once; PyTorch's counter twice.
+    # Our 10-class head is smaller than ImageNet's 1000-class one, by well under 1% of the total.
+    counted = flops_per_image(build_model(arch, "none").eval(), 224)
+    assert counted / 2 / 1e9 == pytest.approx(weights.meta["_ops"], rel=0.01)
+
+
+def test_every_run_has_a_colour_and_a_label_and_the_reference_names_real_runs():
+    assert set(RUN_COLOURS) == set(RUN_LABELS) == set(RUNS)
+    assert len(set(RUN_COLOURS.values())) == len(RUNS)
+    assert set(ORIGINAL_LAB_REFERENCE) <= set(RUNS)
+
+
+def test_load_results_says_what_to_do(tmp_path):
+    with pytest.raises(KdlabError, match="python -m kdlab run all"):
+        load_results(tmp_path)
+    (tmp_path / "student_scratch_baseline_results.json").write_text("{truncated")
+    with pytest.raises(KdlabError, match="Delete it and run `python -m kdlab run student_scratch_baseline"):
+        load_results(tmp_path)

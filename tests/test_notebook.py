@@ -1,0 +1,222 @@
+"""The notebook, executed headless in smoke mode, and the figures it and the CLI draw.
+
+The smoke lab trains once per module (`executed`); every other test reuses its checkpoints.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "notebook" / "EfficientDL_KD_Lab.ipynb"
+RUNS = ["teacher_resnet50", "student_pretrained_baseline", "student_pretrained_kd_logits",
+        "student_pretrained_kd_features", "student_scratch_baseline", "student_scratch_kd_scores"]
+RESULTS_FIGURES = {"comparaison_finale.png", "comparison_test_accuracy.png", "training_losses.png",
+                   "efficiency.png", "confusion_matrix.png", "agreement.png",
+                   *(f"curves_{run}.png" for run in RUNS)}
+RESULTS_TABLES = {"efficiency.json", "efficiency.md"}
+DATA_FIGURES = {"sample_images.png"}   # drawn from the data, so only by the notebook
+
+
+def execute(nb, env: dict, timeout: int = 900):
+    """Run every cell of `nb` in a fresh kernel whose environment is os.environ plus `env`."""
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client.execute(env=dict(os.environ, **env))
+    return nb
+
+
+def smoke_env(folder: Path) -> dict:
+    return dict(KDLAB_SMOKE="1", KDLAB_CKPT_DIR=str(folder / "ckpt"),
+                KDLAB_DATA_DIR=str(folder / "data"), KDLAB_FIGURES_DIR=str(folder / "figures"))
+
+
+def outputs_text(nb) -> str:
+    return "\n".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                     for out in cell.outputs)
+
+
+def assert_valid_png(path: Path) -> None:
+    with Image.open(path) as image:
+        assert image.format == "PNG", path
+        assert image.width > 100 and image.height > 100, path
+        image.verify()
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("notebook_smoke")
+    start = time.perf_counter()
+    nb = execute(nbformat.read(NOTEBOOK, as_version=4), smoke_env(folder))
+    print(f"\nheadless smoke execution of the notebook: {time.perf_counter() - start:.1f}s")
+    return nb, folder
+
+
+def test_committed_notebook_has_no_outputs_or_execution_counts():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert code_cells
+    for cell in code_cells:
+        assert cell.outputs == [], cell.source[:60]
+        assert cell.execution_count is None, cell.source[:60]
+    tagged = [cell for cell in code_cells if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1
+
+
+def test_notebook_runs_headless_and_draws_every_figure(executed):
+    nb, folder = executed
+    errors = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+              if out.output_type == "error"]
+    assert errors == []
+    written = {path.name for path in (folder / "figures").iterdir()}
+    assert RESULTS_FIGURES | RESULTS_TABLES | DATA_FIGURES <= written
+    for name in RESULTS_FIGURES | DATA_FIGURES:
+        assert_valid_png(folder / "figures" / name)
+    # the results figures are shown inline at the end
+    shown = sum("image/png" in out.get("data", {}) for out in nb.cells[-2].outputs)
+    assert shown == len(RESULTS_FIGURES) - len(RUNS)
+    assert "SMOKE RUN: synthetic data, not results" in outputs_text(nb)
+
+
+def test_efficiency_table_comes_from_the_runs(executed):
+    _, folder = executed
+    efficiency = json.loads((folder / "figures" / "efficiency.json").read_text())
+    assert {"device", "image_size", "measured", "runs"} <= set(efficiency)
+    assert efficiency["smoke"] and efficiency["image_size"] == 32
+    assert set(efficiency["runs"]) == set(RUNS)
+    for run, entry in efficiency["runs"].items():
+        results = json.loads((folder / "ckpt" / f"{run}_results.json").read_text())
+        assert entry["test_acc"] == results["test_acc"]
+        assert entry["params"] == results["parameters"]
+        assert entry["checkpoint_mb"] == (folder / "ckpt" / f"{run}_best.pt").stat().st_size / 1e6
+        assert entry["latency_ms"] > 0 and entry["throughput_img_s"] > 0
+    teacher, student = efficiency["runs"]["teacher_resnet50"], efficiency["runs"]["student_pretrained_baseline"]
+    assert teacher["flops_per_image"] > student["flops_per_image"] > 0
+
+
+def test_second_execution_loads_every_run_and_trains_nothing(executed):
+    _, folder = executed
+    checkpoints = sorted((folder / "ckpt").glob("*_best.pt"))
+    assert [p.name for p in checkpoints] == sorted(f"{run}_best.pt" for run in RUNS)
+    before = {p: p.stat().st_mtime_ns for p in checkpoints}
+    finished = {run: json.loads((folder / "ckpt" / f"{run}_results.json").read_text())["finished"]
+                for run in RUNS}
+
+    nb = execute(nbformat.read(NOTEBOOK, as_version=4), smoke_env(folder))
+
+    assert {p: p.stat().st_mtime_ns for p in checkpoints} == before
+    assert finished == {run: json.loads((folder / "ckpt" / f"{run}_results.json").read_text())["finished"]
+                        for run in RUNS}
+    assert not list((folder / "ckpt").glob("*_last.pt"))
+    text = outputs_text(nb)
+    for run in RUNS:
+        assert f"{run}: loaded" in text
+    assert " epoch 1/" not in text
+
+
+def test_figures_command_draws_the_notebooks_results_figures(executed, tmp_path):
+    _, folder = executed
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "kdlab", "figures", "--ckpt-dir", str(folder / "ckpt"),
+                           "--out", str(tmp_path), "--device", "cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    print(f"\n`python -m kdlab figures` on the smoke checkpoints: {time.perf_counter() - start:.1f}s")
+    assert done.returncode == 0, done.stderr
+    notebook_files = {p.name for p in (folder / "figures").iterdir()} - DATA_FIGURES
+    assert {p.name for p in tmp_path.iterdir()} == notebook_files == RESULTS_FIGURES | RESULTS_TABLES
+
+
+def test_missing_runs_are_named_and_the_other_figures_still_drawn(executed, tmp_path):
+    from kdlab.figures import make_all_figures
+
+    _, folder = executed
+    partial = tmp_path / "results"
+    partial.mkdir()
+    for run in ("student_pretrained_baseline", "student_scratch_baseline"):
+        shutil.copy(folder / "ckpt" / f"{run}_results.json", partial)
+    lines = []
+    made = make_all_figures(partial, tmp_path / "figures", device="cpu", log=lines.append)
+
+    assert made["missing_runs"] == ["teacher_resnet50", "student_pretrained_kd_logits",
+                                    "student_pretrained_kd_features", "student_scratch_kd_scores"]
+    assert "agreement.png" in made["skipped"]
+    assert any("missing runs" in line and "student_pretrained_kd_logits" in line for line in lines)
+    drawn = {p.name for p in made["files"]}
+    assert {"comparaison_finale.png", "comparison_test_accuracy.png", "confusion_matrix.png",
+            "efficiency.png", "curves_student_scratch_baseline.png"} <= drawn
+    for path in made["files"]:
+        assert path.is_file()
+    # no checkpoint beside these results: the size is that of the fp32 weights
+    entry = made["efficiency"]["runs"]["student_scratch_baseline"]
+    assert entry["checkpoint_mb"] == 4 * entry["params"] / 1e6
+
+
+# ----------------------------------------------------------------------------- the Colab branch
+
+FAKE_DRIVE = '''
+import os
+from pathlib import Path
+
+
+def mount(mountpoint, **kwargs):
+    """Stands in for Colab's Drive: records the call and makes the mount point."""
+    with open(os.environ["FAKE_COLAB_RECORD"], "a") as record:
+        record.write(mountpoint + "\\n")
+    (Path(mountpoint) / "MyDrive").mkdir(parents=True, exist_ok=True)
+'''
+
+
+def setup_notebook(content: Path):
+    """The notebook's setup cell alone, with Colab's /content moved to `content`, then a report."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    setup = nb.cells[2]
+    assert 'CONTENT = Path("/content")' in setup.source
+    setup.source = setup.source.replace('CONTENT = Path("/content")', f"CONTENT = Path({str(content)!r})")
+    report = nbformat.v4.new_code_cell("print('REPO', REPO); print('CKPT', DEFAULT_CKPT_DIR)")
+    nb.cells = [setup, report]
+    return nb
+
+
+@pytest.fixture
+def fake_colab(tmp_path):
+    package = tmp_path / "fake_site" / "google" / "colab"
+    package.mkdir(parents=True)
+    (package.parent / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "drive.py").write_text(FAKE_DRIVE)
+    record = tmp_path / "mount_calls.txt"
+    env = dict(PYTHONPATH=os.pathsep.join(filter(None, [str(package.parents[1]), os.environ.get("PYTHONPATH")])),
+               FAKE_COLAB_RECORD=str(record))
+    return env, record
+
+
+def test_colab_setup_mounts_drive_and_finds_the_code_there(fake_colab, tmp_path):
+    env, record = fake_colab
+    content = tmp_path / "content"
+    (content / "drive" / "MyDrive").mkdir(parents=True)
+    (content / "drive" / "MyDrive" / "kdlab").symlink_to(REPO)
+
+    nb = execute(setup_notebook(content), env, timeout=120)
+
+    assert record.read_text().splitlines() == [str(content / "drive")]
+    text = outputs_text(nb)
+    assert f"Colab: the lab's code is in {content / 'drive' / 'MyDrive' / 'kdlab'}" in text
+    assert f"CKPT {content / 'drive' / 'MyDrive' / 'KD_checkpoints'}" in text
+
+
+def test_colab_setup_without_the_code_says_where_to_put_it(fake_colab, tmp_path):
+    env, record = fake_colab
+    with pytest.raises(CellExecutionError) as failure:
+        execute(setup_notebook(tmp_path / "content"), env, timeout=120)
+    assert record.read_text().splitlines() == [str(tmp_path / "content" / "drive")]
+    message = str(failure.value)
+    assert "MyDrive/kdlab" in message and "git clone" in message
