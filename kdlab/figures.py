@@ -114,12 +114,15 @@ def format_config_table(configs) -> str:
 
 
 def format_results_table(results: dict[str, dict]) -> str:
-    """The runs' accuracies and budgets as a markdown table."""
-    rows = ["| run | test acc | best val acc (epoch) | epochs | train time (s) |",
-            "|---|---:|---:|---:|---:|"]
+    """The runs' accuracies and budgets as a markdown table, the original lab's figures beside them."""
+    rows = ["| run | start | test acc | best val acc (epoch) | epochs | train time (s) | trained on |",
+            "|---|---|---:|---:|---:|---:|---|"]
     for run, r in results.items():
-        rows.append(f"| {run} | {r['test_acc']:.4f} | {r['best_val_acc']:.4f} ({r['best_epoch']}) "
-                    f"| {r['epochs']} | {r['wall_seconds']:.0f} |")
+        start = "ImageNet" if r["weights"] == "imagenet" else "scratch"
+        rows.append(f"| {run} | {start} | {r['test_acc']:.4f} | {r['best_val_acc']:.4f} ({r['best_epoch']}) "
+                    f"| {r['epochs']} | {r['wall_seconds']:.0f} | {r['device_name']} |")
+    for run, acc in ORIGINAL_LAB_REFERENCE.items():
+        rows.append(f"| {run}, {ORIGINAL_LAB_LABEL} | ImageNet | {acc:.4f} | | | | |")
     if any(r["smoke"] for r in results.values()):
         rows.append(f"\n{SMOKE_BANNER}")
     return "\n".join(rows)
@@ -156,9 +159,16 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _run_ticks(ax, runs: list[str]) -> None:
+def run_label(run: str, results: dict[str, dict]) -> str:
+    """A run's name on the charts; a teacher trained from scratch says so, as the students' names do."""
+    scratch_teacher = run == TEACHER_RUN and results.get(run, {}).get("weights") == "none"
+    return RUN_LABELS[run] + (" (scratch)" if scratch_teacher else "")
+
+
+def _run_ticks(ax, runs: list[str], results: dict[str, dict]) -> None:
     """One tick per run on the x axis, its label broken before the method."""
-    ax.set_xticks(range(len(runs)), [RUN_LABELS[run].replace(" + ", "\n+ ") for run in runs], fontsize=8)
+    ax.set_xticks(range(len(runs)), [run_label(run, results).replace(" + ", "\n+ ") for run in runs],
+                  fontsize=8)
 
 
 def _percent(value: float) -> float:
@@ -175,7 +185,7 @@ def plot_validation_accuracy(results: dict[str, dict], missing: list[str], out_d
     ax = axes[0, 0]
     for run, r in results.items():
         ax.plot([h["epoch"] for h in r["history"]], [_percent(h["val_acc"]) for h in r["history"]],
-                marker="o", color=RUN_COLOURS[run], label=RUN_LABELS[run])
+                marker="o", color=RUN_COLOURS[run], label=run_label(run, results))
     ax.set(xlabel="epoch", ylabel=f"validation accuracy (%, {_count(results, 'n_val')} images)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
@@ -203,7 +213,7 @@ def plot_test_accuracy(results: dict[str, dict], missing: list[str], out_dir: Pa
             bars = ax.bar(x + width / 2, _percent(reference), width, facecolor="white",
                           edgecolor=RUN_COLOURS[run], hatch="//")
             ax.bar_label(bars, fmt="%.2f", fontsize=8, color="0.3")
-    _run_ticks(ax, runs)
+    _run_ticks(ax, runs, results)
     ax.set(ylabel=f"test accuracy (%, {_count(results, 'n_test')} images)", ylim=(0, 108))
     ax.legend(handles=[Patch(facecolor="0.5", label="this lab (results files)"),
                        Patch(facecolor="white", edgecolor="0.3", hatch="//", label=ORIGINAL_LAB_LABEL)],
@@ -320,7 +330,7 @@ def plot_agreement(results: dict[str, dict], missing: list[str], out_dir: Path,
     bars = ax.bar(range(len(runs)), [_percent(agreement[run]) for run in runs],
                   color=[RUN_COLOURS[run] for run in runs])
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    _run_ticks(ax, runs)
+    _run_ticks(ax, runs, results)
     ax.set(ylabel=f"same class as the teacher (% of {_count(results, 'n_test')} test images)",
            ylim=(0, 108))
     return _save(fig, out_dir / "agreement.png")

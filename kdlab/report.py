@@ -33,7 +33,7 @@ REFERENCE_RUNS = (TEACHER_RUN, "student_scratch_baseline", "student_scratch_kd_s
                   "student_scratch_kd_features")
 PLANNED_WEIGHTS = "none"
 # The figures KD_LAB.tex takes from the figures folder; the first two are always placed.
-EXPECTED_FIGURES = ("comparaison_finale.png", "comparison_test_accuracy.png", "loss_curves.png",
+EXPECTED_FIGURES = ("comparaison_finale.png", "comparison_test_accuracy.png", "training_losses.png",
                     "efficiency.png", "confusion_matrix.png", "agreement.png")
 # The students the discussion compares, per start: (cross-entropy, logit KD, feature KD).
 STUDENTS = {
@@ -340,11 +340,11 @@ def provenance(rep: Report) -> str:
         + rf"; training time of all runs together {minutes(sum(r['wall_seconds'] for r in results))} min.",
     ]
     if rep.manifest:
-        command = isinstance(rep.manifest.get("command"), str)   # shown in reproduce_block
-        entries = "; ".join(f"{tt(k)}: {tex(v if isinstance(v, str) else json.dumps(v))}"
-                            for k, v in rep.manifest.items() if not (command and k == "command"))
+        # Scalars only: the nested records (per-step commands, throughput) stay in the file.
+        entries = "; ".join(f"{tt(k)}: {tex(v)}" for k, v in rep.manifest.items()
+                            if isinstance(v, (str, int, float, bool)) and k != "command")
         parts.append(rf"The run's {tt('manifest.json')} records: {entries}."
-                     + (r" Its command is in Section~\ref{sec:reproduce}." if command else ""))
+                     + (r" Its command is in Section~\ref{sec:reproduce}." if manifest_command(rep.manifest) else ""))
     if rep.efficiency:
         eff = rep.efficiency
         parts.append(rf"FLOPs and latency come from {tt(rep.figures_dir / 'efficiency.json')}, "
@@ -380,11 +380,20 @@ def missing_figures_sentence(rep: Report) -> str:
             rf"the figures module makes them from the results files.")
 
 
+def manifest_command(manifest: dict) -> str | None:
+    """The lab's command line from a manifest: its `command`, or the reference script's lab step."""
+    command = manifest.get("command") or manifest.get("steps", {}).get("lab", {}).get("command")
+    if not isinstance(command, str):
+        return None
+    return re.sub(r"^\S*python3?\b", "python", command)   # the interpreter's path on that machine
+
+
 def reproduce_block(rep: Report) -> str:
     """The commands that make the results, as a verbatim block: the manifest's, or the planned ones."""
-    if rep.manifest and isinstance(rep.manifest.get("command"), str):
+    command = manifest_command(rep.manifest) if rep.manifest else None
+    if command:
         # Shell continuation lines, so that a long command fits the page and still runs pasted.
-        wrapped = textwrap.wrap(rep.manifest["command"], 72, break_long_words=False,
+        wrapped = textwrap.wrap(command, 72, break_long_words=False,
                                 break_on_hyphens=False)
         lines = ["# the command of the reference run, from its manifest.json",
                  " \\\n    ".join(wrapped)]
