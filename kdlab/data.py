@@ -79,11 +79,26 @@ def _read_batches(folder: Path, names: list[str]) -> tuple[torch.Tensor, torch.T
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10 batches and nothing else: a data file is data, never code.
+
+    A batch holds byte strings, lists and one numpy array, so numpy's array rebuilders (under
+    numpy 1's and numpy 2's module names) and the byte decoder are the only globals it needs.
+    """
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch as (N, 3, 32, 32) uint8 images and (N,) int64 labels, checked."""
     try:
         with open(path, "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
+            batch = BatchUnpickler(fh, encoding="bytes").load()
         data, labels = batch[b"data"], batch[b"labels"]
     except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as err:
         raise KdlabError(f"{path} is not a readable CIFAR-10 batch ({type(err).__name__}: {err}); "

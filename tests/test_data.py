@@ -65,7 +65,7 @@ def write_batches(folder, images_per_file=20, corrupt=None):
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batch = {b"data": rng.integers(0, 256, (images_per_file, 3072), dtype=np.uint8),
-                 b"labels": list(rng.integers(0, 10, images_per_file))}
+                 b"labels": rng.integers(0, 10, images_per_file).tolist()}
         if corrupt and name == "data_batch_3":
             batch = corrupt(batch)
         with open(folder / name, "wb") as fh:
@@ -105,3 +105,16 @@ def test_missing_data_says_where_and_how(tmp_path):
         load_cifar10(tmp_path / "nowhere", download=False)
     assert str(tmp_path / "nowhere" / BATCHES_DIR) in str(err.value)
     assert "cifar10_to_batches.py" in str(err.value)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('ran')",))
+
+
+def test_a_batch_that_would_run_code_is_refused_and_does_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_batches(tmp_path / BATCHES_DIR, corrupt=lambda b: {**b, b"labels": RunsCode()})
+    with pytest.raises(KdlabError, match=r"data_batch_3.*exec is not allowed"):
+        load_cifar10(tmp_path, download=False)
+    assert not (tmp_path / "PWNED").exists()

@@ -1,9 +1,9 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
-from kdlab import checkpoints
 from kdlab.checkpoints import RunFiles, load_checkpoint, train_or_load
 from kdlab.config import make_config
 from kdlab.data import make_splits, make_synthetic_cifar
@@ -71,17 +71,17 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_splits, mo
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_splits, monkeypatch):
-    real_save = torch.save
+    real_write = Path.write_bytes
     calls = []
 
-    def save_then_crash(obj, path, *args, **kwargs):
-        calls.append(path)
+    def write_half_then_fail(self, data):
+        calls.append(self)
         if len(calls) == 2:  # the second epoch's write: leave a half-written temporary, then fail
-            open(path, "wb").write(b"half a checkpoint")
+            real_write(self, bytes(data[:len(data) // 2]))
             raise OSError(28, "No space left on device")
-        real_save(obj, path, *args, **kwargs)
+        return real_write(self, data)
 
-    monkeypatch.setattr(checkpoints.torch, "save", save_then_crash)
+    monkeypatch.setattr(Path, "write_bytes", write_half_then_fail)
     with pytest.raises(KdlabError, match="student_scratch_baseline_last.pt"):
         train(tiny_config(), tiny_splits, tmp_path)
     last = tmp_path / "student_scratch_baseline_last.pt"
