@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-from kdlab.checkpoints import RunFiles, run_status
 from kdlab.config import LAB_RUNS, RUNS
 from kdlab.errors import KdlabError
 from kdlab.report import REFERENCE_RUNS, make_report
@@ -97,6 +96,8 @@ def command_run(args) -> None:
 
 
 def command_status(args) -> None:
+    from kdlab.checkpoints import RunFiles, run_status  # imports torch
+
     for name in RUNS:
         state = run_status(Path(args.ckpt_dir), name)
         line = f"{name:32} {state:9}"

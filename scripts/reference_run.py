@@ -58,10 +58,10 @@ def run(cmd: list[str], log_path: Path, timeout: float) -> tuple[int, float]:
     return code, time.perf_counter() - start
 
 
-def choose_epochs(benchmark_json: Path, budget_s: float, eval_ips_floor: float = 1.0) -> dict:
+def choose_epochs(benchmark_json: Path, budget_s: float) -> dict:
     """Epochs for teacher and students that fit `budget_s`, from the measured images/s."""
     rows = {r["step"]: r["kdlab"]["images_per_s"] for r in json.loads(benchmark_json.read_text())["rows"]}
-    eval_s = VAL_IMAGES / max(rows.get("evaluation", eval_ips_floor), eval_ips_floor)
+    eval_s = VAL_IMAGES / rows["evaluation"]
     per_epoch = {run: TRAIN_IMAGES / rows[STEP_OF_RUN[run]] + eval_s + EPOCH_OVERHEAD_S for run in RUNS}
     teacher_s = per_epoch["teacher_resnet50"]
     students_s = sum(per_epoch[r] for r in RUNS[1:])
@@ -88,7 +88,8 @@ def main() -> int:
     (out / "reference").mkdir(parents=True, exist_ok=True)
     log_path = out / "run.log"
     py = sys.executable
-    manifest = dict(started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    manifest = dict(command=" ".join([Path(py).name, *sys.argv]),
+                    started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     trial=args.trial, budget_seconds=args.budget, runs=RUNS, steps={})
 
     def save_manifest():
