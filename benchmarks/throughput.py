@@ -3,11 +3,11 @@
 For each step kind (teacher fine-tuning, student CE, logit KD, feature KD, evaluation) it
 times images/s after warm-up, on two paths:
   kdlab  the package itself: DeviceLoader batches (uint8 on the device, batched augmentation),
-         build_method, make_optimizer, train_step (bf16 autocast, channels_last), predict;
+         build_method, make_optimizer, train_step (bf16/fp16 autocast, channels_last), predict;
   naive  torchvision-style per-image PIL transforms through DataLoader(num_workers=2,
          pin_memory=True), fp32, default memory format, plain SGD, the loss read back every step.
 Then the epoch time against the training-set size (cost should grow linearly), and, on CUDA,
-whether each fast-path choice pays: channels_last, bf16 autocast, cudnn.benchmark, torch.compile.
+whether each fast-path choice pays: channels_last, bf16/fp16 autocast, cudnn.benchmark, torch.compile.
 
     python benchmarks/throughput.py --device cuda --json benchmarks/results/h100-full.json
     python benchmarks/throughput.py --device cpu --quick --json benchmarks/results/cpu-quick.json
@@ -48,7 +48,7 @@ from kdlab.errors import KdlabError  # noqa: E402
 from kdlab.lab import resolve_device  # noqa: E402
 from kdlab.methods import build_method  # noqa: E402
 from kdlab.models import build_model  # noqa: E402
-from kdlab.train import autocast_dtype, make_optimizer, predict, train_step, tune_cudnn  # noqa: E402
+from kdlab.train import autocast_dtype, make_optimizer, make_scaler, predict, train_step, tune_cudnn  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
 
@@ -208,7 +208,7 @@ def kdlab_train(cfg, images, labels, device, memory_format=torch.channels_last, 
         method.student = torch.compile(method.student)
     optimizer = make_optimizer(cfg, method)
     dtype = autocast_dtype(device) if autocast else None
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = make_scaler(device, dtype)
     loader = DeviceLoader(images.to(device), labels.to(device), cfg.batch_size, cfg.image_size, cfg.seed)
     return kdlab_train_steps(method, optimizer, scaler, loader, dtype, memory_format)
 
@@ -344,7 +344,7 @@ def measure_scaling(budget: Budget, data: Cifar10, device: torch.device) -> dict
     method = build_on_device(cfg, device, torch.channels_last).train()
     optimizer = make_optimizer(cfg, method)
     dtype = autocast_dtype(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = make_scaler(device, dtype)
     epochs = []
     for size in sizes:
         limited = make_config(run_name, limit_train=size, **size_overrides(budget))
@@ -394,7 +394,7 @@ def measure_fast_paths(budget: Budget, data: Cifar10, device: torch.device, mode
                        baseline: dict, compile_student: bool, log) -> dict:
     """Each of kdlab's fast-path choices switched off (torch.compile: on) alone, on the student CE step.
 
-    `baseline` is the student CE row's kdlab measurement: channels_last, bf16 autocast,
+    `baseline` is the student CE row's kdlab measurement: channels_last, bf16/fp16 autocast,
     cudnn.benchmark on, eager. A switch whose measurement fails records the error.
     """
     cfg = make_config(STEP_RUNS["student_ce"], **size_overrides(budget))

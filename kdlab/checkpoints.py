@@ -164,9 +164,7 @@ def _alive(pid: int, host: str) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return True   # it answered, or refused us (EPERM): either way the process exists
 
 
 def check_config(stored: dict, cfg: RunConfig, path: Path) -> None:
@@ -231,6 +229,7 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
             torch.set_rng_state(resume["rng"])
         history = train_epochs(cfg, method, splits, device, files, resume, progress, log)
         results = _results(cfg, method, splits, device, history, teacher)
+        method.close()
         modules = {k: m.state_dict() for k, m in method.trained_modules().items()}
         write_json(files.results, results)
         save_checkpoint(files.best, dict(modules=modules, config=config_dict(cfg), results=results))

@@ -63,12 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_run(args) -> None:
-    from kdlab.lab import Lab  # imports torch: keep `--help` and `status` quick
+    from kdlab.checkpoints import write_json
+    from kdlab.lab import Lab  # imports torch: keep `--help` and `report` quick
 
     names = list(LAB_RUNS) if args.runs == ["all"] else args.runs
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        raise KdlabError(f"unknown run {', '.join(unknown)}; valid runs: {', '.join(RUNS)} (or 'all')")
     overrides = dict(weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
                      lr=args.lr, image_size=args.image_size, temperature=args.temperature,
                      alpha=args.alpha, hint_layer=args.hint_layer, hint_weight=args.hint_weight,
@@ -86,8 +84,7 @@ def command_run(args) -> None:
         rows.append((name, "trained" if trained.trained else "loaded", trained.results))
         if args.results_dir:
             Path(args.results_dir).mkdir(parents=True, exist_ok=True)
-            (Path(args.results_dir) / f"{name}_results.json").write_text(
-                json.dumps(trained.results, indent=1))
+            write_json(Path(args.results_dir) / f"{name}_results.json", trained.results)
     print(f"\n{'run':32} {'':8} {'best val':>8} {'test':>8} {'train s':>8}")
     for name, how, r in rows:
         print(f"{name:32} {how:8} {r['best_val_acc']:8.4f} {r['test_acc']:8.4f} {r['wall_seconds']:8.1f}")

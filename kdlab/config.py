@@ -75,7 +75,7 @@ def make_config(run: str, smoke: bool = False, **overrides) -> RunConfig:
     `weights` only overrides runs that start from ImageNet: a scratch run is scratch by name.
     """
     if run not in RUNS:
-        raise KdlabError(f"unknown run {run!r}; valid runs: {', '.join(RUNS)} (or 'all')")
+        raise KdlabError(f"unknown run {run}; valid runs: {', '.join(RUNS)} (or 'all')")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     unknown = set(overrides) - set(OVERRIDABLE)
     if unknown:
@@ -111,8 +111,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         problems.append(f"alpha must be in [0, 1], got {cfg.alpha}")
     if cfg.hint_layer not in ("layer1", "layer2", "layer3", "layer4"):
         problems.append(f"hint layer must be one of layer1..layer4, got {cfg.hint_layer!r}")
-    if cfg.limit_train < 0:
-        problems.append(f"limit-train must be 0 (no limit) or positive, got {cfg.limit_train}")
+    if cfg.limit_train < 0 or 0 < cfg.limit_train < 10:
+        problems.append(f"limit-train must be 0 (no limit) or at least 10 (one image per class), "
+                        f"got {cfg.limit_train}")
     if problems:
         raise KdlabError("; ".join(problems))
     return cfg

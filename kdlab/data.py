@@ -7,6 +7,7 @@ resizing run on whole batches there (airbench's way), never per image on the CPU
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import pickle
 from dataclasses import dataclass
@@ -214,10 +215,18 @@ def make_splits(data: Cifar10, val_per_class: int, seed: int, limit_train: int,
 
 # ----------------------------------------------------------------------------- device-side batches
 
+@functools.cache
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std in uint8 units, made once per device: a host-to-device copy every batch
+    would make each step wait for the host."""
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
 def preprocess(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """uint8 (B, 3, 32, 32) -> normalised float (B, 3, S, S), channels_last, on the same device."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = _normalisation(images.device)
     x = (images.float() - mean) / std
     if x.shape[-1] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)

@@ -32,7 +32,7 @@ from kdlab.data import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
 from kdlab.lab import resolve_device
 from kdlab.models import build_model
-from kdlab.train import autocast_dtype
+from kdlab.train import autocast_dtype, tune_cudnn
 
 # The original lab's CIFAR-10 test accuracies (10,000 test images), as its final comparison
 # reported them and this project's issue 3 quotes them. Drawn beside ours, hatched and named
@@ -238,7 +238,7 @@ def plot_training_losses(results: dict[str, dict], missing: list[str], out_dir: 
         if len(terms) > 1:
             ax.plot(epochs, [h["train_loss"] for h in r["history"]], color=RUN_COLOURS[run],
                     linewidth=3, alpha=0.35, label="total")
-        ax.set(title=RUN_LABELS[run], xlabel="epoch", ylabel="loss (epoch mean)")
+        ax.set(title=run_label(run, results), xlabel="epoch", ylabel="loss (epoch mean)")
         ax.title.set_fontsize(9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -253,7 +253,7 @@ def plot_run_curves(r: dict, out_dir: str | Path, origin: str = "") -> Path:
     run, history = r["run"], r["history"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig, axes = _figure(f"{RUN_LABELS[run]}: test accuracy {_percent(r['test_acc']):.2f}% "
+    fig, axes = _figure(f"{run_label(run, {run: r})}: test accuracy {_percent(r['test_acc']):.2f}% "
                         f"(best validation epoch {r['best_epoch']} of {r['epochs']})",
                         source_line([r], origin), r["smoke"], (10, 4.2), 1, 2)
     loss_ax, acc_ax = axes[0]
@@ -375,6 +375,7 @@ def time_inference(model: torch.nn.Module, image_size: int, device: torch.device
     in the precision the lab evaluates in (kdlab.train.autocast_dtype)."""
     model = model.to(device, memory_format=torch.channels_last).eval()
     dtype = autocast_dtype(device)
+    tune_cudnn(device)   # as the lab trains and evaluates, in this process or the notebook's
 
     def timed_forwards(batch: int, iters: int) -> list[float]:
         x = torch.randn(batch, 3, image_size, image_size, device=device)
@@ -470,7 +471,7 @@ def plot_efficiency(efficiency: dict, results: dict[str, dict], missing: list[st
     for ax, (key, scale, label) in zip(axes[0], costs):
         for run, e in efficiency["runs"].items():
             ax.scatter(e[key] * scale, _percent(e["test_acc"]), s=60, color=RUN_COLOURS[run],
-                       label=RUN_LABELS[run], zorder=3)
+                       label=run_label(run, results), zorder=3)
         ax.set(xlabel=label, ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)

@@ -35,7 +35,8 @@ class Lab:
         self.device = resolve_device(device)
         self.smoke, self.progress, self.log = smoke, progress, log
         self.overrides = overrides
-        self.teacher_overrides = dict(overrides, epochs=teacher_epochs or overrides.get("epochs"))
+        self.teacher_overrides = dict(
+            overrides, epochs=teacher_epochs if teacher_epochs is not None else overrides.get("epochs"))
         self._data = None
         self._splits: dict[tuple, Splits] = {}
         self._runs: dict[str, TrainedRun] = {}

@@ -10,8 +10,14 @@ def kd_logits_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     The T^2 factor keeps the soft term's gradients the same size whatever the temperature;
     the KL is summed over classes and averaged over the batch ("batchmean").
     """
-    return alpha * distillation_term(student_logits, teacher_logits, temperature) \
-        + (1 - alpha) * F.cross_entropy(student_logits.float(), targets)
+    return sum(kd_logits_terms(student_logits, teacher_logits, targets, temperature, alpha).values())
+
+
+def kd_logits_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                    temperature: float, alpha: float) -> dict[str, torch.Tensor]:
+    """The two weighted terms of `kd_logits_loss` by name, so the training loop logs each."""
+    return {"kd": alpha * distillation_term(student_logits, teacher_logits, temperature),
+            "ce": (1 - alpha) * F.cross_entropy(student_logits.float(), targets)}
 
 
 def distillation_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.losses import distillation_term, hint_loss
+from kdlab.losses import hint_loss, kd_logits_terms
 from kdlab.models import StageOutput, stage_channels
 
 
@@ -36,6 +36,9 @@ class Method(nn.Module):
     def trained_modules(self) -> dict[str, nn.Module]:
         """What the optimiser updates and the checkpoint stores, by name."""
         return {"student": self.student}
+
+    def close(self) -> None:
+        """Undo what the method did to the networks, once training is over."""
 
     @classmethod
     def from_config(cls, cfg, student, teacher):
@@ -64,11 +67,7 @@ class LogitKD(Method):
     def forward_train(self, images, targets):
         teacher_logits = self.teacher_forward(images)
         logits = self.student(images)
-        # The two terms of kdlab.losses.kd_logits_loss, kept apart so each is logged.
-        return logits, {
-            "kd": self.alpha * distillation_term(logits, teacher_logits, self.temperature),
-            "ce": (1 - self.alpha) * F.cross_entropy(logits.float(), targets),
-        }
+        return logits, kd_logits_terms(logits, teacher_logits, targets, self.temperature, self.alpha)
 
 
 class FeatureKD(Method):
@@ -92,6 +91,10 @@ class FeatureKD(Method):
 
     def trained_modules(self):
         return {"student": self.student, "regressor": self.regressor}
+
+    def close(self):
+        self.student_stage.remove()
+        self.teacher_stage.remove()
 
     def forward_train(self, images, targets):
         self.teacher_forward(images)

@@ -61,10 +61,15 @@ class StageOutput:
 
     def __init__(self, model: nn.Module, stage: str):
         self.output: torch.Tensor | None = None
-        getattr(model, stage).register_forward_hook(self._keep)
+        self._handle = getattr(model, stage).register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output):
         self.output = output
+
+    def remove(self) -> None:
+        """Unhook, and let the last activation go (the teacher outlives one run)."""
+        self._handle.remove()
+        self.output = None
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,7 +1,7 @@
 """The training loop: one epoch of batches from the device loader, validation, checkpoints.
 
 Everything a reader needs is in `train_epochs`: the loop, the mixed precision, the LR
-schedule and the two checkpoint writes. Metrics stay on the device until the epoch ends,
+schedule and the per-epoch checkpoint write. Metrics stay on the device until the epoch ends,
 so the step never waits for the host.
 """
 from __future__ import annotations
@@ -19,10 +19,19 @@ from kdlab.models import load_weights
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU has it (no scaler needed), fp16 on older GPUs (T4), fp32 on the CPU."""
+    """bf16 on Ampere and newer (no scaler needed), fp16 on older GPUs (T4), fp32 on the CPU.
+
+    Not `torch.cuda.is_bf16_supported()`: it counts emulated bf16 and says yes on a T4, where
+    cuDNN has no bf16 convolutions and every ResNet layer would fall back to a slow kernel.
+    """
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+def make_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """A loss scaler, active only for fp16, whose small range would flush small gradients to zero."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def tune_cudnn(device: torch.device) -> None:
@@ -70,7 +79,7 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
     modules = method.trained_modules()
     optimizer = make_optimizer(cfg, method)
     dtype = autocast_dtype(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = make_scaler(device, dtype)
     loader = DeviceLoader(*splits.train, cfg.batch_size, cfg.image_size, cfg.seed)
     steps, total_steps = len(loader), cfg.epochs * len(loader)
     warmup_steps = max(1, round(cfg.warmup_epochs * steps))
@@ -79,7 +88,8 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
         for name, module in modules.items():
             load_weights(module, resume["modules"][name], files.last)
         optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
+        if scaler.is_enabled() and resume["scaler"]:   # a run begun on a bf16 GPU or the CPU has none
+            scaler.load_state_dict(resume["scaler"])
         history, best_modules = resume["history"], resume["best_modules"]
     best_val = max((h["val_acc"] for h in history), default=-1.0)
     quiet = None if progress is None else not progress   # None: bars only on a terminal
