@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN
 from kdlab.data import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
+from kdlab.report import agreement, best_student
 from kdlab.lab import resolve_device
 from kdlab.models import build_model
 from kdlab.train import autocast_dtype, tune_cudnn
@@ -286,11 +287,6 @@ def confusion_counts(predictions, labels) -> np.ndarray:
     return np.bincount(pairs, minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
 
 
-def best_student(results: dict[str, dict]) -> str | None:
-    students = [run for run in results if run != TEACHER_RUN]
-    return max(students, key=lambda run: results[run]["test_acc"], default=None)
-
-
 def plot_confusion_matrix(r: dict, out_dir: Path, origin: str = "") -> Path:
     """confusion_matrix.png: share of each true class given to each predicted class."""
     counts = confusion_counts(r["test_predictions"], r["test_labels"])
@@ -313,9 +309,7 @@ def plot_confusion_matrix(r: dict, out_dir: Path, origin: str = "") -> Path:
 
 def teacher_agreement(results: dict[str, dict]) -> dict[str, float]:
     """Share of test images on which each student predicts the teacher's class."""
-    teacher = np.asarray(results[TEACHER_RUN]["test_predictions"])
-    return {run: float((np.asarray(r["test_predictions"]) == teacher).mean())
-            for run, r in results.items() if run != TEACHER_RUN}
+    return {run: agreement(r, results[TEACHER_RUN]) for run, r in results.items() if run != TEACHER_RUN}
 
 
 def plot_agreement(results: dict[str, dict], missing: list[str], out_dir: Path,

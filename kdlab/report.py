@@ -504,13 +504,14 @@ def pretrained_vs_scratch_sentences(rep: Report) -> str:
     return " ".join(out)
 
 
-def best_student(rep: Report) -> str | None:
-    students = [run for run in rep.results if run != TEACHER_RUN]
-    return max(students, key=lambda run: rep.results[run]["test_acc"]) if students else None
+def best_student(results: dict[str, dict]) -> str | None:
+    """The student with the highest test accuracy, or None without students."""
+    students = [run for run in results if run != TEACHER_RUN]
+    return max(students, key=lambda run: results[run]["test_acc"], default=None)
 
 
 def student_vs_teacher_sentences(rep: Report) -> str:
-    best = best_student(rep)
+    best = best_student(rep.results)
     lacking = [TEACHER_RUN] if TEACHER_RUN not in rep.results else []
     if best is None:
         lacking += [run for run in rep.missing if run != TEACHER_RUN]
@@ -536,6 +537,7 @@ def student_vs_teacher_sentences(rep: Report) -> str:
 
 
 def agreement(a: dict, b: dict) -> float:
+    """Share of test images on which two runs predict the same class."""
     pa, pb = a["test_predictions"], b["test_predictions"]
     return sum(x == y for x, y in zip(pa, pb)) / len(pa)
 
@@ -583,7 +585,7 @@ def abstract_results(rep: Report) -> str:
                 r"the setup, and marks every result as missing.")
     accs = enumerate_text([rf"{tt(run)} {acc_text(r['test_acc'])}" for run, r in rep.results.items()])
     missing = (rf" Still missing: {runs_text(rep.missing)}." if rep.missing else "")
-    best = best_student(rep)
+    best = best_student(rep.results)
     lead = (rf" The best student is {tt(best)}." if best else "")
     return rf"Test accuracies: {accs}.{lead}{missing}"
 
