@@ -15,10 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdlab.config import LAB_RUNS, make_config  # noqa: E402
+from throughput import step_kind  # noqa: E402  (this folder is on the path when run as a script)
 
-STEP_OF_RUN = {"teacher_resnet50": "teacher_ce", "student_pretrained_baseline": "student_ce",
-               "student_pretrained_kd_logits": "logit_kd", "student_pretrained_kd_features": "feature_kd",
-               "student_scratch_baseline": "student_ce", "student_scratch_kd_scores": "logit_kd"}
 TRAIN_IMAGES = 45_000
 T4_PEAK_TFLOPS = 65
 
@@ -29,7 +27,8 @@ def main(path: str) -> None:
     share = min(r["kdlab"]["peak_share"] for r in rows.values())
     measured_s = flops = 0.0
     for run in LAB_RUNS:
-        row, epochs = rows[STEP_OF_RUN[run]], make_config(run).epochs
+        cfg = make_config(run)
+        row, epochs = rows[step_kind(cfg)], cfg.epochs
         measured_s += epochs * TRAIN_IMAGES / row["kdlab"]["images_per_s"]
         flops += epochs * TRAIN_IMAGES * row["flops_per_image"]
     print(f"six-run lab at default epochs: {flops / 1e15:.1f} PFLOP of training steps")

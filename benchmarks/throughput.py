@@ -42,7 +42,7 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdlab.checkpoints import write_json  # noqa: E402
-from kdlab.config import TEACHER_RUN, config_dict, make_config  # noqa: E402
+from kdlab.config import RUNS, TEACHER_RUN, config_dict, make_config  # noqa: E402
 from kdlab.data import MEAN, PAD, STD, Cifar10, DeviceLoader, make_splits, make_synthetic_cifar  # noqa: E402
 from kdlab.errors import KdlabError  # noqa: E402
 from kdlab.lab import resolve_device  # noqa: E402
@@ -83,6 +83,13 @@ STEP_RUNS = {
     "feature_kd": "student_pretrained_kd_features",
     "evaluation": "student_pretrained_baseline",
 }
+
+
+def step_kind(cfg) -> str:
+    """The training step kind measured here that costs what a step of run `cfg` costs: the one
+    with the same network and method."""
+    return next(kind for kind, run in STEP_RUNS.items() if kind != "evaluation"
+                and (RUNS[run]["arch"], RUNS[run]["method"]) == (cfg.arch, cfg.method))
 
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s from the vendor datasheets (H100/H200: the SXM
 # parts; a PCIe H100 peaks lower, so its share reads high).

@@ -29,14 +29,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = ["teacher_resnet50", "student_scratch_baseline", "student_scratch_kd_scores",
-        "student_scratch_kd_features"]
-# The benchmark's step kind that costs what an epoch of each run costs.
-STEP_OF_RUN = {"teacher_resnet50": "teacher_ce", "student_scratch_baseline": "student_ce",
-               "student_scratch_kd_scores": "logit_kd", "student_scratch_kd_features": "feature_kd"}
-DEFAULT_EPOCHS = {"teacher": 30, "student": 20}
-TRAIN_IMAGES = 45_000
-VAL_IMAGES = 5_000
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+
+from estimate_lab_time import TRAIN_IMAGES  # noqa: E402
+from kdlab.config import TEACHER_RUN, make_config  # noqa: E402
+from kdlab.data import NUM_CLASSES  # noqa: E402
+from kdlab.report import REFERENCE_RUNS as RUNS  # noqa: E402
+from throughput import step_kind  # noqa: E402
+
 # Checkpoint writes, validation and model set-up on top of the training steps: a margin, measured
 # as about 1 s per epoch on the CPU trial and kept generous.
 EPOCH_OVERHEAD_S = 1.5
@@ -61,14 +61,16 @@ def run(cmd: list[str], log_path: Path, timeout: float) -> tuple[int, float]:
 def choose_epochs(benchmark_json: Path, budget_s: float) -> dict:
     """Epochs for teacher and students that fit `budget_s`, from the measured images/s."""
     rows = {r["step"]: r["kdlab"]["images_per_s"] for r in json.loads(benchmark_json.read_text())["rows"]}
-    eval_s = VAL_IMAGES / rows["evaluation"]
-    per_epoch = {run: TRAIN_IMAGES / rows[STEP_OF_RUN[run]] + eval_s + EPOCH_OVERHEAD_S for run in RUNS}
-    teacher_s = per_epoch["teacher_resnet50"]
-    students_s = sum(per_epoch[r] for r in RUNS[1:])
-    full = DEFAULT_EPOCHS["teacher"] * teacher_s + DEFAULT_EPOCHS["student"] * students_s
+    # The scratch recipe of kdlab.config: its default epochs and its split.
+    configs = {run: make_config(run, weights="none") for run in RUNS}
+    eval_s = configs[TEACHER_RUN].val_per_class * NUM_CLASSES / rows["evaluation"]
+    per_epoch = {run: TRAIN_IMAGES / rows[step_kind(cfg)] + eval_s + EPOCH_OVERHEAD_S
+                 for run, cfg in configs.items()}
+    full = sum(cfg.epochs * per_epoch[run] for run, cfg in configs.items())
     scale = min(1.0, budget_s / full)
-    return dict(teacher=max(4, math.floor(DEFAULT_EPOCHS["teacher"] * scale)),
-                student=max(3, math.floor(DEFAULT_EPOCHS["student"] * scale)),
+    student_epochs = next(cfg.epochs for run, cfg in configs.items() if run != TEACHER_RUN)
+    return dict(teacher=max(4, math.floor(configs[TEACHER_RUN].epochs * scale)),
+                student=max(3, math.floor(student_epochs * scale)),
                 scale=scale, estimated_seconds_at_default=full, seconds_per_epoch=per_epoch,
                 images_per_s=rows)
 
