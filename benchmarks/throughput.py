@@ -6,8 +6,11 @@ times images/s after warm-up, on two paths:
          build_method, make_optimizer, train_step (bf16/fp16 autocast, channels_last), predict;
   naive  torchvision-style per-image PIL transforms through DataLoader(num_workers=2,
          pin_memory=True), fp32, default memory format, plain SGD, the loss read back every step.
-Then the epoch time against the training-set size (cost should grow linearly), and, on CUDA,
-whether each fast-path choice pays: channels_last, bf16/fp16 autocast, cudnn.benchmark, torch.compile.
+Then the epoch time against the training-set size (cost should grow linearly); where a
+step's time goes (torch.profiler: convolutions, batch norm, the optimizer, the data pipeline,
+the rest) and how busy the device is; the teacher and student CE steps at other batch sizes;
+and, on CUDA, whether each fast-path choice pays: channels_last, bf16/fp16 autocast,
+cudnn.benchmark, torch.compile.
 
     python benchmarks/throughput.py --device cuda --json benchmarks/results/h100-full.json
     python benchmarks/throughput.py --device cpu --quick --json benchmarks/results/cpu-quick.json
@@ -34,6 +37,8 @@ from pathlib import Path
 import torch
 import torchvision
 from PIL import Image
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
@@ -66,12 +71,14 @@ class Budget:
     # Steps of the smaller epoch of the scaling measurement. N = scaling_steps * batch must be a
     # multiple of 10: --limit-train keeps N // 10 images of each class, and N whole batches.
     scaling_steps: int
+    profiled_steps: int                    # steps recorded by torch.profiler for the time breakdown
+    batch_factors: tuple[float, ...]       # the batch sweep, as multiples of the lab's batch
 
 
 BUDGETS = {
-    "full": Budget(None, None, 5, 20, 1024, 2, 10, 20),      # about 150 s on an H100
-    "quick": Budget(32, 32, 2, 5, 256, 1, 4, 10),            # about 25 s on a quiet 2-core CPU
-    "tiny": Budget(16, 10, 1, 2, 10, 1, 2, 2),               # the tests: every path, no meaning
+    "full": Budget(None, None, 5, 20, 1024, 2, 10, 20, 5, (0.5, 1, 2, 4)),   # about 150 s on an H100
+    "quick": Budget(32, 32, 2, 5, 256, 1, 4, 10, 2, (0.5, 1, 2)),            # about 40 s on a quiet 2-core CPU
+    "tiny": Budget(16, 10, 1, 2, 10, 1, 2, 2, 1, (0.5, 1, 2)),               # the tests: every path, no meaning
 }
 
 # Each step kind and the lab run whose config it takes. The fine-tuning runs are the lab's;
@@ -121,12 +128,14 @@ def size_overrides(budget: Budget) -> dict:
 def make_data(budget: Budget, cfg) -> Cifar10:
     """Synthetic CIFAR on the host, large enough for every measurement of `budget`.
 
-    Its training images must give the scaling run 2N images after the validation split, and
-    the naive loader one batch per step (a second epoch mid-timing would restart its
-    workers); its test images one batch per evaluation step.
+    Its training images must give the scaling run 2N images after the validation split, the
+    naive loader one batch per step (a second epoch mid-timing would restart its workers) and
+    the batch sweep one batch of its largest size per step; its test images one batch per
+    evaluation step.
     """
     steps = budget.warmup_steps + budget.timed_steps
-    per_class = max(2 * budget.scaling_steps * cfg.batch_size, steps * cfg.batch_size) // 10
+    largest_batch = int(max(budget.batch_factors) * cfg.batch_size)
+    per_class = max(2 * budget.scaling_steps * cfg.batch_size, steps * largest_batch) // 10
     test_images = (budget.eval_warmup_batches + budget.eval_timed_batches) * budget.eval_batch_size
     return make_synthetic_cifar(train_per_class=per_class + cfg.val_per_class + 1,
                                 test_per_class=math.ceil(test_images / 10))
@@ -223,10 +232,24 @@ def kdlab_train(cfg, images, labels, device, memory_format=torch.channels_last, 
 def kdlab_train_steps(method, optimizer, scaler, loader, dtype, memory_format):
     method.train()
     for epoch in itertools.count():
-        for images, targets in loader.epoch(epoch):
+        for images, targets in marked_data(loader.epoch(epoch)):
             images = images.contiguous(memory_format=memory_format)  # a no-op on kdlab's default
             train_step(method, optimizer, scaler, images, targets, dtype)
             yield len(targets)
+
+
+DATA_REGION = "kdlab.data"
+
+
+def marked_data(batches):
+    """The loader's batches, each made inside a profiler region, so the time breakdown can tell
+    the data pipeline's operators from the step's (the region costs nothing unprofiled)."""
+    while True:
+        with record_function(DATA_REGION):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
 
 
 def kdlab_eval(cfg, images, device, batch_size):
@@ -372,6 +395,103 @@ def measure_scaling(budget: Budget, data: Cifar10, device: torch.device) -> dict
                 size_ratio=epochs[1]["train_images"] / epochs[0]["train_images"])
 
 
+# Families of the time breakdown. An aten operator run inside one of REGIONS (the loader's,
+# marked above, and torch.optim's step, which marks itself) belongs to that region's family;
+# any other goes to the first family whose pattern its name matches, or to OTHER.
+DATA = "data (crop, flip, normalise, resize)"
+OTHER = "other (ReLU, residual adds, pooling, loss, casts)"
+REGIONS = {DATA_REGION: DATA, "Optimizer.step": "optimizer"}
+OP_FAMILIES = {
+    "convolution and matmul": r"conv|addmm|aten::mm$|aten::bmm$|matmul|linear",
+    "batch norm": r"batch_norm",
+}
+
+
+def op_family(event) -> str:
+    parent = event.cpu_parent
+    while parent is not None:
+        region = next((family for prefix, family in REGIONS.items() if parent.name.startswith(prefix)), None)
+        if region:
+            return region
+        parent = parent.cpu_parent
+    return next((family for family, pattern in OP_FAMILIES.items() if re.search(pattern, event.name)), OTHER)
+
+
+def measure_breakdown(kind: str, cfg, data: Cifar10, budget: Budget, device: torch.device, row: dict,
+                      peak) -> dict:
+    """Where the time of kdlab's `kind` step goes, from torch.profiler over a few steps.
+
+    Each aten operator's own time (on CUDA its kernels' time, on the CPU its CPU time) is
+    counted in one family. On CUDA the busy share (all kernel time per step / the step time
+    measured without the profiler, in `row`) says whether the GPU waits for the host: well
+    under one, launch overhead is the limit (larger batches, CUDA graphs); near one, the kernels
+    are. The convolution FLOP rate (the step's FLOPs / the time in convolution and
+    matmul kernels) is the share of peak the tensor-core kernels reach by themselves, the
+    ceiling of the step's share if everything else took no time.
+    """
+    n = (budget.warmup_steps + budget.profiled_steps) * cfg.batch_size
+    steps = kdlab_train(cfg, data.train_images[:n], data.train_labels[:n], device)
+    for _ in range(budget.warmup_steps):
+        next(steps)
+    synchronize(device)
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(budget.profiled_steps):
+            next(steps)
+        synchronize(device)
+    steps.close()
+    events = prof.events()
+    seconds = dict.fromkeys([*OP_FAMILIES, *REGIONS.values(), OTHER], 0.0)
+    for event in events:
+        if event.device_type == DeviceType.CPU and event.name.startswith("aten::"):
+            own = event.self_device_time_total if cuda else event.self_cpu_time_total
+            seconds[op_family(event)] += own / 1e6 / budget.profiled_steps
+    operators = sum(seconds.values())
+    if not operators > 0:
+        raise RuntimeError("the profiler attributed no time to aten operators")
+    step_seconds = row["kdlab"]["timed_seconds"] / budget.timed_steps
+    # On CUDA every kernel, attributed to an operator or not: the check that the families cover it all.
+    kernels = (sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+               / 1e6 / budget.profiled_steps if cuda else None)
+    conv_tflops = (row["flops_per_image"] * cfg.batch_size / seconds["convolution and matmul"] / 1e12
+                   if seconds["convolution and matmul"] > 0 else None)
+    return dict(step=kind, run=cfg.run, profiled_steps=budget.profiled_steps, step_seconds=step_seconds,
+                seconds_per_step=seconds, shares={k: v / operators for k, v in seconds.items()},
+                operator_seconds_per_step=operators, kernel_seconds_per_step=kernels,
+                busy_share=kernels / step_seconds if cuda else None,
+                conv_tflops=conv_tflops, conv_peak_share=conv_tflops / peak if conv_tflops and peak else None)
+
+
+def measure_batch_sweep(budget: Budget, data: Cifar10, device: torch.device, peak, log) -> list[dict]:
+    """kdlab's teacher and student CE steps at multiples of the lab's batch size.
+
+    Larger batches give every kernel more work per launch: if the share of peak climbs with
+    the batch, the lab's batch leaves the GPU waiting; if it stays flat, the kernels are the
+    limit. A size that does not fit in memory is recorded as such.
+    """
+    sweeps = []
+    for kind in ("teacher_ce", "student_ce"):
+        lab = make_config(STEP_RUNS[kind], **size_overrides(budget))
+        flops_per_image = 3 * forward_flops(lab, lab.image_size)["trained"]
+        points = []
+        for factor in budget.batch_factors:
+            cfg = make_config(STEP_RUNS[kind], image_size=lab.image_size, batch_size=round(factor * lab.batch_size))
+            n = (budget.warmup_steps + budget.timed_steps) * cfg.batch_size
+            try:
+                result = measure(lambda: kdlab_train(cfg, data.train_images[:n], data.train_labels[:n], device),
+                                 budget.warmup_steps, budget.timed_steps, device)
+            except torch.OutOfMemoryError:
+                points.append(dict(batch_size=cfg.batch_size, error="out of memory"))
+                log(f"  {kind} batch {cfg.batch_size}: out of memory")
+                continue
+            tflops = flops_per_image * result["images_per_s"] / 1e12
+            points.append(dict(batch_size=cfg.batch_size, **result, tflops=tflops,
+                               peak_share=tflops / peak if peak else None))
+            log(f"  {kind} batch {cfg.batch_size}: {result['images_per_s']:.0f} img/s")
+        sweeps.append(dict(step=kind, run=lab.run, lab_batch_size=lab.batch_size, points=points))
+    return sweeps
+
+
 def compare(on: dict, off: dict) -> dict:
     speedup = on["images_per_s"] / off["images_per_s"]
     verdict = "pays" if speedup > 1 + NOISE else "costs" if speedup < 1 - NOISE else "no clear difference"
@@ -451,6 +571,55 @@ def measure_compile(cfg, images, labels, device, budget: Budget, baseline: dict,
 
 # ----------------------------------------------------------------------------- report
 
+FAMILY_COLUMNS = {"convolution and matmul": "conv+mm", "batch norm": "BN", DATA: "data",
+                  "optimizer": "optim", OTHER: "other"}
+
+
+def breakdown_rows(report: dict) -> list[list[str]]:
+    """The time breakdown as a header and one row of cells per step kind."""
+    rows = [["step", *FAMILY_COLUMNS.values(), "busy", "conv TFLOP/s", "conv % peak"]]
+    for part in report.get("breakdown") or []:
+        if "error" in part:
+            rows.append([part["step"], f"failed: {part['error'][:60]}", *[""] * (len(rows[0]) - 2)])
+            continue
+        rows.append([part["step"], *(f"{part['shares'][family]:.0%}" for family in FAMILY_COLUMNS),
+                     f"{part['busy_share']:.0%}" if part["busy_share"] else "-",
+                     f"{part['conv_tflops']:.3g}" if part["conv_tflops"] else "-",
+                     f"{part['conv_peak_share']:.1%}" if part["conv_peak_share"] else "-"])
+    return rows
+
+
+def sweep_rows(report: dict) -> list[list[str]]:
+    """The batch sweep as a header and one row of cells per (step kind, batch size)."""
+    rows = [["step", "batch", "kdlab img/s", "TFLOP/s", "% peak", "peak GiB"]]
+    for sweep in report.get("batch_sweep") or []:
+        for point in sweep["points"]:
+            batch = f"{point['batch_size']}" + (" (lab)" if point["batch_size"] == sweep["lab_batch_size"] else "")
+            if "error" in point:
+                rows.append([sweep["step"], batch, point["error"], "", "", ""])
+                continue
+            rows.append([sweep["step"], batch, f"{point['images_per_s']:,.0f}", f"{point['tflops']:.3g}",
+                         f"{point['peak_share']:.1%}" if point["peak_share"] else "-",
+                         f"{point['peak_memory_gib']:.1f}" if point["peak_memory_gib"] else "-"])
+    return rows
+
+
+def aligned(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  " + " ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            for row in rows]
+
+
+def markdown_table(rows: list[list[str]]) -> list[str]:
+    return [f"| {' | '.join(rows[0])} |", "|---" + "|---:" * (len(rows[0]) - 1) + "|",
+            *(f"| {' | '.join(row)} |" for row in rows[1:])]
+
+
+def breakdown_note(report: dict) -> str:
+    timed_on = "cuda kernels" if report["device"] == "cuda" else "cpu operators"
+    return (f"shares of the operators' own time per step ({timed_on}); busy (CUDA) = the kernel time per "
+            "step / the unprofiled step time; conv = the step's FLOPs over the convolution and matmul time alone")
+
 
 def table(report: dict) -> str:
     b = report["budget"]
@@ -470,6 +639,12 @@ def table(report: dict) -> str:
     lines.append(f"scaling (student CE epoch): {first['train_images']} images {first['epoch_seconds']:.2f}s, "
                  f"{second['train_images']} images {second['epoch_seconds']:.2f}s: ratio {s['ratio']:.2f} "
                  f"for {s['size_ratio']:.0f}x the images")
+    if report.get("breakdown"):
+        lines.append("where the step's time goes: " + breakdown_note(report))
+        lines += aligned(breakdown_rows(report))
+    if report.get("batch_sweep"):
+        lines.append("batch sweep (kdlab's path):")
+        lines += aligned(sweep_rows(report))
     fast = report["fast_path"]
     if fast is None:
         lines.append("fast paths: measured on CUDA only")
@@ -520,6 +695,11 @@ def markdown(report: dict, source: str) -> str:
     lines += ["", f"Epoch time of the student CE step: {first['epoch_seconds']:.2f} s for {first['train_images']:,} "
                   f"images, {second['epoch_seconds']:.2f} s for {second['train_images']:,} (ratio {s['ratio']:.2f}; "
                   f"2.00 is linear)."]
+    if report.get("breakdown"):
+        lines += ["", "Where the step's time goes (torch.profiler): " + breakdown_note(report) + ".", "",
+                  *markdown_table(breakdown_rows(report))]
+    if report.get("batch_sweep"):
+        lines += ["", "Batch sweep of kdlab's path:", "", *markdown_table(sweep_rows(report))]
     if report["fast_path"]:
         lines += ["", "| fast-path switch (student CE step) | img/s with | img/s without | speedup | verdict |",
                   "|---|---:|---:|---:|---|"]
@@ -566,7 +746,7 @@ def benchmark(args, log=print) -> dict:
     data = make_data(budget, configs["student_ce"])
     report = environment(device, args.mode, budget, configs["student_ce"], args.note)
     report.update(configs={kind: config_dict(cfg) for kind, cfg in configs.items()},
-                  rows=[], scaling=None, fast_path=None)
+                  rows=[], scaling=None, breakdown=None, batch_sweep=None, fast_path=None)
     log(f"{report['device_name']}, torch {torch.__version__}, {args.mode} mode")
 
     def save():
@@ -584,6 +764,24 @@ def benchmark(args, log=print) -> dict:
         save()
     report["scaling"] = measure_scaling(budget, data, device)
     log(f"scaling: epoch time ratio {report['scaling']['ratio']:.2f} for 2x the images")
+    save()
+    report["breakdown"] = []
+    for row in report["rows"]:
+        if row["step"] == "evaluation":
+            continue
+        try:
+            part = measure_breakdown(row["step"], configs[row["step"]], data, budget, device, row,
+                                     report["peak_tflops"])
+        except Exception as err:  # noqa: BLE001 - the profiler's output varies across torch versions: report it
+            part = dict(step=row["step"], run=row["run"], error=f"{type(err).__name__}: {err}"[:3000])
+            log(f"{row['step']:11} time breakdown failed: {part['error'][:300]}")
+        else:
+            log(f"{row['step']:11} time: " + ", ".join(f"{FAMILY_COLUMNS[k]} {v:.0%}" for k, v in part["shares"].items())
+                + (f"; busy {part['busy_share']:.0%}" if part["busy_share"] else ""))
+        report["breakdown"].append(part)
+    save()
+    log("batch sweep:")
+    report["batch_sweep"] = measure_batch_sweep(budget, data, device, report["peak_tflops"], log)
     save()
     if device.type == "cuda":
         log("fast paths (student CE):")

@@ -86,8 +86,40 @@ def test_cpu_run_writes_every_row_scaling_and_the_table(tmp_path, one_thread):
     for path, value in numbers({"rows": report["rows"], "scaling": report["scaling"]}):
         assert value > 0, path
 
+    bench = load_benchmark()
+    families = [*bench.OP_FAMILIES, *bench.REGIONS.values(), bench.OTHER]
+    assert [part["step"] for part in report["breakdown"]] == STEPS[:-1]   # every training step kind
+    for part in report["breakdown"]:
+        assert list(part["shares"]) == families and math.isclose(sum(part["shares"].values()), 1)
+        # Each family's operators ran in every step: convolutions, batch norm, the loader's
+        # crops and resizes, SGD's update, and the rest (ReLU, adds, the loss).
+        assert all(part["seconds_per_step"][family] > 0 for family in families), part["seconds_per_step"]
+        assert part["kernel_seconds_per_step"] is part["busy_share"] is part["conv_peak_share"] is None  # CUDA only
+        assert part["conv_tflops"] > 0
+
+    lab_batch = report["batch_size"]
+    assert [sweep["step"] for sweep in report["batch_sweep"]] == ["teacher_ce", "student_ce"]
+    for sweep in report["batch_sweep"]:
+        assert sweep["lab_batch_size"] == lab_batch
+        assert [p["batch_size"] for p in sweep["points"]] == [round(f * lab_batch) for f in budget["batch_factors"]]
+        assert all(p["images"] == budget["timed_steps"] * p["batch_size"] and p["tflops"] > 0 for p in sweep["points"])
+
     table = result.stdout.split("kdlab vs naive on", 1)[1]
     assert all(step in table for step in STEPS) and "scaling (student CE epoch)" in table
+    assert "where the step's time goes" in table and "batch sweep" in table
+    assert "10 (lab)" in table   # the lab's batch is marked in the sweep
+
+    text = bench.markdown(report, "bench.json")
+    assert "| step | conv+mm | BN | data | optim | other | busy |" in text
+    assert text.count("| teacher_ce | ") == 1 + len(budget["batch_factors"])   # breakdown + sweep rows
+
+
+def test_markdown_of_a_results_file_from_before_the_breakdown():
+    """Committed GPU results predate the breakdown and the sweep: their tables still print."""
+    bench = load_benchmark()
+    path = REPO / "benchmarks" / "results" / "h200-full-compile.json"
+    text = bench.markdown(json.loads(path.read_text()), str(path))
+    assert "| student CE step (ResNet18) |" in text and "Batch sweep" not in text
 
 
 def test_fast_path_switches_and_their_table_run_on_the_cpu(one_thread):
@@ -122,3 +154,13 @@ def test_peak_of_known_gpus_is_found_by_name():
     assert bench.peak_tflops("NVIDIA A100-SXM4-40GB") == 312
     assert bench.peak_tflops("Tesla T4") == 65
     assert bench.peak_tflops("NVIDIA GeForce RTX 4090") is None
+
+
+def test_a_failed_breakdown_is_a_row_that_says_so():
+    """The profiler's output differs across torch versions: a step whose breakdown failed keeps its place."""
+    bench = load_benchmark()
+    report = dict(device="cuda", breakdown=[dict(step="teacher_ce", run="teacher_resnet50",
+                                                 error="RuntimeError: the profiler attributed no time")])
+    header, row = bench.breakdown_rows(report)
+    assert len(row) == len(header) and row[0] == "teacher_ce" and row[1].startswith("failed: RuntimeError")
+    assert "cuda kernels" in bench.breakdown_note(report)
