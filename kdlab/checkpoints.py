@@ -28,6 +28,7 @@ import torchvision
 from torch import nn
 
 from kdlab.config import RunConfig, config_dict, config_differences
+from kdlab.results import RunPaths
 from kdlab.errors import KdlabError
 from kdlab.methods import build_method
 from kdlab.models import build_model, count_parameters, load_weights
@@ -87,26 +88,9 @@ def load_checkpoint(path: Path) -> dict:
 
 
 @dataclass
-class RunFiles:
-    ckpt_dir: Path
-    run: str
+class RunFiles(RunPaths):
+    """A run's files, and the writes that keep them consistent."""
     config: dict | None = None   # stored in every last checkpoint
-
-    @property
-    def best(self) -> Path:
-        return self.ckpt_dir / f"{self.run}_best.pt"
-
-    @property
-    def last(self) -> Path:
-        return self.ckpt_dir / f"{self.run}_last.pt"
-
-    @property
-    def results(self) -> Path:
-        return self.ckpt_dir / f"{self.run}_results.json"
-
-    @property
-    def lock_file(self) -> Path:
-        return self.ckpt_dir / f"{self.run}.lock"
 
     def save_last(self, state: dict) -> None:
         state.update(config=self.config, rng=torch.get_rng_state())
@@ -180,13 +164,6 @@ class TrainedRun:
     model: nn.Module       # the student (or teacher), best-on-val weights, eval mode, on the device
     results: dict
     trained: bool          # False when the finished checkpoint was loaded
-
-
-def run_status(ckpt_dir: Path, run: str) -> str:
-    files = RunFiles(Path(ckpt_dir), run)
-    if files.best.exists():
-        return "trained"
-    return "resumable" if files.last.exists() else "missing"
 
 
 def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: str | Path,

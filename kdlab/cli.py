@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from kdlab.config import LAB_RUNS, RUNS
 from kdlab.errors import KdlabError
 from kdlab.report import REFERENCE_RUNS, make_report
+from kdlab.results import load_results, run_status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,14 +93,12 @@ def command_run(args) -> None:
 
 
 def command_status(args) -> None:
-    from kdlab.checkpoints import RunFiles, run_status  # imports torch
-
+    results = load_results(args.ckpt_dir)
     for name in RUNS:
-        state = run_status(Path(args.ckpt_dir), name)
+        state = run_status(args.ckpt_dir, name)
         line = f"{name:32} {state:9}"
-        results_path = RunFiles(Path(args.ckpt_dir), name).results
-        if state == "trained" and results_path.exists():
-            r = json.loads(results_path.read_text())
+        if state == "trained" and name in results:
+            r = results[name]
             line += f" best val {r['best_val_acc']:.4f}  test {r['test_acc']:.4f}"
             line += "  (smoke)" if r.get("smoke") else ""
         print(line)

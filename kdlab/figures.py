@@ -31,6 +31,7 @@ from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN
 from kdlab.data import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
 from kdlab.report import agreement, best_student
+from kdlab.results import load_results
 from kdlab.lab import resolve_device
 from kdlab.models import build_model
 from kdlab.train import autocast_dtype, tune_cudnn
@@ -71,27 +72,6 @@ DPI = 150
 
 
 # ----------------------------------------------------------------------------- results
-
-def load_results(results_dir: str | Path) -> dict[str, dict]:
-    """The `<run>_results.json` of every run found in `results_dir`, in the lab's order."""
-    folder = Path(results_dir)
-    found = {}
-    for run in RUNS:
-        path = folder / f"{run}_results.json"
-        if not path.is_file():
-            continue
-        try:
-            found[run] = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise KdlabError(f"{path} is not a valid results file ({err}). Delete it and run "
-                             f"`python -m kdlab run {run} --ckpt-dir {folder}`: a finished run "
-                             f"writes it again from its checkpoint.") from None
-    if not found:
-        raise KdlabError(f"no <run>_results.json in {folder}. Train the runs first "
-                         f"(`python -m kdlab run all --ckpt-dir {folder}`), or point to a folder "
-                         f"that holds results files, such as results/reference.")
-    return found
-
 
 def source_line(results: list[dict], origin: str = "") -> str:
     """Where the numbers of a figure came from: the data, the training device, the folder."""
@@ -485,6 +465,10 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     results = load_results(results_dir)
+    if not results:
+        raise KdlabError(f"no <run>_results.json in {results_dir}. Train the runs first "
+                         f"(`python -m kdlab run all --ckpt-dir {results_dir}`), or point to a folder "
+                         f"that holds results files, such as results/reference.")
     missing = [run for run in LAB_RUNS if run not in results]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ and a draft says so on every page.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from kdlab.config import RUNS, TEACHER_RUN, config_dict, make_config
 from kdlab.errors import KdlabError
+from kdlab.results import load_results, read_json, run_order
 
 # The runs of the reference GPU run. ImageNet weights cannot be fetched on the machine it
 # runs on, so every run there starts from random weights, the teacher included.
@@ -43,11 +43,6 @@ STUDENTS = {
                       "student_pretrained_kd_features"),
 }
 METHOD_NAMES = {"ce": "cross-entropy", "kd_logits": "logit KD", "kd_features": "feature KD"}
-# What the report reads from a results file (kdlab.checkpoints._results writes more).
-RESULT_KEYS = ("run", "test_acc", "best_val_acc", "best_epoch", "epochs", "config",
-               "weights", "smoke", "data", "n_train", "n_val", "n_test", "parameters",
-               "extra_training_parameters", "test_predictions", "device", "device_name",
-               "torch_version", "wall_seconds", "finished")
 # Settings every run normally shares: one line under the config table, not a column each.
 SHARED_SETTINGS = {"batch_size": "batch size", "momentum": "momentum (Nesterov)",
                    "warmup_epochs": "warm-up epochs", "image_size": "input px",
@@ -58,29 +53,6 @@ CIFAR_RESNET_STAGES = (32, 16, 8, 4)
 
 
 # ----------------------------------------------------------------------------- reading
-
-def read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise KdlabError(f"{path} is not readable JSON ({err}); {what}") from None
-
-
-def load_results(results_dir: Path) -> dict[str, dict]:
-    """Every `<run>_results.json` of the folder by run, in the order of kdlab.config.RUNS."""
-    results = {}
-    for path in sorted(results_dir.glob("*_results.json")):
-        r = read_json(path, "copy it again from the run's checkpoint folder, or delete it.")
-        lacking = [k for k in RESULT_KEYS if k not in r] if isinstance(r, dict) else list(RESULT_KEYS)
-        if lacking:
-            raise KdlabError(f"{path} is not a kdlab results file (it lacks {', '.join(lacking)}); "
-                             f"copy it again from the run's checkpoint folder, or delete it.")
-        if path.name != f"{r['run']}_results.json":
-            raise KdlabError(f"{path} holds the results of {r['run']!r}; rename it "
-                             f"{r['run']}_results.json or delete it.")
-        results[r["run"]] = r
-    return dict(sorted(results.items(), key=lambda item: run_order(item[0])))
-
 
 def load_efficiency(figures_dir: Path) -> dict | None:
     """efficiency.json of the figures module: device, image_size, measured (date), runs {run: {...}}; or None."""
@@ -104,11 +76,6 @@ def load_manifest(results_dir: Path) -> dict | None:
     if not isinstance(manifest, dict):
         raise KdlabError(f"{path} must hold one JSON object (key: value); write it again, or delete it.")
     return manifest
-
-
-def run_order(run: str) -> tuple[int, str]:
-    names = list(RUNS)
-    return (names.index(run) if run in names else len(names), run)
 
 
 # ----------------------------------------------------------------------------- the report's data

@@ -8,7 +8,7 @@ from torchvision import models
 
 from kdlab.errors import KdlabError
 from kdlab.figures import (ORIGINAL_LAB_REFERENCE, RUN_COLOURS, RUN_LABELS, best_student,
-                           confusion_counts, flops_per_image, load_results, teacher_agreement)
+                           confusion_counts, flops_per_image, make_all_figures, teacher_agreement)
 from kdlab.config import RUNS
 from kdlab.models import build_model
 
@@ -44,9 +44,6 @@ def test_every_run_has_a_colour_and_a_label_and_the_reference_names_real_runs():
     assert set(ORIGINAL_LAB_REFERENCE) <= set(RUNS)
 
 
-def test_load_results_says_what_to_do(tmp_path):
+def test_figures_of_an_empty_folder_say_what_to_do(tmp_path):
     with pytest.raises(KdlabError, match="python -m kdlab run all"):
-        load_results(tmp_path)
-    (tmp_path / "student_scratch_baseline_results.json").write_text("{truncated")
-    with pytest.raises(KdlabError, match="Delete it and run `python -m kdlab run student_scratch_baseline"):
-        load_results(tmp_path)
+        make_all_figures(tmp_path, tmp_path / "figures")

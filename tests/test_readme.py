@@ -2,7 +2,8 @@
 import re
 from pathlib import Path
 
-from kdlab.figures import format_results_table, load_results
+from kdlab.figures import format_results_table
+from kdlab.results import load_results
 
 REPO = Path(__file__).resolve().parents[1]
 

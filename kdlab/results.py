@@ -1,0 +1,86 @@
+"""The files a run leaves in its checkpoint folder, and reading its results files.
+
+No torch here: `python -m kdlab status` and `report` only look at files, and start at once.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdlab.config import RUNS
+from kdlab.errors import KdlabError
+
+# What every <run>_results.json holds (kdlab.checkpoints writes it when a run finishes).
+RESULT_KEYS = ("run", "test_acc", "best_val_acc", "best_epoch", "epochs", "config",
+               "weights", "smoke", "data", "n_train", "n_val", "n_test", "parameters",
+               "extra_training_parameters", "test_predictions", "device", "device_name",
+               "torch_version", "wall_seconds", "finished")
+
+
+@dataclass
+class RunPaths:
+    """The names of a run's files in a checkpoint folder (kdlab.checkpoints says what each holds)."""
+    ckpt_dir: Path
+    run: str
+
+    @property
+    def best(self) -> Path:
+        return self.ckpt_dir / f"{self.run}_best.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.ckpt_dir / f"{self.run}_last.pt"
+
+    @property
+    def results(self) -> Path:
+        return self.ckpt_dir / f"{self.run}_results.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.ckpt_dir / f"{self.run}.lock"
+
+
+def run_status(ckpt_dir: str | Path, run: str) -> str:
+    paths = RunPaths(Path(ckpt_dir), run)
+    if paths.best.exists():
+        return "trained"
+    return "resumable" if paths.last.exists() else "missing"
+
+
+def read_json(path: Path, what: str):
+    """The JSON in `path`; if it cannot be read, an error that ends with `what` to do."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise KdlabError(f"{path} is not readable JSON ({err}); {what}") from None
+
+
+def run_order(run: str) -> tuple[int, str]:
+    names = list(RUNS)
+    return (names.index(run) if run in names else len(names), run)
+
+
+def load_results(results_dir: str | Path) -> dict[str, dict]:
+    """The `<run>_results.json` of every run found in `results_dir`, by run, in the lab's order.
+
+    A damaged or foreign file stops the reading with what to do about it: a results file is
+    written again from its checkpoint by running the same run.
+    """
+    folder = Path(results_dir)
+    results = {}
+    for run in RUNS:
+        path = RunPaths(folder, run).results
+        if not path.is_file():
+            continue
+        again = (f"delete it and run `python -m kdlab run {run} --ckpt-dir {folder}`: a finished run "
+                 f"writes it again from its checkpoint.")
+        r = read_json(path, again)
+        lacking = [k for k in RESULT_KEYS if k not in r] if isinstance(r, dict) else list(RESULT_KEYS)
+        if lacking:
+            raise KdlabError(f"{path} is not a kdlab results file (it lacks {', '.join(lacking)}); {again}")
+        if r["run"] != run:
+            raise KdlabError(f"{path} holds the results of {r['run']!r}; rename it "
+                             f"{r['run']}_results.json or delete it.")
+        results[run] = r
+    return results

@@ -1,0 +1,61 @@
+"""kdlab.results: reading a folder of results files, and the commands that only read files."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from kdlab.errors import KdlabError
+from kdlab.results import RESULT_KEYS, load_results, run_status
+
+RUN = "student_scratch_baseline"
+
+
+def results_file(run=RUN, **changes):
+    r = {key: None for key in RESULT_KEYS}
+    r.update(run=run, test_acc=0.5, best_val_acc=0.5, smoke=True, **changes)
+    return json.dumps(r)
+
+
+def test_an_empty_folder_has_no_results_and_runs_come_in_the_lab_order(tmp_path):
+    assert load_results(tmp_path) == {}
+    for run in ("student_scratch_kd_scores", RUN, "teacher_resnet50"):
+        (tmp_path / f"{run}_results.json").write_text(results_file(run))
+    (tmp_path / "notes_results.json").write_text("not a run's file: ignored")
+    assert list(load_results(tmp_path)) == ["teacher_resnet50", RUN, "student_scratch_kd_scores"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{truncated", f"not readable JSON .*delete it and run `python -m kdlab run {RUN} --ckpt-dir"),
+    ("[1, 2]", "not a kdlab results file .*lacks run, test_acc"),
+    (json.dumps({"run": RUN}), "lacks test_acc, best_val_acc"),
+    (results_file("teacher_resnet50"), "holds the results of 'teacher_resnet50'; rename it teacher_resnet50_results.json"),
+])
+def test_a_damaged_or_foreign_results_file_says_what_to_do(tmp_path, content, message):
+    (tmp_path / f"{RUN}_results.json").write_text(content)
+    with pytest.raises(KdlabError, match=message):
+        load_results(tmp_path)
+
+
+def test_run_status_reads_the_file_names(tmp_path):
+    assert run_status(tmp_path, RUN) == "missing"
+    (tmp_path / f"{RUN}_last.pt").write_bytes(b"")
+    assert run_status(tmp_path, RUN) == "resumable"
+    (tmp_path / f"{RUN}_best.pt").write_bytes(b"")
+    assert run_status(tmp_path, RUN) == "trained"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["status", "--ckpt-dir", "{tmp}"],
+                                  ["report", "--report-dir", "{tmp}", "--no-pdf"]])
+def test_commands_that_only_read_files_do_not_import_torch(tmp_path, args):
+    """Importing torch takes seconds: `--help`, `status` and `report` answer without it."""
+    args = [a.format(tmp=tmp_path) for a in args]
+    shutil.copy(REPO / "report" / "KD_LAB.tex", tmp_path)   # the report's generated tables go next to it
+    code = ("import sys; from kdlab.cli import main\n"
+            "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exit:\n    code = exit.code\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
