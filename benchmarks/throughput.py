@@ -50,9 +50,11 @@ from kdlab.checkpoints import write_json  # noqa: E402
 from kdlab.config import RUNS, TEACHER_RUN, config_dict, make_config  # noqa: E402
 from kdlab.data import MEAN, PAD, STD, Cifar10, DeviceLoader, make_splits, make_synthetic_cifar  # noqa: E402
 from kdlab.errors import KdlabError  # noqa: E402
+from kdlab.figures import plot_throughput  # noqa: E402
 from kdlab.lab import resolve_device  # noqa: E402
 from kdlab.methods import build_method  # noqa: E402
 from kdlab.models import build_model  # noqa: E402
+from kdlab.report import load_benchmark  # noqa: E402
 from kdlab.train import autocast_dtype, make_optimizer, make_scaler, predict, train_step, tune_cudnn  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
@@ -815,6 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--note", help="recorded in the JSON, e.g. which machine this is")
     parser.add_argument("--markdown", metavar="RESULTS",
                         help="print the tables of a results JSON as Markdown (for the README), measure nothing")
+    parser.add_argument("--plot", nargs=2, metavar=("RESULTS", "PNG"),
+                        help="draw the throughput chart of a results JSON (kdlab.figures.plot_throughput), "
+                             "measure nothing")
     parser.add_argument("--probe-cudnn-off", action="store_true",
                         help="internal: time only the student CE step with cudnn.benchmark off and print "
                              "its JSON (the full run starts this in a fresh process)")
@@ -826,6 +831,12 @@ def main(argv=None) -> int:
     try:
         if args.markdown:
             print(markdown(json.loads(Path(args.markdown).read_text()), args.markdown))
+        elif args.plot:
+            results, png = args.plot
+            bench = load_benchmark(Path(results))
+            if bench is None:
+                raise KdlabError(f"{results}: no such file (benchmarks/results/ holds the measured ones)")
+            print(plot_throughput(bench, png, results))
         elif args.probe_cudnn_off:
             print(json.dumps(probe_cudnn_off(args)))
         else:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kdlab.config import LAB_RUNS, RUNS
 from kdlab.errors import KdlabError
-from kdlab.report import REFERENCE_RUNS, make_report
+from kdlab.report import DEFAULT_BENCHMARK, REFERENCE_RUNS, make_report
 from kdlab.results import load_results, run_status
 
 
@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--report-dir", default="report", help="folder of KD_LAB.tex")
     report.add_argument("--runs", nargs="+", default=list(REFERENCE_RUNS), metavar="RUN",
                         help="runs the report expects; those without a results file are marked missing")
+    report.add_argument("--benchmark", default=DEFAULT_BENCHMARK, metavar="JSON",
+                        help="a benchmarks/throughput.py results file for the speed section")
     report.add_argument("--draft", action="store_true",
                         help="accept smoke or CPU results; every page then says DRAFT")
     report.add_argument("--no-pdf", action="store_true", help="write the generated .tex only")
@@ -106,7 +108,7 @@ def command_status(args) -> None:
 
 def command_report(args) -> None:
     make_report(args.results, args.figures, args.report_dir, args.runs, draft=args.draft,
-                pdf=not args.no_pdf, pdf_required=args.pdf_required)
+                pdf=not args.no_pdf, pdf_required=args.pdf_required, benchmark=args.benchmark)
 
 
 def command_figures(args) -> None:

@@ -452,6 +452,58 @@ def plot_efficiency(efficiency: dict, results: dict[str, dict], missing: list[st
     return _save(fig, out_dir / "efficiency.png")
 
 
+# ----------------------------------------------------------------------------- training speed
+
+# The step kinds of benchmarks/throughput.py, as the chart names them.
+STEP_NAMES = {"teacher_ce": "teacher step\n(ResNet50, CE)", "student_ce": "student step\n(ResNet18, CE)",
+              "logit_kd": "logit-KD step\n(+ ResNet50 fwd)", "feature_kd": "feature-KD step\n(+ ResNet50 fwd)",
+              "evaluation": "evaluation\n(ResNet18 fwd)"}
+PATH_COLOURS = {"kdlab": "#1f77b4", "naive": "#bbbbbb"}
+
+
+def plot_throughput(bench: dict, out_path: str | Path, origin: str = "") -> Path:
+    """throughput.png: images/s of kdlab's path and of a typical notebook's, per step kind, and
+    the share of the GPU's peak kdlab's reaches, from a benchmarks/throughput.py results file
+    (`python benchmarks/throughput.py --plot RESULTS PNG` draws it)."""
+    rows = bench["rows"]
+    peak = bench.get("peak_tflops")
+    where = f" | from {origin}" if origin else ""
+    source = (f"measured on {bench['device_name']}, torch {bench['torch_version']}, {bench['image_size']} px, "
+              f"batch {bench['batch_size']}, synthetic images, random weights{where}")
+    fig, axes = _figure("Training speed: kdlab's path against a typical notebook's, same GPU, same run",
+                        source, False, (12, 4.8), 1, 2 if peak else 1)
+    speed_ax = axes[0, 0]
+    x = np.arange(len(rows))
+    width = 0.38
+    dtype = next((name for key, name in (("bfloat16", "bf16"), ("float16", "fp16")) if key in bench["kdlab_path"]),
+                 "fp32")
+    for offset, path, label in ((-width / 2, "kdlab", f"kdlab (data on the device, {dtype}, channels_last)"),
+                                (width / 2, "naive", "naive (PIL DataLoader, 2 workers, fp32)")):
+        speed_ax.bar(x + offset, [r[path]["images_per_s"] for r in rows], width, color=PATH_COLOURS[path],
+                     label=label)
+    for i, r in enumerate(rows):
+        speed_ax.text(i - width / 2, r["kdlab"]["images_per_s"] * 1.08, f"{r['speedup']:.1f}x",
+                      ha="center", va="bottom", fontsize=8, weight="bold")
+    speed_ax.set_yscale("log")
+    speeds = [r[path]["images_per_s"] for r in rows for path in PATH_COLOURS]
+    speed_ax.set_ylim(min(speeds) / 4, max(speeds) * 3)   # room under the slowest bar, above the labels
+    speed_ax.set_xticks(x, [STEP_NAMES.get(r["step"], r["step"]) for r in rows], fontsize=8)
+    speed_ax.set(ylabel="images per second (log scale)", title="throughput (bold: kdlab's images/s over the naive path's)")
+    speed_ax.title.set_fontsize(9)
+    speed_ax.grid(axis="y", alpha=0.3, which="both")
+    speed_ax.legend(fontsize=8, loc="upper left")
+    if peak:
+        share_ax = axes[0, 1]
+        bars = share_ax.bar(x, [_percent(r["kdlab"]["peak_share"]) for r in rows], 0.6, color=PATH_COLOURS["kdlab"])
+        share_ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        share_ax.set_xticks(x, [STEP_NAMES.get(r["step"], r["step"]) for r in rows], fontsize=8)
+        share_ax.set(ylabel=f"% of the {peak:.0f} TFLOP/s dense bf16 peak",
+                     title="model FLOPs utilisation of kdlab's path", ylim=(0, 100))
+        share_ax.title.set_fontsize(9)
+        share_ax.grid(axis="y", alpha=0.3)
+    return _save(fig, Path(out_path))
+
+
 # ----------------------------------------------------------------------------- all of them
 
 def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",

@@ -36,6 +36,14 @@ PLANNED_WEIGHTS = "none"
 EXPECTED_FIGURES = ("comparaison_finale.png", "comparison_test_accuracy.png", "training_losses.png",
                     "efficiency.png", "confusion_matrix.png", "agreement.png")
 # The students the discussion compares, per start: (cross-entropy, logit KD, feature KD).
+# The GPU benchmark the report's speed section reads (benchmarks/README.md says how it was run).
+DEFAULT_BENCHMARK = "benchmarks/results/h200-full-compile.json"
+STEP_DESCRIPTIONS = {"teacher_ce": "teacher step (ResNet50, CE)", "student_ce": "student step (ResNet18, CE)",
+                     "logit_kd": "logit-KD step (+ ResNet50 forward)",
+                     "feature_kd": "feature-KD step (+ ResNet50 forward)",
+                     "evaluation": "evaluation (ResNet18 forward)"}
+STEP_PHRASES = {"teacher_ce": "the teacher's step", "student_ce": "the student's cross-entropy step",
+                "logit_kd": "the logit-KD step", "feature_kd": "the feature-KD step"}
 STUDENTS = {
     "from scratch": ("student_scratch_baseline", "student_scratch_kd_scores",
                      "student_scratch_kd_features"),
@@ -68,6 +76,19 @@ def load_efficiency(figures_dir: Path) -> dict | None:
     return eff
 
 
+def load_benchmark(path: Path | None) -> dict | None:
+    """A results file of benchmarks/throughput.py (device_name, rows: one per step kind); or None."""
+    if path is None or not path.exists():
+        return None
+    what = "run benchmarks/throughput.py again, or pass another --benchmark."
+    bench = read_json(path, what)
+    if not (isinstance(bench, dict) and bench.get("rows") and all(
+            isinstance(row, dict) and {"step", "kdlab", "naive", "speedup"} <= set(row) for row in bench["rows"])):
+        raise KdlabError(f"{path} does not have a benchmark file's layout (device_name, rows: step, "
+                         f"kdlab, naive, speedup); {what}")
+    return bench
+
+
 def load_manifest(results_dir: Path) -> dict | None:
     path = results_dir / "manifest.json"
     if not path.exists():
@@ -86,6 +107,8 @@ class Report:
     expected: list[str]               # the runs the report should hold
     efficiency: dict | None           # efficiency.json, if the figures folder has one
     manifest: dict | None             # manifest.json of the results folder, if any
+    benchmark: dict | None            # a benchmarks/throughput.py results file, if given and there
+    benchmark_path: Path | None
     results_dir: Path
     figures_dir: Path
     figures_tex_path: str             # the figures folder as LaTeX, run from the report folder
@@ -234,6 +257,49 @@ def results_table(rep: Report) -> str:
     return table("tab:results", caption, "lrrrrrrr", [
         r"Run & Epochs & Val.\ acc. & Test acc. & Params & GFLOPs & Latency & Train \\",
         r" & & \% (epoch) & \% & (M) & & (ms) & (min) \\"], rows)
+
+
+def speed_table(rep: Report) -> str:
+    """Images/s of kdlab's path and the naive one per step kind, from the benchmark file."""
+    bench = rep.benchmark
+    if bench is None:
+        return ""
+    rows = []
+    for row in bench["rows"]:
+        k, n = row["kdlab"], row["naive"]
+        share = f"{100 * k['peak_share']:.1f}" if k.get("peak_share") else "--"
+        rows.append(rf"{tex(STEP_DESCRIPTIONS.get(row['step'], row['step']))} & {k['images_per_s']:,.0f} & "
+                    rf"{n['images_per_s']:,.0f} & {row['speedup']:.1f} & {k['tflops']:.0f} & {share} \\")
+    caption = (rf"Training speed on {tex(bench['device_name'])} (torch {tex(bench['torch_version'])}), "
+               rf"{bench['image_size']}~px, batch {bench['batch_size']}, synthetic images and random weights "
+               rf"(a step's cost depends on shapes only). kdlab: the package's own loader and step "
+               rf"functions; naive: per-image PIL transforms in a two-worker DataLoader, fp32. "
+               rf"TFLOP/s: model FLOPs (forward and backward of the trained network, forward of a "
+               rf"teacher) per second; peak: the GPU's dense bf16/fp16 peak. Source: {tt(rep.benchmark_path)}.")
+    return table("tab:speed", caption, "lrrrrr", [
+        r"Step & kdlab & naive & Speed-up & TFLOP/s & Peak \\",
+        r" & (images/s) & (images/s) & ($\times$) & (kdlab) & (\%) \\"], rows)
+
+
+def speed_sentences(rep: Report) -> str:
+    bench = rep.benchmark
+    if bench is None:
+        where = tt(rep.benchmark_path) if rep.benchmark_path else "no file given"
+        return rf"Training speed: not measured for this report (no benchmark file: {where})."
+    train = [r for r in bench["rows"] if r["step"] != "evaluation"]
+    evaluation = [r for r in bench["rows"] if r["step"] == "evaluation"]
+    low, high = min(train, key=lambda r: r["speedup"]), max(train, key=lambda r: r["speedup"])
+    text = (rf"On the {tex(bench['device_name'])}, kdlab's training steps process from {low['speedup']:.1f} "
+            rf"times ({STEP_PHRASES.get(low['step'], tex(low['step']))}) to {high['speedup']:.1f} times "
+            rf"({STEP_PHRASES.get(high['step'], tex(high['step']))}) as many images per second as the naive "
+            rf"path measured in the same run")
+    text += (rf", and evaluation {evaluation[0]['speedup']:.1f} times (Table~\ref{{tab:speed}})."
+             if evaluation else r" (Table~\ref{tab:speed}).")
+    shares = [r["kdlab"]["peak_share"] for r in bench["rows"] if r["kdlab"].get("peak_share")]
+    if shares:
+        text += (rf" They use {100 * min(shares):.1f}\% to {100 * max(shares):.1f}\% of the GPU's dense "
+                 rf"bf16/fp16 peak.")
+    return text
 
 
 def distillation_settings(cfg: dict) -> str:
@@ -658,6 +724,7 @@ def macros(rep: Report) -> dict[str, str]:
         "StudentVsTeacherSentences": student_vs_teacher_sentences(rep),
         "AgreementSentences": agreement_sentences(rep),
         "BestEpochSentence": best_epoch_sentence(rep),
+        "SpeedSentences": speed_sentences(rep),
     }
 
 
@@ -686,8 +753,9 @@ def figures_path_for_latex(figures_dir: Path, report_dir: Path) -> str:
     return path
 
 
-def collect(results_dir, figures_dir, report_dir, expected=REFERENCE_RUNS) -> Report:
+def collect(results_dir, figures_dir, report_dir, expected=REFERENCE_RUNS, benchmark=None) -> Report:
     results_dir, figures_dir, report_dir = Path(results_dir), Path(figures_dir), Path(report_dir)
+    benchmark = Path(benchmark) if benchmark else None
     unknown = [run for run in expected if run not in RUNS]
     if unknown:
         raise KdlabError(f"unknown run {', '.join(unknown)}; valid runs: {', '.join(RUNS)}")
@@ -695,15 +763,15 @@ def collect(results_dir, figures_dir, report_dir, expected=REFERENCE_RUNS) -> Re
         raise KdlabError(f"--results {results_dir} is a file; give the folder of the results files.")
     results = load_results(results_dir) if results_dir.is_dir() else {}
     manifest = load_manifest(results_dir) if results_dir.is_dir() else None
-    return Report(results, list(expected), load_efficiency(figures_dir), manifest,
-                  results_dir, figures_dir, figures_path_for_latex(figures_dir, report_dir))
+    return Report(results, list(expected), load_efficiency(figures_dir), manifest, load_benchmark(benchmark),
+                  benchmark, results_dir, figures_dir, figures_path_for_latex(figures_dir, report_dir))
 
 
 def write_generated(rep: Report, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"macros.tex": macros_tex(rep), "results_table.tex": results_table(rep),
              "config_table.tex": config_table(rep), "provenance.tex": provenance(rep) + "\n",
-             "reproduce.tex": reproduce_block(rep)}
+             "reproduce.tex": reproduce_block(rep), "speed_table.tex": speed_table(rep)}
     for name, text in files.items():
         (out_dir / name).write_text(text)
     return [out_dir / name for name in files]
@@ -725,13 +793,14 @@ def build_pdf(report_dir: Path) -> float:
 
 
 def make_report(results_dir="results/reference", figures_dir="figures", report_dir="report",
-                expected=REFERENCE_RUNS, draft=False, pdf=True, pdf_required=False, log=print) -> Report:
+                expected=REFERENCE_RUNS, draft=False, pdf=True, pdf_required=False,
+                benchmark=DEFAULT_BENCHMARK, log=print) -> Report:
     """Generate report_dir/generated/*.tex from the results, then build the PDF if latexmk is here."""
     report_dir = Path(report_dir)
     if not (report_dir / "KD_LAB.tex").is_file():
         raise KdlabError(f"{report_dir / 'KD_LAB.tex'} is not there; run from the repository's "
                          f"root or pass --report-dir.")
-    rep = collect(results_dir, figures_dir, report_dir, expected)
+    rep = collect(results_dir, figures_dir, report_dir, expected, benchmark)
     reason = rep.draft_reason()
     if reason and not draft:
         which = [run for run, r in rep.results.items()

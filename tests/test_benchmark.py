@@ -109,6 +109,14 @@ def test_cpu_run_writes_every_row_scaling_and_the_table(tmp_path, one_thread):
     assert "where the step's time goes" in table and "batch sweep" in table
     assert "10 (lab)" in table   # the lab's batch is marked in the sweep
 
+    plotted = subprocess.run([sys.executable, str(SCRIPT), "--plot", str(out), str(tmp_path / "throughput.png")],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert plotted.returncode == 0, plotted.stderr
+    assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+    missing = subprocess.run([sys.executable, str(SCRIPT), "--plot", str(tmp_path / "none.json"), "x.png"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "no such file" in missing.stderr and "Traceback" not in missing.stderr
+
     text = bench.markdown(report, "bench.json")
     assert "| step | conv+mm | BN | data | optim | other | busy |" in text
     assert text.count("| teacher_ce | ") == 1 + len(budget["batch_factors"])   # breakdown + sweep rows

@@ -206,8 +206,9 @@ def test_no_results_at_all_says_every_run_is_missing(tmp_path):
 
 def test_report_source_uses_every_macro_and_types_no_result():
     source = REPORT_TEX.read_text()
-    rep = report.Report({}, list(report.REFERENCE_RUNS), None, None, Path("results"),
-                        Path("figures"), "../figures")
+    rep = report.Report(results={}, expected=list(report.REFERENCE_RUNS), efficiency=None, manifest=None,
+                        benchmark=None, benchmark_path=None, results_dir=Path("results"),
+                        figures_dir=Path("figures"), figures_tex_path="../figures")
     for name in report.macros(rep):
         assert re.search(rf"\\{name}(?![A-Za-z])", source), f"\\{name} is generated but not used"
         assert not re.search(rf"\\{name} +\w", source), f"TeX eats the space after \\{name}: write \\{name}{{}}"
@@ -216,6 +217,43 @@ def test_report_source_uses_every_macro_and_types_no_result():
     body = source.split(r"\begin{document}")[1].split(r"\begin{thebibliography}")[0]
     prose = re.sub(r"(?m)(?<!\\)%.*$", "", body)
     assert not re.findall(r"\d+\.\d+|\d\s*\\%", prose), "a result typed by hand in KD_LAB.tex"
+
+
+BENCHMARK = REPORT_TEX.parents[1] / "benchmarks" / "results" / "h200-full-compile.json"
+
+
+def test_speed_table_equals_the_benchmark_file(tmp_path):
+    out = report_dir(tmp_path)
+    report.make_report(tmp_path / "absent", tmp_path / "figures", out, pdf=False, benchmark=BENCHMARK,
+                       log=lambda *_: None)
+    bench = json.loads(BENCHMARK.read_text())
+    body = (out / "generated" / "speed_table.tex").read_text().split(r"\midrule")[1].split(r"\bottomrule")[0]
+    rows = [[c.strip() for c in line.removesuffix(r"\\").split("&")] for line in body.strip().splitlines()]
+    assert [row[0] for row in rows] == [report.STEP_DESCRIPTIONS[r["step"]] for r in bench["rows"]]
+    for cells, r in zip(rows, bench["rows"]):
+        kdlab, naive, speedup, tflops, share = (float(c.replace(",", "")) for c in cells[1:])
+        assert kdlab == pytest.approx(r["kdlab"]["images_per_s"], abs=0.5)
+        assert naive == pytest.approx(r["naive"]["images_per_s"], abs=0.5)
+        assert speedup == pytest.approx(r["speedup"], abs=0.05)
+        assert tflops == pytest.approx(r["kdlab"]["tflops"], abs=0.5)
+        assert share == pytest.approx(100 * r["kdlab"]["peak_share"], abs=0.05)
+    sentences = generated_macros(out)["SpeedSentences"]
+    train = [r["speedup"] for r in bench["rows"] if r["step"] != "evaluation"]
+    assert f"from {min(train):.1f} times" in sentences and f"to {max(train):.1f} times" in sentences
+    shares = [100 * r["kdlab"]["peak_share"] for r in bench["rows"]]
+    assert f"{min(shares):.1f}\\% to {max(shares):.1f}\\%" in sentences
+
+
+def test_without_a_benchmark_file_the_speed_is_said_unmeasured(tmp_path):
+    out = report_dir(tmp_path)
+    report.make_report(tmp_path / "absent", tmp_path / "figures", out, pdf=False,
+                       benchmark=tmp_path / "none.json", log=lambda *_: None)
+    assert generated_macros(out)["SpeedSentences"].startswith("Training speed: not measured")
+    assert (out / "generated" / "speed_table.tex").read_text() == ""
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": [{"step": "student_ce"}]}))
+    with pytest.raises(KdlabError, match="does not have a benchmark file's layout"):
+        report.make_report(tmp_path / "absent", tmp_path / "figures", out, pdf=False,
+                           benchmark=tmp_path / "bad.json", log=lambda *_: None)
 
 
 def test_missing_latexmk_is_a_note_unless_the_pdf_is_required(tmp_path, monkeypatch):
