@@ -8,6 +8,7 @@ share of peak (the teacher step's) of that GPU's dense fp16/bf16 peak. An estima
 measurement: validation, checkpoints and set-up come on top, and another GPU may reach a
 different share of its peak.
 """
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -38,4 +39,6 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="a benchmarks/throughput.py results file measured on a GPU")
+    main(parser.parse_args().results)

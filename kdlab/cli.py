@@ -130,8 +130,7 @@ def main(argv=None) -> int:
     except KdlabError as err:
         print(f"kdlab: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nkdlab: interrupted. Every finished epoch is saved in the checkpoint folder; "
-              "run the same command again to resume.", file=sys.stderr)
+    except KeyboardInterrupt:   # the interrupted run has said what is saved (kdlab.lab.Lab.run)
+        print("kdlab: interrupted.", file=sys.stderr)
         return 130
     return 0

@@ -65,10 +65,9 @@ def _download(root: Path, folder: Path) -> None:
 def _missing_message(folder: Path, why: str) -> str:
     return (f"CIFAR-10 is not in {folder} and {why}. Fill that folder with the five "
             f"data_batch_N files and test_batch of torchvision's cifar-10-batches-py layout: "
-            f"on a machine with a network, run the lab once (it downloads them), or copy the "
-            f"extracted cifar-10-python.tar.gz there; offline, convert the JPEG copy with "
-            f"`python ../shared/data/cifar10_to_batches.py {folder.parent}`. Or use --data-dir "
-            f"to point at a folder that holds {BATCHES_DIR}/, or --smoke for synthetic data.")
+            f"with a network, run the lab once (it downloads them); offline, extract a copy of "
+            f"cifar-10-python.tar.gz there (README, \"Offline and missing files\"). Or use "
+            f"--data-dir to point at a folder that holds {BATCHES_DIR}/, or --smoke for synthetic data.")
 
 
 def _read_batches(folder: Path, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

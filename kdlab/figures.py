@@ -398,7 +398,7 @@ def measure_efficiency(results: dict[str, dict], ckpt_dir: str | Path, device: t
         flops, latency_ms, throughput = cost[arch, image_size]
         checkpoint = Path(ckpt_dir) / f"{run}_best.pt"
         if checkpoint.is_file():
-            size, size_source = checkpoint.stat().st_size, f"size of {checkpoint.name}"
+            size, size_source = checkpoint.stat().st_size, f"size of {checkpoint}"
         else:
             size, size_source = 4 * r["parameters"], "no checkpoint file: fp32 weights, parameters x 4 bytes"
         runs[run] = dict(arch=arch, image_size=image_size, params=r["parameters"],

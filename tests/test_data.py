@@ -104,7 +104,7 @@ def test_missing_data_says_where_and_how(tmp_path):
     with pytest.raises(KdlabError) as err:
         load_cifar10(tmp_path / "nowhere", download=False)
     assert str(tmp_path / "nowhere" / BATCHES_DIR) in str(err.value)
-    assert "cifar10_to_batches.py" in str(err.value)
+    assert "cifar-10-python.tar.gz" in str(err.value) and "--smoke" in str(err.value)
 
 
 class RunsCode:
