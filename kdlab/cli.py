@@ -9,7 +9,7 @@ from pathlib import Path
 from kdlab.config import LAB_RUNS, RUNS
 from kdlab.errors import KdlabError
 from kdlab.report import DEFAULT_BENCHMARK, REFERENCE_RUNS, make_report
-from kdlab.results import load_results, run_status
+from kdlab.results import RunPaths, read_results_file, run_status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,14 +95,18 @@ def command_run(args) -> None:
 
 
 def command_status(args) -> None:
-    results = load_results(args.ckpt_dir)
     for name in RUNS:
         state = run_status(args.ckpt_dir, name)
         line = f"{name:32} {state:9}"
-        if state == "trained" and name in results:
-            r = results[name]
-            line += f" best val {r['best_val_acc']:.4f}  test {r['test_acc']:.4f}"
-            line += "  (smoke)" if r.get("smoke") else ""
+        path = RunPaths(Path(args.ckpt_dir), name).results
+        if state == "trained" and path.is_file():
+            try:   # one damaged file is that run's problem: the other lines still print
+                r = read_results_file(path, name)
+            except KdlabError as err:
+                line += f" results file unusable: {err}"
+            else:
+                line += f" best val {r['best_val_acc']:.4f}  test {r['test_acc']:.4f}"
+                line += "  (smoke)" if r.get("smoke") else ""
         print(line)
 
 

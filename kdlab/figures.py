@@ -470,7 +470,7 @@ def plot_throughput(bench: dict, out_path: str | Path, origin: str = "") -> Path
     where = f" | from {origin}" if origin else ""
     source = (f"measured on {bench['device_name']}, torch {bench['torch_version']}, {bench['image_size']} px, "
               f"batch {bench['batch_size']}, synthetic images, random weights{where}")
-    fig, axes = _figure("Training speed: kdlab's path against a typical notebook's, same GPU, same run",
+    fig, axes = _figure("Training speed: kdlab's path against a typical notebook's, same device, same run",
                         source, False, (12, 4.8), 1, 2 if peak else 1)
     speed_ax = axes[0, 0]
     x = np.arange(len(rows))

@@ -62,10 +62,12 @@ class Lab:
                     cfg, lambda: self.splits(cfg), self.device, self.ckpt_dir,
                     get_teacher=lambda: self.run(TEACHER_RUN), retrain=retrain,
                     progress=self.progress, log=self.log)
-            except KeyboardInterrupt:
-                last = RunFiles(self.ckpt_dir, name).last
-                saved = (f"every finished epoch is saved in {last}; run it again (the same cell "
-                         f"or command) to resume" if last.exists() else "it has no finished epoch to resume from")
-                self.log(f"{name}: interrupted; {saved}.")
+            except KeyboardInterrupt as interrupt:
+                if not getattr(interrupt, "reported_by", None):   # the innermost run says it, once
+                    interrupt.reported_by = name
+                    last = RunFiles(self.ckpt_dir, name).last
+                    saved = (f"every finished epoch is saved in {last}; run it again (the same cell "
+                             f"or command) to resume" if last.exists() else "it has no finished epoch to resume from")
+                    self.log(f"{name}: interrupted; {saved}.")
                 raise
         return self._runs[name]

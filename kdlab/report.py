@@ -82,10 +82,15 @@ def load_benchmark(path: Path | None) -> dict | None:
         return None
     what = "run benchmarks/throughput.py again, or pass another --benchmark."
     bench = read_json(path, what)
-    if not (isinstance(bench, dict) and bench.get("rows") and all(
-            isinstance(row, dict) and {"step", "kdlab", "naive", "speedup"} <= set(row) for row in bench["rows"])):
-        raise KdlabError(f"{path} does not have a benchmark file's layout (device_name, rows: step, "
-                         f"kdlab, naive, speedup); {what}")
+    paths = ("kdlab", "naive")
+    if not (isinstance(bench, dict) and {"device_name", "torch_version", "image_size", "batch_size"} <= set(bench)
+            and bench.get("rows") and all(
+                isinstance(row, dict) and {"step", "speedup", *paths} <= set(row)
+                and all(isinstance(row[p], dict) and {"images_per_s", "tflops"} <= set(row[p]) for p in paths)
+                for row in bench["rows"])):
+        raise KdlabError(f"{path} does not have a benchmark file's layout (device_name, torch_version, "
+                         f"image_size, batch_size; rows: step, speedup, kdlab and naive with images_per_s "
+                         f"and tflops); {what}")
     return bench
 
 
@@ -269,13 +274,14 @@ def speed_table(rep: Report) -> str:
         k, n = row["kdlab"], row["naive"]
         share = f"{100 * k['peak_share']:.1f}" if k.get("peak_share") else "--"
         rows.append(rf"{tex(STEP_DESCRIPTIONS.get(row['step'], row['step']))} & {k['images_per_s']:,.0f} & "
-                    rf"{n['images_per_s']:,.0f} & {row['speedup']:.1f} & {k['tflops']:.0f} & {share} \\")
+                    rf"{n['images_per_s']:,.0f} & {row['speedup']:.1f} & {k['tflops']:.3g} & {share} \\")
     caption = (rf"Training speed on {tex(bench['device_name'])} (torch {tex(bench['torch_version'])}), "
                rf"{bench['image_size']}~px, batch {bench['batch_size']}, synthetic images and random weights "
                rf"(a step's cost depends on shapes only). kdlab: the package's own loader and step "
                rf"functions; naive: per-image PIL transforms in a two-worker DataLoader, fp32. "
-               rf"TFLOP/s: model FLOPs (forward and backward of the trained network, forward of a "
-               rf"teacher) per second; peak: the GPU's dense bf16/fp16 peak. Source: {tt(rep.benchmark_path)}.")
+               rf"TFLOP/s: model FLOPs per second (a training step: forward and backward of the trained "
+               rf"network and forward of a teacher; evaluation: forward only); peak: the device's dense "
+               rf"bf16/fp16 peak (-- where unknown, as on a CPU). Source: {tt(rep.benchmark_path)}.")
     return table("tab:speed", caption, "lrrrrr", [
         r"Step & kdlab & naive & Speed-up & TFLOP/s & Peak \\",
         r" & (images/s) & (images/s) & ($\times$) & (kdlab) & (\%) \\"], rows)
@@ -297,8 +303,8 @@ def speed_sentences(rep: Report) -> str:
              if evaluation else r" (Table~\ref{tab:speed}).")
     shares = [r["kdlab"]["peak_share"] for r in bench["rows"] if r["kdlab"].get("peak_share")]
     if shares:
-        text += (rf" They use {100 * min(shares):.1f}\% to {100 * max(shares):.1f}\% of the GPU's dense "
-                 rf"bf16/fp16 peak.")
+        text += (rf" Training steps and evaluation use {100 * min(shares):.1f}\% to {100 * max(shares):.1f}\% "
+                 rf"of the GPU's dense bf16/fp16 peak.")
     return text
 
 

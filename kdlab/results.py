@@ -61,26 +61,26 @@ def run_order(run: str) -> tuple[int, str]:
     return (names.index(run) if run in names else len(names), run)
 
 
+def read_results_file(path: Path, run: str) -> dict:
+    """One run's results file, checked; a damaged or foreign one stops with what to do about it."""
+    again = (f"copy it again from where it came from, or, in the run's checkpoint folder, delete it and "
+             f"run `python -m kdlab run {run} --ckpt-dir <that folder>`: a finished run writes it again "
+             f"from its checkpoint.")
+    r = read_json(path, again)
+    lacking = [k for k in RESULT_KEYS if k not in r] if isinstance(r, dict) else list(RESULT_KEYS)
+    if lacking:
+        raise KdlabError(f"{path} is not a kdlab results file (it lacks {', '.join(lacking)}); {again}")
+    if r["run"] != run:
+        raise KdlabError(f"{path} holds the results of {r['run']!r}; rename it "
+                         f"{r['run']}_results.json or delete it.")
+    return r
+
+
 def load_results(results_dir: str | Path) -> dict[str, dict]:
     """The `<run>_results.json` of every run found in `results_dir`, by run, in the lab's order.
 
-    A damaged or foreign file stops the reading with what to do about it: a results file is
-    written again from its checkpoint by running the same run.
+    Files of names that are not runs are not read.
     """
     folder = Path(results_dir)
-    results = {}
-    for run in RUNS:
-        path = RunPaths(folder, run).results
-        if not path.is_file():
-            continue
-        again = (f"delete it and run `python -m kdlab run {run} --ckpt-dir {folder}`: a finished run "
-                 f"writes it again from its checkpoint.")
-        r = read_json(path, again)
-        lacking = [k for k in RESULT_KEYS if k not in r] if isinstance(r, dict) else list(RESULT_KEYS)
-        if lacking:
-            raise KdlabError(f"{path} is not a kdlab results file (it lacks {', '.join(lacking)}); {again}")
-        if r["run"] != run:
-            raise KdlabError(f"{path} holds the results of {r['run']!r}; rename it "
-                             f"{r['run']}_results.json or delete it.")
-        results[run] = r
-    return results
+    return {run: read_results_file(RunPaths(folder, run).results, run)
+            for run in RUNS if RunPaths(folder, run).results.is_file()}

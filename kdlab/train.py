@@ -93,11 +93,14 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
         history, best_modules = resume["history"], resume["best_modules"]
     best_val = max((h["val_acc"] for h in history), default=-1.0)
     quiet = None if progress is None else not progress   # None: bars only on a terminal
-    epochs = f"epochs {len(history) + 1} to {cfg.epochs}" if len(history) + 1 < cfg.epochs else f"epoch {cfg.epochs}"
-    log(f"{cfg.run}: training on {device} ({dtype or 'fp32'}), {epochs}, "
-        f"{steps} steps of {loader.batch_size} images at {cfg.image_size} px each"
-        + ("; on a CPU a real run takes hours: use a GPU, or --smoke to check the pipeline in a minute"
-           if device.type == "cpu" and not cfg.smoke else ""))
+    if len(history) < cfg.epochs:
+        epochs = (f"epochs {len(history) + 1} to {cfg.epochs}" if len(history) + 1 < cfg.epochs
+                  else f"epoch {cfg.epochs}")
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+        log(f"{cfg.run}: training on {device} ({precision}), {epochs}, "
+            f"{steps} steps of {loader.batch_size} images at {cfg.image_size} px each"
+            + ("; on a CPU a real run takes hours: use a GPU, or --smoke to check the pipeline in a minute"
+               if device.type == "cpu" and not cfg.smoke else ""))
 
     for epoch in tqdm(range(len(history), cfg.epochs), desc=cfg.run, unit="epoch", disable=quiet,
                       initial=len(history), total=cfg.epochs):

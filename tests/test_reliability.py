@@ -346,6 +346,16 @@ def test_ctrl_c_in_the_cli_exits_130_and_the_same_command_resumes(tmp_path, caps
     assert without_seconds(history) == without_seconds(tiny_run["results"]["history"])
 
 
+def test_ctrl_c_in_a_teacher_trained_for_a_student_is_reported_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(kdlab.train, "evaluate", stop_at_call(1, kdlab.train.evaluate, raise_keyboard_interrupt))
+    log = []
+    lab = Lab(tmp_path, device="cpu", smoke=True, progress=False, log=log.append, **TINY)
+    with pytest.raises(KeyboardInterrupt):
+        lab.run("student_scratch_kd_scores")   # trains its teacher first, which is interrupted
+    said = [line for line in log if "interrupted" in line]
+    assert said == ["teacher_resnet50: interrupted; it has no finished epoch to resume from."]
+
+
 @pytest.mark.parametrize("moment", ["validation", "checkpoint write"])
 def test_keyboard_interrupt_in_lab_run_keeps_the_last_finished_epoch(tmp_path, monkeypatch, moment, tiny_run):
     if moment == "validation":

@@ -7,6 +7,7 @@ import sys
 import pytest
 from conftest import REPO
 
+from kdlab.cli import main
 from kdlab.errors import KdlabError
 from kdlab.results import RESULT_KEYS, load_results, run_status
 
@@ -28,7 +29,7 @@ def test_an_empty_folder_has_no_results_and_runs_come_in_the_lab_order(tmp_path)
 
 
 @pytest.mark.parametrize("content, message", [
-    ("{truncated", f"not readable JSON .*delete it and run `python -m kdlab run {RUN} --ckpt-dir"),
+    ("{truncated", f"not readable JSON .*copy it again .*delete it and run `python -m kdlab run {RUN} --ckpt-dir"),
     ("[1, 2]", "not a kdlab results file .*lacks run, test_acc"),
     (json.dumps({"run": RUN}), "lacks test_acc, best_val_acc"),
     (results_file("teacher_resnet50"), "holds the results of 'teacher_resnet50'; rename it teacher_resnet50_results.json"),
@@ -59,3 +60,15 @@ def test_commands_that_only_read_files_do_not_import_torch(tmp_path, args):
     result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_status_names_a_damaged_results_file_on_its_own_line(tmp_path, capsys):
+    for run in (RUN, "teacher_resnet50"):
+        (tmp_path / f"{run}_best.pt").write_bytes(b"")
+    (tmp_path / "teacher_resnet50_results.json").write_text(results_file("teacher_resnet50"))
+    (tmp_path / f"{RUN}_results.json").write_text("{truncated")
+    assert main(["status", "--ckpt-dir", str(tmp_path)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "test 0.5000" in lines["teacher_resnet50"] and "(smoke)" in lines["teacher_resnet50"]
+    assert "results file unusable" in lines[RUN] and "not readable JSON" in lines[RUN]
+    assert lines["student_scratch_kd_scores"].split()[1] == "missing"
