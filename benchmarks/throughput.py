@@ -470,18 +470,20 @@ def measure_breakdown(kind: str, cfg, data: Cifar10, budget: Budget, device: tor
                 conv_tflops=conv_tflops, conv_peak_share=conv_tflops / peak if conv_tflops and peak else None)
 
 
-def measure_batch_sweep(budget: Budget, data: Cifar10, device: torch.device, peak, log) -> list[dict]:
+def measure_batch_sweep(budget: Budget, data: Cifar10, device: torch.device, peak, rows: list[dict],
+                        log) -> list[dict]:
     """kdlab's teacher and student CE steps at multiples of the lab's batch size.
 
     Larger batches give every kernel more work per launch: if the share of peak climbs with
     the batch, the lab's batch leaves the GPU waiting; if it stays flat, the kernels are the
-    limit. A size that does not fit in memory is recorded as such.
+    limit. A size that does not fit in memory is recorded as such. FLOPs per image come from
+    the step kinds' `rows`.
     """
     tune_cudnn(device)
     sweeps = []
     for kind in ("teacher_ce", "student_ce"):
         lab = make_config(STEP_RUNS[kind], **size_overrides(budget))
-        flops_per_image = 3 * forward_flops(lab, lab.image_size)["trained"]
+        flops_per_image = next(row["flops_per_image"] for row in rows if row["step"] == kind)
         points = []
         for factor in budget.batch_factors:
             cfg = make_config(STEP_RUNS[kind], image_size=lab.image_size, batch_size=round(factor * lab.batch_size))
@@ -785,7 +787,7 @@ def benchmark(args, log=print) -> dict:
                                                  not args.no_compile, log)
         save()
     log("batch sweep:")
-    report["batch_sweep"] = measure_batch_sweep(budget, data, device, report["peak_tflops"], log)
+    report["batch_sweep"] = measure_batch_sweep(budget, data, device, report["peak_tflops"], report["rows"], log)
     save()
     # Last: the profiler is the newest part and the one most likely to fail on a new stack.
     report["breakdown"] = []

@@ -15,6 +15,7 @@ import datetime
 import json
 import math
 import statistics
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN
 from kdlab.data import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
-from kdlab.report import agreement, best_student
+from kdlab.report import STEP_DESCRIPTIONS, agreement, best_student
 from kdlab.results import load_results
 from kdlab.lab import resolve_device
 from kdlab.models import build_model
@@ -454,10 +455,6 @@ def plot_efficiency(efficiency: dict, results: dict[str, dict], missing: list[st
 
 # ----------------------------------------------------------------------------- training speed
 
-# The step kinds of benchmarks/throughput.py, as the chart names them.
-STEP_NAMES = {"teacher_ce": "teacher step\n(ResNet50, CE)", "student_ce": "student step\n(ResNet18, CE)",
-              "logit_kd": "logit-KD step\n(+ ResNet50 fwd)", "feature_kd": "feature-KD step\n(+ ResNet50 fwd)",
-              "evaluation": "evaluation\n(ResNet18 fwd)"}
 PATH_COLOURS = {"kdlab": "#1f77b4", "naive": "#bbbbbb"}
 
 
@@ -487,7 +484,8 @@ def plot_throughput(bench: dict, out_path: str | Path, origin: str = "") -> Path
     speed_ax.set_yscale("log")
     speeds = [r[path]["images_per_s"] for r in rows for path in PATH_COLOURS]
     speed_ax.set_ylim(min(speeds) / 4, max(speeds) * 3)   # room under the slowest bar, above the labels
-    speed_ax.set_xticks(x, [STEP_NAMES.get(r["step"], r["step"]) for r in rows], fontsize=8)
+    ticks = [textwrap.fill(STEP_DESCRIPTIONS.get(r["step"], r["step"]), 16) for r in rows]
+    speed_ax.set_xticks(x, ticks, fontsize=8)
     speed_ax.set(ylabel="images per second (log scale)", title="throughput (bold: kdlab's images/s over the naive path's)")
     speed_ax.title.set_fontsize(9)
     speed_ax.grid(axis="y", alpha=0.3, which="both")
@@ -496,7 +494,7 @@ def plot_throughput(bench: dict, out_path: str | Path, origin: str = "") -> Path
         share_ax = axes[0, 1]
         bars = share_ax.bar(x, [_percent(r["kdlab"]["peak_share"]) for r in rows], 0.6, color=PATH_COLOURS["kdlab"])
         share_ax.bar_label(bars, fmt="%.1f", fontsize=8)
-        share_ax.set_xticks(x, [STEP_NAMES.get(r["step"], r["step"]) for r in rows], fontsize=8)
+        share_ax.set_xticks(x, ticks, fontsize=8)
         share_ax.set(ylabel=f"% of the {peak:.0f} TFLOP/s dense bf16 peak",
                      title="model FLOPs utilisation of kdlab's path", ylim=(0, 100))
         share_ax.title.set_fontsize(9)

@@ -81,6 +81,5 @@ def load_results(results_dir: str | Path) -> dict[str, dict]:
 
     Files of names that are not runs are not read.
     """
-    folder = Path(results_dir)
-    return {run: read_results_file(RunPaths(folder, run).results, run)
-            for run in RUNS if RunPaths(folder, run).results.is_file()}
+    paths = {run: RunPaths(Path(results_dir), run).results for run in RUNS}
+    return {run: read_results_file(path, run) for run, path in paths.items() if path.is_file()}
