@@ -201,7 +201,8 @@ def forward_flops(cfg, image_size: int) -> dict:
         return counter.get_total_flops()
 
     teacher_flops = count(method.teacher, images) if teacher is not None else 0
-    return dict(trained=count(method.forward_train, images, targets) - teacher_flops,
+    # Past any warm-up, so every loss term counts as in most of a run.
+    return dict(trained=count(method.forward_train, images, targets, float(cfg.epochs)) - teacher_flops,
                 teacher=teacher_flops or None)
 
 
@@ -236,7 +237,7 @@ def kdlab_train_steps(method, optimizer, scaler, loader, dtype, memory_format):
     for epoch in itertools.count():
         for images, targets in marked_data(loader.epoch(epoch)):
             images = images.contiguous(memory_format=memory_format)  # a no-op on kdlab's default
-            train_step(method, optimizer, scaler, images, targets, dtype)
+            train_step(method, optimizer, scaler, images, targets, dtype, float(epoch))
             yield len(targets)
 
 
@@ -304,7 +305,7 @@ def naive_train_steps(method, optimizer, loader, device):
     running_loss = 0.0
     for images, targets in loader:
         images, targets = images.to(device), targets.to(device)
-        _, losses = method.forward_train(images, targets)
+        _, losses = method.forward_train(images, targets, 0.0)
         loss = sum(losses.values())
         optimizer.zero_grad()
         loss.backward()
@@ -384,11 +385,11 @@ def measure_scaling(budget: Budget, data: Cifar10, device: torch.device) -> dict
         loader = DeviceLoader(*splits.train, limited.batch_size, limited.image_size, limited.seed)
         if not epochs:
             for images, targets in itertools.islice(loader.epoch(0), budget.warmup_steps):
-                train_step(method, optimizer, scaler, images, targets, dtype)
+                train_step(method, optimizer, scaler, images, targets, dtype, 0.0)
         synchronize(device)
         start = time.perf_counter()
         for images, targets in loader.epoch(1):
-            train_step(method, optimizer, scaler, images, targets, dtype)
+            train_step(method, optimizer, scaler, images, targets, dtype, 1.0)
         synchronize(device)
         epochs.append(dict(limit_train=size, train_images=len(splits.train[1]), steps=len(loader),
                            epoch_seconds=time.perf_counter() - start))

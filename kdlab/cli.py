@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from kdlab.config import LAB_RUNS, RUNS
+from kdlab.config import LAB_RUNS, RUNS, STAGES
 from kdlab.errors import KdlabError
 from kdlab.report import DEFAULT_BENCHMARK, REFERENCE_RUNS, make_report
 from kdlab.results import RunPaths, read_results_file, run_status
@@ -30,8 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image-size", type=int, help="input resolution (CIFAR is upsampled on the device)")
     run.add_argument("--temperature", type=float)
     run.add_argument("--alpha", type=float)
-    run.add_argument("--hint-layer", choices=["layer1", "layer2", "layer3", "layer4"])
+    run.add_argument("--hint-layer", choices=STAGES)
     run.add_argument("--hint-weight", type=float)
+    run.add_argument("--dkd-alpha", type=float, help="decoupled KD: weight of the target-class term")
+    run.add_argument("--dkd-beta", type=float, help="decoupled KD: weight of the non-target-class term")
+    run.add_argument("--dkd-warmup-epochs", type=float, help="decoupled KD: epochs over which its term ramps up")
+    run.add_argument("--at-stages", nargs="+", choices=STAGES, help="attention transfer: the stages compared")
+    run.add_argument("--at-p", type=float, help="attention transfer: the map is the channel mean of |x|^p")
+    run.add_argument("--at-weight", type=float, help="attention transfer: weight of its term next to CE")
     run.add_argument("--limit-train", type=int, help="train on a stratified subset of N images")
     run.add_argument("--seed", type=int)
     run.add_argument("--retrain", action="store_true", help="ignore and replace existing checkpoints")
@@ -72,6 +78,8 @@ def command_run(args) -> None:
     overrides = dict(weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
                      lr=args.lr, image_size=args.image_size, temperature=args.temperature,
                      alpha=args.alpha, hint_layer=args.hint_layer, hint_weight=args.hint_weight,
+                     dkd_alpha=args.dkd_alpha, dkd_beta=args.dkd_beta, dkd_warmup_epochs=args.dkd_warmup_epochs,
+                     at_stages=args.at_stages and tuple(args.at_stages), at_p=args.at_p, at_weight=args.at_weight,
                      limit_train=args.limit_train, seed=args.seed)
     if args.teacher_epochs is not None and args.teacher_epochs < 1:
         raise KdlabError(f"teacher epochs must be at least 1, got {args.teacher_epochs}")

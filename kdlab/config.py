@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from kdlab.errors import KdlabError
 
 TEACHER_RUN = "teacher_resnet50"
+STAGES = ("layer1", "layer2", "layer3", "layer4")   # the ResNet stages a feature method can read
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,19 @@ class RunConfig:
     momentum: float = 0.9
     warmup_epochs: float = 1.0
     image_size: int = 128        # CIFAR's 32 px upsampled on the device (README: "Input resolution")
-    temperature: float = 4.0     # logit KD
+    temperature: float = 4.0     # logit KD and decoupled KD
     alpha: float = 0.9           # logit KD: weight of the distillation term
     hint_layer: str = "layer3"   # feature KD: the ResNet stage whose output is matched
     hint_weight: float = 1.0     # feature KD: weight of the hint MSE next to CE
+    # Decoupled KD, mdistiller's CIFAR defaults; its warm-up of 20 of 240 epochs (8%) is about
+    # 2 of our 20: the DKD term grows linearly from 0 over the first `dkd_warmup_epochs`.
+    dkd_alpha: float = 1.0       # weight of TCKD (target class vs the rest)
+    dkd_beta: float = 8.0        # weight of NCKD (among the non-target classes)
+    dkd_warmup_epochs: float = 2.0
+    # Attention transfer: the stages compared (all four, as mdistiller) and the paper code's weight.
+    at_stages: tuple[str, ...] = STAGES
+    at_p: float = 2.0            # attention map = mean over channels of |x|^p
+    at_weight: float = 1000.0
     val_per_class: int = 500
     limit_train: int = 0         # 0 = the whole 45,000-image train split
     seed: int = 42
@@ -56,6 +66,8 @@ RUNS = {
     "student_scratch_baseline":       dict(arch="resnet18", method="ce", **SCRATCH),
     "student_scratch_kd_scores":      dict(arch="resnet18", method="kd_logits", **SCRATCH),
     "student_scratch_kd_features":    dict(arch="resnet18", method="kd_features", **SCRATCH),
+    "student_scratch_dkd":            dict(arch="resnet18", method="dkd", **SCRATCH),
+    "student_scratch_at":             dict(arch="resnet18", method="attention", **SCRATCH),
 }
 # The six runs of the original lab; `run all` trains these.
 LAB_RUNS = list(RUNS)[:6]
@@ -66,7 +78,8 @@ SMOKE = dict(weights="none", epochs=2, batch_size=64, image_size=32, val_per_cla
              lr=0.05, warmup_epochs=0.5)
 
 OVERRIDABLE = ("weights", "epochs", "batch_size", "lr", "image_size", "temperature",
-               "alpha", "hint_layer", "hint_weight", "limit_train", "seed")
+               "alpha", "hint_layer", "hint_weight", "dkd_alpha", "dkd_beta", "dkd_warmup_epochs",
+               "at_stages", "at_p", "at_weight", "limit_train", "seed")
 
 
 def make_config(run: str, smoke: bool = False, **overrides) -> RunConfig:
@@ -109,8 +122,16 @@ def validate(cfg: RunConfig) -> RunConfig:
         problems.append(f"temperature must be positive, got {cfg.temperature}")
     if not 0 <= cfg.alpha <= 1:
         problems.append(f"alpha must be in [0, 1], got {cfg.alpha}")
-    if cfg.hint_layer not in ("layer1", "layer2", "layer3", "layer4"):
-        problems.append(f"hint layer must be one of layer1..layer4, got {cfg.hint_layer!r}")
+    if cfg.hint_layer not in STAGES:
+        problems.append(f"hint layer must be one of {', '.join(STAGES)}, got {cfg.hint_layer!r}")
+    if cfg.dkd_alpha < 0 or cfg.dkd_beta < 0:
+        problems.append(f"DKD's alpha and beta must be non-negative, got {cfg.dkd_alpha} and {cfg.dkd_beta}")
+    if cfg.dkd_warmup_epochs < 0:
+        problems.append(f"DKD's warm-up must be 0 epochs or more, got {cfg.dkd_warmup_epochs}")
+    if not cfg.at_stages or not set(cfg.at_stages) <= set(STAGES):
+        problems.append(f"attention stages must be among {', '.join(STAGES)}, got {', '.join(cfg.at_stages) or 'none'}")
+    if not cfg.at_p > 0 or cfg.at_weight < 0:
+        problems.append(f"attention p must be positive and its weight non-negative, got {cfg.at_p} and {cfg.at_weight}")
     if cfg.limit_train < 0 or 0 < cfg.limit_train < 10:
         problems.append(f"limit-train must be 0 (no limit) or at least 10 (one image per class), "
                         f"got {cfg.limit_train}")
@@ -124,8 +145,14 @@ def config_dict(cfg: RunConfig) -> dict:
 
 
 def config_differences(stored: dict, requested: RunConfig) -> list[str]:
-    """Fields whose stored value differs from the requested one, as 'field: stored -> requested'."""
+    """Fields whose stored value differs from the requested one, as 'field: stored -> requested'.
+
+    A field the stored config lacks was added after it was written (a new method's setting):
+    it counts as its default, the recipe that checkpoint was trained with.
+    """
     wanted = config_dict(requested)
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+    stored = {**defaults, **stored}
     keys = sorted(set(stored) | set(wanted))
     return [f"{k}: {stored.get(k, '<absent>')!r} -> {wanted.get(k, '<absent>')!r}"
             for k in keys if stored.get(k) != wanted.get(k)]

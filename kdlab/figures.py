@@ -56,6 +56,8 @@ RUN_COLOURS = {
     "student_scratch_baseline": "#9467bd",
     "student_scratch_kd_scores": "#8c564b",
     "student_scratch_kd_features": "#e377c2",
+    "student_scratch_dkd": "#7f7f7f",
+    "student_scratch_at": "#bcbd22",
 }
 RUN_LABELS = {
     "teacher_resnet50": "ResNet50 teacher",
@@ -65,9 +67,11 @@ RUN_LABELS = {
     "student_scratch_baseline": "ResNet18 scratch",
     "student_scratch_kd_scores": "ResNet18 scratch + logit KD",
     "student_scratch_kd_features": "ResNet18 scratch + feature KD",
+    "student_scratch_dkd": "ResNet18 scratch + decoupled KD",
+    "student_scratch_at": "ResNet18 scratch + attention transfer",
 }
 # Line style of each loss term a method logs (kdlab.methods); a new term gets the last one.
-TERM_STYLES = {"ce": "-", "kd": "--", "hint": ":"}
+TERM_STYLES = {"ce": "-", "kd": "--", "hint": ":", "dkd": "--", "attention": ":"}
 SMOKE_BANNER = "SMOKE RUN: synthetic data, not results"
 DPI = 150
 

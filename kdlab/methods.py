@@ -1,7 +1,8 @@
 """One small unit per training method, mdistiller-style.
 
-`forward_train(images, targets)` returns `(student_logits, {loss_name: loss})`; the
-training loop sums the dict and logs each term by name. The teacher is frozen by
+`forward_train(images, targets, epochs_done)` returns `(student_logits, {loss_name: loss})`;
+the training loop sums the dict and logs each term by name. `epochs_done` is the training
+progress in epochs (a float: 1.5 is halfway through the second epoch), for methods that warm up. The teacher is frozen by
 construction: no gradients, eval mode whatever `train()` is called with, and its
 forward runs under no_grad (not inference_mode: its outputs are loss targets, and
 autograd may save them for the backward pass, which inference tensors forbid).
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.losses import hint_loss, kd_logits_terms
+from kdlab.losses import attention_transfer_loss, dkd_loss, hint_loss, kd_logits_terms
 from kdlab.models import StageOutput, stage_channels
 
 
@@ -48,7 +49,7 @@ class Method(nn.Module):
         with torch.no_grad():
             return self.teacher(images)
 
-    def forward_train(self, images, targets):
+    def forward_train(self, images, targets, epochs_done):
         logits = self.student(images)
         return logits, {"ce": F.cross_entropy(logits.float(), targets)}
 
@@ -64,7 +65,7 @@ class LogitKD(Method):
     def from_config(cls, cfg, student, teacher):
         return cls(student, teacher, cfg.temperature, cfg.alpha)
 
-    def forward_train(self, images, targets):
+    def forward_train(self, images, targets, epochs_done):
         teacher_logits = self.teacher_forward(images)
         logits = self.student(images)
         return logits, kd_logits_terms(logits, teacher_logits, targets, self.temperature, self.alpha)
@@ -96,7 +97,7 @@ class FeatureKD(Method):
         self.student_stage.remove()
         self.teacher_stage.remove()
 
-    def forward_train(self, images, targets):
+    def forward_train(self, images, targets, epochs_done):
         self.teacher_forward(images)
         logits = self.student(images)
         hint = self.regressor(self.student_stage.output)
@@ -106,7 +107,62 @@ class FeatureKD(Method):
         }
 
 
-METHODS = {"ce": Method, "kd_logits": LogitKD, "kd_features": FeatureKD}
+class DecoupledKD(Method):
+    """Decoupled KD (Zhao et al. 2022): CE plus alpha * TCKD + beta * NCKD (`kdlab.losses.dkd_loss`).
+
+    The DKD term ramps up linearly over the first `warmup_epochs`: its beta of 8 on the teacher's
+    non-target classes would otherwise pull an untrained student off before CE has shaped it.
+    """
+
+    def __init__(self, student, teacher, alpha: float, beta: float, temperature: float, warmup_epochs: float):
+        super().__init__(student, teacher)
+        self.alpha, self.beta, self.temperature, self.warmup_epochs = alpha, beta, temperature, warmup_epochs
+
+    @classmethod
+    def from_config(cls, cfg, student, teacher):
+        return cls(student, teacher, cfg.dkd_alpha, cfg.dkd_beta, cfg.temperature, cfg.dkd_warmup_epochs)
+
+    def forward_train(self, images, targets, epochs_done):
+        teacher_logits = self.teacher_forward(images)
+        logits = self.student(images)
+        ramp = min(epochs_done / self.warmup_epochs, 1.0) if self.warmup_epochs else 1.0
+        return logits, {
+            "ce": F.cross_entropy(logits.float(), targets),
+            "dkd": ramp * dkd_loss(logits, teacher_logits, targets, self.alpha, self.beta, self.temperature),
+        }
+
+
+class AttentionTransfer(Method):
+    """Attention transfer (Zagoruyko & Komodakis 2017): CE plus the distance between the spatial
+    attention maps of student and teacher after each stage given (`kdlab.losses.attention_transfer_loss`).
+
+    No module is added: an attention map has one channel whatever the stage's width.
+    """
+
+    def __init__(self, student, teacher, stages: tuple[str, ...], p: float, weight: float):
+        super().__init__(student, teacher)
+        self.p, self.weight = p, weight
+        self.student_stages = [StageOutput(student, stage) for stage in stages]
+        self.teacher_stages = [StageOutput(teacher, stage) for stage in stages]
+
+    @classmethod
+    def from_config(cls, cfg, student, teacher):
+        return cls(student, teacher, cfg.at_stages, cfg.at_p, cfg.at_weight)
+
+    def close(self):
+        for hook in self.student_stages + self.teacher_stages:
+            hook.remove()
+
+    def forward_train(self, images, targets, epochs_done):
+        self.teacher_forward(images)
+        logits = self.student(images)
+        attention = attention_transfer_loss([s.output for s in self.student_stages],
+                                            [t.output for t in self.teacher_stages], self.p)
+        return logits, {"ce": F.cross_entropy(logits.float(), targets), "attention": self.weight * attention}
+
+
+METHODS = {"ce": Method, "kd_logits": LogitKD, "kd_features": FeatureKD, "dkd": DecoupledKD,
+           "attention": AttentionTransfer}
 
 
 def build_method(cfg, student: nn.Module, teacher: nn.Module | None) -> Method:

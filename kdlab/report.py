@@ -50,7 +50,8 @@ STUDENTS = {
     "from ImageNet": ("student_pretrained_baseline", "student_pretrained_kd_logits",
                       "student_pretrained_kd_features"),
 }
-METHOD_NAMES = {"ce": "cross-entropy", "kd_logits": "logit KD", "kd_features": "feature KD"}
+METHOD_NAMES = {"ce": "cross-entropy", "kd_logits": "logit KD", "kd_features": "feature KD",
+                "dkd": "decoupled KD", "attention": "attention transfer"}
 # Settings every run normally shares: one line under the config table, not a column each.
 SHARED_SETTINGS = {"batch_size": "batch size", "momentum": "momentum (Nesterov)",
                    "warmup_epochs": "warm-up epochs", "image_size": "input px",
@@ -313,6 +314,11 @@ def distillation_settings(cfg: dict) -> str:
         return rf"$T$ {num(cfg['temperature'])}, $\alpha$ {num(cfg['alpha'])}"
     if cfg["method"] == "kd_features":
         return rf"hint {tt(cfg['hint_layer'])}, $\beta$ {num(cfg['hint_weight'])}"
+    if cfg["method"] == "dkd":
+        return (rf"$T$ {num(cfg['temperature'])}, $\alpha$ {num(cfg['dkd_alpha'])}, $\beta$ {num(cfg['dkd_beta'])}, "
+                rf"warm-up {num(cfg['dkd_warmup_epochs'])} epochs")
+    if cfg["method"] == "attention":
+        return rf"stages {tt(', '.join(cfg['at_stages']))}, $p$ {num(cfg['at_p'])}, weight {num(cfg['at_weight'])}"
     return "--"
 
 

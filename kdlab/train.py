@@ -52,10 +52,11 @@ def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_step(method, optimizer, scaler, images, targets, dtype):
-    """One optimisation step on a batch of the device loader; returns the logits and the loss terms."""
+def train_step(method, optimizer, scaler, images, targets, dtype, epochs_done: float):
+    """One optimisation step on a batch of the device loader, `epochs_done` epochs into training;
+    returns the logits and the loss terms."""
     with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
-        logits, losses = method.forward_train(images, targets)
+        logits, losses = method.forward_train(images, targets, epochs_done)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(sum(losses.values())).backward()
     scaler.step(optimizer)
@@ -113,7 +114,7 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
             lr = lr_at(epoch * steps + step, cfg.lr, warmup_steps, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logits, losses = train_step(method, optimizer, scaler, images, targets, dtype)
+            logits, losses = train_step(method, optimizer, scaler, images, targets, dtype, epoch + step / steps)
             for name, value in losses.items():
                 step_losses.setdefault(name, torch.empty(steps, device=device))[step] = value.detach()
             correct += (logits.argmax(1) == targets).sum()

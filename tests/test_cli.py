@@ -2,7 +2,7 @@ import json
 
 from conftest import run_kdlab
 
-from kdlab.config import LAB_RUNS
+from kdlab.config import LAB_RUNS, RUNS
 
 
 def test_smoke_lab_end_to_end(smoke_lab):
@@ -30,10 +30,17 @@ def test_status_lists_every_run(smoke_lab):
     ckpt_dir, _ = smoke_lab
     out = run_kdlab("status", "--ckpt-dir", ckpt_dir).stdout
     states = dict(line.split()[:2] for line in out.splitlines())
-    assert states == {**{run: "trained" for run in LAB_RUNS}, "student_scratch_kd_features": "missing"}
+    assert states == {**{run: "trained" for run in LAB_RUNS},
+                      **{run: "missing" for run in RUNS if run not in LAB_RUNS}}
 
 
 def test_unknown_run_lists_the_valid_ones(tmp_path):
     result = run_kdlab("run", "student_tiny", "--smoke", "--ckpt-dir", tmp_path, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "unknown run student_tiny" in result.stderr and "teacher_resnet50" in result.stderr
+
+
+def test_new_method_settings_reach_the_config_and_bad_ones_exit_2(tmp_path):
+    result = run_kdlab("run", "student_scratch_at", "--smoke", "--at-p", "0", "--ckpt-dir", tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "attention p must be positive" in result.stderr

@@ -549,9 +549,9 @@ def test_non_finite_loss_stops_the_run_keeping_the_last_good_epoch(tmp_path, cap
     if fault.startswith("nan loss"):
         real, calls = Method.forward_train, []
 
-        def poisoned(method, images, targets):     # the 4th step is epoch 2's second
+        def poisoned(method, images, targets, epochs_done):     # the 4th step is epoch 2's second
             calls.append(1)
-            logits, losses = real(method, images, targets)
+            logits, losses = real(method, images, targets, epochs_done)
             return logits, {k: v * float("nan") for k, v in losses.items()} if len(calls) == 4 else losses
         monkeypatch.setattr(Method, "forward_train", poisoned)
     else:
