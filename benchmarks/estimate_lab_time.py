@@ -9,21 +9,20 @@ measurement: validation, checkpoints and set-up come on top, and another GPU may
 different share of its peak.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdlab.config import LAB_RUNS, make_config  # noqa: E402
-from throughput import step_kind  # noqa: E402  (this folder is on the path when run as a script)
+from kdlab.config import LAB_RUNS, make_config, step_kind  # noqa: E402
+from kdlab.report import load_benchmark  # noqa: E402
 
 TRAIN_IMAGES = 45_000
 T4_PEAK_TFLOPS = 65
 
 
 def main(path: str) -> None:
-    bench = json.loads(Path(path).read_text())
+    bench = load_benchmark(Path(path))
     rows = {r["step"]: r for r in bench["rows"]}
     share = min(r["kdlab"]["peak_share"] for r in rows.values())
     measured_s = flops = 0.0

@@ -47,14 +47,14 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdlab.checkpoints import write_json  # noqa: E402
-from kdlab.config import RUNS, TEACHER_RUN, config_dict, make_config  # noqa: E402
+from kdlab.config import EVALUATION_STEP, STUDENT_STEP, TEACHER_RUN, TEACHER_STEP, config_dict, make_config, step_runs  # noqa: E402
 from kdlab.data import MEAN, PAD, STD, Cifar10, DeviceLoader, make_splits, make_synthetic_cifar  # noqa: E402
 from kdlab.errors import KdlabError  # noqa: E402
 from kdlab.figures import plot_throughput  # noqa: E402
 from kdlab.lab import resolve_device  # noqa: E402
 from kdlab.methods import build_method  # noqa: E402
 from kdlab.models import build_model  # noqa: E402
-from kdlab.report import load_benchmark  # noqa: E402
+from kdlab.report import STEP_DESCRIPTIONS, load_benchmark  # noqa: E402
 from kdlab.train import autocast_dtype, make_optimizer, make_scaler, predict, train_step, tune_cudnn  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
@@ -83,22 +83,10 @@ BUDGETS = {
     "tiny": Budget(16, 10, 1, 2, 10, 1, 2, 2, 1, (0.5, 1, 2)),               # the tests: every path, no meaning
 }
 
-# Each step kind and the lab run whose config it takes. The fine-tuning runs are the lab's;
-# their ImageNet start does not change a step's cost, so every model here has random weights.
-STEP_RUNS = {
-    "teacher_ce": TEACHER_RUN,
-    "student_ce": "student_pretrained_baseline",
-    "logit_kd": "student_pretrained_kd_logits",
-    "feature_kd": "student_pretrained_kd_features",
-    "evaluation": "student_pretrained_baseline",
-}
-
-
-def step_kind(cfg) -> str:
-    """The training step kind measured here that costs what a step of run `cfg` costs: the one
-    with the same network and method."""
-    return next(kind for kind, run in STEP_RUNS.items() if kind != "evaluation"
-                and (RUNS[run]["arch"], RUNS[run]["method"]) == (cfg.arch, cfg.method))
+# Each step kind and the lab run whose config it takes (kdlab.config.step_runs: one per method).
+# The fine-tuning runs' ImageNet start does not change a step's cost, so every model here has
+# random weights.
+STEP_RUNS = step_runs()
 
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s from the vendor datasheets (H100/H200: the SXM
 # parts; a PCIe H100 peaks lower, so its share reads high).
@@ -336,7 +324,7 @@ def naive_eval_steps(model, loader, device):
 def measure_row(kind: str, cfg, data: Cifar10, budget: Budget, device: torch.device, peak) -> dict:
     """One step kind on both paths, with its FLOPs and each path's share of the device's peak."""
     flops = forward_flops(cfg, cfg.image_size)
-    if kind == "evaluation":
+    if kind == EVALUATION_STEP:
         warmup, timed, batch = budget.eval_warmup_batches, budget.eval_timed_batches, budget.eval_batch_size
         images, labels = data.test_images[:(warmup + timed) * batch], data.test_labels[:(warmup + timed) * batch]
         flops_per_image = flops["trained"]
@@ -369,7 +357,7 @@ def measure_scaling(budget: Budget, data: Cifar10, device: torch.device) -> dict
     One method trains through both epochs, after warm-up steps, so neither pays for cuDNN's
     search or the first-step allocations; a ratio near 2 means the cost per image is constant.
     """
-    run_name = STEP_RUNS["student_ce"]
+    run_name = STEP_RUNS[STUDENT_STEP]
     cfg = make_config(run_name, **size_overrides(budget))
     sizes = [budget.scaling_steps * cfg.batch_size, 2 * budget.scaling_steps * cfg.batch_size]
     tune_cudnn(device)
@@ -393,7 +381,7 @@ def measure_scaling(budget: Budget, data: Cifar10, device: torch.device) -> dict
         synchronize(device)
         epochs.append(dict(limit_train=size, train_images=len(splits.train[1]), steps=len(loader),
                            epoch_seconds=time.perf_counter() - start))
-    return dict(step="student_ce", run=run_name, epochs=epochs,
+    return dict(step=STUDENT_STEP, run=run_name, epochs=epochs,
                 ratio=epochs[1]["epoch_seconds"] / epochs[0]["epoch_seconds"],
                 size_ratio=epochs[1]["train_images"] / epochs[0]["train_images"])
 
@@ -482,7 +470,7 @@ def measure_batch_sweep(budget: Budget, data: Cifar10, device: torch.device, pea
     """
     tune_cudnn(device)
     sweeps = []
-    for kind in ("teacher_ce", "student_ce"):
+    for kind in (TEACHER_STEP, STUDENT_STEP):
         lab = make_config(STEP_RUNS[kind], **size_overrides(budget))
         flops_per_image = next(row["flops_per_image"] for row in rows if row["step"] == kind)
         points = []
@@ -540,7 +528,7 @@ def measure_fast_paths(budget: Budget, data: Cifar10, device: torch.device, mode
     `baseline` is the student CE row's kdlab measurement: channels_last, bf16/fp16 autocast,
     cudnn.benchmark on, eager. A switch whose measurement fails records the error.
     """
-    cfg = make_config(STEP_RUNS["student_ce"], **size_overrides(budget))
+    cfg = make_config(STEP_RUNS[STUDENT_STEP], **size_overrides(budget))
     images, labels = student_ce_data(budget, data, cfg)
     warmup, timed = budget.warmup_steps, budget.timed_steps
     tune_cudnn(device)
@@ -563,7 +551,7 @@ def measure_fast_paths(budget: Budget, data: Cifar10, device: torch.device, mode
         log(f"  cudnn.benchmark off: failed ({switches['cudnn_benchmark']['error'][:300]})")
     switches["compile"] = measure_compile(cfg, images, labels, device, budget, baseline, log) \
         if compile_student else dict(skipped="--no-compile")
-    return dict(step="student_ce", run=cfg.run, switches=switches)
+    return dict(step=STUDENT_STEP, run=cfg.run, switches=switches)
 
 
 def measure_compile(cfg, images, labels, device, budget: Budget, baseline: dict, log) -> dict:
@@ -680,15 +668,6 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-STEP_LABELS = {
-    "teacher_ce": "teacher fine-tuning step (ResNet50, CE)",
-    "student_ce": "student CE step (ResNet18)",
-    "logit_kd": "logit-KD step (ResNet18, ResNet50 forward)",
-    "feature_kd": "feature-KD step (ResNet18, ResNet50 forward)",
-    "evaluation": "evaluation (ResNet18 forward)",
-}
-
-
 def markdown(report: dict, source: str) -> str:
     """The tables of a results file in Markdown, labelled with where they came from (for the README)."""
     b = report["budget"]
@@ -704,7 +683,7 @@ def markdown(report: dict, source: str) -> str:
         share = f"{100 * k['peak_share']:.1f}%" if k["peak_share"] else "n/a"
         memory = (f"{k['peak_memory_gib']:.1f} / {n['peak_memory_gib']:.1f}"
                   if k["peak_memory_gib"] and n["peak_memory_gib"] else "n/a")
-        lines.append(f"| {STEP_LABELS[row['step']]} | {k['images_per_s']:,.0f} | {n['images_per_s']:,.0f} | "
+        lines.append(f"| {STEP_DESCRIPTIONS.get(row['step'], row['step'])} | {k['images_per_s']:,.0f} | {n['images_per_s']:,.0f} | "
                      f"{row['speedup']:.2f}x | {k['tflops']:.3g} | {share} | {memory} |")
     s = report["scaling"]
     first, second = s["epochs"]
@@ -759,8 +738,8 @@ def benchmark(args, log=print) -> dict:
     budget = BUDGETS[args.mode]
     started = time.perf_counter()
     configs = {kind: make_config(run, **size_overrides(budget)) for kind, run in STEP_RUNS.items()}
-    data = make_data(budget, configs["student_ce"])
-    report = environment(device, args.mode, budget, configs["student_ce"], args.note)
+    data = make_data(budget, configs[STUDENT_STEP])
+    report = environment(device, args.mode, budget, configs[STUDENT_STEP], args.note)
     report.update(configs={kind: config_dict(cfg) for kind, cfg in configs.items()},
                   rows=[], scaling=None, breakdown=None, batch_sweep=None, fast_path=None)
     log(f"{report['device_name']}, torch {torch.__version__}, {args.mode} mode")
@@ -783,7 +762,7 @@ def benchmark(args, log=print) -> dict:
     save()
     if device.type == "cuda":
         log("fast paths (student CE):")
-        student_ce = next(row for row in report["rows"] if row["step"] == "student_ce")
+        student_ce = next(row for row in report["rows"] if row["step"] == STUDENT_STEP)
         report["fast_path"] = measure_fast_paths(budget, data, device, args.mode, student_ce["kdlab"],
                                                  not args.no_compile, log)
         save()
@@ -793,7 +772,7 @@ def benchmark(args, log=print) -> dict:
     # Last: the profiler is the newest part and the one most likely to fail on a new stack.
     report["breakdown"] = []
     for row in report["rows"]:
-        if row["step"] == "evaluation":
+        if row["step"] == EVALUATION_STEP:
             continue
         try:
             part = measure_breakdown(row["step"], configs[row["step"]], data, budget, device, row,
@@ -814,7 +793,7 @@ def probe_cudnn_off(args) -> dict:
     """The student CE step on kdlab's path with cudnn.benchmark off (see measure_cudnn_off)."""
     device = resolve_device(args.device)
     budget = BUDGETS[args.mode]
-    cfg = make_config(STEP_RUNS["student_ce"], **size_overrides(budget))
+    cfg = make_config(STEP_RUNS[STUDENT_STEP], **size_overrides(budget))
     images, labels = student_ce_data(budget, make_data(budget, cfg), cfg)
     torch.backends.cudnn.benchmark = False
     return measure(lambda: kdlab_train(cfg, images, labels, device), budget.warmup_steps, budget.timed_steps, device)
@@ -846,7 +825,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.markdown:
-            print(markdown(json.loads(Path(args.markdown).read_text()), args.markdown))
+            print(markdown(load_benchmark(Path(args.markdown)), args.markdown))
         elif args.plot:
             results, png = args.plot
             bench = load_benchmark(Path(results))

@@ -6,15 +6,45 @@ import sys
 import time
 from pathlib import Path
 
-from kdlab.config import LAB_RUNS, RUNS, STAGES
+from kdlab.config import LAB_RUNS, RUNS, SCRATCH_RUNS
 from kdlab.errors import KdlabError
-from kdlab.report import DEFAULT_BENCHMARK, REFERENCE_RUNS, make_report
+from kdlab.registry import METHODS, all_settings, setting_owners
+from kdlab.report import DEFAULT_BENCHMARK, make_report
 from kdlab.results import RunPaths, read_results_file, run_status
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like kdlab's own, and the method settings named
+    when an option is unknown."""
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments"):
+            message += f"; the method settings are {', '.join(flag(name) for name in all_settings())}"
+        self.exit(2, f"kdlab: error: {message}\n")
+
+
+def flag(setting: str) -> str:
+    return "--" + setting.replace("_", "-")
+
+
+def add_method_settings(parser: argparse.ArgumentParser) -> None:
+    """One flag per method setting of kdlab.registry, typed by its default, its help per method."""
+    group = parser.add_argument_group("method settings", "each applies to the runs named whose method has it")
+    for name, field in all_settings().items():
+        meanings = {}   # methods that share a setting's name and meaning share one line of help
+        for method, owned in setting_owners(name).items():
+            meanings.setdefault(owned.metadata["help"], []).append(METHODS[method].name)
+        help = "; ".join(f"{' and '.join(names)}: {meaning}" for meaning, names in meanings.items())
+        kind = type(field.default)
+        if kind is tuple:
+            group.add_argument(flag(name), nargs="+", metavar="STAGE", help=help)
+        else:
+            group.add_argument(flag(name), type=kind, help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kdlab", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="python -m kdlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     run = sub.add_parser("run", help="train-or-load runs (a KD run trains its teacher first if needed)")
     run.add_argument("runs", nargs="+", metavar="RUN", help=f"'all' or any of: {', '.join(RUNS)}")
@@ -28,22 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int)
     run.add_argument("--lr", type=float, help="peak learning rate")
     run.add_argument("--image-size", type=int, help="input resolution (CIFAR is upsampled on the device)")
-    run.add_argument("--temperature", type=float)
-    run.add_argument("--alpha", type=float)
-    run.add_argument("--hint-layer", choices=STAGES)
-    run.add_argument("--hint-weight", type=float)
-    run.add_argument("--dkd-alpha", type=float, help="decoupled KD: weight of the target-class term")
-    run.add_argument("--dkd-beta", type=float, help="decoupled KD: weight of the non-target-class term")
-    run.add_argument("--dkd-warmup-epochs", type=float, help="decoupled KD: epochs over which its term ramps up")
-    run.add_argument("--at-stages", nargs="+", choices=STAGES, help="attention transfer: the stages compared")
-    run.add_argument("--at-p", type=float, help="attention transfer: the map is the channel mean of |x|^p")
-    run.add_argument("--at-weight", type=float, help="attention transfer: weight of its term next to CE")
     run.add_argument("--limit-train", type=int, help="train on a stratified subset of N images")
     run.add_argument("--seed", type=int)
     run.add_argument("--retrain", action="store_true", help="ignore and replace existing checkpoints")
     run.add_argument("--smoke", action="store_true",
                      help="synthetic data, random weights, tiny budget: checks the pipeline, no results")
     run.add_argument("--results-dir", help="also copy each run's results JSON here")
+    add_method_settings(run)
 
     status = sub.add_parser("status", help="one line per run: trained / resumable / missing")
     status.add_argument("--ckpt-dir", default="checkpoints")
@@ -52,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--results", default="results/reference", help="folder of <run>_results.json")
     report.add_argument("--figures", default="figures", help="folder of the figures and efficiency.json")
     report.add_argument("--report-dir", default="report", help="folder of KD_LAB.tex")
-    report.add_argument("--runs", nargs="+", default=list(REFERENCE_RUNS), metavar="RUN",
+    report.add_argument("--runs", nargs="+", default=SCRATCH_RUNS, metavar="RUN",
                         help="runs the report expects; those without a results file are marked missing")
     report.add_argument("--benchmark", default=DEFAULT_BENCHMARK, metavar="JSON",
                         help="a benchmarks/throughput.py results file for the speed section")
@@ -75,12 +96,12 @@ def command_run(args) -> None:
     from kdlab.lab import Lab  # imports torch: keep `--help` and `report` quick
 
     names = list(LAB_RUNS) if args.runs == ["all"] else args.runs
+    settings = {name: tuple(value) if isinstance(value, list) else value
+                for name in all_settings() if (value := getattr(args, name)) is not None}
+    check_settings_apply(settings, names)
     overrides = dict(weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
-                     lr=args.lr, image_size=args.image_size, temperature=args.temperature,
-                     alpha=args.alpha, hint_layer=args.hint_layer, hint_weight=args.hint_weight,
-                     dkd_alpha=args.dkd_alpha, dkd_beta=args.dkd_beta, dkd_warmup_epochs=args.dkd_warmup_epochs,
-                     at_stages=args.at_stages and tuple(args.at_stages), at_p=args.at_p, at_weight=args.at_weight,
-                     limit_train=args.limit_train, seed=args.seed)
+                     lr=args.lr, image_size=args.image_size, limit_train=args.limit_train, seed=args.seed,
+                     **settings)
     if args.teacher_epochs is not None and args.teacher_epochs < 1:
         raise KdlabError(f"teacher epochs must be at least 1, got {args.teacher_epochs}")
     lab = Lab(args.ckpt_dir, args.data_dir, args.device, smoke=args.smoke,
@@ -100,6 +121,16 @@ def command_run(args) -> None:
         print(f"{name:32} {how:8} {r['best_val_acc']:8.4f} {r['test_acc']:8.4f} {r['wall_seconds']:8.1f}")
     smoke = " (smoke run: synthetic data, not results)" if args.smoke else ""
     print(f"done in {time.perf_counter() - start:.1f}s on {lab.device}{smoke}")
+
+
+def check_settings_apply(settings: dict, names: list[str]) -> None:
+    """A method setting given for runs none of whose methods has it is a mistake, not a no-op."""
+    methods = {RUNS[name].method for name in names if name in RUNS}
+    for name in settings:
+        owners = setting_owners(name)
+        if methods and not methods & set(owners):
+            raise KdlabError(f"{flag(name)} is a setting of {' and '.join(METHODS[m].name for m in owners)}, "
+                             f"which none of the runs named uses ({', '.join(names)})")
 
 
 def command_status(args) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -31,47 +32,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN
 from kdlab.data import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
+from kdlab.registry import METHODS
 from kdlab.report import STEP_DESCRIPTIONS, agreement, best_student
 from kdlab.results import load_results
 from kdlab.lab import resolve_device
 from kdlab.models import build_model
 from kdlab.train import autocast_dtype, tune_cudnn
 
-# The original lab's CIFAR-10 test accuracies (10,000 test images), as its final comparison
-# reported them and this project's issue 3 quotes them. Drawn beside ours, hatched and named
-# ORIGINAL_LAB_LABEL; never used as a result of this code.
-ORIGINAL_LAB_REFERENCE = {
-    "teacher_resnet50": 0.9297,
-    "student_pretrained_baseline": 0.9213,
-    "student_pretrained_kd_logits": 0.9312,
-}
-ORIGINAL_LAB_LABEL = "original lab (reference)"
-
-# One colour per run, the same on every chart.
-RUN_COLOURS = {
-    "teacher_resnet50": "#1f77b4",
-    "student_pretrained_baseline": "#ff7f0e",
-    "student_pretrained_kd_logits": "#2ca02c",
-    "student_pretrained_kd_features": "#d62728",
-    "student_scratch_baseline": "#9467bd",
-    "student_scratch_kd_scores": "#8c564b",
-    "student_scratch_kd_features": "#e377c2",
-    "student_scratch_dkd": "#7f7f7f",
-    "student_scratch_at": "#bcbd22",
-}
-RUN_LABELS = {
-    "teacher_resnet50": "ResNet50 teacher",
-    "student_pretrained_baseline": "ResNet18 pretrained",
-    "student_pretrained_kd_logits": "ResNet18 pretrained + logit KD",
-    "student_pretrained_kd_features": "ResNet18 pretrained + feature KD",
-    "student_scratch_baseline": "ResNet18 scratch",
-    "student_scratch_kd_scores": "ResNet18 scratch + logit KD",
-    "student_scratch_kd_features": "ResNet18 scratch + feature KD",
-    "student_scratch_dkd": "ResNet18 scratch + decoupled KD",
-    "student_scratch_at": "ResNet18 scratch + attention transfer",
-}
-# Line style of each loss term a method logs (kdlab.methods); a new term gets the last one.
-TERM_STYLES = {"ce": "-", "kd": "--", "hint": ":", "dkd": "--", "attention": ":"}
+ORIGINAL_LAB_LABEL = "original lab (reference)"   # beside kdlab.config.Run.original_lab_test_acc
+# One colour per run, the same on every chart: matplotlib's ten-colour cycle, in the run table's order.
+PALETTE = colormaps["tab10"].colors
+# CE solid, the method's other loss terms (kdlab.registry) dashed, dotted, ... in the order it logs them.
+LINE_STYLES = ("-", "--", ":", "-.")
 SMOKE_BANNER = "SMOKE RUN: synthetic data, not results"
 DPI = 150
 
@@ -88,14 +60,13 @@ def source_line(results: list[dict], origin: str = "") -> str:
 
 def format_config_table(configs) -> str:
     """The settings each run trains with (kdlab.config.RunConfig), as a markdown table."""
-    rows = ["| run | arch | start | method | epochs | image px | batch | peak lr | T | alpha | hint |",
-            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    rows = ["| run | arch | start | method | epochs | image px | batch | peak lr | method settings |",
+            "|---|---|---|---|---:|---:|---:|---:|---|"]
     for c in configs:
-        logit_kd = c.method == "kd_logits"
-        hint = f"{c.hint_layer}, weight {c.hint_weight}" if c.method == "kd_features" else "-"
-        rows.append(f"| {c.run} | {c.arch} | {c.weights} | {c.method} | {c.epochs} | {c.image_size} "
-                    f"| {c.batch_size} | {c.lr} | {c.temperature if logit_kd else '-'} "
-                    f"| {c.alpha if logit_kd else '-'} | {hint} |")
+        settings = ", ".join(f"{k}={'+'.join(v) if isinstance(v, tuple) else v}"
+                             for k, v in asdict(c.settings).items()) or "-"
+        rows.append(f"| {c.run} | {c.arch} | {c.weights} | {METHODS[c.method].name} | {c.epochs} | {c.image_size} "
+                    f"| {c.batch_size} | {c.lr} | {settings} |")
     return "\n".join(rows)
 
 
@@ -107,7 +78,7 @@ def format_results_table(results: dict[str, dict]) -> str:
         start = "ImageNet" if r["weights"] == "imagenet" else "scratch"
         rows.append(f"| {run} | {start} | {r['test_acc']:.4f} | {r['best_val_acc']:.4f} ({r['best_epoch']}) "
                     f"| {r['epochs']} | {r['wall_seconds']:.0f} | {r['device_name']} |")
-    for run, acc in ORIGINAL_LAB_REFERENCE.items():
+    for run, acc in original_lab_accuracies().items():
         rows.append(f"| {run}, {ORIGINAL_LAB_LABEL} | ImageNet | {acc:.4f} | | | | |")
     if any(r["smoke"] for r in results.values()):
         rows.append(f"\n{SMOKE_BANNER}")
@@ -148,7 +119,15 @@ def _save(fig: Figure, path: Path) -> Path:
 def run_label(run: str, results: dict[str, dict]) -> str:
     """A run's name on the charts; a teacher trained from scratch says so, as the students' names do."""
     scratch_teacher = run == TEACHER_RUN and results.get(run, {}).get("weights") == "none"
-    return RUN_LABELS[run] + (" (scratch)" if scratch_teacher else "")
+    return RUNS[run].label + (" (scratch)" if scratch_teacher else "")
+
+
+def run_colour(run: str):
+    return PALETTE[list(RUNS).index(run) % len(PALETTE)]
+
+
+def original_lab_accuracies() -> dict[str, float]:
+    return {name: run.original_lab_test_acc for name, run in RUNS.items() if run.original_lab_test_acc is not None}
 
 
 def _run_ticks(ax, runs: list[str], results: dict[str, dict]) -> None:
@@ -171,7 +150,7 @@ def plot_validation_accuracy(results: dict[str, dict], missing: list[str], out_d
     ax = axes[0, 0]
     for run, r in results.items():
         ax.plot([h["epoch"] for h in r["history"]], [_percent(h["val_acc"]) for h in r["history"]],
-                marker="o", color=RUN_COLOURS[run], label=run_label(run, results))
+                marker="o", color=run_colour(run), label=run_label(run, results))
     ax.set(xlabel="epoch", ylabel=f"validation accuracy (%, {_count(results, 'n_val')} images)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
@@ -182,22 +161,22 @@ def plot_validation_accuracy(results: dict[str, dict], missing: list[str], out_d
 def plot_test_accuracy(results: dict[str, dict], missing: list[str], out_dir: Path,
                        origin: str = "") -> Path:
     """comparison_test_accuracy.png: our test accuracy per run, the original lab's beside it."""
-    runs = [run for run in RUNS if run in results or run in ORIGINAL_LAB_REFERENCE]
+    reference = original_lab_accuracies()
+    runs = [run for run in RUNS if run in results or run in reference]
     fig, axes = _figure("Test accuracy per run", source_line(list(results.values()), origin),
                         _smoke(results), (11, 6), missing=missing)
     ax = axes[0, 0]
     width = 0.38
     for x, run in enumerate(runs):
-        reference = ORIGINAL_LAB_REFERENCE.get(run)
-        ours_x = x - width / 2 if reference is not None else x
+        ours_x = x - width / 2 if run in reference else x
         if run in results:
-            bars = ax.bar(ours_x, _percent(results[run]["test_acc"]), width, color=RUN_COLOURS[run])
+            bars = ax.bar(ours_x, _percent(results[run]["test_acc"]), width, color=run_colour(run))
             ax.bar_label(bars, fmt="%.2f", fontsize=8)
         else:
             ax.text(ours_x, 1, "missing", rotation=90, ha="center", va="bottom", fontsize=8)
-        if reference is not None:
-            bars = ax.bar(x + width / 2, _percent(reference), width, facecolor="white",
-                          edgecolor=RUN_COLOURS[run], hatch="//")
+        if run in reference:
+            bars = ax.bar(x + width / 2, _percent(reference[run]), width, facecolor="white",
+                          edgecolor=run_colour(run), hatch="//")
             ax.bar_label(bars, fmt="%.2f", fontsize=8, color="0.3")
     _run_ticks(ax, runs, results)
     ax.set(ylabel=f"test accuracy (%, {_count(results, 'n_test')} images)", ylim=(0, 108))
@@ -217,12 +196,12 @@ def plot_training_losses(results: dict[str, dict], missing: list[str], out_dir: 
                         (4.2 * ncols + 1, 3.4 * nrows + 1), nrows, ncols, missing)
     for ax, (run, r) in zip(axes.flat, results.items()):
         epochs = [h["epoch"] for h in r["history"]]
-        terms = list(r["history"][0]["losses"])
-        for term in terms:
-            ax.plot(epochs, [h["losses"][term] for h in r["history"]], marker=".", color=RUN_COLOURS[run],
-                    linestyle=TERM_STYLES.get(term, "-."), label=term)
+        terms = sorted(r["history"][0]["losses"], key=lambda term: term != "ce")
+        for term, style in zip(terms, LINE_STYLES):
+            ax.plot(epochs, [h["losses"][term] for h in r["history"]], marker=".", color=run_colour(run),
+                    linestyle=style, label=term)
         if len(terms) > 1:
-            ax.plot(epochs, [h["train_loss"] for h in r["history"]], color=RUN_COLOURS[run],
+            ax.plot(epochs, [h["train_loss"] for h in r["history"]], color=run_colour(run),
                     linewidth=3, alpha=0.35, label="total")
         ax.set(title=run_label(run, results), xlabel="epoch", ylabel="loss (epoch mean)")
         ax.title.set_fontsize(9)
@@ -244,7 +223,7 @@ def plot_run_curves(r: dict, out_dir: str | Path, origin: str = "") -> Path:
                         source_line([r], origin), r["smoke"], (10, 4.2), 1, 2)
     loss_ax, acc_ax = axes[0]
     epochs = [h["epoch"] for h in history]
-    colour = RUN_COLOURS[run]
+    colour = run_colour(run)
     loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", color=colour,
                  label="train (all terms)")
     loss_ax.plot(epochs, [h["val_loss"] for h in history], marker="o", color=colour, linestyle="--",
@@ -276,7 +255,7 @@ def plot_confusion_matrix(r: dict, out_dir: Path, origin: str = "") -> Path:
     """confusion_matrix.png: share of each true class given to each predicted class."""
     counts = confusion_counts(r["test_predictions"], r["test_labels"])
     shares = 100 * counts / counts.sum(1, keepdims=True).clip(min=1)
-    fig, axes = _figure(f"Confusion matrix of the best student, {RUN_LABELS[r['run']]} "
+    fig, axes = _figure(f"Confusion matrix of the best student, {RUNS[r['run']].label} "
                         f"(test accuracy {_percent(r['test_acc']):.2f}%)",
                         source_line([r], origin), r["smoke"], (8.5, 7.5))
     ax = axes[0, 0]
@@ -307,7 +286,7 @@ def plot_agreement(results: dict[str, dict], missing: list[str], out_dir: Path,
     ax = axes[0, 0]
     runs = list(agreement)
     bars = ax.bar(range(len(runs)), [_percent(agreement[run]) for run in runs],
-                  color=[RUN_COLOURS[run] for run in runs])
+                  color=[run_colour(run) for run in runs])
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
     _run_ticks(ax, runs, results)
     ax.set(ylabel=f"same class as the teacher (% of {_count(results, 'n_test')} test images)",
@@ -449,7 +428,7 @@ def plot_efficiency(efficiency: dict, results: dict[str, dict], missing: list[st
              ("latency_ms", 1, f"latency at batch 1 (ms, {efficiency['device']})")]
     for ax, (key, scale, label) in zip(axes[0], costs):
         for run, e in efficiency["runs"].items():
-            ax.scatter(e[key] * scale, _percent(e["test_acc"]), s=60, color=RUN_COLOURS[run],
+            ax.scatter(e[key] * scale, _percent(e["test_acc"]), s=60, color=run_colour(run),
                        label=run_label(run, results), zorder=3)
         ax.set(xlabel=label, ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)

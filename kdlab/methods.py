@@ -1,4 +1,7 @@
-"""One small unit per training method, mdistiller-style.
+"""What each training method computes, one small class per method, mdistiller-style.
+
+Each class is built from its settings (kdlab.registry, which names it, its settings and its
+loss terms, and lists it in METHODS).
 
 `forward_train(images, targets, epochs_done)` returns `(student_logits, {loss_name: loss})`;
 the training loop sums the dict and logs each term by name. `epochs_done` is the training
@@ -15,13 +18,16 @@ from torch import nn
 
 from kdlab.losses import attention_transfer_loss, dkd_loss, hint_loss, kd_logits_terms
 from kdlab.models import StageOutput, stage_channels
+from kdlab.registry import (METHODS, AttentionSettings, DecoupledKDSettings, FeatureKDSettings,
+                            LogitKDSettings, NoSettings)
 
 
 class Method(nn.Module):
     """Cross-entropy baseline; the base of the distillers."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, settings: NoSettings = NoSettings()):
         super().__init__()
+        self.settings = settings
         self.student = student
         # Stored outside nn.Module's registry: not saved with the student, not trained.
         self.__dict__["teacher"] = teacher
@@ -41,10 +47,6 @@ class Method(nn.Module):
     def close(self) -> None:
         """Undo what the method did to the networks, once training is over."""
 
-    @classmethod
-    def from_config(cls, cfg, student, teacher):
-        return cls(student)
-
     def teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.teacher(images)
@@ -57,18 +59,13 @@ class Method(nn.Module):
 class LogitKD(Method):
     """Hinton et al. 2015: match the teacher's softened class probabilities."""
 
-    def __init__(self, student, teacher, temperature: float, alpha: float):
-        super().__init__(student, teacher)
-        self.temperature, self.alpha = temperature, alpha
-
-    @classmethod
-    def from_config(cls, cfg, student, teacher):
-        return cls(student, teacher, cfg.temperature, cfg.alpha)
+    settings: LogitKDSettings
 
     def forward_train(self, images, targets, epochs_done):
         teacher_logits = self.teacher_forward(images)
         logits = self.student(images)
-        return logits, kd_logits_terms(logits, teacher_logits, targets, self.temperature, self.alpha)
+        return logits, kd_logits_terms(logits, teacher_logits, targets, self.settings.temperature,
+                                       self.settings.alpha)
 
 
 class FeatureKD(Method):
@@ -78,17 +75,12 @@ class FeatureKD(Method):
     trains with the student and is dropped at deployment.
     """
 
-    def __init__(self, student, teacher, hint_layer: str, hint_weight: float):
-        super().__init__(student, teacher)
-        self.hint_weight = hint_weight
-        self.student_stage = StageOutput(student, hint_layer)
-        self.teacher_stage = StageOutput(teacher, hint_layer)
-        s, t = stage_channels(student, hint_layer), stage_channels(teacher, hint_layer)
+    def __init__(self, student, teacher, settings: FeatureKDSettings):
+        super().__init__(student, teacher, settings)
+        stage = settings.hint_layer
+        self.student_stage, self.teacher_stage = StageOutput(student, stage), StageOutput(teacher, stage)
+        s, t = stage_channels(student, stage), stage_channels(teacher, stage)
         self.regressor = nn.Sequential(nn.Conv2d(s, t, 1, bias=False), nn.BatchNorm2d(t))
-
-    @classmethod
-    def from_config(cls, cfg, student, teacher):
-        return cls(student, teacher, cfg.hint_layer, cfg.hint_weight)
 
     def trained_modules(self):
         return {"student": self.student, "regressor": self.regressor}
@@ -103,7 +95,7 @@ class FeatureKD(Method):
         hint = self.regressor(self.student_stage.output)
         return logits, {
             "ce": F.cross_entropy(logits.float(), targets),
-            "hint": self.hint_weight * hint_loss(hint, self.teacher_stage.output),
+            "hint": self.settings.hint_weight * hint_loss(hint, self.teacher_stage.output),
         }
 
 
@@ -114,21 +106,16 @@ class DecoupledKD(Method):
     non-target classes would otherwise pull an untrained student off before CE has shaped it.
     """
 
-    def __init__(self, student, teacher, alpha: float, beta: float, temperature: float, warmup_epochs: float):
-        super().__init__(student, teacher)
-        self.alpha, self.beta, self.temperature, self.warmup_epochs = alpha, beta, temperature, warmup_epochs
-
-    @classmethod
-    def from_config(cls, cfg, student, teacher):
-        return cls(student, teacher, cfg.dkd_alpha, cfg.dkd_beta, cfg.temperature, cfg.dkd_warmup_epochs)
+    settings: DecoupledKDSettings
 
     def forward_train(self, images, targets, epochs_done):
         teacher_logits = self.teacher_forward(images)
         logits = self.student(images)
-        ramp = min(epochs_done / self.warmup_epochs, 1.0) if self.warmup_epochs else 1.0
+        s = self.settings
+        ramp = min(epochs_done / s.dkd_warmup_epochs, 1.0) if s.dkd_warmup_epochs else 1.0
         return logits, {
-            "ce": F.cross_entropy(logits.float(), targets),
-            "dkd": ramp * dkd_loss(logits, teacher_logits, targets, self.alpha, self.beta, self.temperature),
+            "ce": s.ce_weight * F.cross_entropy(logits.float(), targets),
+            "dkd": ramp * dkd_loss(logits, teacher_logits, targets, s.alpha, s.beta, s.temperature),
         }
 
 
@@ -139,15 +126,10 @@ class AttentionTransfer(Method):
     No module is added: an attention map has one channel whatever the stage's width.
     """
 
-    def __init__(self, student, teacher, stages: tuple[str, ...], p: float, weight: float):
-        super().__init__(student, teacher)
-        self.p, self.weight = p, weight
-        self.student_stages = [StageOutput(student, stage) for stage in stages]
-        self.teacher_stages = [StageOutput(teacher, stage) for stage in stages]
-
-    @classmethod
-    def from_config(cls, cfg, student, teacher):
-        return cls(student, teacher, cfg.at_stages, cfg.at_p, cfg.at_weight)
+    def __init__(self, student, teacher, settings: AttentionSettings):
+        super().__init__(student, teacher, settings)
+        self.student_stages = [StageOutput(student, stage) for stage in settings.attention_stages]
+        self.teacher_stages = [StageOutput(teacher, stage) for stage in settings.attention_stages]
 
     def close(self):
         for hook in self.student_stages + self.teacher_stages:
@@ -157,13 +139,11 @@ class AttentionTransfer(Method):
         self.teacher_forward(images)
         logits = self.student(images)
         attention = attention_transfer_loss([s.output for s in self.student_stages],
-                                            [t.output for t in self.teacher_stages], self.p)
-        return logits, {"ce": F.cross_entropy(logits.float(), targets), "attention": self.weight * attention}
-
-
-METHODS = {"ce": Method, "kd_logits": LogitKD, "kd_features": FeatureKD, "dkd": DecoupledKD,
-           "attention": AttentionTransfer}
+                                            [t.output for t in self.teacher_stages], self.settings.attention_p)
+        return logits, {"ce": F.cross_entropy(logits.float(), targets),
+                        "attention": self.settings.attention_weight * attention}
 
 
 def build_method(cfg, student: nn.Module, teacher: nn.Module | None) -> Method:
-    return METHODS[cfg.method].from_config(cfg, student, teacher)
+    """The method of `cfg` (its class named in kdlab.registry.METHODS) with the config's settings."""
+    return globals()[METHODS[cfg.method].implementation](student, teacher, cfg.settings)

@@ -23,35 +23,27 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdlab.config import RUNS, TEACHER_RUN, config_dict, make_config
+from kdlab.config import (EVALUATION_STEP, LEGACY_STEP_NAMES, RUNS, SCRATCH_RUNS, STARTS, STUDENT_STEP,
+                          TEACHER_RUN, TEACHER_STEP, config_dict, kd_pairs, make_config, run_of)
 from kdlab.errors import KdlabError
+from kdlab.registry import METHODS, setting_fields
 from kdlab.results import load_results, read_json, run_order
 
-# The runs of the reference GPU run. ImageNet weights cannot be fetched on the machine it
-# runs on, so every run there starts from random weights, the teacher included.
-REFERENCE_RUNS = (TEACHER_RUN, "student_scratch_baseline", "student_scratch_kd_scores",
-                  "student_scratch_kd_features")
+# The runs the report expects by default are those of the reference GPU run, kdlab.config.SCRATCH_RUNS:
+# ImageNet weights cannot be fetched on the machine it runs on, so every run there starts from
+# random weights, the teacher included.
 PLANNED_WEIGHTS = "none"
 # The figures KD_LAB.tex takes from the figures folder; the first two are always placed.
 EXPECTED_FIGURES = ("comparaison_finale.png", "comparison_test_accuracy.png", "training_losses.png",
                     "efficiency.png", "confusion_matrix.png", "agreement.png")
-# The students the discussion compares, per start: (cross-entropy, logit KD, feature KD).
 # The GPU benchmark the report's speed section reads (benchmarks/README.md says how it was run).
 DEFAULT_BENCHMARK = "benchmarks/results/h200-full-compile.json"
-STEP_DESCRIPTIONS = {"teacher_ce": "teacher step (ResNet50, CE)", "student_ce": "student step (ResNet18, CE)",
-                     "logit_kd": "logit-KD step (+ ResNet50 forward)",
-                     "feature_kd": "feature-KD step (+ ResNet50 forward)",
-                     "evaluation": "evaluation (ResNet18 forward)"}
-STEP_PHRASES = {"teacher_ce": "the teacher's step", "student_ce": "the student's cross-entropy step",
-                "logit_kd": "the logit-KD step", "feature_kd": "the feature-KD step"}
-STUDENTS = {
-    "from scratch": ("student_scratch_baseline", "student_scratch_kd_scores",
-                     "student_scratch_kd_features"),
-    "from ImageNet": ("student_pretrained_baseline", "student_pretrained_kd_logits",
-                      "student_pretrained_kd_features"),
-}
-METHOD_NAMES = {"ce": "cross-entropy", "kd_logits": "logit KD", "kd_features": "feature KD",
-                "dkd": "decoupled KD", "attention": "attention transfer"}
+# The benchmark's step kinds (kdlab.config.step_runs): in a table, and in a sentence.
+STEP_DESCRIPTIONS = {TEACHER_STEP: "teacher step (ResNet50, CE)", STUDENT_STEP: "student step (ResNet18, CE)",
+                     **{key: f"{m.name} step (+ ResNet50 forward)" for key, m in METHODS.items() if m.uses_teacher},
+                     EVALUATION_STEP: "evaluation (ResNet18 forward)"}
+STEP_PHRASES = {TEACHER_STEP: "the teacher's step", STUDENT_STEP: "the student's cross-entropy step",
+                **{key: f"the {m.name} step" for key, m in METHODS.items() if m.uses_teacher}}
 # Settings every run normally shares: one line under the config table, not a column each.
 SHARED_SETTINGS = {"batch_size": "batch size", "momentum": "momentum (Nesterov)",
                    "warmup_epochs": "warm-up epochs", "image_size": "input px",
@@ -92,6 +84,8 @@ def load_benchmark(path: Path | None) -> dict | None:
         raise KdlabError(f"{path} does not have a benchmark file's layout (device_name, torch_version, "
                          f"image_size, batch_size; rows: step, speedup, kdlab and naive with images_per_s "
                          f"and tflops); {what}")
+    for row in bench["rows"]:
+        row["step"] = LEGACY_STEP_NAMES.get(row["step"], row["step"])
     return bench
 
 
@@ -310,16 +304,10 @@ def speed_sentences(rep: Report) -> str:
 
 
 def distillation_settings(cfg: dict) -> str:
-    if cfg["method"] == "kd_logits":
-        return rf"$T$ {num(cfg['temperature'])}, $\alpha$ {num(cfg['alpha'])}"
-    if cfg["method"] == "kd_features":
-        return rf"hint {tt(cfg['hint_layer'])}, $\beta$ {num(cfg['hint_weight'])}"
-    if cfg["method"] == "dkd":
-        return (rf"$T$ {num(cfg['temperature'])}, $\alpha$ {num(cfg['dkd_alpha'])}, $\beta$ {num(cfg['dkd_beta'])}, "
-                rf"warm-up {num(cfg['dkd_warmup_epochs'])} epochs")
-    if cfg["method"] == "attention":
-        return rf"stages {tt(', '.join(cfg['at_stages']))}, $p$ {num(cfg['at_p'])}, weight {num(cfg['at_weight'])}"
-    return "--"
+    """The method's settings (kdlab.registry), each by its symbol: '$T$ 4, $\\alpha$ 0.9'."""
+    def value(v):
+        return tt(", ".join(v)) if isinstance(v, (list, tuple)) else tt(v) if isinstance(v, str) else num(v)
+    return ", ".join(f"{f.metadata['symbol']} {value(cfg[f.name])}" for f in setting_fields(cfg["method"])) or "--"
 
 
 def shared_setting(rep: Report, key: str) -> str:
@@ -335,7 +323,7 @@ def config_table(rep: Report) -> str:
     for run in rep.runs:
         cfg = rep.config(run)
         mark = "" if run in rep.results else r"\textsuperscript{$\dagger$}"
-        rows.append(rf"{tt(run)}{mark} & {cfg['arch']} & {METHOD_NAMES.get(cfg['method'], tex(cfg['method']))} & "
+        rows.append(rf"{tt(run)}{mark} & {cfg['arch']} & {tex(METHODS[cfg['method']].name)} & "
                     rf"{tex(cfg['weights'])} & {cfg['epochs']} & {num(cfg['lr'])} & {num(cfg['weight_decay'])} & "
                     rf"{distillation_settings(cfg)} \\")
     shared = "; ".join(f"{label} {shared_setting(rep, key)}" for key, label in SHARED_SETTINGS.items())
@@ -461,23 +449,17 @@ def cannot_yet(what: str, lacking: list[str]) -> str:
     return f"{what} cannot be measured yet: {runs_text(lacking)} {verb} no results file."
 
 
-def student_groups(rep: Report):
-    """(start, baseline, logit KD, feature KD) for each start the report has or expects a run of."""
-    for start, runs in STUDENTS.items():
-        if any(run in rep.runs for run in runs):
-            yield (start, *runs)
-
-
-def kd_pairs(rep: Report):
-    """(start, method name, cross-entropy run, distillation run) to compare, start by start."""
-    for start, base, logits, features in student_groups(rep):
-        yield start, "logit KD", base, logits
-        yield start, "feature KD", base, features
+def compared_pairs(rep: Report):
+    """(start, method name, cross-entropy run, distilled run) for each distilled run the report
+    has or expects, against the cross-entropy student of the same start (kdlab.config.kd_pairs)."""
+    for base, kd in kd_pairs():
+        if kd in rep.runs:
+            yield STARTS[RUNS[kd].start], METHODS[RUNS[kd].method].name, base, kd
 
 
 def kd_gain_sentences(rep: Report) -> str:
     out = []
-    for start, name, base, kd in kd_pairs(rep):
+    for start, name, base, kd in compared_pairs(rep):
         lacking = absent(rep, (base, kd))
         if lacking:
             out.append(cannot_yet(f"The gain of {name} {start}", lacking))
@@ -492,7 +474,7 @@ def kd_gain_sentences(rep: Report) -> str:
 
 def kd_cost_sentences(rep: Report) -> str:
     out = []
-    for start, name, base, kd in kd_pairs(rep):
+    for start, name, base, kd in compared_pairs(rep):
         lacking = absent(rep, (base, kd))
         if lacking:
             out.append(cannot_yet(f"The training cost of {name} {start}", lacking))
@@ -515,13 +497,16 @@ def kd_cost_sentences(rep: Report) -> str:
 
 def logits_vs_features_sentences(rep: Report) -> str:
     out = []
-    for start, _, logits, features in student_groups(rep):
+    for start in STARTS:
+        logits, features = run_of("kd_logits", start), run_of("kd_features", start)
+        if logits not in rep.runs and features not in rep.runs:
+            continue
         lacking = absent(rep, (logits, features))
         if lacking:
-            out.append(cannot_yet(f"Logits against features {start}", lacking))
+            out.append(cannot_yet(f"Logits against features {STARTS[start]}", lacking))
             continue
         lg, ft = rep.results[logits], rep.results[features]
-        out.append(rf"{start.capitalize()}, logit KD ({acc_text(lg['test_acc'])}) ended "
+        out.append(rf"{STARTS[start].capitalize()}, logit KD ({acc_text(lg['test_acc'])}) ended "
                    rf"{compare(lg['test_acc'], ft['test_acc'])} feature KD "
                    rf"({acc_text(ft['test_acc'])}), a gap {test_noise(lg, ft)}.")
     return " ".join(out)
@@ -535,8 +520,10 @@ def pretrained_vs_scratch_sentences(rep: Report) -> str:
                 rf"left open by numbers here: it needs the \texttt{{student\_pretrained\_*}} runs, "
                 rf"trained where the ImageNet weights can be downloaded.")
     out = []
-    scratch, imagenet = STUDENTS["from scratch"], STUDENTS["from ImageNet"]
-    for s_run, p_run, name in zip(scratch, imagenet, ("cross-entropy", "logit KD", "feature KD")):
+    for method, info in METHODS.items():
+        s_run, p_run, name = run_of(method, "scratch"), run_of(method, "pretrained"), info.name
+        if s_run is None or p_run is None:
+            continue
         lacking = absent(rep, (s_run, p_run))
         if lacking:
             out.append(cannot_yet(f"ImageNet against scratch for {name}", lacking))
@@ -600,7 +587,7 @@ def agreement_sentences(rep: Report) -> str:
     out = ["On the test set, the students predict the same class as the teacher for "
            + enumerate_text([rf"{acc_text(share)} of the images ({tt(run)})"
                              for run, share in shares.items()]) + "."]
-    for start, name, base, kd in kd_pairs(rep):
+    for start, name, base, kd in compared_pairs(rep):
         if base in shares and kd in shares:
             out.append(rf"{start.capitalize()}, the agreement of {name} with the teacher is "
                        rf"{compare(shares[kd], shares[base])} the cross-entropy student's.")
@@ -675,8 +662,12 @@ def stage_sentence(size: int | None) -> str:
 def macros(rep: Report) -> dict[str, str]:
     """Every value the prose of KD_LAB.tex uses, by macro name (letters only)."""
     students = [run for run in rep.runs if run != TEACHER_RUN]
-    logit_runs = [run for run in rep.runs if rep.config(run)["method"] == "kd_logits"] or students
-    feature_runs = [run for run in rep.runs if rep.config(run)["method"] == "kd_features"] or students
+    # The prose states the two original methods' settings: those of the runs reported, or else
+    # the settings the table's scratch run of the method would use.
+    logit_runs = ([run for run in rep.runs if rep.config(run)["method"] == "kd_logits"]
+                  or [run_of("kd_logits", "scratch")])
+    feature_runs = ([run for run in rep.runs if rep.config(run)["method"] == "kd_features"]
+                    or [run_of("kd_features", "scratch")])
     image_sizes = {rep.config(run)["image_size"] for run in rep.runs}
     size = image_sizes.pop() if len(image_sizes) == 1 else None
     n_train, n_val, n_test = split_sizes(rep)
@@ -765,7 +756,7 @@ def figures_path_for_latex(figures_dir: Path, report_dir: Path) -> str:
     return path
 
 
-def collect(results_dir, figures_dir, report_dir, expected=REFERENCE_RUNS, benchmark=None) -> Report:
+def collect(results_dir, figures_dir, report_dir, expected=tuple(SCRATCH_RUNS), benchmark=None) -> Report:
     results_dir, figures_dir, report_dir = Path(results_dir), Path(figures_dir), Path(report_dir)
     benchmark = Path(benchmark) if benchmark else None
     unknown = [run for run in expected if run not in RUNS]
@@ -805,7 +796,7 @@ def build_pdf(report_dir: Path) -> float:
 
 
 def make_report(results_dir="results/reference", figures_dir="figures", report_dir="report",
-                expected=REFERENCE_RUNS, draft=False, pdf=True, pdf_required=False,
+                expected=tuple(SCRATCH_RUNS), draft=False, pdf=True, pdf_required=False,
                 benchmark=DEFAULT_BENCHMARK, log=print) -> Report:
     """Generate report_dir/generated/*.tex from the results, then build the PDF if latexmk is here."""
     report_dir = Path(report_dir)

@@ -3,8 +3,8 @@
 Runs, in order, each writing under --out as it finishes (so a late failure keeps the rest):
   1. the throughput benchmark (benchmarks/throughput.py, no torch.compile), whose kdlab
      images/s per step kind tell how many epochs fit the budget;
-  2. the lab's from-scratch runs (teacher_resnet50 --weights none, student_scratch_baseline,
-     student_scratch_kd_scores, student_scratch_kd_features) at the default resolution, with
+  2. the lab's from-scratch runs (kdlab.config.SCRATCH_RUNS: teacher_resnet50 --weights none,
+     and every student_scratch_* run) at the default resolution, with
      the default epochs (teacher 30, students 20) or, if the measured throughput says they do
      not fit, proportionally fewer (recorded in the manifest);
   3. the figures, made from the results on the same GPU (as figures.tgz);
@@ -32,10 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from estimate_lab_time import TRAIN_IMAGES  # noqa: E402
-from kdlab.config import TEACHER_RUN, make_config  # noqa: E402
+from kdlab.config import SCRATCH_RUNS as RUNS  # noqa: E402
+from kdlab.config import TEACHER_RUN, make_config, step_kind  # noqa: E402
 from kdlab.data import NUM_CLASSES  # noqa: E402
-from kdlab.report import REFERENCE_RUNS as RUNS  # noqa: E402
-from throughput import step_kind  # noqa: E402
+from kdlab.registry import METHODS  # noqa: E402
+from kdlab.report import load_benchmark  # noqa: E402
 
 # Checkpoint writes, validation and model set-up on top of the training steps: a margin, measured
 # as about 1 s per epoch on the CPU trial and kept generous.
@@ -60,11 +61,13 @@ def run(cmd: list[str], log_path: Path, timeout: float) -> tuple[int, float]:
 
 def choose_epochs(benchmark_json: Path, budget_s: float) -> dict:
     """Epochs for teacher and students that fit `budget_s`, from the measured images/s."""
-    rows = {r["step"]: r["kdlab"]["images_per_s"] for r in json.loads(benchmark_json.read_text())["rows"]}
+    rows = {r["step"]: r["kdlab"]["images_per_s"] for r in load_benchmark(benchmark_json)["rows"]}
+    # A method newer than the benchmark file is costed at the slowest distillation step it measured.
+    slowest_kd = min(rate for kind, rate in rows.items() if kind in METHODS)
     # The scratch recipe of kdlab.config: its default epochs and its split.
     configs = {run: make_config(run, weights="none") for run in RUNS}
     eval_s = configs[TEACHER_RUN].val_per_class * NUM_CLASSES / rows["evaluation"]
-    per_epoch = {run: TRAIN_IMAGES / rows[step_kind(cfg)] + eval_s + EPOCH_OVERHEAD_S
+    per_epoch = {run: TRAIN_IMAGES / rows.get(step_kind(cfg), slowest_kd) + eval_s + EPOCH_OVERHEAD_S
                  for run, cfg in configs.items()}
     full = sum(cfg.epochs * per_epoch[run] for run, cfg in configs.items())
     scale = min(1.0, budget_s / full)

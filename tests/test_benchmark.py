@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdlab.config import step_runs
+from kdlab.report import load_benchmark as load_benchmark_file
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "throughput.py"
-STEPS = ["teacher_ce", "student_ce", "logit_kd", "feature_kd", "evaluation"]
+STEPS = list(step_runs())
 # One CPU thread: on a shared CI machine, OpenMP threads spinning against other processes slow a
 # two-thread run many-fold, and these tests check structure, not speed.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -126,8 +129,9 @@ def test_markdown_of_a_results_file_from_before_the_breakdown():
     """Committed GPU results predate the breakdown and the sweep: their tables still print."""
     bench = load_benchmark()
     path = REPO / "benchmarks" / "results" / "h200-full-compile.json"
-    text = bench.markdown(json.loads(path.read_text()), str(path))
-    assert "| student CE step (ResNet18) |" in text and "Batch sweep" not in text
+    text = bench.markdown(load_benchmark_file(path), str(path))
+    assert "| student step (ResNet18, CE) |" in text and "| logit KD step (+ ResNet50 forward) |" in text
+    assert "Batch sweep" not in text
 
 
 def test_fast_path_switches_and_their_table_run_on_the_cpu(one_thread):

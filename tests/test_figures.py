@@ -7,8 +7,8 @@ import pytest
 from torchvision import models
 
 from kdlab.errors import KdlabError
-from kdlab.figures import (ORIGINAL_LAB_REFERENCE, RUN_COLOURS, RUN_LABELS, best_student,
-                           confusion_counts, flops_per_image, make_all_figures, teacher_agreement)
+from kdlab.figures import (best_student, confusion_counts, flops_per_image, make_all_figures,
+                           original_lab_accuracies, run_colour, teacher_agreement)
 from kdlab.config import RUNS
 from kdlab.models import build_model
 
@@ -38,10 +38,10 @@ def test_flops_match_torchvisions_published_count(arch, weights):
     assert counted / 2 / 1e9 == pytest.approx(weights.meta["_ops"], rel=0.01)
 
 
-def test_every_run_has_a_colour_and_a_label_and_the_reference_names_real_runs():
-    assert set(RUN_COLOURS) == set(RUN_LABELS) == set(RUNS)
-    assert len(set(RUN_COLOURS.values())) == len(RUNS)
-    assert set(ORIGINAL_LAB_REFERENCE) <= set(RUNS)
+def test_every_run_has_its_own_colour_and_label_and_the_original_lab_figures_are_the_three():
+    assert len({run_colour(run) for run in RUNS}) == len({run.label for run in RUNS.values()}) == len(RUNS)
+    assert original_lab_accuracies() == {"teacher_resnet50": 0.9297, "student_pretrained_baseline": 0.9213,
+                                         "student_pretrained_kd_logits": 0.9312}
 
 
 def test_figures_of_an_empty_folder_say_what_to_do(tmp_path):

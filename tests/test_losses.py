@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -6,17 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from kdlab.checkpoints import TrainedRun, train_or_load
-from kdlab.config import make_config
+from kdlab.config import RunConfig, make_config, run_of
 from kdlab.data import make_splits, make_synthetic_cifar
 from kdlab.losses import attention_transfer_loss, distillation_term, dkd_loss, kd_logits_loss
 from kdlab.methods import build_method
 from kdlab.models import build_model
+from kdlab.registry import METHODS, all_settings, setting_fields
 
-# The run of each method the tests below train or differentiate.
-METHOD_RUNS = {"kd_logits": "student_scratch_kd_scores", "kd_features": "student_scratch_kd_features",
-               "dkd": "student_scratch_dkd", "attention": "student_scratch_at"}
-LOSS_TERMS = {"kd_logits": {"kd", "ce"}, "kd_features": {"ce", "hint"}, "dkd": {"ce", "dkd"},
-              "attention": {"ce", "attention"}}
+# The scratch run of each distillation method, which the tests below train or differentiate.
+METHOD_RUNS = {method: run_of(method, "scratch") for method, info in METHODS.items() if info.uses_teacher}
 
 
 def fixed_logits(seed, batch=16, classes=10):
@@ -76,7 +75,7 @@ def test_gradients_reach_the_student_and_never_the_teacher(method):
     images, targets = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     logits, losses = distiller.forward_train(images, targets, epochs_done=cfg.epochs)
     sum(losses.values()).backward()
-    assert set(losses) == LOSS_TERMS[method]
+    assert tuple(losses) == METHODS[method].loss_terms, "the registry names the terms the method logs"
     assert all(math.isfinite(v.item()) and v.item() > 0 for v in losses.values())
     assert all(p.grad is None for p in teacher.parameters())
     for name, module in distiller.trained_modules().items():
@@ -179,6 +178,19 @@ def test_new_method_trains_through_train_or_load(tmp_path, method):
                             get_teacher=lambda: TrainedRun(teacher, dict(run="teacher_resnet50", test_acc=0.1), False))
     history = trained.results["history"]
     assert trained.trained and len(history) == 2 and (tmp_path / f"{cfg.run}_best.pt").exists()
-    assert all(set(h["losses"]) == LOSS_TERMS[method] and math.isfinite(h["train_loss"]) for h in history)
+    assert all(tuple(h["losses"]) == METHODS[method].loss_terms and math.isfinite(h["train_loss"]) for h in history)
     assert not any(stage._forward_hooks for stage in (teacher.layer1, teacher.layer2, teacher.layer3, teacher.layer4)), \
         "the method's hooks are gone once the run is over"
+
+
+# ----------------------------------------------------------------------------- the registry
+
+def test_every_method_declares_its_settings_completely():
+    recipe = {f.name for f in dataclasses.fields(RunConfig)}
+    assert not set(all_settings()) & recipe, "a checkpoint stores settings beside the recipe: names must differ"
+    for method, info in METHODS.items():
+        assert info.name and info.description and info.loss_terms
+        for f in setting_fields(method):
+            assert f.metadata["help"] and f.metadata["symbol"], (method, f.name)
+        assert info.settings().problems() == [], f"{method}'s defaults are valid"
+        assert run_of(method, "scratch"), f"{method} has a run"

@@ -472,9 +472,9 @@ def test_damaged_checkpoint_way_out_retrain(tmp_path, capsys, tiny_run):
 
 def test_checkpoint_of_another_config_or_run_is_refused_naming_the_fields(tmp_path, capsys, tiny_run):
     shutil.copy(tiny_run["best"], files_of(tmp_path)["best"])
-    code, err = cli(capsys, tiny_args(tmp_path, epochs=3, alpha=0.5))
+    code, err = cli(capsys, tiny_args(tmp_path, epochs=3, lr=0.1))
     assert code == 2
-    assert_one_line_error(err, "was made with another config", "epochs: 2 -> 3", "alpha: 0.9 -> 0.5")
+    assert_one_line_error(err, "was made with another config", "epochs: 2 -> 3", "lr: 0.05 -> 0.1")
 
     teacher_best = RunFiles(tmp_path, "teacher_resnet50").best   # the student's file, renamed
     shutil.copy(tiny_run["best"], teacher_best)
@@ -584,9 +584,14 @@ def test_non_finite_loss_stops_the_run_keeping_the_last_good_epoch(tmp_path, cap
     (["--batch-size", "0"], "batch size must be positive"),
     (["--limit-train", "-5"], "limit-train must be 0"),
     (["--lr", "0"], "learning rate must be positive"),
+    (["--hint-layer", "fc"], "hint layer must be among layer1, layer2, layer3, layer4, got fc"),
+    (["--attention-stages", "layer2", "layer5"], "attention stages must be among layer1, layer2, layer3, layer4"),
+    (["--beta", "2"], "--beta is a setting of decoupled KD, which none of the runs named uses"),
 ])
 def test_bad_argument_gives_one_line_and_exit_2(tmp_path, capsys, change, needle):
+    # A KD run of each method whose settings are checked; all are refused before anything trains.
     args = tiny_args(tmp_path)
+    args[2:2] = ["student_scratch_kd_scores", "student_scratch_kd_features", "student_scratch_at"]
     if change[0] == "run":
         args[:2] = change
     else:
@@ -596,12 +601,15 @@ def test_bad_argument_gives_one_line_and_exit_2(tmp_path, capsys, change, needle
     assert_one_line_error(err, needle)
 
 
-@pytest.mark.parametrize("change", [["--weights", "imagenet21k"], ["--device", "tpu"], ["--hint-layer", "fc"]])
-def test_wrong_choice_is_argparses_usage_error(tmp_path, capsys, change):
+@pytest.mark.parametrize("change, needle", [
+    (["--weights", "imagenet21k"], "invalid choice"), (["--device", "tpu"], "invalid choice"),
+    (["--gamma", "2"], "unrecognized arguments: --gamma 2; the method settings are --temperature, --alpha"),
+])
+def test_wrong_choice_or_unknown_option_is_argparses_error_on_one_line(tmp_path, capsys, change, needle):
     with pytest.raises(SystemExit) as exit_info:
         main(tiny_args(tmp_path) + change)
     assert exit_info.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    assert_one_line_error(capsys.readouterr().err, needle)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

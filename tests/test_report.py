@@ -16,7 +16,7 @@ import torch
 from kdlab import report
 from kdlab.checkpoints import TrainedRun, _results
 from kdlab.cli import main
-from kdlab.config import TEACHER_RUN, make_config
+from kdlab.config import SCRATCH_RUNS, TEACHER_RUN, make_config
 from kdlab.data import make_splits, make_synthetic_cifar
 from kdlab.errors import KdlabError
 from kdlab.methods import build_method
@@ -30,6 +30,8 @@ NUMBERS = {
     "student_scratch_baseline":    (0.9050, 0.9102, 2, 20.0),
     "student_scratch_kd_scores":   (0.9171, 0.9214, 3, 26.0),
     "student_scratch_kd_features": (0.8987, 0.9040, 3, 29.5),
+    "student_scratch_dkd":         (0.9120, 0.9170, 3, 27.0),
+    "student_scratch_at":          (0.9080, 0.9130, 2, 30.5),
 }
 EPOCHS = 3
 
@@ -53,7 +55,7 @@ def results_of(run, splits, teacher=None, smoke=False):
 
 @pytest.fixture(scope="module")
 def reference():
-    """The four reference runs, as real results would look."""
+    """The reference runs, as real results would look."""
     data = make_synthetic_cifar(train_per_class=10, test_per_class=5)
     splits = make_splits(data, val_per_class=2, seed=42, limit_train=0, device=CPU)
     teacher_results = results_of(TEACHER_RUN, splits)
@@ -144,6 +146,9 @@ def test_tables_equal_the_results_files(tmp_path, reference):
         if cfg["method"] == "kd_features":
             layer, beta = re.fullmatch(r"hint \\texttt\{(\w+)\}, \$\\beta\$ (\S+)", distillation).groups()
             assert (layer, number(beta)) == (cfg["hint_layer"], cfg["hint_weight"])
+        if cfg["method"] == "dkd":
+            assert distillation == (rf"$T$ {cfg['temperature']:g}, $\alpha$ {cfg['alpha']:g}, $\beta$ {cfg['beta']:g}, "
+                                    rf"CE weight {cfg['ce_weight']:g}, warm-up {cfg['dkd_warmup_epochs']:g}")
 
 
 def test_comparisons_follow_the_numbers(tmp_path, reference):
@@ -186,7 +191,7 @@ def test_missing_runs_are_named(tmp_path, reference):
     out = report_dir(tmp_path)
     report.make_report(write_results(tmp_path / "results", present), tmp_path / "figures", out,
                        pdf=False, log=lambda *_: None)
-    missing = [run for run in report.REFERENCE_RUNS if run not in present]
+    missing = [run for run in SCRATCH_RUNS if run not in present]
     sentence = generated_macros(out)["MissingRunsSentence"].replace(r"\allowbreak{}", "")
     for run in missing:
         assert report.tex(run) in sentence
@@ -199,14 +204,14 @@ def test_no_results_at_all_says_every_run_is_missing(tmp_path):
     out = report_dir(tmp_path)
     rep = report.make_report(tmp_path / "absent", tmp_path / "figures", out, pdf=False,
                              log=lambda *_: None)
-    assert rep.missing == list(report.REFERENCE_RUNS)
+    assert rep.missing == SCRATCH_RUNS
     assert generated_macros(out)["MissingRunsSentence"].startswith(r"\textbf{Every run is missing:}")
     assert "No results yet" in (out / "generated" / "provenance.tex").read_text()
 
 
 def test_report_source_uses_every_macro_and_types_no_result():
     source = REPORT_TEX.read_text()
-    rep = report.Report(results={}, expected=list(report.REFERENCE_RUNS), efficiency=None, manifest=None,
+    rep = report.Report(results={}, expected=SCRATCH_RUNS, efficiency=None, manifest=None,
                         benchmark=None, benchmark_path=None, results_dir=Path("results"),
                         figures_dir=Path("figures"), figures_tex_path="../figures")
     for name in report.macros(rep):
@@ -226,7 +231,7 @@ def test_speed_table_equals_the_benchmark_file(tmp_path):
     out = report_dir(tmp_path)
     report.make_report(tmp_path / "absent", tmp_path / "figures", out, pdf=False, benchmark=BENCHMARK,
                        log=lambda *_: None)
-    bench = json.loads(BENCHMARK.read_text())
+    bench = report.load_benchmark(BENCHMARK)   # step kinds under the methods' names
     body = (out / "generated" / "speed_table.tex").read_text().split(r"\midrule")[1].split(r"\bottomrule")[0]
     rows = [[c.strip() for c in line.removesuffix(r"\\").split("&")] for line in body.strip().splitlines()]
     assert [row[0] for row in rows] == [report.STEP_DESCRIPTIONS[r["step"]] for r in bench["rows"]]

@@ -92,8 +92,8 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_splits, 
 def test_a_checkpoint_of_another_config_is_refused_with_the_fields(tmp_path, tiny_splits):
     train(tiny_config(), tiny_splits, tmp_path)
     with pytest.raises(KdlabError) as err:
-        train(tiny_config(temperature=2.0, epochs=4), tiny_splits, tmp_path)
-    assert "temperature: 4.0 -> 2.0" in str(err.value) and "epochs: 3 -> 4" in str(err.value)
+        train(tiny_config(lr=0.1, epochs=4), tiny_splits, tmp_path)
+    assert "lr: 0.05 -> 0.1" in str(err.value) and "epochs: 3 -> 4" in str(err.value)
     assert "--retrain" in str(err.value)
     retrained = train(tiny_config(epochs=1), tiny_splits, tmp_path, retrain=True)
     assert retrained.trained and retrained.results["epochs"] == 1
