@@ -83,11 +83,6 @@ BUDGETS = {
     "tiny": Budget(16, 10, 1, 2, 10, 1, 2, 2, 1, (0.5, 1, 2)),               # the tests: every path, no meaning
 }
 
-# Each step kind and the lab run whose config it takes (kdlab.config.step_runs: one per method).
-# The fine-tuning runs' ImageNet start does not change a step's cost, so every model here has
-# random weights.
-STEP_RUNS = step_runs()
-
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s from the vendor datasheets (H100/H200: the SXM
 # parts; a PCIe H100 peaks lower, so its share reads high).
 PEAK_TFLOPS = {"T4": 65, "A100": 312, "H100": 989, "H200": 989}
@@ -251,7 +246,7 @@ def kdlab_eval(cfg, images, device, batch_size):
 def kdlab_eval_steps(model, images, image_size, dtype, batch_size):
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
-        predict(model, batch, image_size, dtype, batch_size)
+        predict(model, batch, image_size, dtype, batch_size=batch_size)
         yield len(batch)
 
 
@@ -357,7 +352,7 @@ def measure_scaling(budget: Budget, data: Cifar10, device: torch.device) -> dict
     One method trains through both epochs, after warm-up steps, so neither pays for cuDNN's
     search or the first-step allocations; a ratio near 2 means the cost per image is constant.
     """
-    run_name = STEP_RUNS[STUDENT_STEP]
+    run_name = step_runs()[STUDENT_STEP]
     cfg = make_config(run_name, **size_overrides(budget))
     sizes = [budget.scaling_steps * cfg.batch_size, 2 * budget.scaling_steps * cfg.batch_size]
     tune_cudnn(device)
@@ -369,7 +364,7 @@ def measure_scaling(budget: Budget, data: Cifar10, device: torch.device) -> dict
     epochs = []
     for size in sizes:
         limited = make_config(run_name, limit_train=size, **size_overrides(budget))
-        splits = make_splits(data, limited.val_per_class, limited.seed, limited.limit_train, device)
+        splits = make_splits(data, limited.val_per_class, limited.split_seed, limited.limit_train, device)
         loader = DeviceLoader(*splits.train, limited.batch_size, limited.image_size, limited.seed)
         if not epochs:
             for images, targets in itertools.islice(loader.epoch(0), budget.warmup_steps):
@@ -471,11 +466,11 @@ def measure_batch_sweep(budget: Budget, data: Cifar10, device: torch.device, pea
     tune_cudnn(device)
     sweeps = []
     for kind in (TEACHER_STEP, STUDENT_STEP):
-        lab = make_config(STEP_RUNS[kind], **size_overrides(budget))
+        lab = make_config(step_runs()[kind], **size_overrides(budget))
         flops_per_image = next(row["flops_per_image"] for row in rows if row["step"] == kind)
         points = []
         for factor in budget.batch_factors:
-            cfg = make_config(STEP_RUNS[kind], image_size=lab.image_size, batch_size=round(factor * lab.batch_size))
+            cfg = make_config(step_runs()[kind], image_size=lab.image_size, batch_size=round(factor * lab.batch_size))
             n = (budget.warmup_steps + budget.timed_steps) * cfg.batch_size
             try:
                 result = measure(lambda: kdlab_train(cfg, data.train_images[:n], data.train_labels[:n], device),
@@ -528,7 +523,7 @@ def measure_fast_paths(budget: Budget, data: Cifar10, device: torch.device, mode
     `baseline` is the student CE row's kdlab measurement: channels_last, bf16/fp16 autocast,
     cudnn.benchmark on, eager. A switch whose measurement fails records the error.
     """
-    cfg = make_config(STEP_RUNS[STUDENT_STEP], **size_overrides(budget))
+    cfg = make_config(step_runs()[STUDENT_STEP], **size_overrides(budget))
     images, labels = student_ce_data(budget, data, cfg)
     warmup, timed = budget.warmup_steps, budget.timed_steps
     tune_cudnn(device)
@@ -737,7 +732,7 @@ def benchmark(args, log=print) -> dict:
     device = resolve_device(args.device)
     budget = BUDGETS[args.mode]
     started = time.perf_counter()
-    configs = {kind: make_config(run, **size_overrides(budget)) for kind, run in STEP_RUNS.items()}
+    configs = {kind: make_config(run, **size_overrides(budget)) for kind, run in step_runs().items()}
     data = make_data(budget, configs[STUDENT_STEP])
     report = environment(device, args.mode, budget, configs[STUDENT_STEP], args.note)
     report.update(configs={kind: config_dict(cfg) for kind, cfg in configs.items()},
@@ -793,7 +788,7 @@ def probe_cudnn_off(args) -> dict:
     """The student CE step on kdlab's path with cudnn.benchmark off (see measure_cudnn_off)."""
     device = resolve_device(args.device)
     budget = BUDGETS[args.mode]
-    cfg = make_config(STEP_RUNS[STUDENT_STEP], **size_overrides(budget))
+    cfg = make_config(step_runs()[STUDENT_STEP], **size_overrides(budget))
     images, labels = student_ce_data(budget, make_data(budget, cfg), cfg)
     torch.backends.cudnn.benchmark = False
     return measure(lambda: kdlab_train(cfg, images, labels, device), budget.warmup_steps, budget.timed_steps, device)

@@ -6,11 +6,11 @@ import sys
 import time
 from pathlib import Path
 
-from kdlab.config import LAB_RUNS, RUNS, SCRATCH_RUNS
+from kdlab.config import DEFAULT_SEED, LAB_RUNS, RUNS, SCRATCH_RUNS, SPLIT_SEED, run_id
 from kdlab.errors import KdlabError
 from kdlab.registry import METHODS, all_settings, setting_owners
 from kdlab.report import DEFAULT_BENCHMARK, make_report
-from kdlab.results import RunPaths, read_results_file, run_status
+from kdlab.results import RunPaths, read_results_file, run_status, seeds_in
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,7 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, help="peak learning rate")
     run.add_argument("--image-size", type=int, help="input resolution (CIFAR is upsampled on the device)")
     run.add_argument("--limit-train", type=int, help="train on a stratified subset of N images")
-    run.add_argument("--seed", type=int)
+    run.add_argument("--label-smoothing", type=float,
+                     help="on the cross-entropy term (default: the run's recipe in kdlab/config.py)")
+    run.add_argument("--ema-decay", type=float, help="per-step decay of the weight average (default 0.99)")
+    run.add_argument("--no-flip-tta", dest="flip_tta", action="store_false", default=None,
+                     help="evaluate on one view instead of the mean of each image and its mirror")
+    run.add_argument("--seed", type=int, nargs="+", metavar="SEED",
+                     help=f"training seed(s): each run named is trained once per seed (default {DEFAULT_SEED}, "
+                          f"which keeps the original lab's file names; the 45k/5k split is always drawn "
+                          f"with seed {SPLIT_SEED})")
     run.add_argument("--retrain", action="store_true", help="ignore and replace existing checkpoints")
     run.add_argument("--smoke", action="store_true",
                      help="synthetic data, random weights, tiny budget: checks the pipeline, no results")
@@ -100,25 +108,26 @@ def command_run(args) -> None:
                 for name in all_settings() if (value := getattr(args, name)) is not None}
     check_settings_apply(settings, names)
     overrides = dict(weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
-                     lr=args.lr, image_size=args.image_size, limit_train=args.limit_train, seed=args.seed,
-                     **settings)
+                     lr=args.lr, image_size=args.image_size, label_smoothing=args.label_smoothing,
+                     ema_decay=args.ema_decay, flip_tta=args.flip_tta, limit_train=args.limit_train, **settings)
     if args.teacher_epochs is not None and args.teacher_epochs < 1:
         raise KdlabError(f"teacher epochs must be at least 1, got {args.teacher_epochs}")
     lab = Lab(args.ckpt_dir, args.data_dir, args.device, smoke=args.smoke,
               teacher_epochs=args.teacher_epochs, **overrides)
-    for name in names:
-        lab.config(name)  # every name's settings are checked before anything trains
+    trials = [(name, seed) for seed in args.seed or [DEFAULT_SEED] for name in names]
+    for name, seed in trials:
+        lab.config(name, seed)  # every name's settings are checked before anything trains
     start = time.perf_counter()
     rows = []
-    for name in names:
-        trained = lab.run(name, retrain=args.retrain)
-        rows.append((name, "trained" if trained.trained else "loaded", trained.results))
+    for name, seed in trials:
+        trained = lab.run(name, retrain=args.retrain, seed=seed)
+        rows.append((run_id(name, seed), "trained" if trained.trained else "loaded", trained.results))
         if args.results_dir:
             Path(args.results_dir).mkdir(parents=True, exist_ok=True)
-            write_json(Path(args.results_dir) / f"{name}_results.json", trained.results)
-    print(f"\n{'run':32} {'':8} {'best val':>8} {'test':>8} {'train s':>8}")
+            write_json(RunPaths(Path(args.results_dir), name, seed).results, trained.results)
+    print(f"\n{'run':38} {'':8} {'best val':>8} {'test':>8} {'train s':>8}")
     for name, how, r in rows:
-        print(f"{name:32} {how:8} {r['best_val_acc']:8.4f} {r['test_acc']:8.4f} {r['wall_seconds']:8.1f}")
+        print(f"{name:38} {how:8} {r['best_val_acc']:8.4f} {r['test_acc']:8.4f} {r['wall_seconds']:8.1f}")
     smoke = " (smoke run: synthetic data, not results)" if args.smoke else ""
     print(f"done in {time.perf_counter() - start:.1f}s on {lab.device}{smoke}")
 
@@ -135,18 +144,19 @@ def check_settings_apply(settings: dict, names: list[str]) -> None:
 
 def command_status(args) -> None:
     for name in RUNS:
-        state = run_status(args.ckpt_dir, name)
-        line = f"{name:32} {state:9}"
-        path = RunPaths(Path(args.ckpt_dir), name).results
-        if state == "trained" and path.is_file():
-            try:   # one damaged file is that run's problem: the other lines still print
-                r = read_results_file(path, name)
-            except KdlabError as err:
-                line += f" results file unusable: {err}"
-            else:
-                line += f" best val {r['best_val_acc']:.4f}  test {r['test_acc']:.4f}"
-                line += "  (smoke)" if r.get("smoke") else ""
-        print(line)
+        for seed in seeds_in(args.ckpt_dir, name) or [DEFAULT_SEED]:
+            state = run_status(args.ckpt_dir, name, seed)
+            line = f"{run_id(name, seed):38} {state:9}"
+            path = RunPaths(Path(args.ckpt_dir), name, seed).results
+            if state == "trained" and path.is_file():
+                try:   # one damaged file is that run's problem: the other lines still print
+                    r = read_results_file(path, name, seed)
+                except KdlabError as err:
+                    line += f" results file unusable: {err}"
+                else:
+                    line += f" best val {r['best_val_acc']:.4f}  test {r['test_acc']:.4f}"
+                    line += "  (smoke)" if r.get("smoke") else ""
+            print(line)
 
 
 def command_report(args) -> None:

@@ -138,7 +138,7 @@ def test_fast_path_switches_and_their_table_run_on_the_cpu(one_thread):
     """The CUDA-only section, run here on the CPU (no compile), so the GPU run meets no new code."""
     bench = load_benchmark()
     budget, device = bench.BUDGETS["tiny"], torch.device("cpu")
-    cfg = bench.make_config(bench.STEP_RUNS["student_ce"], **bench.size_overrides(budget))
+    cfg = bench.make_config(step_runs()["student_ce"], **bench.size_overrides(budget))
     data = bench.make_data(budget, cfg)
     images, labels = bench.student_ce_data(budget, data, cfg)
     baseline = bench.measure(lambda: bench.kdlab_train(cfg, images, labels, device),

@@ -171,7 +171,7 @@ def test_attention_transfer_matches_the_paper(p):
 @pytest.mark.parametrize("method", ["dkd", "attention"])
 def test_new_method_trains_through_train_or_load(tmp_path, method):
     data = make_synthetic_cifar(train_per_class=30, test_per_class=5)
-    splits = make_splits(data, val_per_class=5, seed=42, limit_train=0, device=torch.device("cpu"))
+    splits = make_splits(data, val_per_class=5, split_seed=42, limit_train=0, device=torch.device("cpu"))
     cfg = make_config(METHOD_RUNS[method], smoke=True, epochs=2, batch_size=50)
     teacher = build_model("resnet50", "none").eval()
     trained = train_or_load(cfg, lambda: splits, torch.device("cpu"), tmp_path, progress=False, log=lambda _: None,

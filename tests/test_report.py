@@ -57,7 +57,7 @@ def results_of(run, splits, teacher=None, smoke=False):
 def reference():
     """The reference runs, as real results would look."""
     data = make_synthetic_cifar(train_per_class=10, test_per_class=5)
-    splits = make_splits(data, val_per_class=2, seed=42, limit_train=0, device=CPU)
+    splits = make_splits(data, val_per_class=2, split_seed=42, limit_train=0, device=CPU)
     teacher_results = results_of(TEACHER_RUN, splits)
     teacher = TrainedRun(build_model("resnet50", "none").eval(), teacher_results, trained=True)
     out = {TEACHER_RUN: teacher_results}
