@@ -1,4 +1,6 @@
+import errno
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,3 +27,17 @@ def smoke_lab(tmp_path_factory):
     ckpt_dir = tmp_path_factory.mktemp("smoke_ckpt")
     result = run_kdlab("run", "all", "--smoke", "--ckpt-dir", ckpt_dir)
     return ckpt_dir, result
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list:
+    """Every connection fails, as offline; returns the list of attempts."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError(errno.ENETUNREACH, "network blocked by the test")
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
