@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kdlab.errors import KdlabError
+from kdlab.folders import no_empty_folders_left
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -48,7 +49,8 @@ def load_cifar10(root: str | Path, download: bool = True) -> Cifar10:
     if not all((folder / name).is_file() for name in TRAIN_FILES + TEST_FILES):
         if not download:
             raise KdlabError(_missing_message(folder, "downloading is off"))
-        _download(Path(root), folder)
+        with no_empty_folders_left(root):
+            _download(Path(root), folder)
     train_images, train_labels = _read_batches(folder, TRAIN_FILES)
     test_images, test_labels = _read_batches(folder, TEST_FILES)
     return Cifar10(train_images, train_labels, test_images, test_labels, _describe_source(folder))

@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN
 from kdlab.data import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
+from kdlab.folders import writable_folder
 from kdlab.report import STEP_DESCRIPTIONS, agreement, best_student
 from kdlab.results import load_results
 from kdlab.lab import resolve_device
@@ -66,8 +67,12 @@ RUN_LABELS = {
     "student_scratch_kd_scores": "ResNet18 scratch + logit KD",
     "student_scratch_kd_features": "ResNet18 scratch + feature KD",
 }
-# Line style of each loss term a method logs (kdlab.methods); a new term gets the last one.
-TERM_STYLES = {"ce": "-", "kd": "--", "hint": ":"}
+# Line style, marker and colour of each loss term a method logs (kdlab.methods), so that the
+# terms of one run stay apart, in print too; a term without its own style gets OTHER_TERM_STYLE.
+TERM_STYLES = {"ce": dict(linestyle="-", marker="o", color="0.15"),
+               "kd": dict(linestyle="--", marker="s", color="#e6550d"),
+               "hint": dict(linestyle=":", marker="^", color="#3182bd")}
+OTHER_TERM_STYLE = dict(linestyle="-.", marker="d", color="#756bb1")
 SMOKE_BANNER = "SMOKE RUN: synthetic data, not results"
 DPI = 150
 
@@ -142,9 +147,12 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def run_label(run: str, results: dict[str, dict]) -> str:
-    """A run's name on the charts; a teacher trained from scratch says so, as the students' names do."""
-    scratch_teacher = run == TEACHER_RUN and results.get(run, {}).get("weights") == "none"
-    return RUN_LABELS[run] + (" (scratch)" if scratch_teacher else "")
+    """A run's name on the charts, true to its start: a run of the ImageNet recipe that started
+    from random weights (`--weights none`, or a smoke run) is never called pretrained."""
+    label = RUN_LABELS[run]
+    if RUNS[run]["weights"] == "imagenet" and results.get(run, {}).get("weights") == "none":
+        return label.replace("pretrained", "random start") if "pretrained" in label else f"{label} (scratch)"
+    return label
 
 
 def _run_ticks(ax, runs: list[str], results: dict[str, dict]) -> None:
@@ -215,8 +223,8 @@ def plot_training_losses(results: dict[str, dict], missing: list[str], out_dir: 
         epochs = [h["epoch"] for h in r["history"]]
         terms = list(r["history"][0]["losses"])
         for term in terms:
-            ax.plot(epochs, [h["losses"][term] for h in r["history"]], marker=".", color=RUN_COLOURS[run],
-                    linestyle=TERM_STYLES.get(term, "-."), label=term)
+            ax.plot(epochs, [h["losses"][term] for h in r["history"]], markersize=4, label=term,
+                    **TERM_STYLES.get(term, OTHER_TERM_STYLE))
         if len(terms) > 1:
             ax.plot(epochs, [h["train_loss"] for h in r["history"]], color=RUN_COLOURS[run],
                     linewidth=3, alpha=0.35, label="total")
@@ -224,7 +232,7 @@ def plot_training_losses(results: dict[str, dict], missing: list[str], out_dir: 
         ax.title.set_fontsize(9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, handlelength=4)   # long enough to show each term's dashes
     for ax in list(axes.flat)[len(results):]:
         ax.set_axis_off()
     return _save(fig, out_dir / "training_losses.png")
@@ -520,8 +528,7 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
                          f"(`python -m kdlab run all --ckpt-dir {results_dir}`), or point to a folder "
                          f"that holds results files, such as results/reference.")
     missing = [run for run in LAB_RUNS if run not in results]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(out_dir, "--out folder")
     origin = str(results_dir)
     files = [plot_validation_accuracy(results, missing, out, origin),
              plot_test_accuracy(results, missing, out, origin),

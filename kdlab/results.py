@@ -5,11 +5,17 @@ No torch here: `python -m kdlab status` and `report` only look at files, and sta
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from kdlab.config import RUNS
 from kdlab.errors import KdlabError
+
+# Where runs are saved unless --ckpt-dir says otherwise. Smoke runs (random weights, synthetic
+# data) have their own folder: their checkpoints must never block or pass for real ones.
+CKPT_DIR = Path("checkpoints")
+SMOKE_CKPT_DIR = CKPT_DIR / "smoke"
 
 # What every <run>_results.json holds (kdlab.checkpoints writes it when a run finishes).
 RESULT_KEYS = ("run", "test_acc", "best_val_acc", "best_epoch", "epochs", "config",
@@ -41,10 +47,16 @@ class RunPaths:
         return self.ckpt_dir / f"{self.run}.lock"
 
 
+def default_ckpt_dir(smoke: bool) -> Path:
+    return SMOKE_CKPT_DIR if smoke else CKPT_DIR
+
+
 def run_status(ckpt_dir: str | Path, run: str) -> str:
     paths = RunPaths(Path(ckpt_dir), run)
     if paths.best.exists():
-        return "trained"
+        # The zip's directory is at its end: a truncated copy (an interrupted sync) has none.
+        # Reading it costs a few bytes; checking every checksum is left to loading.
+        return "trained" if zipfile.is_zipfile(paths.best) else "damaged"
     return "resumable" if paths.last.exists() else "missing"
 
 

@@ -640,7 +640,7 @@ def test_missing_data_offline_exits_2_naming_the_folder(tmp_path, capsys, no_net
     assert_one_line_error(err, f"CIFAR-10 is not in {tmp_path / 'data' / BATCHES_DIR}",
                           "the download failed", "--data-dir", "--smoke")
     assert no_network, "the lab should have tried to download"
-    assert [p for p in (tmp_path / "data").rglob("*") if p.is_file()] == []
+    assert not (tmp_path / "data").exists() and not (tmp_path / "ckpt").exists(), "no empty folders left"
 
 
 def test_imagenet_weights_offline_give_a_clear_error(tmp_path, capsys, monkeypatch, no_network):
@@ -652,3 +652,4 @@ def test_imagenet_weights_offline_give_a_clear_error(tmp_path, capsys, monkeypat
                           "--weights none")
     assert no_network, "torchvision should have tried to download"
     assert [p for p in (tmp_path / "torch_home").rglob("*") if p.is_file()] == []
+    assert not (tmp_path / "ckpt").exists(), "a failed run leaves no empty folder"
