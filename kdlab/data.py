@@ -128,7 +128,7 @@ def _describe_source(folder: Path) -> str:
     return f"CIFAR-10 {kind}, {folder}"
 
 
-def make_synthetic_cifar(train_per_class: int = 200, test_per_class: int = 50,
+def make_synthetic_cifar(train_per_class: int = 100, test_per_class: int = 20,
                          seed: int = 0) -> Cifar10:
     """A CIFAR-shaped dataset with learnable structure, made in memory for smoke runs and tests.
 
