@@ -59,6 +59,16 @@ RUNS = {
 }
 # The six runs of the original lab; `run all` trains these.
 LAB_RUNS = list(RUNS)[:6]
+# How charts and the report's prose name each run.
+RUN_LABELS = {
+    "teacher_resnet50": "ResNet50 teacher",
+    "student_pretrained_baseline": "ResNet18 pretrained",
+    "student_pretrained_kd_logits": "ResNet18 pretrained + logit KD",
+    "student_pretrained_kd_features": "ResNet18 pretrained + feature KD",
+    "student_scratch_baseline": "ResNet18 scratch",
+    "student_scratch_kd_scores": "ResNet18 scratch + logit KD",
+    "student_scratch_kd_features": "ResNet18 scratch + feature KD",
+}
 
 # Smoke mode: synthetic data (800 train, 200 val, 200 test images), random weights, 16 px,
 # two short epochs. Proves the whole pipeline end to end on any CPU in under a minute; its
@@ -119,6 +129,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     if problems:
         raise KdlabError("; ".join(problems))
     return cfg
+
+
+def run_label(run: str, results: dict[str, dict]) -> str:
+    """A run's name on the charts and in the report, true to its start (`results`: results files
+    by run): a run of the ImageNet recipe started from random weights (`--weights none`, or a
+    smoke run) is never called pretrained."""
+    label = RUN_LABELS[run]
+    if RUNS[run]["weights"] == "imagenet" and results.get(run, {}).get("weights") == "none":
+        return label.replace("pretrained", "random start") if "pretrained" in label else f"{label} (scratch)"
+    return label
 
 
 def config_dict(cfg: RunConfig) -> dict:

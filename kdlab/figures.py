@@ -28,7 +28,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN
+from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN, run_label
 from kdlab.data import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
@@ -57,15 +57,6 @@ RUN_COLOURS = {
     "student_scratch_baseline": "#9467bd",
     "student_scratch_kd_scores": "#8c564b",
     "student_scratch_kd_features": "#e377c2",
-}
-RUN_LABELS = {
-    "teacher_resnet50": "ResNet50 teacher",
-    "student_pretrained_baseline": "ResNet18 pretrained",
-    "student_pretrained_kd_logits": "ResNet18 pretrained + logit KD",
-    "student_pretrained_kd_features": "ResNet18 pretrained + feature KD",
-    "student_scratch_baseline": "ResNet18 scratch",
-    "student_scratch_kd_scores": "ResNet18 scratch + logit KD",
-    "student_scratch_kd_features": "ResNet18 scratch + feature KD",
 }
 # Line style, marker and colour of each loss term a method logs (kdlab.methods), so that the
 # terms of one run stay apart, in print too; a term without its own style gets OTHER_TERM_STYLE.
@@ -144,15 +135,6 @@ def _figure(title: str, source: str, smoke: bool, size: tuple[float, float],
 def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
     return path
-
-
-def run_label(run: str, results: dict[str, dict]) -> str:
-    """A run's name on the charts, true to its start: a run of the ImageNet recipe that started
-    from random weights (`--weights none`, or a smoke run) is never called pretrained."""
-    label = RUN_LABELS[run]
-    if RUNS[run]["weights"] == "imagenet" and results.get(run, {}).get("weights") == "none":
-        return label.replace("pretrained", "random start") if "pretrained" in label else f"{label} (scratch)"
-    return label
 
 
 def _run_ticks(ax, runs: list[str], results: dict[str, dict]) -> None:
@@ -280,7 +262,7 @@ def plot_confusion_matrix(r: dict, out_dir: Path, origin: str = "") -> Path:
     """confusion_matrix.png: share of each true class given to each predicted class."""
     counts = confusion_counts(r["test_predictions"], r["test_labels"])
     shares = 100 * counts / counts.sum(1, keepdims=True).clip(min=1)
-    fig, axes = _figure(f"Confusion matrix of the best student, {RUN_LABELS[r['run']]} "
+    fig, axes = _figure(f"Confusion matrix of the best student, {run_label(r['run'], {r['run']: r})} "
                         f"(test accuracy {_percent(r['test_acc']):.2f}%)",
                         source_line([r], origin), r["smoke"], (8.5, 7.5))
     ax = axes[0, 0]

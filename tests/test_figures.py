@@ -10,10 +10,9 @@ from conftest import REPO
 
 from kdlab.cli import main
 from kdlab.errors import KdlabError
-from kdlab.figures import (ORIGINAL_LAB_REFERENCE, RUN_COLOURS, RUN_LABELS, best_student,
-                           confusion_counts, flops_per_image, make_all_figures, run_label,
-                           teacher_agreement)
-from kdlab.config import RUNS
+from kdlab.config import RUN_LABELS, RUNS, run_label
+from kdlab.figures import (ORIGINAL_LAB_REFERENCE, RUN_COLOURS, best_student, confusion_counts,
+                           flops_per_image, make_all_figures, teacher_agreement)
 from kdlab.models import build_model
 
 
