@@ -262,7 +262,7 @@ def kdlab_eval(cfg, images, device, batch_size):
 def kdlab_eval_steps(model, images, image_size, dtype, batch_size):
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
-        predict(model, batch, image_size, dtype, batch_size)
+        predict(model, batch, image_size, dtype, batch_size=batch_size)
         yield len(batch)
 
 
@@ -380,7 +380,7 @@ def measure_scaling(budget: Budget, data: Cifar10, device: torch.device) -> dict
     epochs = []
     for size in sizes:
         limited = make_config(run_name, limit_train=size, **size_overrides(budget))
-        splits = make_splits(data, limited.val_per_class, limited.seed, limited.limit_train, device)
+        splits = make_splits(data, limited.val_per_class, limited.split_seed, limited.limit_train, device)
         loader = DeviceLoader(*splits.train, limited.batch_size, limited.image_size, limited.seed)
         if not epochs:
             for images, targets in itertools.islice(loader.epoch(0), budget.warmup_steps):

@@ -27,13 +27,13 @@ import torch
 import torchvision
 from torch import nn
 
-from kdlab.config import RunConfig, config_dict, config_differences
+from kdlab.config import DEFAULT_SEED, RunConfig, config_dict, config_differences
 from kdlab.results import RunPaths
 from kdlab.errors import KdlabError
 from kdlab.folders import no_empty_folders_left
 from kdlab.methods import build_method
 from kdlab.models import build_model, count_parameters, load_weights
-from kdlab.train import autocast_dtype, predict, train_epochs
+from kdlab.train import accuracy, autocast_dtype, predict_views, train_epochs
 
 
 def atomic_write(path: Path, write) -> None:
@@ -108,8 +108,9 @@ class RunFiles(RunPaths):
                              f"({err.strerror or err}); choose another --ckpt-dir.") from None
         with os.fdopen(fd, "w") as fh:
             fh.write(f"{os.getpid()} {socket.gethostname()}")
-        for stale in self.ckpt_dir.glob(f"{self.run}_*.tmp*"):
-            stale.unlink(missing_ok=True)                # left by a process killed mid-write
+        for final in (self.best, self.last, self.results):   # not another seed's files
+            for stale in self.ckpt_dir.glob(f"{final.name}.tmp*"):
+                stale.unlink(missing_ok=True)            # left by a process killed mid-write
         try:
             yield
         finally:
@@ -122,7 +123,7 @@ class RunFiles(RunPaths):
             except FileExistsError:
                 owner = _lock_owner(self.lock_file)
                 if owner is not None and _alive(*owner):
-                    raise KdlabError(f"{self.run} is already being trained by process {owner[0]} on "
+                    raise KdlabError(f"{self.stem} is already being trained by process {owner[0]} on "
                                      f"{owner[1]} (lock {self.lock_file}). Wait for it to finish, or "
                                      f"stop it; if no such run is going on, delete the lock file.") from None
                 self.lock_file.unlink(missing_ok=True)  # stale: its owner is gone
@@ -174,7 +175,7 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
     `get_splits()` and `get_teacher()` are called only if the run must train, so loading a
     finished run needs neither the data nor the teacher.
     """
-    files = RunFiles(Path(ckpt_dir), cfg.run, config_dict(cfg))
+    files = RunFiles(Path(ckpt_dir), cfg.run, cfg.seed, config_dict(cfg))
     if not retrain and files.best.exists():
         state = load_checkpoint(files.best)
         check_config(state["config"], cfg, files.best)
@@ -182,7 +183,7 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
         load_weights(model, state["modules"]["student"], files.best)
         if not files.results.exists():
             write_json(files.results, state["results"])
-        log(f"{cfg.run}: loaded {files.best} (test accuracy {state['results']['test_acc']:.4f})")
+        log(f"{cfg.run_id}: loaded {files.best} (test accuracy {state['results']['test_acc']:.4f})")
         return TrainedRun(model.to(device, memory_format=torch.channels_last).eval(), state["results"],
                           trained=False)
 
@@ -194,7 +195,7 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
         if files.last.exists():
             resume = load_checkpoint(files.last)
             check_config(resume["config"], cfg, files.last)
-            log(f"{cfg.run}: resuming after epoch {resume['epoch']} from {files.last}")
+            log(f"{cfg.run_id}: resuming after epoch {resume['epoch']} from {files.last}")
         splits = get_splits()
         teacher = get_teacher() if cfg.uses_teacher else None
         # Seeded after the teacher, which may have trained just now and drawn from the same RNG.
@@ -205,27 +206,42 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
         method.to(device, memory_format=torch.channels_last)
         if resume is not None:
             torch.set_rng_state(resume["rng"])
-        history = train_epochs(cfg, method, splits, device, files, resume, progress, log)
-        results = _results(cfg, method, splits, device, history, teacher)
+        history, best_modules = train_epochs(cfg, method, splits, device, files, resume, progress, log)
+        results = _results(cfg, method, splits, device, history, best_modules, teacher)
         method.close()
         modules = {k: m.state_dict() for k, m in method.trained_modules().items()}
         write_json(files.results, results)
         save_checkpoint(files.best, dict(modules=modules, config=config_dict(cfg), results=results))
         files.last.unlink(missing_ok=True)
-    log(f"{cfg.run}: test accuracy {results['test_acc']:.4f} (best val {results['best_val_acc']:.4f}"
+    log(f"{cfg.run_id}: test accuracy {results['test_acc']:.4f} (best val {results['best_val_acc']:.4f}"
         f" at epoch {results['best_epoch']}); saved {files.best}")
     return TrainedRun(student.eval(), results, trained=True)
 
 
-def _results(cfg, method, splits, device, history, teacher) -> dict:
+def _results(cfg, method, splits, device, history, best_modules, teacher) -> dict:
+    """The results of a finished run; loads the best-on-val state into the trained modules.
+
+    Four test figures: the weight average at its best epoch and the raw weights after the last
+    epoch, each on one view and with flip test-time augmentation. `test_acc` is the lab's choice
+    (the average; flip if `cfg.flip_tta`), and what runs are compared on.
+    """
     dtype = autocast_dtype(device)
     best = max(history, key=lambda h: h["val_acc"])
-    test_logits = predict(method.student, splits.test[0], cfg.image_size, dtype)
-    test_labels = splits.test[1].to(test_logits.device)
-    extra = [m for k, m in method.trained_modules().items() if k != "student"]
+    images, labels = splits.test
+    raw = predict_views(method.student, images, cfg.image_size, dtype)
+    modules = method.trained_modules()
+    for name, module in modules.items():
+        module.load_state_dict(best_modules[name])
+    averaged = predict_views(method.student, images, cfg.image_size, dtype)
+    test_logits = averaged["flip" if cfg.flip_tta else "single"]
+    test_labels = labels.to(test_logits.device)
+    extra = [m for k, m in modules.items() if k != "student"]
     return dict(
-        run=cfg.run,
-        test_acc=(test_logits.argmax(1) == test_labels).float().mean().item(),
+        run=cfg.run, seed=cfg.seed,
+        test_acc=accuracy(test_logits, test_labels),
+        test_acc_by_evaluation={f"{weights}_{view}": accuracy(logits, test_labels)
+                                for weights, views in (("average", averaged), ("raw", raw))
+                                for view, logits in views.items()},
         test_loss=torch.nn.functional.cross_entropy(test_logits, test_labels).item(),
         best_val_acc=best["val_acc"], best_epoch=best["epoch"], epochs=cfg.epochs,
         history=history, config=config_dict(cfg), weights=cfg.weights, smoke=cfg.smoke,
@@ -233,7 +249,8 @@ def _results(cfg, method, splits, device, history, teacher) -> dict:
         n_test=len(test_labels),
         parameters=count_parameters(method.student),
         extra_training_parameters=sum(count_parameters(m) for m in extra),
-        teacher=dict(run=teacher.results["run"], test_acc=teacher.results["test_acc"]) if teacher else None,
+        teacher=dict(run=teacher.results["run"], seed=teacher.results.get("seed", DEFAULT_SEED),
+                     test_acc=teacher.results["test_acc"]) if teacher else None,
         test_predictions=test_logits.argmax(1).tolist(),
         test_labels=test_labels.tolist(),  # with the predictions: confusion matrices need no data
         device=str(device),

@@ -6,12 +6,12 @@ import sys
 import time
 from pathlib import Path
 
-from kdlab.config import LAB_RUNS, RUNS
+from kdlab.config import DEFAULT_SEED, LAB_RUNS, RUNS, SPLIT_SEED, run_id
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 from kdlab.report import DEFAULT_BENCHMARK, REFERENCE_RUNS, make_report
 from kdlab.results import (CKPT_DIR, SMOKE_CKPT_DIR, RunPaths, default_ckpt_dir, read_results_file,
-                           run_status)
+                           run_status, seeds_in)
 
 RECIPE = " (default: the run's recipe, kdlab/config.py)"
 
@@ -42,7 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hint-weight", type=float, help="feature KD's weight of the hint" + RECIPE)
     run.add_argument("--limit-train", type=int,
                      help="train on a stratified subset of N images (default: the whole train split)")
-    run.add_argument("--seed", type=int, help="seed of the split and the training" + RECIPE)
+    run.add_argument("--label-smoothing", type=float, help="on the cross-entropy term" + RECIPE)
+    run.add_argument("--ema-decay", type=float, help="per-step decay of the weight average (default 0.99)")
+    run.add_argument("--no-flip-tta", dest="flip_tta", action="store_false", default=None,
+                     help="evaluate on one view instead of the mean of each image and its mirror")
+    run.add_argument("--seed", type=int, nargs="+", metavar="SEED",
+                     help=f"training seed(s): each run named is trained once per seed (default {DEFAULT_SEED}, "
+                          f"which keeps the original lab's file names; the 45k/5k split is always drawn "
+                          f"with seed {SPLIT_SEED})")
     run.add_argument("--retrain", action="store_true", help="ignore and replace existing checkpoints")
     run.add_argument("--smoke", action="store_true",
                      help=f"synthetic data, random weights, tiny budget: checks the pipeline, no results "
@@ -83,25 +90,27 @@ def command_run(args) -> None:
     overrides = dict(weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
                      lr=args.lr, image_size=args.image_size, temperature=args.temperature,
                      alpha=args.alpha, hint_layer=args.hint_layer, hint_weight=args.hint_weight,
-                     limit_train=args.limit_train, seed=args.seed)
+                     label_smoothing=args.label_smoothing, ema_decay=args.ema_decay, flip_tta=args.flip_tta,
+                     limit_train=args.limit_train)
     if args.teacher_epochs is not None and args.teacher_epochs < 1:
         raise KdlabError(f"teacher epochs must be at least 1, got {args.teacher_epochs}")
     lab = Lab(args.ckpt_dir, args.data_dir, args.device, smoke=args.smoke,
               teacher_epochs=args.teacher_epochs, **overrides)
-    for name in names:
-        lab.config(name)  # every name's settings are checked before anything trains
+    trials = [(name, seed) for seed in args.seed or [DEFAULT_SEED] for name in names]
+    for name, seed in trials:
+        lab.config(name, seed)  # every name's settings are checked before anything trains
     if args.results_dir:
         writable_folder(args.results_dir, "--results-dir")
     start = time.perf_counter()
     rows = []
-    for name in names:
-        trained = lab.run(name, retrain=args.retrain)
-        rows.append((name, "trained" if trained.trained else "loaded", trained.results))
+    for name, seed in trials:
+        trained = lab.run(name, retrain=args.retrain, seed=seed)
+        rows.append((run_id(name, seed), "trained" if trained.trained else "loaded", trained.results))
         if args.results_dir:
-            write_json(Path(args.results_dir) / f"{name}_results.json", trained.results)
-    print(f"\n{'run':32} {'':8} {'best val':>8} {'test':>8} {'train s':>8}")
+            write_json(RunPaths(Path(args.results_dir), name, seed).results, trained.results)
+    print(f"\n{'run':38} {'':8} {'best val':>8} {'test':>8} {'train s':>8}")
     for name, how, r in rows:
-        print(f"{name:32} {how:8} {r['best_val_acc']:8.4f} {r['test_acc']:8.4f} {r['wall_seconds']:8.1f}")
+        print(f"{name:38} {how:8} {r['best_val_acc']:8.4f} {r['test_acc']:8.4f} {r['wall_seconds']:8.1f}")
     smoke = " (smoke run: synthetic data, not results)" if args.smoke else ""
     print(f"done in {time.perf_counter() - start:.1f}s on {lab.device}{smoke}")
 
@@ -113,20 +122,21 @@ def command_status(args) -> None:
                          f"Train with `python -m kdlab run all`, or pass the --ckpt-dir the runs were "
                          f"saved in (`status --smoke` for the smoke runs' {SMOKE_CKPT_DIR}).")
     for name in RUNS:
-        state = run_status(ckpt_dir, name)
-        line = f"{name:32} {state:9}"
-        paths = RunPaths(ckpt_dir, name)
-        if state == "damaged":
-            line += f" {paths.best} is truncated or not a checkpoint: run it with --retrain, or delete it"
-        elif state == "trained" and paths.results.is_file():
-            try:   # one damaged file is that run's problem: the other lines still print
-                r = read_results_file(paths.results, name)
-            except KdlabError as err:
-                line += f" results file unusable: {err}"
-            else:
-                line += f" best val {r['best_val_acc']:.4f}  test {r['test_acc']:.4f}"
-                line += "  (smoke)" if r.get("smoke") else ""
-        print(line)
+        for seed in seeds_in(ckpt_dir, name) or [DEFAULT_SEED]:
+            state = run_status(ckpt_dir, name, seed)
+            line = f"{run_id(name, seed):38} {state:9}"
+            paths = RunPaths(ckpt_dir, name, seed)
+            if state == "damaged":
+                line += f" {paths.best} is truncated or not a checkpoint: run it with --retrain, or delete it"
+            elif state == "trained" and paths.results.is_file():
+                try:   # one damaged file is that run's problem: the other lines still print
+                    r = read_results_file(paths.results, name, seed)
+                except KdlabError as err:
+                    line += f" results file unusable: {err}"
+                else:
+                    line += f" best val {r['best_val_acc']:.4f}  test {r['test_acc']:.4f}"
+                    line += "  (smoke)" if r.get("smoke") else ""
+            print(line)
 
 
 def command_report(args) -> None:

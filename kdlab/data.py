@@ -196,11 +196,11 @@ class Splits:
     source: str
 
 
-def make_splits(data: Cifar10, val_per_class: int, seed: int, limit_train: int,
+def make_splits(data: Cifar10, val_per_class: int, split_seed: int, limit_train: int,
                 device: torch.device) -> Splits:
-    train_idx, val_idx = split_train_val(data.train_labels.numpy(), val_per_class, seed)
+    train_idx, val_idx = split_train_val(data.train_labels.numpy(), val_per_class, split_seed)
     if limit_train:
-        train_idx = limit_stratified(train_idx, data.train_labels.numpy(), limit_train, seed)
+        train_idx = limit_stratified(train_idx, data.train_labels.numpy(), limit_train, split_seed)
 
     def take(images, labels, idx=None):
         if idx is not None:

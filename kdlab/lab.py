@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from kdlab.checkpoints import RunFiles, TrainedRun, train_or_load
-from kdlab.config import TEACHER_RUN, RunConfig, make_config
+from kdlab.config import DEFAULT_SEED, TEACHER_RUN, RunConfig, make_config
 from kdlab.data import Splits, load_cifar10, make_splits, make_synthetic_cifar
 from kdlab.errors import KdlabError
 from kdlab.results import default_ckpt_dir
@@ -27,12 +27,14 @@ class Lab:
     """Runs of the lab by name, with train-or-load for each and the teacher shared by the KD runs.
 
     `ckpt_dir` defaults to checkpoints/, or checkpoints/smoke/ for smoke runs.
-    `overrides` (epochs, image_size, ...) apply to every run; `teacher_epochs` to the teacher
-    alone, so a KD student and its teacher can have different budgets.
+    `overrides` (epochs, image_size, seed, ...) apply to every run; `teacher_epochs` to the
+    teacher alone, so a KD student and its teacher can have different budgets. Every KD student
+    distils the teacher trained with `teacher_seed`, whatever its own seed: the teacher is
+    trained once for all of them.
     """
 
     def __init__(self, ckpt_dir=None, data_dir="data", device="auto", smoke=False,
-                 teacher_epochs=None, progress=None, log=print, **overrides):
+                 teacher_epochs=None, teacher_seed=DEFAULT_SEED, progress=None, log=print, **overrides):
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else default_ckpt_dir(smoke)
         self.data_dir = Path(data_dir)
         self.device = resolve_device(device)
@@ -40,37 +42,40 @@ class Lab:
         self.overrides = overrides
         self.teacher_overrides = dict(
             overrides, epochs=teacher_epochs if teacher_epochs is not None else overrides.get("epochs"))
+        self.teacher_seed = teacher_seed
         self._data = None
         self._splits: dict[tuple, Splits] = {}
-        self._runs: dict[str, TrainedRun] = {}
+        self._runs: dict[tuple[str, int], TrainedRun] = {}
 
-    def config(self, run: str) -> RunConfig:
+    def config(self, run: str, seed: int | None = None) -> RunConfig:
+        """`run`'s config; `seed` (if given) replaces the lab's training seed."""
         overrides = self.teacher_overrides if run == TEACHER_RUN else self.overrides
-        return make_config(run, smoke=self.smoke, **overrides)
+        return make_config(run, smoke=self.smoke, **dict(overrides, **({} if seed is None else {"seed": seed})))
 
     def splits(self, cfg: RunConfig) -> Splits:
-        key = (cfg.val_per_class, cfg.seed, cfg.limit_train)
+        key = (cfg.val_per_class, cfg.split_seed, cfg.limit_train)
         if key not in self._splits:
             if self._data is None:
                 self._data = make_synthetic_cifar() if self.smoke else load_cifar10(self.data_dir)
             self._splits[key] = make_splits(self._data, *key, self.device)
         return self._splits[key]
 
-    def run(self, name: str, retrain: bool = False) -> TrainedRun:
+    def run(self, name: str, retrain: bool = False, seed: int | None = None) -> TrainedRun:
         """Train-or-load one run (and, for a KD run that must train, its teacher first)."""
-        if name not in self._runs or retrain:
-            cfg = self.config(name)
+        cfg = self.config(name, seed)
+        key = (name, cfg.seed)
+        if key not in self._runs or retrain:
             try:
-                self._runs[name] = train_or_load(
+                self._runs[key] = train_or_load(
                     cfg, lambda: self.splits(cfg), self.device, self.ckpt_dir,
-                    get_teacher=lambda: self.run(TEACHER_RUN), retrain=retrain,
+                    get_teacher=lambda: self.run(TEACHER_RUN, seed=self.teacher_seed), retrain=retrain,
                     progress=self.progress, log=self.log)
             except KeyboardInterrupt as interrupt:
                 if not getattr(interrupt, "reported_by", None):   # the innermost run says it, once
-                    interrupt.reported_by = name
-                    last = RunFiles(self.ckpt_dir, name).last
+                    interrupt.reported_by = cfg.run_id
+                    last = RunFiles(self.ckpt_dir, name, cfg.seed).last
                     saved = (f"every finished epoch is saved in {last}; run it again (the same cell "
                              f"or command) to resume" if last.exists() else "it has no finished epoch to resume from")
-                    self.log(f"{name}: interrupted; {saved}.")
+                    self.log(f"{cfg.run_id}: interrupted; {saved}.")
                 raise
-        return self._runs[name]
+        return self._runs[key]

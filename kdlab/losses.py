@@ -3,6 +3,11 @@ import torch
 import torch.nn.functional as F
 
 
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy in fp32 whatever the autocast dtype, optionally against smoothed labels."""
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+
 def kd_logits_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                    targets: torch.Tensor, temperature: float = 4.0, alpha: float = 0.9) -> torch.Tensor:
     """Hinton et al. (2015): alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
@@ -14,10 +19,13 @@ def kd_logits_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 def kd_logits_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                    temperature: float, alpha: float) -> dict[str, torch.Tensor]:
-    """The two weighted terms of `kd_logits_loss` by name, so the training loop logs each."""
+                    temperature: float, alpha: float, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+    """The two weighted terms of `kd_logits_loss` by name, so the training loop logs each.
+
+    Label smoothing touches the hard-label term only: the teacher's soft targets stay as they are.
+    """
     return {"kd": alpha * distillation_term(student_logits, teacher_logits, temperature),
-            "ce": (1 - alpha) * F.cross_entropy(student_logits.float(), targets)}
+            "ce": (1 - alpha) * cross_entropy(student_logits, targets, label_smoothing)}
 
 
 def distillation_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -9,19 +9,19 @@ autograd may save them for the backward pass, which inference tensors forbid).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kdlab.losses import hint_loss, kd_logits_terms
+from kdlab.losses import cross_entropy, hint_loss, kd_logits_terms
 from kdlab.models import StageOutput, stage_channels
 
 
 class Method(nn.Module):
     """Cross-entropy baseline; the base of the distillers."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, label_smoothing: float = 0.0):
         super().__init__()
         self.student = student
+        self.label_smoothing = label_smoothing
         # Stored outside nn.Module's registry: not saved with the student, not trained.
         self.__dict__["teacher"] = teacher
         if teacher is not None:
@@ -42,7 +42,10 @@ class Method(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, student, teacher):
-        return cls(student)
+        return cls(student, label_smoothing=cfg.label_smoothing)
+
+    def cross_entropy(self, logits, targets):
+        return cross_entropy(logits, targets, self.label_smoothing)
 
     def teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -50,24 +53,25 @@ class Method(nn.Module):
 
     def forward_train(self, images, targets):
         logits = self.student(images)
-        return logits, {"ce": F.cross_entropy(logits.float(), targets)}
+        return logits, {"ce": self.cross_entropy(logits, targets)}
 
 
 class LogitKD(Method):
     """Hinton et al. 2015: match the teacher's softened class probabilities."""
 
-    def __init__(self, student, teacher, temperature: float, alpha: float):
-        super().__init__(student, teacher)
+    def __init__(self, student, teacher, temperature: float, alpha: float, label_smoothing: float = 0.0):
+        super().__init__(student, teacher, label_smoothing)
         self.temperature, self.alpha = temperature, alpha
 
     @classmethod
     def from_config(cls, cfg, student, teacher):
-        return cls(student, teacher, cfg.temperature, cfg.alpha)
+        return cls(student, teacher, cfg.temperature, cfg.alpha, cfg.label_smoothing)
 
     def forward_train(self, images, targets):
         teacher_logits = self.teacher_forward(images)
         logits = self.student(images)
-        return logits, kd_logits_terms(logits, teacher_logits, targets, self.temperature, self.alpha)
+        return logits, kd_logits_terms(logits, teacher_logits, targets, self.temperature, self.alpha,
+                                       self.label_smoothing)
 
 
 class FeatureKD(Method):
@@ -77,8 +81,8 @@ class FeatureKD(Method):
     trains with the student and is dropped at deployment.
     """
 
-    def __init__(self, student, teacher, hint_layer: str, hint_weight: float):
-        super().__init__(student, teacher)
+    def __init__(self, student, teacher, hint_layer: str, hint_weight: float, label_smoothing: float = 0.0):
+        super().__init__(student, teacher, label_smoothing)
         self.hint_weight = hint_weight
         self.student_stage = StageOutput(student, hint_layer)
         self.teacher_stage = StageOutput(teacher, hint_layer)
@@ -87,7 +91,7 @@ class FeatureKD(Method):
 
     @classmethod
     def from_config(cls, cfg, student, teacher):
-        return cls(student, teacher, cfg.hint_layer, cfg.hint_weight)
+        return cls(student, teacher, cfg.hint_layer, cfg.hint_weight, cfg.label_smoothing)
 
     def trained_modules(self):
         return {"student": self.student, "regressor": self.regressor}
@@ -101,7 +105,7 @@ class FeatureKD(Method):
         logits = self.student(images)
         hint = self.regressor(self.student_stage.output)
         return logits, {
-            "ce": F.cross_entropy(logits.float(), targets),
+            "ce": self.cross_entropy(logits, targets),
             "hint": self.hint_weight * hint_loss(hint, self.teacher_stage.output),
         }
 

@@ -5,12 +5,14 @@ No torch here: `python -m kdlab status` and `report` only look at files, and sta
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdlab.config import RUNS
+from kdlab.config import DEFAULT_SEED, RUNS, run_id
 from kdlab.errors import KdlabError
+from kdlab.stats import check_no_duplicates, training_seed
 
 # Where runs are saved unless --ckpt-dir says otherwise. Smoke runs (random weights, synthetic
 # data) have their own folder: their checkpoints must never block or pass for real ones.
@@ -29,30 +31,49 @@ class RunPaths:
     """The names of a run's files in a checkpoint folder (kdlab.checkpoints says what each holds)."""
     ckpt_dir: Path
     run: str
+    seed: int = DEFAULT_SEED
+
+    @property
+    def stem(self) -> str:
+        return run_id(self.run, self.seed)
 
     @property
     def best(self) -> Path:
-        return self.ckpt_dir / f"{self.run}_best.pt"
+        return self.ckpt_dir / f"{self.stem}_best.pt"
 
     @property
     def last(self) -> Path:
-        return self.ckpt_dir / f"{self.run}_last.pt"
+        return self.ckpt_dir / f"{self.stem}_last.pt"
 
     @property
     def results(self) -> Path:
-        return self.ckpt_dir / f"{self.run}_results.json"
+        return self.ckpt_dir / f"{self.stem}_results.json"
 
     @property
     def lock_file(self) -> Path:
-        return self.ckpt_dir / f"{self.run}.lock"
+        return self.ckpt_dir / f"{self.stem}.lock"
 
 
 def default_ckpt_dir(smoke: bool) -> Path:
     return SMOKE_CKPT_DIR if smoke else CKPT_DIR
 
 
-def run_status(ckpt_dir: str | Path, run: str) -> str:
-    paths = RunPaths(Path(ckpt_dir), run)
+def seeds_in(ckpt_dir: str | Path, run: str) -> list[int]:
+    """The training seeds of `run` that have any file in `ckpt_dir`, the default seed first."""
+    seeds = set()
+    for path in Path(ckpt_dir).glob(f"{run}_*"):
+        match = RUN_FILE.fullmatch(path.name)
+        if match and match["run"] == run:
+            seeds.add(int(match["seed"] or DEFAULT_SEED))
+    return sorted(seeds, key=lambda seed: (seed != DEFAULT_SEED, seed))
+
+
+# <run>[_seed<N>]_{best.pt,last.pt,results.json}; a run name may itself contain underscores.
+RUN_FILE = re.compile(r"(?P<run>.+?)(?:_seed(?P<seed>\d+))?_(?:best\.pt|last\.pt|results\.json)")
+
+
+def run_status(ckpt_dir: str | Path, run: str, seed: int = DEFAULT_SEED) -> str:
+    paths = RunPaths(Path(ckpt_dir), run, seed)
     if paths.best.exists():
         # The zip's directory is at its end: a truncated copy (an interrupted sync) has none.
         # Reading it costs a few bytes; checking every checksum is left to loading.
@@ -73,25 +94,45 @@ def run_order(run: str) -> tuple[int, str]:
     return (names.index(run) if run in names else len(names), run)
 
 
-def read_results_file(path: Path, run: str) -> dict:
+def read_results_file(path: Path, run: str, seed: int = DEFAULT_SEED) -> dict:
     """One run's results file, checked; a damaged or foreign one stops with what to do about it."""
+    seed_flag = "" if seed == DEFAULT_SEED else f" --seed {seed}"
     again = (f"copy it again from where it came from, or, in the run's checkpoint folder, delete it and "
-             f"run `python -m kdlab run {run} --ckpt-dir <that folder>`: a finished run writes it again "
-             f"from its checkpoint.")
+             f"run `python -m kdlab run {run}{seed_flag} --ckpt-dir <that folder>`: a finished run "
+             f"writes it again from its checkpoint.")
     r = read_json(path, again)
     lacking = [k for k in RESULT_KEYS if k not in r] if isinstance(r, dict) else list(RESULT_KEYS)
+    if not lacking and not isinstance(r["config"], dict):
+        lacking = ["a config"]
     if lacking:
         raise KdlabError(f"{path} is not a kdlab results file (it lacks {', '.join(lacking)}); {again}")
-    if r["run"] != run:
-        raise KdlabError(f"{path} holds the results of {r['run']!r}; rename it "
-                         f"{r['run']}_results.json or delete it.")
+    if (r["run"], training_seed(r)) != (run, seed):
+        held = run_id(r["run"], training_seed(r))
+        raise KdlabError(f"{path} holds the results of {held!r}; rename it {held}_results.json or delete it.")
     return r
 
 
 def load_results(results_dir: str | Path) -> dict[str, dict]:
-    """The `<run>_results.json` of every run found in `results_dir`, by run, in the lab's order.
+    """The default seed's `<run>_results.json` of every run found in `results_dir`, in the lab's order.
 
     Files of names that are not runs are not read.
     """
     paths = {run: RunPaths(Path(results_dir), run).results for run in RUNS}
     return {run: read_results_file(path, run) for run, path in paths.items() if path.is_file()}
+
+
+def load_seed_results(results_dir: str | Path) -> dict[str, list[dict]]:
+    """Every seed's results of every run in `results_dir`: {run: [results, by seed]}, in the lab's order.
+
+    A run and seed found twice (`<run>_results.json` beside `<run>_seed42_results.json`, say) with
+    different settings is refused, naming both files: two different runs are never averaged.
+    """
+    entries = []
+    for path in sorted(Path(results_dir).glob("*_results.json")):
+        match = RUN_FILE.fullmatch(path.name)
+        if match and match["run"] in RUNS:
+            entries.append((path, read_results_file(path, match["run"], int(match["seed"] or DEFAULT_SEED))))
+    by_run: dict[str, list[dict]] = {}
+    for _, r in sorted(check_no_duplicates(entries), key=lambda e: (run_order(e[1]["run"]), training_seed(e[1]))):
+        by_run.setdefault(r["run"], []).append(r)
+    return by_run

@@ -12,6 +12,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import TqdmWarning
 
 with warnings.catch_warnings():
@@ -22,7 +23,7 @@ with warnings.catch_warnings():
 
 from kdlab.data import DeviceLoader, preprocess
 from kdlab.errors import KdlabError
-from kdlab.models import load_weights
+from kdlab.models import build_model, load_weights
 
 # Fewer optimizer steps than this per epoch (a small --limit-train at batch 512) leave warmup and
 # cosine decay a handful of steps: the loss rises and accuracy stays near chance.
@@ -80,17 +81,51 @@ def make_optimizer(cfg, method):
                            weight_decay=cfg.weight_decay)
 
 
-def train_epochs(cfg, method, splits, device, files, resume=None, progress=None, log=print) -> list[dict]:
+class WeightAverage:
+    """An exponential moving average of the student's weights and BatchNorm statistics.
+
+    Updated after every optimiser step: ema = d * ema + (1 - d) * weights, with d ramped up as
+    min(decay, (1 + t) / (10 + t)) at update t, so the average forgets the random start quickly
+    (TensorFlow's ExponentialMovingAverage with num_updates). The ramp depends on the step alone,
+    so a resumed run averages exactly as an uninterrupted one. Integer buffers (BN's batch count)
+    are copied.
+    """
+
+    def __init__(self, cfg, student: nn.Module):
+        self.decay = cfg.ema_decay
+        self.model = build_model(cfg.arch, "none").to(next(student.parameters()).device,
+                                                      memory_format=torch.channels_last)
+        self.model.load_state_dict(student.state_dict())
+        self.model.eval().requires_grad_(False)
+        pairs = list(zip(self.model.state_dict().values(), student.state_dict().values()))
+        self._floats = [(a, w) for a, w in pairs if a.is_floating_point()]
+        self._others = [(a, w) for a, w in pairs if not a.is_floating_point()]
+
+    def decay_at(self, update: int) -> float:
+        return min(self.decay, (1 + update) / (10 + update))
+
+    @torch.no_grad()
+    def update(self, update: int) -> None:
+        averaged, current = zip(*self._floats)
+        torch._foreach_lerp_(list(averaged), list(current), 1 - self.decay_at(update))
+        for a, w in self._others:
+            a.copy_(w)
+
+
+def train_epochs(cfg, method, splits, device, files, resume=None, progress=None, log=print):
     """Train `method` for the epochs `cfg` asks for, from `resume` (a last checkpoint) if given.
 
-    After each epoch: validate, keep the best-on-val weights, save the last state.
-    Returns the history, one dict per epoch.
+    After each epoch: validate the weight average (on both mirror views if `cfg.flip_tta`), keep
+    the best-on-val average, save the last state. Returns the history, one dict per epoch, and
+    the best state of each trained module (the student's is the average's); the trained modules
+    keep the raw weights of the last epoch.
     """
     tune_cudnn(device)
     modules = method.trained_modules()
     optimizer = make_optimizer(cfg, method)
     dtype = autocast_dtype(device)
     scaler = make_scaler(device, dtype)
+    average = WeightAverage(cfg, method.student)
     loader = DeviceLoader(*splits.train, cfg.batch_size, cfg.image_size, cfg.seed)
     steps, total_steps = len(loader), cfg.epochs * len(loader)
     warmup_steps = max(1, round(cfg.warmup_epochs * steps))
@@ -98,6 +133,7 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
     if resume is not None:
         for name, module in modules.items():
             load_weights(module, resume["modules"][name], files.last)
+        load_weights(average.model, resume["average"], files.last)
         optimizer.load_state_dict(resume["optimizer"])
         if scaler.is_enabled() and resume["scaler"]:   # a run begun on a bf16 GPU or the CPU has none
             scaler.load_state_dict(resume["scaler"])
@@ -108,7 +144,7 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
         epochs = (f"epochs {len(history) + 1} to {cfg.epochs}" if len(history) + 1 < cfg.epochs
                   else f"epoch {cfg.epochs}")
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-        log(f"{cfg.run}: training on {device} ({precision}), {epochs}, "
+        log(f"{cfg.run_id}: training on {device} ({precision}), {epochs}, "
             f"{steps} steps of {loader.batch_size} images at {cfg.image_size} px each"
             + ("; on a CPU a real run takes hours: use a GPU, or --smoke to check the pipeline in a minute"
                if device.type == "cpu" and not cfg.smoke else ""))
@@ -119,7 +155,7 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
                 f"and near-chance accuracy. Lower the batch with the LR, e.g. --batch-size {batch} "
                 f"--lr {cfg.lr * batch / cfg.batch_size:.3g}.")
 
-    for epoch in tqdm(range(len(history), cfg.epochs), desc=cfg.run, unit="epoch", disable=quiet,
+    for epoch in tqdm(range(len(history), cfg.epochs), desc=cfg.run_id, unit="epoch", disable=quiet,
                       initial=len(history), total=cfg.epochs):
         start = time.perf_counter()
         method.train()
@@ -131,30 +167,36 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
             for group in optimizer.param_groups:
                 group["lr"] = lr
             logits, losses = train_step(method, optimizer, scaler, images, targets, dtype)
+            average.update(epoch * steps + step)
             for name, value in losses.items():
                 step_losses.setdefault(name, torch.empty(steps, device=device))[step] = value.detach()
             correct += (logits.argmax(1) == targets).sum()
 
-        val_loss, val_acc = evaluate(method.student, *splits.val, cfg.image_size, dtype)
+        # The raw weights' loss tells divergence first: the average lags behind them.
+        val_loss, val_acc_raw = evaluate(method.student, *splits.val, cfg.image_size, dtype)
         stop_if_diverged(cfg, epoch, step_losses, val_loss, files)
+        val = evaluate_views(average.model, *splits.val, cfg.image_size, dtype)
+        val_acc = val["flip"] if cfg.flip_tta else val["single"]
         term_means = {k: v.mean().item() for k, v in step_losses.items()}
         history.append(dict(epoch=epoch + 1, train_loss=sum(term_means.values()), losses=term_means,
                             train_acc=correct.item() / (steps * loader.batch_size),
-                            val_loss=val_loss, val_acc=val_acc, lr=lr,
-                            seconds=time.perf_counter() - start))
-        log(f"{cfg.run} epoch {epoch + 1}/{cfg.epochs}: train loss {history[-1]['train_loss']:.4f} "
-            f"acc {history[-1]['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} "
-            f"| {history[-1]['seconds']:.1f}s")
+                            val_loss=val_loss, val_acc=val_acc, val_acc_single_view=val["single"],
+                            val_acc_raw=val_acc_raw, lr=lr, seconds=time.perf_counter() - start))
+        log(f"{cfg.run_id} epoch {epoch + 1}/{cfg.epochs}: train loss {history[-1]['train_loss']:.4f} "
+            f"acc {history[-1]['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc_raw:.4f}, "
+            f"averaged {val_acc:.4f} | {history[-1]['seconds']:.1f}s")
         if val_acc > best_val:
             best_val = val_acc
-            best_modules = {k: {n: t.detach().clone() for n, t in m.state_dict().items()}
-                            for k, m in modules.items()}
+            best_modules = {k: _copy_state(average.model if k == "student" else m) for k, m in modules.items()}
         files.save_last(dict(modules={k: m.state_dict() for k, m in modules.items()},
-                             best_modules=best_modules, optimizer=optimizer.state_dict(),
-                             scaler=scaler.state_dict(), history=history, epoch=epoch + 1))
-    for name, module in modules.items():
-        module.load_state_dict(best_modules[name])
-    return history
+                             average=average.model.state_dict(), best_modules=best_modules,
+                             optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                             history=history, epoch=epoch + 1))
+    return history, best_modules
+
+
+def _copy_state(module: nn.Module) -> dict:
+    return {n: t.detach().clone() for n, t in module.state_dict().items()}
 
 
 def stop_if_diverged(cfg, epoch: int, step_losses: dict, val_loss: float, files) -> None:
@@ -171,26 +213,44 @@ def stop_if_diverged(cfg, epoch: int, step_losses: dict, val_loss: float, files)
         return
     kept = (f"the checkpoint of epoch {epoch} stays in {files.last}" if epoch
             else "no epoch had finished, so there is no checkpoint")
-    raise KdlabError(f"{cfg.run}: {problem}. Nothing from this epoch was saved; {kept}. "
+    raise KdlabError(f"{cfg.run_id}: {problem}. Nothing from this epoch was saved; {kept}. "
                      f"Lower the learning rate (--lr) and run with --retrain.")
 
 
 @torch.no_grad()
-def predict(model, images: torch.Tensor, image_size: int, dtype=None,
+def predict(model, images: torch.Tensor, image_size: int, dtype=None, mirror: bool = False,
             batch_size: int = 1024) -> torch.Tensor:
-    """Logits (fp32) for uint8 images, in large batches: evaluation holds no activations."""
+    """Logits (fp32) for uint8 images (mirrored left-right if asked), in large batches."""
     model.eval()
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
         x = preprocess(images[i:i + batch_size].to(device), image_size)
+        if mirror:
+            x = x.flip(3)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out.append(model(x).float())
     return torch.cat(out)
 
 
+def predict_views(model, images: torch.Tensor, image_size: int, dtype=None) -> dict[str, torch.Tensor]:
+    """Logits of the single view, and flip test-time augmentation: the mean of an image's and its
+    mirror's logits (training mirrors half the images, so both views are in distribution)."""
+    single = predict(model, images, image_size, dtype)
+    return {"single": single, "flip": (single + predict(model, images, image_size, dtype, mirror=True)) / 2}
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels.to(logits.device)).float().mean().item()
+
+
 def evaluate(model, images, labels, image_size: int, dtype=None) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of `model` on a split."""
+    """(mean cross-entropy, accuracy) of `model` on a split, single view."""
     logits = predict(model, images, image_size, dtype)
-    labels = labels.to(logits.device)
-    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+    return F.cross_entropy(logits, labels.to(logits.device)).item(), accuracy(logits, labels)
+
+
+def evaluate_views(model, images, labels, image_size: int, dtype=None) -> dict[str, float]:
+    """Accuracy of `model` on a split, by view: {"single": ..., "flip": ...}."""
+    return {view: accuracy(logits, labels) for view, logits in
+            predict_views(model, images, image_size, dtype).items()}

@@ -41,8 +41,8 @@ def imagenet_cache(tmp_path_factory) -> tuple:
 class TinyLab(Lab):
     """The lab with 2 validation images per class, so that 50 synthetic images per class suffice."""
 
-    def config(self, run):
-        return dataclasses.replace(super().config(run), val_per_class=2)
+    def config(self, run, seed=None):
+        return dataclasses.replace(super().config(run, seed), val_per_class=2)
 
 
 def stage_width(state: dict, stage: str) -> int:

@@ -43,7 +43,8 @@ def results_of(run, splits, teacher=None, smoke=False):
     history = [dict(epoch=e, train_loss=1.0, losses={"ce": 1.0}, train_acc=0.5, val_loss=1.0,
                     val_acc=best_val if e == best_epoch else best_val - 0.01 * e, lr=cfg.lr,
                     seconds=seconds) for e in range(1, EPOCHS + 1)]
-    r = _results(cfg, method, splits, CPU, history, teacher)
+    best_modules = {name: m.state_dict() for name, m in method.trained_modules().items()}
+    r = _results(cfg, method, splits, CPU, history, best_modules, teacher)
     r.update(test_acc=test_acc)
     if not smoke:
         r.update(smoke=False, device="cuda", device_name="Test GPU", data="CIFAR-10 test copy")
@@ -55,7 +56,7 @@ def results_of(run, splits, teacher=None, smoke=False):
 def reference():
     """The four reference runs, as real results would look."""
     data = make_synthetic_cifar(train_per_class=10, test_per_class=5)
-    splits = make_splits(data, val_per_class=2, seed=42, limit_train=0, device=CPU)
+    splits = make_splits(data, val_per_class=2, split_seed=42, limit_train=0, device=CPU)
     teacher_results = results_of(TEACHER_RUN, splits)
     teacher = TrainedRun(build_model("resnet50", "none").eval(), teacher_results, trained=True)
     out = {TEACHER_RUN: teacher_results}

@@ -10,14 +10,14 @@ from conftest import REPO
 
 from kdlab.cli import main
 from kdlab.errors import KdlabError
-from kdlab.results import RESULT_KEYS, load_results, run_status
+from kdlab.results import RESULT_KEYS, load_results, load_seed_results, run_status, seeds_in
 
 RUN = "student_scratch_baseline"
 
 
 def results_file(run=RUN, **changes):
     r = {key: None for key in RESULT_KEYS}
-    r.update(run=run, test_acc=0.5, best_val_acc=0.5, smoke=True, **changes)
+    r.update(dict(run=run, test_acc=0.5, best_val_acc=0.5, smoke=True, config={"seed": 42}), **changes)
     return json.dumps(r)
 
 
@@ -95,3 +95,35 @@ def test_status_names_a_damaged_results_file_on_its_own_line(tmp_path, capsys):
     assert "test 0.5000" in lines["teacher_resnet50"] and "(smoke)" in lines["teacher_resnet50"]
     assert "results file unusable" in lines[RUN] and "not readable JSON" in lines[RUN]
     assert lines["student_scratch_kd_scores"].split()[1] == "missing"
+
+
+def test_seeds_have_their_own_files_and_load_together_in_seed_order(tmp_path):
+    for seed in (7, 42, 3):
+        name = RUN if seed == 42 else f"{RUN}_seed{seed}"
+        (tmp_path / f"{name}_results.json").write_text(results_file(config={"seed": seed}, test_acc=seed / 100))
+    (tmp_path / f"{RUN}_seed9_last.pt").write_bytes(b"")
+    assert seeds_in(tmp_path, RUN) == [42, 3, 7, 9]
+    assert seeds_in(tmp_path, "student_scratch_kd_scores") == []
+    assert run_status(tmp_path, RUN, 9) == "resumable" and run_status(tmp_path, RUN, 5) == "missing"
+    assert [r["test_acc"] for r in load_seed_results(tmp_path)[RUN]] == [0.03, 0.07, 0.42]
+    assert list(load_results(tmp_path)) == [RUN] and load_results(tmp_path)[RUN]["test_acc"] == 0.42
+    out = subprocess.run([sys.executable, "-m", "kdlab", "status", "--ckpt-dir", tmp_path], cwd=REPO,
+                         capture_output=True, text=True).stdout
+    assert f"{RUN}_seed9 " in out and "resumable" in out and f"{RUN}_seed3 " in out
+
+
+def test_a_results_file_under_another_seeds_name_is_refused(tmp_path):
+    (tmp_path / f"{RUN}_seed3_results.json").write_text(results_file(config={"seed": 4}))
+    with pytest.raises(KdlabError, match=f"'{RUN}_seed4'; rename it {RUN}_seed4_results.json"):
+        load_seed_results(tmp_path)
+
+
+def test_the_same_run_and_seed_twice_with_other_settings_is_never_averaged(tmp_path):
+    first, second = tmp_path / f"{RUN}_results.json", tmp_path / f"{RUN}_seed42_results.json"
+    first.write_text(results_file(config={"seed": 42, "lr": 0.4}))
+    second.write_text(results_file(config={"seed": 42, "lr": 0.4}))
+    assert len(load_seed_results(tmp_path)[RUN]) == 1          # a copy: read once
+    second.write_text(results_file(config={"seed": 42, "lr": 0.2}))
+    with pytest.raises(KdlabError) as err:
+        load_seed_results(tmp_path)
+    assert str(first) in str(err.value) and str(second) in str(err.value) and "lr" in str(err.value)

@@ -15,7 +15,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def tiny_splits():
     data = make_synthetic_cifar(train_per_class=30, test_per_class=5)
-    return make_splits(data, val_per_class=5, seed=42, limit_train=0, device=CPU)
+    return make_splits(data, val_per_class=5, split_seed=42, limit_train=0, device=CPU)
 
 
 def tiny_config(**changes):
