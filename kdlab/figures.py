@@ -33,7 +33,8 @@ from kdlab.data import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 from kdlab.report import STEP_DESCRIPTIONS, agreement, best_student
-from kdlab.results import load_results
+from kdlab.results import load_results, load_seed_results
+from kdlab.stats import summarise
 from kdlab.lab import resolve_device
 from kdlab.models import build_model
 from kdlab.train import autocast_dtype, tune_cudnn
@@ -150,14 +151,24 @@ def _percent(value: float) -> float:
 # ----------------------------------------------------------------------------- training figures
 
 def plot_validation_accuracy(results: dict[str, dict], missing: list[str], out_dir: Path,
-                             origin: str = "") -> Path:
-    """comparaison_finale.png: validation accuracy per epoch, every run on one chart."""
+                             origin: str = "", seeds: dict[str, list[dict]] | None = None) -> Path:
+    """comparaison_finale.png: validation accuracy per epoch, every run on one chart.
+
+    A run with several seeds is drawn as the mean over its seeds, in a band from the lowest to
+    the highest seed at each epoch.
+    """
+    seeds = seeds or {run: [r] for run, r in results.items()}
     fig, axes = _figure("Validation accuracy per epoch", source_line(list(results.values()), origin),
                         _smoke(results), (9, 5.5), missing=missing)
     ax = axes[0, 0]
     for run, r in results.items():
-        ax.plot([h["epoch"] for h in r["history"]], [_percent(h["val_acc"]) for h in r["history"]],
-                marker="o", color=RUN_COLOURS[run], label=run_label(run, results))
+        runs = [s for s in seeds.get(run, [r]) if len(s["history"]) == len(r["history"])]
+        epochs = [h["epoch"] for h in r["history"]]
+        curves = np.array([[_percent(h["val_acc"]) for h in s["history"]] for s in runs])
+        label = run_label(run, results) + (f" (mean of {len(runs)} seeds, band: min-max)" if len(runs) > 1 else "")
+        ax.plot(epochs, curves.mean(0), marker="o", markersize=3, color=RUN_COLOURS[run], label=label)
+        if len(runs) > 1:
+            ax.fill_between(epochs, curves.min(0), curves.max(0), color=RUN_COLOURS[run], alpha=0.2, linewidth=0)
     ax.set(xlabel="epoch", ylabel=f"validation accuracy (%, {_count(results, 'n_val')} images)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
@@ -166,8 +177,13 @@ def plot_validation_accuracy(results: dict[str, dict], missing: list[str], out_d
 
 
 def plot_test_accuracy(results: dict[str, dict], missing: list[str], out_dir: Path,
-                       origin: str = "") -> Path:
-    """comparison_test_accuracy.png: our test accuracy per run, the original lab's beside it."""
+                       origin: str = "", seeds: dict[str, list[dict]] | None = None) -> Path:
+    """comparison_test_accuracy.png: our test accuracy per run, the original lab's beside it.
+
+    A run with several seeds: the bar is their mean, the error bar one standard deviation
+    (ddof 1), and each seed a dot.
+    """
+    seeds = seeds or {run: [r] for run, r in results.items()}
     runs = [run for run in RUNS if run in results or run in ORIGINAL_LAB_REFERENCE]
     fig, axes = _figure("Test accuracy per run", source_line(list(results.values()), origin),
                         _smoke(results), (11, 6), missing=missing)
@@ -177,8 +193,15 @@ def plot_test_accuracy(results: dict[str, dict], missing: list[str], out_dir: Pa
         reference = ORIGINAL_LAB_REFERENCE.get(run)
         ours_x = x - width / 2 if reference is not None else x
         if run in results:
-            bars = ax.bar(ours_x, _percent(results[run]["test_acc"]), width, color=RUN_COLOURS[run])
-            ax.bar_label(bars, fmt="%.2f", fontsize=8)
+            summary = summarise(seeds.get(run, [results[run]]))
+            mean, std = _percent(summary["mean"]), summary["std"]
+            bars = ax.bar(ours_x, mean, width, color=RUN_COLOURS[run],
+                          yerr=None if std is None else _percent(std), capsize=4)
+            label = f"{mean:.2f}" if std is None else f"{mean:.2f}\n±{_percent(std):.2f}\n({summary['n_seeds']} seeds)"
+            ax.bar_label(bars, labels=[label], fontsize=7, padding=2)
+            if summary["n_seeds"] > 1:
+                ax.plot([ours_x] * summary["n_seeds"], [_percent(r["test_acc"]) for r in seeds[run]],
+                        "o", color="black", markersize=3, zorder=3)
         else:
             ax.text(ours_x, 1, "missing", rotation=90, ha="center", va="bottom", fontsize=8)
         if reference is not None:
@@ -186,8 +209,8 @@ def plot_test_accuracy(results: dict[str, dict], missing: list[str], out_dir: Pa
                           edgecolor=RUN_COLOURS[run], hatch="//")
             ax.bar_label(bars, fmt="%.2f", fontsize=8, color="0.3")
     _run_ticks(ax, runs, results)
-    ax.set(ylabel=f"test accuracy (%, {_count(results, 'n_test')} images)", ylim=(0, 108))
-    ax.legend(handles=[Patch(facecolor="0.5", label="this lab (results files)"),
+    ax.set(ylabel=f"test accuracy (%, {_count(results, 'n_test')} images)", ylim=(0, 115))
+    ax.legend(handles=[Patch(facecolor="0.5", label="this lab (results files): mean ± std over seeds, dots: seeds"),
                        Patch(facecolor="white", edgecolor="0.3", hatch="//", label=ORIGINAL_LAB_LABEL)],
               loc="upper right", fontsize=8)
     return _save(fig, out_dir / "comparison_test_accuracy.png")
@@ -505,6 +528,7 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     results = load_results(results_dir)
+    seeds = load_seed_results(results_dir)
     if not results:
         raise KdlabError(f"no <run>_results.json in {results_dir}. Train the runs first "
                          f"(`python -m kdlab run all --ckpt-dir {results_dir}`), or point to a folder "
@@ -512,8 +536,8 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
     missing = [run for run in LAB_RUNS if run not in results]
     out = writable_folder(out_dir, "--out folder")
     origin = str(results_dir)
-    files = [plot_validation_accuracy(results, missing, out, origin),
-             plot_test_accuracy(results, missing, out, origin),
+    files = [plot_validation_accuracy(results, missing, out, origin, seeds),
+             plot_test_accuracy(results, missing, out, origin, seeds),
              plot_training_losses(results, missing, out, origin),
              *(plot_run_curves(r, out, origin) for r in results.values())]
     skipped = {}

@@ -27,8 +27,9 @@ class Lab:
     """Runs of the lab by name, with train-or-load for each and the teacher shared by the KD runs.
 
     `ckpt_dir` defaults to checkpoints/, or checkpoints/smoke/ for smoke runs.
-    `overrides` (epochs, image_size, seed, ...) apply to every run; `teacher_epochs` to the
-    teacher alone, so a KD student and its teacher can have different budgets. Every KD student
+    `overrides` (epochs, image_size, seed, ...) apply to every run, but label smoothing to the
+    students only; `teacher_epochs` to the teacher alone, so a KD student and its teacher can
+    have different budgets. Every KD student
     distils the teacher trained with `teacher_seed`, whatever its own seed: the teacher is
     trained once for all of them.
     """
@@ -40,8 +41,10 @@ class Lab:
         self.device = resolve_device(device)
         self.smoke, self.progress, self.log = smoke, progress, log
         self.overrides = overrides
+        # Label smoothing is the students' alone: a smoothed teacher distils worse (kdlab.config).
         self.teacher_overrides = dict(
-            overrides, epochs=teacher_epochs if teacher_epochs is not None else overrides.get("epochs"))
+            overrides, epochs=teacher_epochs if teacher_epochs is not None else overrides.get("epochs"),
+            label_smoothing=None)
         self.teacher_seed = teacher_seed
         self._data = None
         self._splits: dict[tuple, Splits] = {}
@@ -52,12 +55,19 @@ class Lab:
         overrides = self.teacher_overrides if run == TEACHER_RUN else self.overrides
         return make_config(run, smoke=self.smoke, **dict(overrides, **({} if seed is None else {"seed": seed})))
 
+    def share_data_with(self, other: "Lab") -> None:
+        """Use the dataset `other` has read (or will read) instead of reading it again."""
+        self._data = other.data()
+
+    def data(self):
+        if self._data is None:
+            self._data = make_synthetic_cifar() if self.smoke else load_cifar10(self.data_dir)
+        return self._data
+
     def splits(self, cfg: RunConfig) -> Splits:
         key = (cfg.val_per_class, cfg.split_seed, cfg.limit_train)
         if key not in self._splits:
-            if self._data is None:
-                self._data = make_synthetic_cifar() if self.smoke else load_cifar10(self.data_dir)
-            self._splits[key] = make_splits(self._data, *key, self.device)
+            self._splits[key] = make_splits(self.data(), *key, self.device)
         return self._splits[key]
 
     def run(self, name: str, retrain: bool = False, seed: int | None = None) -> TrainedRun:

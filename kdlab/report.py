@@ -23,9 +23,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdlab.config import RUNS, TEACHER_RUN, config_dict, make_config, run_label
+from kdlab.config import DEFAULT_SEED, RUNS, TEACHER_RUN, config_dict, make_config, run_label
 from kdlab.errors import KdlabError
-from kdlab.results import load_results, read_json, run_order
+from kdlab.results import load_results, load_seed_results, read_json, run_order
+from kdlab.stats import paired_difference, summarise
 
 # The runs of the reference GPU run. ImageNet weights cannot be fetched on the machine it
 # runs on, so every run there starts from random weights, the teacher included.
@@ -108,7 +109,8 @@ def load_manifest(results_dir: Path) -> dict | None:
 
 @dataclass
 class Report:
-    results: dict[str, dict]          # the results files, by run
+    results: dict[str, dict]          # the results files of the default seed, by run
+    seeds: dict[str, list[dict]]      # every seed's results files, by run
     expected: list[str]               # the runs the report should hold
     efficiency: dict | None           # efficiency.json, if the figures folder has one
     manifest: dict | None             # manifest.json of the results folder, if any
@@ -251,7 +253,7 @@ def results_table(rep: Report) -> str:
         flops = f"{m['flops_per_image'] / 1e9:.2f}" if "flops_per_image" in m else "--"
         latency = f"{m['latency_ms']:.2f}" if "latency_ms" in m else "--"
         rows.append(rf"{tt(run)} & {r['epochs']} & {pct(r['best_val_acc'])} ({r['best_epoch']}) & "
-                    rf"{pct(r['test_acc'])} & {r['parameters'] / 1e6:.2f} & {flops} & {latency} & "
+                    rf"{test_acc_cell(rep, run)} & {r['parameters'] / 1e6:.2f} & {flops} & {latency} & "
                     rf"{minutes(r['wall_seconds'])} \\")
     if eff:
         where = (f"FLOPs per image and latency from {tt(rep.figures_dir / 'efficiency.json')}, "
@@ -262,12 +264,22 @@ def results_table(rep: Report) -> str:
                  f"the figures module writes it).")
     caption = (rf"Every run. Validation accuracy: the best epoch's (that epoch in brackets), "
                rf"whose weights are kept; test accuracy: those weights, once, on the "
-               rf"test set. Parameters: the deployed network (a regressor used only in training "
+               rf"test set; for a run trained with several seeds, the mean $\pm$ the standard "
+               rf"deviation over its seeds (their number in brackets), the other columns being "
+               rf"those of seed {DEFAULT_SEED}. Parameters: the deployed network (a regressor used only in training "
                rf"is not counted). Train: wall time of all epochs, validation included. {where} "
                rf"Source: {tt(rep.results_dir)}.")
     return table("tab:results", caption, "lrrrrrrr", [
         r"Run & Epochs & Val.\ acc. & Test acc. & Params & GFLOPs & Latency & Train \\",
         r" & & \% (epoch) & \% & (M) & & (ms) & (min) \\"], rows)
+
+
+def test_acc_cell(rep: Report, run: str) -> str:
+    """The test accuracy of `run`: one seed's, or the mean and spread of several."""
+    summary = summarise(rep.seeds.get(run, [rep.results[run]]))
+    if summary["std"] is None:
+        return pct(summary["mean"])
+    return rf"{pct(summary['mean'])} $\pm$ {pct(summary['std'])} ({summary['n_seeds']})"
 
 
 def speed_table(rep: Report) -> str:
@@ -485,6 +497,25 @@ def kd_pairs(rep: Report):
         yield start, "feature KD", base, features
 
 
+def seeds_text(rep: Report, run: str) -> str:
+    """`run`'s test accuracy for the prose: '92.10%' for one seed, '92.10% (mean of 3 seeds, sd 0.12)'."""
+    summary = summarise(rep.seeds.get(run, [rep.results[run]]))
+    if summary["std"] is None:
+        return acc_text(summary["mean"])
+    return rf"{acc_text(summary['mean'])} (mean of {summary['n_seeds']} seeds, sd {pct(summary['std'])})"
+
+
+def paired_text(rep: Report, better: str, other: str) -> str:
+    """The paired difference of two runs on the same test images and seeds, with its 95% interval."""
+    d = paired_difference(rep.seeds.get(better, [rep.results[better]]), rep.seeds.get(other, [rep.results[other]]))
+    seeds = f"{len(d['seeds'])} seed{'s' if len(d['seeds']) > 1 else ''} paired"
+    verdict = ("excludes zero: the difference is beyond what the seeds and the test sample explain"
+               if d["excludes_zero"] else "includes zero: no evidence of a difference either way")
+    return (rf"a paired difference of {100 * d['mean_difference']:+.2f} points ({seeds}), whose 95\% "
+            rf"interval [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] (bootstrap over seeds and "
+            rf"test images) {verdict}")
+
+
 def kd_gain_sentences(rep: Report) -> str:
     out = []
     for start, name, base, kd in kd_pairs(rep):
@@ -492,11 +523,9 @@ def kd_gain_sentences(rep: Report) -> str:
         if lacking:
             out.append(cannot_yet(f"The gain of {name} {start}", lacking))
             continue
-        b, k = rep.results[base], rep.results[kd]
-        out.append(rf"{start.capitalize()}, {name} ({run_name(kd, rep.results)}) reached "
-                   rf"{acc_text(k['test_acc'])} test accuracy, {compare(k['test_acc'], b['test_acc'])} "
-                   rf"the cross-entropy student ({acc_text(b['test_acc'])}), a gap "
-                   rf"{test_noise(k, b)}.")
+        out.append(rf"{start.capitalize()}, {name} ({run_name(kd, rep.results)}) reached {seeds_text(rep, kd)} test "
+                   rf"accuracy against {seeds_text(rep, base)} for the cross-entropy student: "
+                   rf"{paired_text(rep, kd, base)}.")
     return " ".join(out)
 
 
@@ -530,10 +559,8 @@ def logits_vs_features_sentences(rep: Report) -> str:
         if lacking:
             out.append(cannot_yet(f"Logits against features {start}", lacking))
             continue
-        lg, ft = rep.results[logits], rep.results[features]
-        out.append(rf"{start.capitalize()}, logit KD ({acc_text(lg['test_acc'])}) ended "
-                   rf"{compare(lg['test_acc'], ft['test_acc'])} feature KD "
-                   rf"({acc_text(ft['test_acc'])}), a gap {test_noise(lg, ft)}.")
+        out.append(rf"{start.capitalize()}, logit KD ({seeds_text(rep, logits)}) against feature KD "
+                   rf"({seeds_text(rep, features)}): {paired_text(rep, logits, features)}.")
     return " ".join(out)
 
 
@@ -638,7 +665,7 @@ def abstract_results(rep: Report) -> str:
     if not rep.results:
         return (r"No run has finished yet: this version of the report holds the method and "
                 r"the setup, and marks every result as missing.")
-    accs = enumerate_text([rf"{run_name(run, rep.results)} {acc_text(r['test_acc'])}" for run, r in rep.results.items()])
+    accs = enumerate_text([rf"{run_name(run, rep.results)} {seeds_text(rep, run)}" for run in rep.results])
     missing = (rf" Still missing: {runs_text(rep.missing, {})}." if rep.missing else "")
     best = best_student(rep.results)
     lead = (rf" The best student is {run_name(best, rep.results)}." if best else "")
@@ -646,6 +673,30 @@ def abstract_results(rep: Report) -> str:
 
 
 # ----------------------------------------------------------------------------- macros
+
+def training_seeds_text(rep: Report) -> str:
+    seeds = sorted({r["config"]["seed"] for runs in rep.seeds.values() for r in runs})
+    if not seeds:
+        return rf"{DEFAULT_SEED} (no results yet)"
+    return enumerate_text([str(seed) for seed in seeds])
+
+
+def evaluation_sentences(rep: Report) -> str:
+    """What the weight average and the flip bought, over every run and seed of the results folder."""
+    rows = [r["test_acc_by_evaluation"] for runs in rep.seeds.values() for r in runs
+            if "test_acc_by_evaluation" in r]
+    if not rows:
+        return (r"The results files hold no per-evaluation figures yet (written by an older kdlab), "
+                r"so what the weight average and the flip buy is not measured here.")
+    gain = {key: sum(row[key] - row["raw_single"] for row in rows) / len(rows)
+            for key in ("raw_flip", "average_single", "average_flip")}
+    wins = sum(row["average_flip"] > row["raw_single"] for row in rows)
+    return (rf"Over the {len(rows)} trained runs and seeds of this report, against the raw weights "
+            rf"of the last epoch on one view, the flip alone changed test accuracy by "
+            rf"{100 * gain['raw_flip']:+.2f} points on average, the weight average alone by "
+            rf"{100 * gain['average_single']:+.2f}, and both together by {100 * gain['average_flip']:+.2f} "
+            rf"(higher in {wins} of {len(rows)} runs).")
+
 
 def setting(rep: Report, runs: list[str], key: str, fmt=num) -> str:
     """One config value for the prose: shared by `runs`, or a pointer to the config table."""
@@ -716,7 +767,15 @@ def macros(rep: Report) -> dict[str, str]:
         "BatchSize": setting(rep, rep.runs, "batch_size"),
         "Momentum": setting(rep, rep.runs, "momentum"),
         "WarmupEpochs": setting(rep, rep.runs, "warmup_epochs"),
-        "Seed": setting(rep, rep.runs, "seed"),
+        "SplitSeed": setting(rep, rep.runs, "split_seed"),
+        "TrainingSeeds": training_seeds_text(rep),
+        "EmaDecay": setting(rep, rep.runs, "ema_decay"),
+        "StudentLabelSmoothing": setting(rep, students, "label_smoothing"),
+        "TeacherLabelSmoothing": setting(rep, [TEACHER_RUN], "label_smoothing"),
+        "EvaluationViews": setting(rep, rep.runs, "flip_tta", fmt=lambda flip: (
+            "the mean of the logits of the image and of its mirror image (flip test-time augmentation)"
+            if flip else "the image alone")),
+        "EvaluationSentences": evaluation_sentences(rep),
         "ValPerClass": setting(rep, rep.runs, "val_per_class"),
         "NTrain": n_train, "NVal": n_val, "NTest": n_test,
         "TeacherEpochs": setting(rep, [TEACHER_RUN], "epochs"),
@@ -784,8 +843,9 @@ def collect(results_dir, figures_dir, report_dir, expected=REFERENCE_RUNS, bench
     if results_dir.exists() and not results_dir.is_dir():
         raise KdlabError(f"--results {results_dir} is a file; give the folder of the results files.")
     results = load_results(results_dir) if results_dir.is_dir() else {}
+    seeds = load_seed_results(results_dir) if results_dir.is_dir() else {}
     manifest = load_manifest(results_dir) if results_dir.is_dir() else None
-    return Report(results, list(expected), load_efficiency(figures_dir), manifest, load_benchmark(benchmark),
+    return Report(results, seeds, list(expected), load_efficiency(figures_dir), manifest, load_benchmark(benchmark),
                   benchmark, results_dir, figures_dir, figures_path_for_latex(figures_dir, report_dir))
 
 
