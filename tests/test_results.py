@@ -127,3 +127,15 @@ def test_the_same_run_and_seed_twice_with_other_settings_is_never_averaged(tmp_p
     with pytest.raises(KdlabError) as err:
         load_seed_results(tmp_path)
     assert str(first) in str(err.value) and str(second) in str(err.value) and "lr" in str(err.value)
+
+
+def test_status_smoke_reads_the_smoke_runs_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints" / "smoke").mkdir(parents=True)
+    write_checkpoint_stub(tmp_path / "checkpoints" / "smoke" / f"{RUN}_best.pt")
+    assert main(["status", "--smoke"]) == 0
+    states = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines())
+    assert states[RUN] == "trained" and states["teacher_resnet50"] == "missing"
+    assert main(["status"]) == 0
+    states = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines())
+    assert states[RUN] == "missing", "a smoke run is never listed as a real one"
