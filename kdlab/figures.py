@@ -28,9 +28,10 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN
+from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN, run_label
 from kdlab.data import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
+from kdlab.folders import writable_folder
 from kdlab.report import STEP_DESCRIPTIONS, agreement, best_student
 from kdlab.results import load_results, load_seed_results
 from kdlab.stats import summarise
@@ -58,17 +59,12 @@ RUN_COLOURS = {
     "student_scratch_kd_scores": "#8c564b",
     "student_scratch_kd_features": "#e377c2",
 }
-RUN_LABELS = {
-    "teacher_resnet50": "ResNet50 teacher",
-    "student_pretrained_baseline": "ResNet18 pretrained",
-    "student_pretrained_kd_logits": "ResNet18 pretrained + logit KD",
-    "student_pretrained_kd_features": "ResNet18 pretrained + feature KD",
-    "student_scratch_baseline": "ResNet18 scratch",
-    "student_scratch_kd_scores": "ResNet18 scratch + logit KD",
-    "student_scratch_kd_features": "ResNet18 scratch + feature KD",
-}
-# Line style of each loss term a method logs (kdlab.methods); a new term gets the last one.
-TERM_STYLES = {"ce": "-", "kd": "--", "hint": ":"}
+# Line style, marker and colour of each loss term a method logs (kdlab.methods), so that the
+# terms of one run stay apart, in print too; a term without its own style gets OTHER_TERM_STYLE.
+TERM_STYLES = {"ce": dict(linestyle="-", marker="o", color="0.15"),
+               "kd": dict(linestyle="--", marker="s", color="#e6550d"),
+               "hint": dict(linestyle=":", marker="^", color="#3182bd")}
+OTHER_TERM_STYLE = dict(linestyle="-.", marker="d", color="#756bb1")
 SMOKE_BANNER = "SMOKE RUN: synthetic data, not results"
 DPI = 150
 
@@ -140,12 +136,6 @@ def _figure(title: str, source: str, smoke: bool, size: tuple[float, float],
 def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
     return path
-
-
-def run_label(run: str, results: dict[str, dict]) -> str:
-    """A run's name on the charts; a teacher trained from scratch says so, as the students' names do."""
-    scratch_teacher = run == TEACHER_RUN and results.get(run, {}).get("weights") == "none"
-    return RUN_LABELS[run] + (" (scratch)" if scratch_teacher else "")
 
 
 def _run_ticks(ax, runs: list[str], results: dict[str, dict]) -> None:
@@ -238,8 +228,8 @@ def plot_training_losses(results: dict[str, dict], missing: list[str], out_dir: 
         epochs = [h["epoch"] for h in r["history"]]
         terms = list(r["history"][0]["losses"])
         for term in terms:
-            ax.plot(epochs, [h["losses"][term] for h in r["history"]], marker=".", color=RUN_COLOURS[run],
-                    linestyle=TERM_STYLES.get(term, "-."), label=term)
+            ax.plot(epochs, [h["losses"][term] for h in r["history"]], markersize=4, label=term,
+                    **TERM_STYLES.get(term, OTHER_TERM_STYLE))
         if len(terms) > 1:
             ax.plot(epochs, [h["train_loss"] for h in r["history"]], color=RUN_COLOURS[run],
                     linewidth=3, alpha=0.35, label="total")
@@ -247,7 +237,7 @@ def plot_training_losses(results: dict[str, dict], missing: list[str], out_dir: 
         ax.title.set_fontsize(9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, handlelength=4)   # long enough to show each term's dashes
     for ax in list(axes.flat)[len(results):]:
         ax.set_axis_off()
     return _save(fig, out_dir / "training_losses.png")
@@ -295,7 +285,7 @@ def plot_confusion_matrix(r: dict, out_dir: Path, origin: str = "") -> Path:
     """confusion_matrix.png: share of each true class given to each predicted class."""
     counts = confusion_counts(r["test_predictions"], r["test_labels"])
     shares = 100 * counts / counts.sum(1, keepdims=True).clip(min=1)
-    fig, axes = _figure(f"Confusion matrix of the best student, {RUN_LABELS[r['run']]} "
+    fig, axes = _figure(f"Confusion matrix of the best student, {run_label(r['run'], {r['run']: r})} "
                         f"(test accuracy {_percent(r['test_acc']):.2f}%)",
                         source_line([r], origin), r["smoke"], (8.5, 7.5))
     ax = axes[0, 0]
@@ -544,8 +534,7 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
                          f"(`python -m kdlab run all --ckpt-dir {results_dir}`), or point to a folder "
                          f"that holds results files, such as results/reference.")
     missing = [run for run in LAB_RUNS if run not in results]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(out_dir, "--out folder")
     origin = str(results_dir)
     files = [plot_validation_accuracy(results, missing, out, origin, seeds),
              plot_test_accuracy(results, missing, out, origin, seeds),

@@ -1,8 +1,12 @@
 import json
+from pathlib import Path
 
+import pytest
 from conftest import run_kdlab
 
+from kdlab.cli import main
 from kdlab.config import LAB_RUNS
+from kdlab.lab import Lab
 
 
 def test_smoke_lab_end_to_end(smoke_lab):
@@ -37,3 +41,19 @@ def test_unknown_run_lists_the_valid_ones(tmp_path):
     result = run_kdlab("run", "student_tiny", "--smoke", "--ckpt-dir", tmp_path, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "unknown run student_tiny" in result.stderr and "teacher_resnet50" in result.stderr
+
+
+def test_smoke_runs_have_their_own_default_folder():
+    # A smoke checkpoint in the real runs' folder would block `run all` ("made with another config").
+    assert Lab(device="cpu").ckpt_dir == Path("checkpoints")
+    assert Lab(device="cpu", smoke=True).ckpt_dir == Path("checkpoints/smoke")
+
+
+def test_run_help_says_where_the_defaults_come_from(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--epochs", "--lr", "--batch-size", "--temperature"):
+        help_text = text.split(option, 2)[2].split(" --", 1)[0]   # after the usage line
+        assert "default: the run's recipe, kdlab/config.py" in help_text, option
+    assert "default: checkpoints, or checkpoints/smoke with --smoke" in text

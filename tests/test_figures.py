@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 from torchvision import models
 
+from conftest import REPO
+
+from kdlab.cli import main
 from kdlab.errors import KdlabError
-from kdlab.figures import (ORIGINAL_LAB_REFERENCE, RUN_COLOURS, RUN_LABELS, best_student,
-                           confusion_counts, flops_per_image, make_all_figures, teacher_agreement)
-from kdlab.config import RUNS
+from kdlab.config import RUN_LABELS, RUNS, run_label
+from kdlab.figures import (ORIGINAL_LAB_REFERENCE, RUN_COLOURS, best_student, confusion_counts,
+                           flops_per_image, make_all_figures, teacher_agreement)
 from kdlab.models import build_model
 
 
@@ -42,6 +45,22 @@ def test_every_run_has_a_colour_and_a_label_and_the_reference_names_real_runs():
     assert set(RUN_COLOURS) == set(RUN_LABELS) == set(RUNS)
     assert len(set(RUN_COLOURS.values())) == len(RUNS)
     assert set(ORIGINAL_LAB_REFERENCE) <= set(RUNS)
+
+
+def test_a_run_started_from_random_weights_is_never_called_pretrained():
+    for run in RUNS:
+        assert "pretrained" not in run_label(run, {run: dict(weights="none")})
+    assert run_label("student_pretrained_baseline", {}) == RUN_LABELS["student_pretrained_baseline"]
+    assert run_label("teacher_resnet50", {"teacher_resnet50": dict(weights="none")}).endswith("(scratch)")
+
+
+def test_figures_into_an_unwritable_folder_exit_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "figures"
+    assert main(["figures", "--results-dir", str(REPO / "results" / "reference"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdlab: error: ") and err.count("\n") == 1
+    assert f"cannot write to {out}" in err and "--out" in err
 
 
 def test_figures_of_an_empty_folder_say_what_to_do(tmp_path):

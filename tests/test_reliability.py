@@ -127,20 +127,6 @@ def tiny_run(tmp_path_factory):
                 results=json.loads(files_of(ckpt)["results"].read_text()))
 
 
-@pytest.fixture
-def no_network(monkeypatch) -> list:
-    """Every connection fails, as offline; returns the list of attempts."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError(errno.ENETUNREACH, "network blocked by the test")
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    return attempts
-
-
 # ----------------------------------------------------------------------------- SIGKILL
 
 class ForkedKdlab:
@@ -654,14 +640,16 @@ def test_missing_data_offline_exits_2_naming_the_folder(tmp_path, capsys, no_net
     assert_one_line_error(err, f"CIFAR-10 is not in {tmp_path / 'data' / BATCHES_DIR}",
                           "the download failed", "--data-dir", "--smoke")
     assert no_network, "the lab should have tried to download"
-    assert [p for p in (tmp_path / "data").rglob("*") if p.is_file()] == []
+    assert not (tmp_path / "data").exists() and not (tmp_path / "ckpt").exists(), "no empty folders left"
 
 
 def test_imagenet_weights_offline_give_a_clear_error(tmp_path, capsys, monkeypatch, no_network):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     code, err = cli(capsys, tiny_args(tmp_path / "ckpt", run="student_pretrained_baseline", weights="imagenet"))
     assert code == 2
-    assert_one_line_error(err, "the ImageNet weights of resnet18", str(tmp_path / "torch_home"),
+    assert_one_line_error(err, "the ImageNet weights of resnet18", "resnet18-f37072fd.pth",
+                          "resnet50-11ad3fa6.pth", str(tmp_path / "torch_home" / "hub" / "checkpoints"),
                           "--weights none")
     assert no_network, "torchvision should have tried to download"
     assert [p for p in (tmp_path / "torch_home").rglob("*") if p.is_file()] == []
+    assert not (tmp_path / "ckpt").exists(), "a failed run leaves no empty folder"
