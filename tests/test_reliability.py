@@ -80,8 +80,8 @@ def same_weights(path_a, path_b) -> bool:
         a[m].keys() == b[m].keys() and all(torch.equal(a[m][k], b[m][k]) for k in a[m]) for m in a)
 
 
-def files_of(ckpt_dir) -> dict[str, pathlib.Path]:
-    files = RunFiles(pathlib.Path(ckpt_dir), RUN)
+def files_of(ckpt_dir, seed=42) -> dict[str, pathlib.Path]:
+    files = RunFiles(pathlib.Path(ckpt_dir), RUN, seed)
     return dict(best=files.best, last=files.last, results=files.results, lock=files.lock_file)
 
 
@@ -302,13 +302,13 @@ def test_lock_from_another_machine_is_taken_over(tmp_path):
 def test_same_seed_gives_same_run_and_another_seed_another(forked, reference, tmp_path):
     forked.run(run_args(tmp_path / "same", **KILLED))
     forked.run(run_args(tmp_path / "other", **KILLED, seed=7))
-    histories = {name: without_seconds(json.loads(files_of(tmp_path / name)["results"].read_text())["history"])
-                 for name in ("same", "other")}
+    histories = {name: without_seconds(json.loads(files_of(tmp_path / name, seed)["results"].read_text())["history"])
+                 for name, seed in (("same", 42), ("other", 7))}
     reference_history = without_seconds(json.loads(files_of(reference)["results"].read_text())["history"])
     assert histories["same"] == reference_history
     assert same_weights(files_of(tmp_path / "same")["best"], files_of(reference)["best"])
     assert histories["other"] != reference_history
-    assert not same_weights(files_of(tmp_path / "other")["best"], files_of(reference)["best"])
+    assert not same_weights(files_of(tmp_path / "other", 7)["best"], files_of(reference)["best"])
 
 
 # ----------------------------------------------------------------------------- Ctrl-C

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kdlab import report
+from kdlab.stats import paired_difference
 from kdlab.checkpoints import TrainedRun, _results
 from kdlab.cli import main
 from kdlab.config import RUN_LABELS, TEACHER_RUN, make_config
@@ -154,9 +155,15 @@ def test_comparisons_follow_the_numbers(tmp_path, reference):
                        pdf=False, log=lambda *_: None)
     m = generated_macros(out)
     # NUMBERS: logit KD 91.71 vs baseline 90.50; feature KD 89.87; teacher 93.12.
-    assert "1.21 points above the cross-entropy student" in m["KDGainSentences"]
-    assert "0.63 points below the cross-entropy student" in m["KDGainSentences"]
-    assert "1.84 points above feature KD" in m["LogitsVsFeaturesSentences"]
+    assert "91.71\\% test accuracy against 90.50\\% for the cross-entropy student" in m["KDGainSentences"]
+    # The paired difference is counted on the saved test predictions, image by image.
+    for better, other, macro in (("student_scratch_kd_scores", "student_scratch_baseline", "KDGainSentences"),
+                                 ("student_scratch_kd_features", "student_scratch_baseline", "KDGainSentences"),
+                                 ("student_scratch_kd_scores", "student_scratch_kd_features",
+                                  "LogitsVsFeaturesSentences")):
+        d = paired_difference([results[better]], [results[other]])
+        assert (f"a paired difference of {100 * d['mean_difference']:+.2f} points (1 seed paired), whose 95\\% "
+                f"interval [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]") in m[macro]
     assert "The best student, ResNet18 scratch + logit KD (91.71\\%), ended 1.41 points below its teacher" \
         in m["StudentVsTeacherSentences"]
     assert "1.30 times as long" in m["KDCostSentences"]   # 26.0 s against 20.0 s per epoch
@@ -226,7 +233,7 @@ def test_no_results_at_all_says_every_run_is_missing(tmp_path):
 
 def test_report_source_uses_every_macro_and_types_no_result():
     source = REPORT_TEX.read_text()
-    rep = report.Report(results={}, expected=list(report.REFERENCE_RUNS), efficiency=None, manifest=None,
+    rep = report.Report(results={}, seeds={}, expected=list(report.REFERENCE_RUNS), efficiency=None, manifest=None,
                         benchmark=None, benchmark_path=None, results_dir=Path("results"),
                         figures_dir=Path("figures"), figures_tex_path="../figures")
     for name in report.macros(rep):
