@@ -28,13 +28,13 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN, run_label
+from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN, baseline_of, run_label
 from kdlab.data import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 from kdlab.report import STEP_DESCRIPTIONS, agreement, best_student
 from kdlab.results import load_results, load_seed_results
-from kdlab.stats import summarise
+from kdlab.stats import paired_difference, summarise
 from kdlab.lab import resolve_device
 from kdlab.models import build_model
 from kdlab.train import autocast_dtype, tune_cudnn
@@ -92,18 +92,61 @@ def format_config_table(configs) -> str:
     return "\n".join(rows)
 
 
-def format_results_table(results: dict[str, dict]) -> str:
-    """The runs' accuracies and budgets as a markdown table, the original lab's figures beside them."""
-    rows = ["| run | start | test acc | best val acc (epoch) | epochs | train time (s) | trained on |",
-            "|---|---|---:|---:|---:|---:|---|"]
-    for run, r in results.items():
+def format_results_table(seeds: dict[str, list[dict]]) -> str:
+    """The runs' accuracies and budgets as a markdown table, the original lab's figures beside them.
+
+    `seeds`: every seed's results by run (kdlab.results.load_seed_results). Test accuracy is the
+    mean and standard deviation over the seeds; each distillation run is compared with the
+    cross-entropy run of the same start, paired by seed on the same test images. The other
+    columns are those of the default seed (or the first one).
+    """
+    rows = ["| run | start | seeds | test acc, mean ± sd | paired gain over its baseline [95% interval] "
+            "| best val acc (epoch) | epochs | train time (s) | trained on |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for run, runs in seeds.items():
+        r, summary = runs[0], summarise(runs)
         start = "ImageNet" if r["weights"] == "imagenet" else "scratch"
-        rows.append(f"| {run} | {start} | {r['test_acc']:.4f} | {r['best_val_acc']:.4f} ({r['best_epoch']}) "
-                    f"| {r['epochs']} | {r['wall_seconds']:.0f} | {r['device_name']} |")
+        spread = "" if summary["std"] is None else f" ± {summary['std']:.4f}"
+        baseline = baseline_of(run)
+        gain = ""
+        if baseline in seeds:
+            d = paired_difference(runs, seeds[baseline])
+            gain = f"{100 * d['mean_difference']:+.2f} pts [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]"
+        rows.append(f"| {run} | {start} | {summary['n_seeds']} | {summary['mean']:.4f}{spread} | {gain} "
+                    f"| {r['best_val_acc']:.4f} ({r['best_epoch']}) | {r['epochs']} | {r['wall_seconds']:.0f} "
+                    f"| {r['device_name']} |")
     for run, acc in ORIGINAL_LAB_REFERENCE.items():
-        rows.append(f"| {run}, {ORIGINAL_LAB_LABEL} | ImageNet | {acc:.4f} | | | | |")
-    if any(r["smoke"] for r in results.values()):
+        rows.append(f"| {run}, {ORIGINAL_LAB_LABEL} | ImageNet | | {acc:.4f} | | | | | |")
+    if any(r["smoke"] for runs in seeds.values() for r in runs):
         rows.append(f"\n{SMOKE_BANNER}")
+    return "\n".join(rows)
+
+
+EVALUATIONS = {"raw_single": "raw weights, one view", "raw_flip": "raw weights, flip TTA",
+               "average_single": "weight average, one view", "average_flip": "weight average, flip TTA (the lab's)"}
+
+
+def format_evaluation_table(seeds: dict[str, list[dict]]) -> str:
+    """Test accuracy of each run under each evaluation (mean over its seeds): what the weight
+    average and the flip buy. Raw weights: those after the last epoch."""
+    rows = ["| run | seeds | " + " | ".join(EVALUATIONS.values()) + " |",
+            "|---|---:|" + "---:|" * len(EVALUATIONS)]
+    for run, runs in seeds.items():
+        runs = [r for r in runs if "test_acc_by_evaluation" in r]
+        if runs:
+            means = [sum(r["test_acc_by_evaluation"][key] for r in runs) / len(runs) for key in EVALUATIONS]
+            rows.append(f"| {run} | {len(runs)} | " + " | ".join(f"{m:.4f}" for m in means) + " |")
+    return "\n".join(rows)
+
+
+def format_ablation_table(ablation: dict[str, dict]) -> str:
+    """One row per ablation variant (a results file each): its settings and its accuracies."""
+    rows = ["| variant | label smoothing | lr | best val acc (epoch) | test acc | test acc, raw weights, one view |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for variant, r in ablation.items():
+        cfg = r["config"]
+        rows.append(f"| {variant} | {cfg['label_smoothing']:g} | {cfg['lr']:g} | {r['best_val_acc']:.4f} "
+                    f"({r['best_epoch']}) | {r['test_acc']:.4f} | {r['test_acc_by_evaluation']['raw_single']:.4f} |")
     return "\n".join(rows)
 
 

@@ -55,7 +55,7 @@ METHOD_NAMES = {"ce": "cross-entropy", "kd_logits": "logit KD", "kd_features": "
 # Settings every run normally shares: one line under the config table, not a column each.
 SHARED_SETTINGS = {"batch_size": "batch size", "momentum": "momentum (Nesterov)",
                    "warmup_epochs": "warm-up epochs", "image_size": "input px",
-                   "seed": "seed", "val_per_class": "validation images per class"}
+                   "split_seed": "split seed", "val_per_class": "validation images per class"}
 CIFAR_TRAIN, CIFAR_TEST, CIFAR_PX = 50_000, 10_000, 32
 # The stage map sizes of a CIFAR ResNet at 32 px, which the upsampled input reproduces.
 CIFAR_RESNET_STAGES = (32, 16, 8, 4)
@@ -559,8 +559,8 @@ def logits_vs_features_sentences(rep: Report) -> str:
         if lacking:
             out.append(cannot_yet(f"Logits against features {start}", lacking))
             continue
-        out.append(rf"{start.capitalize()}, logit KD ({seeds_text(rep, logits)}) against feature KD "
-                   rf"({seeds_text(rep, features)}): {paired_text(rep, logits, features)}.")
+        out.append(rf"{start.capitalize()}, logit KD at {seeds_text(rep, logits)} against feature KD "
+                   rf"at {seeds_text(rep, features)}: {paired_text(rep, logits, features)}.")
     return " ".join(out)
 
 

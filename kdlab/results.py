@@ -136,3 +136,14 @@ def load_seed_results(results_dir: str | Path) -> dict[str, list[dict]]:
     for _, r in sorted(check_no_duplicates(entries), key=lambda e: (run_order(e[1]["run"]), training_seed(e[1]))):
         by_run.setdefault(r["run"], []).append(r)
     return by_run
+
+
+def load_ablation(ablation_dir: str | Path) -> dict[str, dict]:
+    """An ablation's results: one folder per variant, each holding one run's results file."""
+    variants = {}
+    for folder in sorted(p for p in Path(ablation_dir).iterdir() if p.is_dir()):
+        runs = load_results(folder)
+        if len(runs) != 1:
+            raise KdlabError(f"{folder} must hold one run's results file, found {len(runs)}.")
+        variants[folder.name] = next(iter(runs.values()))
+    return variants
