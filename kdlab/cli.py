@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--out", default="figures", help="folder the figures are written to")
     figures.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                          help="where latency and throughput are measured")
+    figures.add_argument("--efficiency-from", metavar="FOLDER",
+                         help="reuse the efficiency.json measured in FOLDER (on a GPU, say) instead of measuring here")
     return parser
 
 
@@ -148,7 +150,8 @@ def command_figures(args) -> None:
     from kdlab.figures import make_all_figures  # imports torch and matplotlib
 
     start = time.perf_counter()
-    make_all_figures(args.results_dir or args.ckpt_dir, args.out, ckpt_dir=args.ckpt_dir, device=args.device)
+    make_all_figures(args.results_dir or args.ckpt_dir, args.out, ckpt_dir=args.ckpt_dir, device=args.device,
+                     efficiency_from=args.efficiency_from)
     print(f"done in {time.perf_counter() - start:.1f}s")
 
 
