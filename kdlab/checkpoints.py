@@ -30,6 +30,7 @@ from torch import nn
 from kdlab.config import DEFAULT_SEED, RunConfig, config_dict, config_differences
 from kdlab.results import RunPaths
 from kdlab.errors import KdlabError
+from kdlab.folders import no_empty_folders_left
 from kdlab.methods import build_method
 from kdlab.models import build_model, count_parameters, load_weights
 from kdlab.train import accuracy, autocast_dtype, predict_views, train_epochs
@@ -186,7 +187,7 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
         return TrainedRun(model.to(device, memory_format=torch.channels_last).eval(), state["results"],
                           trained=False)
 
-    with files.lock():
+    with no_empty_folders_left(files.ckpt_dir), files.lock():
         if retrain:
             for path in (files.best, files.last, files.results):
                 path.unlink(missing_ok=True)

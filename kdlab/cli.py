@@ -8,9 +8,13 @@ from pathlib import Path
 
 from kdlab.config import DEFAULT_SEED, LAB_RUNS, RUNS, SCRATCH_RUNS, SPLIT_SEED, run_id
 from kdlab.errors import KdlabError
+from kdlab.folders import writable_folder
 from kdlab.registry import METHODS, all_settings, setting_owners
 from kdlab.report import DEFAULT_BENCHMARK, make_report
-from kdlab.results import RunPaths, read_results_file, run_status, seeds_in
+from kdlab.results import (CKPT_DIR, SMOKE_CKPT_DIR, RunPaths, default_ckpt_dir, read_results_file,
+                           run_status, seeds_in)
+
+RECIPE = " (default: the run's recipe, kdlab/config.py)"
 
 
 class Parser(argparse.ArgumentParser):
@@ -31,9 +35,10 @@ def add_method_settings(parser: argparse.ArgumentParser) -> None:
     """One flag per method setting of kdlab.registry, typed by its default, its help per method."""
     group = parser.add_argument_group("method settings", "each applies to the runs named whose method has it")
     for name, field in all_settings().items():
-        meanings = {}   # methods that share a setting's name and meaning share one line of help
+        meanings = {}   # methods that share a setting's meaning and default share one line of help
         for method, owned in setting_owners(name).items():
-            meanings.setdefault(owned.metadata["help"], []).append(METHODS[method].name)
+            default = "+".join(owned.default) if isinstance(owned.default, tuple) else owned.default
+            meanings.setdefault(f"{owned.metadata['help']} (default {default})", []).append(METHODS[method].name)
         help = "; ".join(f"{' and '.join(names)}: {meaning}" for meaning, names in meanings.items())
         kind = type(field.default)
         if kind is tuple:
@@ -46,21 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m kdlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    run = sub.add_parser("run", help="train-or-load runs (a KD run trains its teacher first if needed)")
+    run = sub.add_parser("run", help="train-or-load runs (a KD run trains its teacher first if needed)",
+                         epilog="Each run's settings and why: kdlab/config.py, README \"Defaults, and why\".")
     run.add_argument("runs", nargs="+", metavar="RUN", help=f"'all' or any of: {', '.join(RUNS)}")
-    run.add_argument("--ckpt-dir", default="checkpoints")
-    run.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--ckpt-dir", help=f"default: {CKPT_DIR}, or {SMOKE_CKPT_DIR} with --smoke")
+    run.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (default: data)")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="default: auto, a GPU if there is one")
     run.add_argument("--weights", choices=["imagenet", "none"],
-                     help="start of the pretrained runs and the teacher (scratch runs are always 'none')")
-    run.add_argument("--epochs", type=int, help="epochs of every run named (and of the teacher)")
-    run.add_argument("--teacher-epochs", type=int, help="epochs of the teacher alone")
-    run.add_argument("--batch-size", type=int)
-    run.add_argument("--lr", type=float, help="peak learning rate")
-    run.add_argument("--image-size", type=int, help="input resolution (CIFAR is upsampled on the device)")
-    run.add_argument("--limit-train", type=int, help="train on a stratified subset of N images")
-    run.add_argument("--label-smoothing", type=float,
-                     help="on the cross-entropy term (default: the run's recipe in kdlab/config.py)")
+                     help="start of the pretrained runs and the teacher (scratch runs are always 'none')" + RECIPE)
+    run.add_argument("--epochs", type=int, help="epochs of every run named (and of the teacher)" + RECIPE)
+    run.add_argument("--teacher-epochs", type=int, help="epochs of the teacher alone" + RECIPE)
+    run.add_argument("--batch-size", type=int, help="images per optimizer step" + RECIPE)
+    run.add_argument("--lr", type=float, help="peak learning rate" + RECIPE)
+    run.add_argument("--image-size", type=int,
+                     help="input resolution (CIFAR is upsampled on the device)" + RECIPE)
+    run.add_argument("--limit-train", type=int,
+                     help="train on a stratified subset of N images (default: the whole train split)")
+    run.add_argument("--label-smoothing", type=float, help="on the cross-entropy term" + RECIPE)
     run.add_argument("--ema-decay", type=float, help="per-step decay of the weight average (default 0.99)")
     run.add_argument("--no-flip-tta", dest="flip_tta", action="store_false", default=None,
                      help="evaluate on one view instead of the mean of each image and its mirror")
@@ -70,12 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                           f"with seed {SPLIT_SEED})")
     run.add_argument("--retrain", action="store_true", help="ignore and replace existing checkpoints")
     run.add_argument("--smoke", action="store_true",
-                     help="synthetic data, random weights, tiny budget: checks the pipeline, no results")
+                     help=f"synthetic data, random weights, tiny budget: checks the pipeline, no results "
+                          f"(saved in {SMOKE_CKPT_DIR} unless --ckpt-dir says otherwise)")
     run.add_argument("--results-dir", help="also copy each run's results JSON here")
     add_method_settings(run)
 
-    status = sub.add_parser("status", help="one line per run: trained / resumable / missing")
-    status.add_argument("--ckpt-dir", default="checkpoints")
+    status = sub.add_parser("status", help="one line per run: trained / resumable / missing / damaged")
+    status.add_argument("--ckpt-dir", help=f"default: {CKPT_DIR}, or {SMOKE_CKPT_DIR} with --smoke")
+    status.add_argument("--smoke", action="store_true", help="the smoke runs' default folder")
 
     report = sub.add_parser("report", help="write report/generated/*.tex from results files, then build the PDF")
     report.add_argument("--results", default="results/reference", help="folder of <run>_results.json")
@@ -96,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--out", default="figures", help="folder the figures are written to")
     figures.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                          help="where latency and throughput are measured")
+    figures.add_argument("--efficiency-from", metavar="FOLDER",
+                         help="reuse the efficiency.json measured in FOLDER (on a GPU, say) instead of measuring here")
     return parser
 
 
@@ -117,13 +129,14 @@ def command_run(args) -> None:
     trials = [(name, seed) for seed in args.seed or [DEFAULT_SEED] for name in names]
     for name, seed in trials:
         lab.config(name, seed)  # every name's settings are checked before anything trains
+    if args.results_dir:
+        writable_folder(args.results_dir, "--results-dir")
     start = time.perf_counter()
     rows = []
     for name, seed in trials:
         trained = lab.run(name, retrain=args.retrain, seed=seed)
         rows.append((run_id(name, seed), "trained" if trained.trained else "loaded", trained.results))
         if args.results_dir:
-            Path(args.results_dir).mkdir(parents=True, exist_ok=True)
             write_json(RunPaths(Path(args.results_dir), name, seed).results, trained.results)
     print(f"\n{'run':38} {'':8} {'best val':>8} {'test':>8} {'train s':>8}")
     for name, how, r in rows:
@@ -143,14 +156,21 @@ def check_settings_apply(settings: dict, names: list[str]) -> None:
 
 
 def command_status(args) -> None:
+    ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else default_ckpt_dir(args.smoke)
+    if not ckpt_dir.is_dir():
+        raise KdlabError(f"the checkpoint folder {ckpt_dir} does not exist: nothing was trained there. "
+                         f"Train with `python -m kdlab run all`, or pass the --ckpt-dir the runs were "
+                         f"saved in (`status --smoke` for the smoke runs' {SMOKE_CKPT_DIR}).")
     for name in RUNS:
-        for seed in seeds_in(args.ckpt_dir, name) or [DEFAULT_SEED]:
-            state = run_status(args.ckpt_dir, name, seed)
+        for seed in seeds_in(ckpt_dir, name) or [DEFAULT_SEED]:
+            state = run_status(ckpt_dir, name, seed)
             line = f"{run_id(name, seed):38} {state:9}"
-            path = RunPaths(Path(args.ckpt_dir), name, seed).results
-            if state == "trained" and path.is_file():
+            paths = RunPaths(ckpt_dir, name, seed)
+            if state == "damaged":
+                line += f" {paths.best} is truncated or not a checkpoint: run it with --retrain, or delete it"
+            elif state == "trained" and paths.results.is_file():
                 try:   # one damaged file is that run's problem: the other lines still print
-                    r = read_results_file(path, name, seed)
+                    r = read_results_file(paths.results, name, seed)
                 except KdlabError as err:
                     line += f" results file unusable: {err}"
                 else:
@@ -168,7 +188,8 @@ def command_figures(args) -> None:
     from kdlab.figures import make_all_figures  # imports torch and matplotlib
 
     start = time.perf_counter()
-    make_all_figures(args.results_dir or args.ckpt_dir, args.out, ckpt_dir=args.ckpt_dir, device=args.device)
+    make_all_figures(args.results_dir or args.ckpt_dir, args.out, ckpt_dir=args.ckpt_dir, device=args.device,
+                     efficiency_from=args.efficiency_from)
     print(f"done in {time.perf_counter() - start:.1f}s")
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kdlab.errors import KdlabError
+from kdlab.folders import no_empty_folders_left
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -48,7 +49,8 @@ def load_cifar10(root: str | Path, download: bool = True) -> Cifar10:
     if not all((folder / name).is_file() for name in TRAIN_FILES + TEST_FILES):
         if not download:
             raise KdlabError(_missing_message(folder, "downloading is off"))
-        _download(Path(root), folder)
+        with no_empty_folders_left(root):
+            _download(Path(root), folder)
     train_images, train_labels = _read_batches(folder, TRAIN_FILES)
     test_images, test_labels = _read_batches(folder, TEST_FILES)
     return Cifar10(train_images, train_labels, test_images, test_labels, _describe_source(folder))
@@ -66,7 +68,7 @@ def _missing_message(folder: Path, why: str) -> str:
     return (f"CIFAR-10 is not in {folder} and {why}. Fill that folder with the five "
             f"data_batch_N files and test_batch of torchvision's cifar-10-batches-py layout: "
             f"with a network, run the lab once (it downloads them); offline, extract a copy of "
-            f"cifar-10-python.tar.gz into {folder.parent} (README, \"Offline and missing files\"). Or use "
+            f"cifar-10-python.tar.gz into {folder.parent} (README, \"Without a network\"). Or use "
             f"--data-dir to point at a folder that holds {BATCHES_DIR}/, or --smoke for synthetic data.")
 
 
@@ -126,7 +128,7 @@ def _describe_source(folder: Path) -> str:
     return f"CIFAR-10 {kind}, {folder}"
 
 
-def make_synthetic_cifar(train_per_class: int = 200, test_per_class: int = 50,
+def make_synthetic_cifar(train_per_class: int = 100, test_per_class: int = 20,
                          seed: int = 0) -> Cifar10:
     """A CIFAR-shaped dataset with learnable structure, made in memory for smoke runs and tests.
 

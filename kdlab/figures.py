@@ -29,13 +29,14 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN
+from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN, baseline_of, run_label
 from kdlab.data import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
+from kdlab.folders import writable_folder
 from kdlab.registry import METHODS
-from kdlab.report import STEP_DESCRIPTIONS, agreement, best_student
+from kdlab.report import STEP_DESCRIPTIONS, agreement, best_student, load_efficiency
 from kdlab.results import load_results, load_seed_results
-from kdlab.stats import summarise
+from kdlab.stats import paired_difference, summarise
 from kdlab.lab import resolve_device
 from kdlab.models import build_model
 from kdlab.train import autocast_dtype, tune_cudnn
@@ -43,8 +44,10 @@ from kdlab.train import autocast_dtype, tune_cudnn
 ORIGINAL_LAB_LABEL = "original lab (reference)"   # beside kdlab.config.Run.original_lab_test_acc
 # One colour per run, the same on every chart: matplotlib's ten-colour cycle, in the run table's order.
 PALETTE = colormaps["tab10"].colors
-# CE solid, the method's other loss terms (kdlab.registry) dashed, dotted, ... in the order it logs them.
-LINE_STYLES = ("-", "--", ":", "-.")
+# Line style, marker and colour of the loss terms a method logs (kdlab.registry), in its order with
+# CE first, so that the terms of one run stay apart, in print too.
+TERM_STYLES = (dict(linestyle="-", marker="o", color="0.15"), dict(linestyle="--", marker="s", color="#e6550d"),
+               dict(linestyle=":", marker="^", color="#3182bd"), dict(linestyle="-.", marker="d", color="#756bb1"))
 SMOKE_BANNER = "SMOKE RUN: synthetic data, not results"
 DPI = 150
 
@@ -71,18 +74,61 @@ def format_config_table(configs) -> str:
     return "\n".join(rows)
 
 
-def format_results_table(results: dict[str, dict]) -> str:
-    """The runs' accuracies and budgets as a markdown table, the original lab's figures beside them."""
-    rows = ["| run | start | test acc | best val acc (epoch) | epochs | train time (s) | trained on |",
-            "|---|---|---:|---:|---:|---:|---|"]
-    for run, r in results.items():
+def format_results_table(seeds: dict[str, list[dict]]) -> str:
+    """The runs' accuracies and budgets as a markdown table, the original lab's figures beside them.
+
+    `seeds`: every seed's results by run (kdlab.results.load_seed_results). Test accuracy is the
+    mean and standard deviation over the seeds; each distillation run is compared with the
+    cross-entropy run of the same start, paired by seed on the same test images. The other
+    columns are those of the default seed (or the first one).
+    """
+    rows = ["| run | start | seeds | test acc, mean ± sd | paired gain over its baseline [95% interval] "
+            "| best val acc (epoch) | epochs | train time (s) | trained on |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for run, runs in seeds.items():
+        r, summary = runs[0], summarise(runs)
         start = "ImageNet" if r["weights"] == "imagenet" else "scratch"
-        rows.append(f"| {run} | {start} | {r['test_acc']:.4f} | {r['best_val_acc']:.4f} ({r['best_epoch']}) "
-                    f"| {r['epochs']} | {r['wall_seconds']:.0f} | {r['device_name']} |")
+        spread = "" if summary["std"] is None else f" ± {summary['std']:.4f}"
+        baseline = baseline_of(run)
+        gain = ""
+        if baseline in seeds:
+            d = paired_difference(runs, seeds[baseline])
+            gain = f"{100 * d['mean_difference']:+.2f} pts [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]"
+        rows.append(f"| {run} | {start} | {summary['n_seeds']} | {summary['mean']:.4f}{spread} | {gain} "
+                    f"| {r['best_val_acc']:.4f} ({r['best_epoch']}) | {r['epochs']} | {r['wall_seconds']:.0f} "
+                    f"| {r['device_name']} |")
     for run, acc in original_lab_accuracies().items():
-        rows.append(f"| {run}, {ORIGINAL_LAB_LABEL} | ImageNet | {acc:.4f} | | | | |")
-    if any(r["smoke"] for r in results.values()):
+        rows.append(f"| {run}, {ORIGINAL_LAB_LABEL} | ImageNet | | {acc:.4f} | | | | | |")
+    if any(r["smoke"] for runs in seeds.values() for r in runs):
         rows.append(f"\n{SMOKE_BANNER}")
+    return "\n".join(rows)
+
+
+EVALUATIONS = {"raw_single": "raw weights, one view", "raw_flip": "raw weights, flip TTA",
+               "average_single": "weight average, one view", "average_flip": "weight average, flip TTA (the lab's)"}
+
+
+def format_evaluation_table(seeds: dict[str, list[dict]]) -> str:
+    """Test accuracy of each run under each evaluation (mean over its seeds): what the weight
+    average and the flip buy. Raw weights: those after the last epoch."""
+    rows = ["| run | seeds | " + " | ".join(EVALUATIONS.values()) + " |",
+            "|---|---:|" + "---:|" * len(EVALUATIONS)]
+    for run, runs in seeds.items():
+        runs = [r for r in runs if "test_acc_by_evaluation" in r]
+        if runs:
+            means = [sum(r["test_acc_by_evaluation"][key] for r in runs) / len(runs) for key in EVALUATIONS]
+            rows.append(f"| {run} | {len(runs)} | " + " | ".join(f"{m:.4f}" for m in means) + " |")
+    return "\n".join(rows)
+
+
+def format_ablation_table(ablation: dict[str, dict]) -> str:
+    """One row per ablation variant (a results file each): its settings and its accuracies."""
+    rows = ["| variant | label smoothing | lr | best val acc (epoch) | test acc | test acc, raw weights, one view |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for variant, r in ablation.items():
+        cfg = r["config"]
+        rows.append(f"| {variant} | {cfg['label_smoothing']:g} | {cfg['lr']:g} | {r['best_val_acc']:.4f} "
+                    f"({r['best_epoch']}) | {r['test_acc']:.4f} | {r['test_acc_by_evaluation']['raw_single']:.4f} |")
     return "\n".join(rows)
 
 
@@ -115,12 +161,6 @@ def _figure(title: str, source: str, smoke: bool, size: tuple[float, float],
 def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
     return path
-
-
-def run_label(run: str, results: dict[str, dict]) -> str:
-    """A run's name on the charts; a teacher trained from scratch says so, as the students' names do."""
-    scratch_teacher = run == TEACHER_RUN and results.get(run, {}).get("weights") == "none"
-    return RUNS[run].label + (" (scratch)" if scratch_teacher else "")
 
 
 def run_colour(run: str):
@@ -183,6 +223,10 @@ def plot_test_accuracy(results: dict[str, dict], missing: list[str], out_dir: Pa
                         _smoke(results), (11, 6), missing=missing)
     ax = axes[0, 0]
     width = 0.38
+    shown = [_percent(r["test_acc"]) for run in runs for r in seeds.get(run, [])] + [
+        _percent(acc) for acc in reference.values()]
+    # Gains of a point or less are the question: the axis starts below the lowest bar, not at 0.
+    bottom = max(0, 10 * math.floor((min(shown) - 5) / 10))
     for x, run in enumerate(runs):
         ours_x = x - width / 2 if run in reference else x
         if run in results:
@@ -196,13 +240,14 @@ def plot_test_accuracy(results: dict[str, dict], missing: list[str], out_dir: Pa
                 ax.plot([ours_x] * summary["n_seeds"], [_percent(r["test_acc"]) for r in seeds[run]],
                         "o", color="black", markersize=3, zorder=3)
         else:
-            ax.text(ours_x, 1, "missing", rotation=90, ha="center", va="bottom", fontsize=8)
+            ax.text(ours_x, bottom + 1, "missing", rotation=90, ha="center", va="bottom", fontsize=8)
         if run in reference:
             bars = ax.bar(x + width / 2, _percent(reference[run]), width, facecolor="white",
                           edgecolor=run_colour(run), hatch="//")
             ax.bar_label(bars, fmt="%.2f", fontsize=8, color="0.3")
     _run_ticks(ax, runs, results)
-    ax.set(ylabel=f"test accuracy (%, {_count(results, 'n_test')} images)", ylim=(0, 115))
+    ax.set(ylabel=f"test accuracy (%, {_count(results, 'n_test')} images; the axis starts at {bottom}%)",
+           ylim=(bottom, max(shown) + (max(shown) - bottom) * 0.3))
     ax.legend(handles=[Patch(facecolor="0.5", label="this lab (results files): mean ± std over seeds, dots: seeds"),
                        Patch(facecolor="white", edgecolor="0.3", hatch="//", label=ORIGINAL_LAB_LABEL)],
               loc="upper right", fontsize=8)
@@ -220,9 +265,8 @@ def plot_training_losses(results: dict[str, dict], missing: list[str], out_dir: 
     for ax, (run, r) in zip(axes.flat, results.items()):
         epochs = [h["epoch"] for h in r["history"]]
         terms = sorted(r["history"][0]["losses"], key=lambda term: term != "ce")
-        for term, style in zip(terms, LINE_STYLES):
-            ax.plot(epochs, [h["losses"][term] for h in r["history"]], marker=".", color=run_colour(run),
-                    linestyle=style, label=term)
+        for term, style in zip(terms, TERM_STYLES):
+            ax.plot(epochs, [h["losses"][term] for h in r["history"]], markersize=4, label=term, **style)
         if len(terms) > 1:
             ax.plot(epochs, [h["train_loss"] for h in r["history"]], color=run_colour(run),
                     linewidth=3, alpha=0.35, label="total")
@@ -230,7 +274,7 @@ def plot_training_losses(results: dict[str, dict], missing: list[str], out_dir: 
         ax.title.set_fontsize(9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, handlelength=4)   # long enough to show each term's dashes
     for ax in list(axes.flat)[len(results):]:
         ax.set_axis_off()
     return _save(fig, out_dir / "training_losses.png")
@@ -278,7 +322,7 @@ def plot_confusion_matrix(r: dict, out_dir: Path, origin: str = "") -> Path:
     """confusion_matrix.png: share of each true class given to each predicted class."""
     counts = confusion_counts(r["test_predictions"], r["test_labels"])
     shares = 100 * counts / counts.sum(1, keepdims=True).clip(min=1)
-    fig, axes = _figure(f"Confusion matrix of the best student, {RUNS[r['run']].label} "
+    fig, axes = _figure(f"Confusion matrix of the best student, {run_label(r['run'], {r['run']: r})} "
                         f"(test accuracy {_percent(r['test_acc']):.2f}%)",
                         source_line([r], origin), r["smoke"], (8.5, 7.5))
     ax = axes[0, 0]
@@ -405,7 +449,7 @@ def measure_efficiency(results: dict[str, dict], ckpt_dir: str | Path, device: t
         flops, latency_ms, throughput = cost[arch, image_size]
         checkpoint = Path(ckpt_dir) / f"{run}_best.pt"
         if checkpoint.is_file():
-            size, size_source = checkpoint.stat().st_size, f"size of {checkpoint}"
+            size, size_source = checkpoint.stat().st_size, f"size of {checkpoint.name} on the measuring machine"
         else:
             size, size_source = 4 * r["parameters"], "no checkpoint file: fp32 weights, parameters x 4 bytes"
         runs[run] = dict(arch=arch, image_size=image_size, params=r["parameters"],
@@ -510,8 +554,24 @@ def plot_throughput(bench: dict, out_path: str | Path, origin: str = "") -> Path
 
 # ----------------------------------------------------------------------------- all of them
 
+def reuse_efficiency(folder: str | Path, results: dict[str, dict]) -> dict:
+    """The efficiency table measured elsewhere (a GPU's efficiency.json in `folder`), with each
+    run's test accuracy taken from `results`: cost does not change with the weights, accuracy does."""
+    efficiency = load_efficiency(Path(folder))
+    if efficiency is None:
+        raise KdlabError(f"--efficiency-from {folder} holds no efficiency.json; give the folder of a "
+                         f"figures run that measured one, or leave the option out to measure here.")
+    lacking = [run for run in results if run not in efficiency["runs"]]
+    if lacking:
+        raise KdlabError(f"{Path(folder) / 'efficiency.json'} has no row for {', '.join(lacking)}; "
+                         f"leave --efficiency-from out to measure every run here.")
+    runs = {run: dict(efficiency["runs"][run], test_acc=r["test_acc"]) for run, r in results.items()}
+    return dict(efficiency, runs=runs, reused_from=str(Path(folder) / "efficiency.json"))
+
+
 def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
-                     ckpt_dir: str | Path | None = None, device="cpu", log=print) -> dict:
+                     ckpt_dir: str | Path | None = None, device="cpu", log=print,
+                     efficiency_from: str | Path | None = None) -> dict:
     """Every figure and the efficiency table from the results files in `results_dir`.
 
     `ckpt_dir` (default: `results_dir`) is only read for the checkpoint sizes. A missing run
@@ -527,8 +587,7 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
                          f"(`python -m kdlab run all --ckpt-dir {results_dir}`), or point to a folder "
                          f"that holds results files, such as results/reference.")
     missing = [run for run in LAB_RUNS if run not in results]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(out_dir, "--out folder")
     origin = str(results_dir)
     files = [plot_validation_accuracy(results, missing, out, origin, seeds),
              plot_test_accuracy(results, missing, out, origin, seeds),
@@ -551,7 +610,8 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
     else:
         files.append(plot_confusion_matrix(results[best], out, origin))
 
-    efficiency = measure_efficiency(results, Path(ckpt_dir or results_dir), device, log)
+    efficiency = (reuse_efficiency(efficiency_from, results) if efficiency_from is not None
+                  else measure_efficiency(results, Path(ckpt_dir or results_dir), device, log))
     (out / "efficiency.json").write_text(json.dumps(efficiency, indent=1))
     table = format_efficiency_table(efficiency)
     (out / "efficiency.md").write_text(table + "\n")

@@ -9,6 +9,7 @@ from kdlab.checkpoints import RunFiles, TrainedRun, train_or_load
 from kdlab.config import DEFAULT_SEED, TEACHER_RUN, RunConfig, make_config
 from kdlab.data import Splits, load_cifar10, make_splits, make_synthetic_cifar
 from kdlab.errors import KdlabError
+from kdlab.results import default_ckpt_dir
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -25,6 +26,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 class Lab:
     """Runs of the lab by name, with train-or-load for each and the teacher shared by the KD runs.
 
+    `ckpt_dir` defaults to checkpoints/, or checkpoints/smoke/ for smoke runs.
     `overrides` (epochs, image_size, seed, ...) apply to every run, but label smoothing to the
     students only; `teacher_epochs` to the teacher alone, so a KD student and its teacher can
     have different budgets. Every KD student
@@ -32,9 +34,10 @@ class Lab:
     trained once for all of them.
     """
 
-    def __init__(self, ckpt_dir="checkpoints", data_dir="data", device="auto", smoke=False,
+    def __init__(self, ckpt_dir=None, data_dir="data", device="auto", smoke=False,
                  teacher_epochs=None, teacher_seed=DEFAULT_SEED, progress=None, log=print, **overrides):
-        self.ckpt_dir, self.data_dir = Path(ckpt_dir), Path(data_dir)
+        self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else default_ckpt_dir(smoke)
+        self.data_dir = Path(data_dir)
         self.device = resolve_device(device)
         self.smoke, self.progress, self.log = smoke, progress, log
         self.overrides = overrides

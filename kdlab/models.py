@@ -5,6 +5,8 @@ CIFAR images are upsampled on the device instead (README: "Input resolution").
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torchvision import models
@@ -15,6 +17,11 @@ ARCHS = {
     "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2),
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
 }
+
+
+def imagenet_file(arch: str) -> str:
+    """The file name torchvision caches `arch`'s ImageNet weights under (the last part of its URL)."""
+    return ARCHS[arch][1].url.rsplit("/", 1)[-1]
 
 
 def build_model(arch: str, weights: str, num_classes: int = 10) -> nn.Module:
@@ -30,11 +37,13 @@ def build_model(arch: str, weights: str, num_classes: int = 10) -> nn.Module:
     try:
         model = constructor(weights=imagenet)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad cache file a RuntimeError
+        folder = Path(torch.hub.get_dir()) / "checkpoints"
         raise KdlabError(
-            f"the ImageNet weights of {arch} ({imagenet}) are not in torch's cache "
-            f"({torch.hub.get_dir()}/checkpoints) and could not be downloaded ({err}). "
-            f"Run once with a network, copy the .pth file into that folder, or pass "
-            f"--weights none to train from scratch on purpose.") from None
+            f"the ImageNet weights of {arch} ({imagenet}, file {imagenet_file(arch)}) are not in "
+            f"torch's cache {folder} and could not be downloaded ({err}). Run once with a network, "
+            f"or copy the lab's two weight files, {' and '.join(map(imagenet_file, ARCHS))} (from "
+            f"https://download.pytorch.org/models/), into {folder}; or pass --weights none to "
+            f"train from scratch on purpose.") from None
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
 

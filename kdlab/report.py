@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdlab.config import (DEFAULT_SEED, EVALUATION_STEP, LEGACY_STEP_NAMES, RUNS, SCRATCH_RUNS, STARTS,
-                          STUDENT_STEP, TEACHER_RUN, TEACHER_STEP, config_dict, kd_pairs, make_config, run_of)
+                          STUDENT_STEP, TEACHER_RUN, TEACHER_STEP, config_dict, kd_pairs, make_config, run_label,
+                          run_of)
 from kdlab.errors import KdlabError
 from kdlab.registry import METHODS, setting_fields
 from kdlab.results import load_results, load_seed_results, read_json, run_order
@@ -48,8 +49,10 @@ STEP_PHRASES = {TEACHER_STEP: "the teacher's step", STUDENT_STEP: "the student's
 # Settings every run normally shares: one line under the config table, not a column each.
 SHARED_SETTINGS = {"batch_size": "batch size", "momentum": "momentum (Nesterov)",
                    "warmup_epochs": "warm-up epochs", "image_size": "input px",
-                   "seed": "seed", "val_per_class": "validation images per class"}
+                   "split_seed": "split seed", "val_per_class": "validation images per class"}
 CIFAR_TRAIN, CIFAR_TEST, CIFAR_PX = 50_000, 10_000, 32
+# The recipe the pretrained runs fine-tune with (kdlab/config.py says why each value).
+FINETUNE_RECIPE = make_config("student_pretrained_baseline")
 # The stage map sizes of a CIFAR ResNet at 32 px, which the upsampled input reproduces.
 CIFAR_RESNET_STAGES = (32, 16, 8, 4)
 
@@ -192,8 +195,14 @@ def enumerate_text(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" and {items[-1]}"
 
 
-def runs_text(runs: list[str]) -> str:
-    return enumerate_text([tt(run) for run in runs])
+def run_name(run: str, results: dict[str, dict]) -> str:
+    """A run as the prose names it: its label, true to the weights its results record (a run
+    without results by its recipe), never its file name."""
+    return tex(run_label(run, results))
+
+
+def runs_text(runs: list[str], results: dict[str, dict]) -> str:
+    return enumerate_text([run_name(run, results) for run in runs])
 
 
 def compare(a: float, b: float, unit: str = "points") -> str:
@@ -323,10 +332,10 @@ def distillation_settings(cfg: dict) -> str:
 
 
 def shared_setting(rep: Report, key: str) -> str:
-    """The value most runs use, then the runs that differ: '512 (teacher_resnet50: 256)'."""
+    """The value most runs use, then the runs that differ: '512 (ResNet50 teacher: 256)'."""
     values = {run: rep.config(run)[key] for run in rep.runs}
     common = Counter(values.values()).most_common(1)[0][0]
-    others = [f"{tt(run)}: {num(value)}" for run, value in values.items() if value != common]
+    others = [f"{run_name(run, rep.results)}: {num(value)}" for run, value in values.items() if value != common]
     return num(common) + (f" ({'; '.join(others)})" if others else "")
 
 
@@ -370,13 +379,13 @@ def provenance(rep: Report) -> str:
         values = {r["run"]: r[key] for r in results}
         if len(set(values.values())) == 1 and len(values) > 1:
             return f"{tex(results[0][key])} for every run"
-        return "; ".join(f"{tt(run)} {tex(value)}" for run, value in values.items())
+        return "; ".join(f"{run_name(run, rep.results)} {tex(value)}" for run, value in values.items())
 
     finished = sorted(r["finished"] for r in results)
     parts = [
         rf"\textbf{{Provenance.}} Every result of this report is read from the "
         rf"{len(results)} results files in {tt(rep.results_dir)} "
-        rf"({runs_text(list(rep.results))}), which the training runs wrote.",
+        rf"({runs_text(list(rep.results), rep.results)}), which the training runs wrote.",
         rf"Trained on: {distinct('device_name')}, with torch {distinct('torch_version')}.",
         "Data: {}; {} training, {} validation and {} test images.".format(distinct("data"), *split_sizes(rep)),
         f"Initial weights: {per_run('weights')}. Epochs: {per_run('epochs')}.",
@@ -385,11 +394,13 @@ def provenance(rep: Report) -> str:
         + rf"; training time of all runs together {minutes(sum(r['wall_seconds'] for r in results))} min.",
     ]
     if rep.manifest:
-        # Scalars only: the nested records (per-step commands, throughput) stay in the file.
-        entries = "; ".join(f"{tt(k)}: {tex(v)}" for k, v in rep.manifest.items()
-                            if isinstance(v, (str, int, float, bool)) and k != "command")
-        parts.append(rf"The run's {tt('manifest.json')} records: {entries}."
-                     + (r" Its command is in Section~\ref{sec:reproduce}." if manifest_command(rep.manifest) else ""))
+        # What the file holds, not a dump of it: a reader wants the wall time, not its decimals.
+        wall = rep.manifest.get("wall_seconds")
+        parts.append(rf"The run's {tt('manifest.json')} also records the command line"
+                     + (r" (Section~\ref{sec:reproduce})" if manifest_command(rep.manifest) else "")
+                     + ", the Python and library versions"
+                     + (rf" and the wall time of the whole run, {minutes(wall)} min" if isinstance(wall, (int, float)) else "")
+                     + ".")
     if rep.efficiency:
         eff = rep.efficiency
         parts.append(rf"FLOPs and latency come from {tt(rep.figures_dir / 'efficiency.json')}, "
@@ -408,10 +419,10 @@ def missing_runs_sentence(rep: Report) -> str:
     if not rep.missing:
         return rf"Every expected run has its results file in {tt(rep.results_dir)}."
     if not rep.results:
-        return (rf"\textbf{{Every run is missing:}} {runs_text(rep.missing)}; the tables mark "
+        return (rf"\textbf{{Every run is missing:}} {runs_text(rep.missing, {})}; the tables mark "
                 rf"them, and every comparison says what it waits for.")
     verb = "has" if len(rep.missing) == 1 else "have"
-    return (rf"\textbf{{Missing runs:}} {runs_text(rep.missing)} {verb} no results file in "
+    return (rf"\textbf{{Missing runs:}} {runs_text(rep.missing, {})} {verb} no results file in "
             rf"{tt(rep.results_dir)}; the tables mark {'it' if len(rep.missing) == 1 else 'them'} "
             rf"and the comparisons that need {'it' if len(rep.missing) == 1 else 'them'} say so.")
 
@@ -420,7 +431,7 @@ def missing_figures_sentence(rep: Report) -> str:
     missing = rep.missing_figures
     if not missing:
         return rf"All {len(EXPECTED_FIGURES)} figures are in {tt(rep.figures_dir)}."
-    return (rf"\textbf{{Missing figures:}} {runs_text(missing)} "
+    return (rf"\textbf{{Missing figures:}} {enumerate_text([tt(name) for name in missing])} "
             rf"{'is' if len(missing) == 1 else 'are'} not in {tt(rep.figures_dir)}; "
             rf"the figures module makes them from the results files.")
 
@@ -433,14 +444,22 @@ def manifest_command(manifest: dict) -> str | None:
     return re.sub(r"^\S*python3?\b", "python", command)   # the interpreter's path on that machine
 
 
+def typed_command(command: str, results_dir: Path) -> str:
+    """`command` as a user types it in the repository root: options whose value is a path of the
+    machine that ran it (absolute: a RAM disk, an output folder) keep their defaults, and the
+    results go to the folder this report reads."""
+    command = re.sub(r" --(?!results-dir\b)[\w-]+[ =]/\S*", "", command)
+    return re.sub(r"--results-dir[ =]\S+", f"--results-dir {results_dir}", command)
+
+
 def reproduce_block(rep: Report) -> str:
     """The commands that make the results, as a verbatim block: the manifest's, or the planned ones."""
     command = manifest_command(rep.manifest) if rep.manifest else None
     if command:
         # Shell continuation lines, so that a long command fits the page and still runs pasted.
-        wrapped = textwrap.wrap(command, 72, break_long_words=False,
+        wrapped = textwrap.wrap(typed_command(command, rep.results_dir), 72, break_long_words=False,
                                 break_on_hyphens=False)
-        lines = ["# the command of the reference run, from its manifest.json",
+        lines = ["# the command of the reference run (from its manifest.json), in the repository root",
                  " \\\n    ".join(wrapped)]
     else:
         lines = ["# the planned reference run (no manifest.json yet)",
@@ -458,7 +477,7 @@ def absent(rep: Report, runs: tuple[str, ...]) -> list[str]:
 
 def cannot_yet(what: str, lacking: list[str]) -> str:
     verb = "has" if len(lacking) == 1 else "have"
-    return f"{what} cannot be measured yet: {runs_text(lacking)} {verb} no results file."
+    return f"{what} cannot be measured yet: {runs_text(lacking, {})} {verb} no results file."
 
 
 def compared_pairs(rep: Report):
@@ -495,7 +514,7 @@ def kd_gain_sentences(rep: Report) -> str:
         if lacking:
             out.append(cannot_yet(f"The gain of {name} {start}", lacking))
             continue
-        out.append(rf"{start.capitalize()}, {name} ({tt(kd)}) reached {seeds_text(rep, kd)} test "
+        out.append(rf"{start.capitalize()}, {name} ({run_name(kd, rep.results)}) reached {seeds_text(rep, kd)} test "
                    rf"accuracy against {seeds_text(rep, base)} for the cross-entropy student: "
                    rf"{paired_text(rep, kd, base)}.")
     return " ".join(out)
@@ -534,8 +553,8 @@ def logits_vs_features_sentences(rep: Report) -> str:
         if lacking:
             out.append(cannot_yet(f"Logits against features {STARTS[start]}", lacking))
             continue
-        out.append(rf"{STARTS[start].capitalize()}, logit KD ({seeds_text(rep, logits)}) against feature KD "
-                   rf"({seeds_text(rep, features)}): {paired_text(rep, logits, features)}.")
+        out.append(rf"{STARTS[start].capitalize()}, logit KD at {seeds_text(rep, logits)} against feature KD "
+                   rf"at {seeds_text(rep, features)}: {paired_text(rep, logits, features)}.")
     return " ".join(out)
 
 
@@ -577,7 +596,7 @@ def student_vs_teacher_sentences(rep: Report) -> str:
     if lacking:
         return cannot_yet("How close the students come to the teacher", lacking)
     s, t = rep.results[best], rep.results[TEACHER_RUN]
-    out = [rf"The best student, {tt(best)} ({acc_text(s['test_acc'])}), ended "
+    out = [rf"The best student, {run_name(best, rep.results)} ({acc_text(s['test_acc'])}), ended "
            rf"{compare(s['test_acc'], t['test_acc'])} its teacher ({acc_text(t['test_acc'])}), "
            rf"a gap {test_noise(s, t)}, with {times(t['parameters'], s['parameters'], 'fewer', 'more')} "
            rf"parameters ({s['parameters'] / 1e6:.2f} M against {t['parameters'] / 1e6:.2f} M)."]
@@ -612,7 +631,7 @@ def agreement_sentences(rep: Report) -> str:
                           [run for run in rep.missing if run != TEACHER_RUN])
     shares = {run: agreement(rep.results[run], t) for run in students}
     out = ["On the test set, the students predict the same class as the teacher for "
-           + enumerate_text([rf"{acc_text(share)} of the images ({tt(run)})"
+           + enumerate_text([rf"{acc_text(share)} of the images ({run_name(run, rep.results)})"
                              for run, share in shares.items()]) + "."]
     for start, name, base, kd in compared_pairs(rep):
         if base in shares and kd in shares:
@@ -628,12 +647,12 @@ def best_epoch_sentence(rep: Report) -> str:
     earlier = [run for run in rep.results if run not in last]
     out = []
     if last:
-        out.append(rf"{runs_text(last)} {'was' if len(last) == 1 else 'were'} best on validation "
+        out.append(rf"{runs_text(last, rep.results)} {'was' if len(last) == 1 else 'were'} best on validation "
                    rf"at {'its' if len(last) == 1 else 'their'} last epoch, as a cosine schedule "
                    rf"that ends at zero makes likely.")
     if earlier:
         out.append("Peaked before the end: " + enumerate_text(
-            [rf"{tt(run)} (epoch {rep.results[run]['best_epoch']} of {rep.results[run]['epochs']})"
+            [rf"{run_name(run, rep.results)} (epoch {rep.results[run]['best_epoch']} of {rep.results[run]['epochs']})"
              for run in earlier]) + ".")
     return " ".join(out)
 
@@ -642,10 +661,10 @@ def abstract_results(rep: Report) -> str:
     if not rep.results:
         return (r"No run has finished yet: this version of the report holds the method and "
                 r"the setup, and marks every result as missing.")
-    accs = enumerate_text([rf"{tt(run)} {seeds_text(rep, run)}" for run in rep.results])
-    missing = (rf" Still missing: {runs_text(rep.missing)}." if rep.missing else "")
+    accs = enumerate_text([rf"{run_name(run, rep.results)} {seeds_text(rep, run)}" for run in rep.results])
+    missing = (rf" Still missing: {runs_text(rep.missing, {})}." if rep.missing else "")
     best = best_student(rep.results)
-    lead = (rf" The best student is {tt(best)}." if best else "")
+    lead = (rf" The best student is {run_name(best, rep.results)}." if best else "")
     return rf"Test accuracies: {accs}.{lead}{missing}"
 
 
@@ -764,6 +783,9 @@ def macros(rep: Report) -> dict[str, str]:
         "TeacherWeightDecay": setting(rep, [TEACHER_RUN], "weight_decay"),
         "TeacherStart": ("random weights" if rep.config(TEACHER_RUN)["weights"] == "none"
                          else "ImageNet weights"),
+        "FinetuneEpochs": num(FINETUNE_RECIPE.epochs),
+        "FinetunePeakLR": num(FINETUNE_RECIPE.lr),
+        "FinetuneWeightDecay": num(FINETUNE_RECIPE.weight_decay),
         "StudentEpochs": setting(rep, students, "epochs"),
         "StudentPeakLR": setting(rep, students, "lr"),
         "StudentWeightDecay": setting(rep, students, "weight_decay"),

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from kdlab.config import DEFAULT_SEED, RUNS, run_id
 from kdlab.errors import KdlabError
 from kdlab.stats import check_no_duplicates, training_seed
+
+# Where runs are saved unless --ckpt-dir says otherwise. Smoke runs (random weights, synthetic
+# data) have their own folder: their checkpoints must never block or pass for real ones.
+CKPT_DIR = Path("checkpoints")
+SMOKE_CKPT_DIR = CKPT_DIR / "smoke"
 
 # What every <run>_results.json holds (kdlab.checkpoints writes it when a run finishes).
 RESULT_KEYS = ("run", "test_acc", "best_val_acc", "best_epoch", "epochs", "config",
@@ -48,6 +54,10 @@ class RunPaths:
         return self.ckpt_dir / f"{self.stem}.lock"
 
 
+def default_ckpt_dir(smoke: bool) -> Path:
+    return SMOKE_CKPT_DIR if smoke else CKPT_DIR
+
+
 def seeds_in(ckpt_dir: str | Path, run: str) -> list[int]:
     """The training seeds of `run` that have any file in `ckpt_dir`, the default seed first."""
     seeds = set()
@@ -65,7 +75,9 @@ RUN_FILE = re.compile(r"(?P<run>.+?)(?:_seed(?P<seed>\d+))?_(?:best\.pt|last\.pt
 def run_status(ckpt_dir: str | Path, run: str, seed: int = DEFAULT_SEED) -> str:
     paths = RunPaths(Path(ckpt_dir), run, seed)
     if paths.best.exists():
-        return "trained"
+        # The zip's directory is at its end: a truncated copy (an interrupted sync) has none.
+        # Reading it costs a few bytes; checking every checksum is left to loading.
+        return "trained" if zipfile.is_zipfile(paths.best) else "damaged"
     return "resumable" if paths.last.exists() else "missing"
 
 
@@ -124,3 +136,14 @@ def load_seed_results(results_dir: str | Path) -> dict[str, list[dict]]:
     for _, r in sorted(check_no_duplicates(entries), key=lambda e: (run_order(e[1]["run"]), training_seed(e[1]))):
         by_run.setdefault(r["run"], []).append(r)
     return by_run
+
+
+def load_ablation(ablation_dir: str | Path) -> dict[str, dict]:
+    """An ablation's results: one folder per variant, each holding one run's results file."""
+    variants = {}
+    for folder in sorted(p for p in Path(ablation_dir).iterdir() if p.is_dir()):
+        runs = load_results(folder)
+        if len(runs) != 1:
+            raise KdlabError(f"{folder} must hold one run's results file, found {len(runs)}.")
+        variants[folder.name] = next(iter(runs.values()))
+    return variants

@@ -8,15 +8,26 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import TqdmWarning
+
+with warnings.catch_warnings():
+    # In a Jupyter without ipywidgets, tqdm.auto warns "IProgress not found" and falls back to
+    # text bars, which serve the notebook as well.
+    warnings.simplefilter("ignore", TqdmWarning)
+    from tqdm.auto import tqdm
 
 from kdlab.data import DeviceLoader, preprocess
 from kdlab.errors import KdlabError
 from kdlab.models import build_model, load_weights
+
+# Fewer optimizer steps than this per epoch (a small --limit-train at batch 512) leave warmup and
+# cosine decay a handful of steps: the loss rises and accuracy stays near chance.
+MIN_STEPS_PER_EPOCH = 20
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -138,6 +149,12 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
             f"{steps} steps of {loader.batch_size} images at {cfg.image_size} px each"
             + ("; on a CPU a real run takes hours: use a GPU, or --smoke to check the pipeline in a minute"
                if device.type == "cpu" and not cfg.smoke else ""))
+        if steps < MIN_STEPS_PER_EPOCH and not cfg.smoke:
+            batch = 2 ** max(4, int(math.log2(len(loader.labels) / (2.5 * MIN_STEPS_PER_EPOCH))))
+            log(f"{cfg.run}: warning: only {steps} optimizer steps an epoch ({len(loader.labels)} "
+                f"images in batches of {loader.batch_size}), too few to train: expect a rising loss "
+                f"and near-chance accuracy. Lower the batch with the LR, e.g. --batch-size {batch} "
+                f"--lr {cfg.lr * batch / cfg.batch_size:.3g}.")
 
     for epoch in tqdm(range(len(history), cfg.epochs), desc=cfg.run_id, unit="epoch", disable=quiet,
                       initial=len(history), total=cfg.epochs):

@@ -1,4 +1,6 @@
+import errno
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +10,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_kdlab(*args, check=True, env=None, timeout=600):
-    """`python -m kdlab ARGS` in a subprocess, as a user runs it; returns the CompletedProcess."""
+def run_kdlab(*args, check=True, env=None, timeout=None):
+    """`python -m kdlab ARGS` in a subprocess, as a user runs it; returns the CompletedProcess.
+
+    No timeout by default: on a busy shared machine the smoke lab can take minutes, and a slow
+    machine must not turn into failed tests.
+    """
     full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
     result = subprocess.run([sys.executable, "-m", "kdlab", *map(str, args)], cwd=REPO, env=full_env,
                             capture_output=True, text=True, timeout=timeout)
@@ -25,3 +31,17 @@ def smoke_lab(tmp_path_factory):
     ckpt_dir = tmp_path_factory.mktemp("smoke_ckpt")
     result = run_kdlab("run", "all", "--smoke", "--ckpt-dir", ckpt_dir)
     return ckpt_dir, result
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list:
+    """Every connection fails, as offline; returns the list of attempts."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError(errno.ENETUNREACH, "network blocked by the test")
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts

@@ -1,9 +1,13 @@
 import json
 import shutil
+from pathlib import Path
 
+import pytest
 from conftest import REPO, run_kdlab
 
+from kdlab.cli import main
 from kdlab.config import LAB_RUNS, RUNS
+from kdlab.lab import Lab
 
 
 def test_smoke_lab_end_to_end(smoke_lab):
@@ -64,3 +68,21 @@ def test_runs_beyond_the_lab_train_by_name_with_their_settings_and_show_everywhe
               "--runs", "teacher_resnet50", *new_runs, "--draft", "--no-pdf")
     config_table = (tmp_path / "report" / "generated" / "config_table.tex").read_text()
     assert "decoupled KD" in config_table and r"$\beta$ 4" in config_table and "attention transfer" in config_table
+
+
+def test_smoke_runs_have_their_own_default_folder():
+    # A smoke checkpoint in the real runs' folder would block `run all` ("made with another config").
+    assert Lab(device="cpu").ckpt_dir == Path("checkpoints")
+    assert Lab(device="cpu", smoke=True).ckpt_dir == Path("checkpoints/smoke")
+
+
+def test_run_help_says_where_the_defaults_come_from(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--epochs", "--lr", "--batch-size"):
+        help_text = text.split(option, 2)[2].split(" --", 1)[0]   # after the usage line
+        assert "default: the run's recipe, kdlab/config.py" in help_text, option
+    # a method setting's default is its method's (kdlab.registry), each method's named
+    assert "logit KD and decoupled KD: softens both distributions (default 4.0)" in text
+    assert "default: checkpoints, or checkpoints/smoke with --smoke" in text

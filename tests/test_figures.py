@@ -2,14 +2,19 @@
 
 The figures themselves are drawn from real smoke runs in test_notebook.py.
 """
+import json
+
 import numpy as np
 import pytest
 from torchvision import models
 
+from conftest import REPO
+
+from kdlab.cli import main
 from kdlab.errors import KdlabError
+from kdlab.config import RUNS, run_label
 from kdlab.figures import (best_student, confusion_counts, flops_per_image, make_all_figures,
                            original_lab_accuracies, run_colour, teacher_agreement)
-from kdlab.config import RUNS
 from kdlab.models import build_model
 
 
@@ -44,6 +49,33 @@ def test_every_run_has_its_own_colour_and_label_and_the_original_lab_figures_are
                                          "student_pretrained_kd_logits": 0.9312}
 
 
+def test_a_run_started_from_random_weights_is_never_called_pretrained():
+    for run in RUNS:
+        assert "pretrained" not in run_label(run, {run: dict(weights="none")})
+    assert run_label("student_pretrained_baseline", {}) == RUNS["student_pretrained_baseline"].label
+    assert run_label("teacher_resnet50", {"teacher_resnet50": dict(weights="none")}).endswith("(scratch)")
+
+
+def test_figures_into_an_unwritable_folder_exit_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "figures"
+    assert main(["figures", "--results-dir", str(REPO / "results" / "reference"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdlab: error: ") and err.count("\n") == 1
+    assert f"cannot write to {out}" in err and "--out" in err
+
+
 def test_figures_of_an_empty_folder_say_what_to_do(tmp_path):
     with pytest.raises(KdlabError, match="python -m kdlab run all"):
         make_all_figures(tmp_path, tmp_path / "figures")
+
+
+def test_efficiency_measured_elsewhere_is_reused_with_the_accuracies_of_the_results(tmp_path, capsys):
+    reference = REPO / "results" / "reference"
+    made = make_all_figures(reference, tmp_path / "figures", efficiency_from=REPO / "figures", log=lambda _: None)
+    measured = (REPO / "figures" / "efficiency.json").read_text()
+    for run, row in made["efficiency"]["runs"].items():
+        assert row["latency_ms"] == json.loads(measured)["runs"][run]["latency_ms"]
+    assert made["efficiency"]["reused_from"] == str(REPO / "figures" / "efficiency.json")
+    with pytest.raises(KdlabError, match="holds no efficiency.json"):
+        make_all_figures(reference, tmp_path / "other", efficiency_from=tmp_path / "nowhere", log=lambda _: None)

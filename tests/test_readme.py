@@ -2,17 +2,24 @@
 import re
 from pathlib import Path
 
-from kdlab.figures import format_results_table
-from kdlab.results import load_results
+import pytest
+
+from kdlab.figures import format_ablation_table, format_evaluation_table, format_results_table
+from kdlab.results import load_ablation, load_seed_results
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_readme_results_table_matches_the_results_files():
+@pytest.mark.parametrize("block, make", [
+    ("reference", lambda: format_results_table(load_seed_results(REPO / "results" / "reference"))),
+    ("evaluation", lambda: format_evaluation_table(load_seed_results(REPO / "results" / "reference"))),
+    ("ablation", lambda: format_ablation_table(load_ablation(REPO / "results" / "ablation-recipe"))),
+])
+def test_readme_results_tables_match_the_results_files(block, make):
     readme = (REPO / "README.md").read_text()
-    table = re.search(r"<!-- results:reference -->\n(.*?)\n<!-- /results:reference -->", readme, re.S)
-    assert table, "README lost its results block"
-    assert table.group(1) == format_results_table(load_results(REPO / "results" / "reference"))
+    table = re.search(rf"<!-- results:{block} -->\n(.*?)\n<!-- /results:{block} -->", readme, re.S)
+    assert table, f"README lost its {block} block"
+    assert table.group(1) == make()
 
 
 def test_readme_commands_are_the_ones_ci_runs():

@@ -90,10 +90,11 @@ def test_label_smoothing_touches_only_the_students_cross_entropy():
     assert torch.isclose(unsmoothed["ce"], 0.5 * plain)
 
 
-def test_the_recipe_smooths_the_students_labels_and_never_the_teachers():
-    assert make_config("teacher_resnet50").label_smoothing == 0
+def test_label_smoothing_reaches_the_students_and_never_the_teacher(tmp_path):
+    lab = Lab(tmp_path, device="cpu", label_smoothing=0.1, weights="none")
+    assert lab.config("teacher_resnet50").label_smoothing == 0
+    assert lab.config(RUN).label_smoothing == lab.config("student_scratch_kd_scores").label_smoothing == 0.1
     assert make_config("teacher_resnet50", weights="none").label_smoothing == 0
-    assert make_config(RUN).label_smoothing > 0 and make_config("student_pretrained_kd_logits").label_smoothing > 0
 
 
 def test_results_record_each_evaluation_and_use_the_average_with_flip(tmp_path, tiny_splits):

@@ -80,8 +80,8 @@ def same_weights(path_a, path_b) -> bool:
         a[m].keys() == b[m].keys() and all(torch.equal(a[m][k], b[m][k]) for k in a[m]) for m in a)
 
 
-def files_of(ckpt_dir) -> dict[str, pathlib.Path]:
-    files = RunFiles(pathlib.Path(ckpt_dir), RUN)
+def files_of(ckpt_dir, seed=42) -> dict[str, pathlib.Path]:
+    files = RunFiles(pathlib.Path(ckpt_dir), RUN, seed)
     return dict(best=files.best, last=files.last, results=files.results, lock=files.lock_file)
 
 
@@ -125,20 +125,6 @@ def tiny_run(tmp_path_factory):
     assert main(tiny_args(ckpt)) == 0
     return dict(best=files_of(ckpt)["best"], last=last_after_epoch_1,
                 results=json.loads(files_of(ckpt)["results"].read_text()))
-
-
-@pytest.fixture
-def no_network(monkeypatch) -> list:
-    """Every connection fails, as offline; returns the list of attempts."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError(errno.ENETUNREACH, "network blocked by the test")
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    return attempts
 
 
 # ----------------------------------------------------------------------------- SIGKILL
@@ -316,13 +302,13 @@ def test_lock_from_another_machine_is_taken_over(tmp_path):
 def test_same_seed_gives_same_run_and_another_seed_another(forked, reference, tmp_path):
     forked.run(run_args(tmp_path / "same", **KILLED))
     forked.run(run_args(tmp_path / "other", **KILLED, seed=7))
-    histories = {name: without_seconds(json.loads(files_of(tmp_path / name)["results"].read_text())["history"])
-                 for name in ("same", "other")}
+    histories = {name: without_seconds(json.loads(files_of(tmp_path / name, seed)["results"].read_text())["history"])
+                 for name, seed in (("same", 42), ("other", 7))}
     reference_history = without_seconds(json.loads(files_of(reference)["results"].read_text())["history"])
     assert histories["same"] == reference_history
     assert same_weights(files_of(tmp_path / "same")["best"], files_of(reference)["best"])
     assert histories["other"] != reference_history
-    assert not same_weights(files_of(tmp_path / "other")["best"], files_of(reference)["best"])
+    assert not same_weights(files_of(tmp_path / "other", 7)["best"], files_of(reference)["best"])
 
 
 # ----------------------------------------------------------------------------- Ctrl-C
@@ -662,14 +648,16 @@ def test_missing_data_offline_exits_2_naming_the_folder(tmp_path, capsys, no_net
     assert_one_line_error(err, f"CIFAR-10 is not in {tmp_path / 'data' / BATCHES_DIR}",
                           "the download failed", "--data-dir", "--smoke")
     assert no_network, "the lab should have tried to download"
-    assert [p for p in (tmp_path / "data").rglob("*") if p.is_file()] == []
+    assert not (tmp_path / "data").exists() and not (tmp_path / "ckpt").exists(), "no empty folders left"
 
 
 def test_imagenet_weights_offline_give_a_clear_error(tmp_path, capsys, monkeypatch, no_network):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     code, err = cli(capsys, tiny_args(tmp_path / "ckpt", run="student_pretrained_baseline", weights="imagenet"))
     assert code == 2
-    assert_one_line_error(err, "the ImageNet weights of resnet18", str(tmp_path / "torch_home"),
+    assert_one_line_error(err, "the ImageNet weights of resnet18", "resnet18-f37072fd.pth",
+                          "resnet50-11ad3fa6.pth", str(tmp_path / "torch_home" / "hub" / "checkpoints"),
                           "--weights none")
     assert no_network, "torchvision should have tried to download"
     assert [p for p in (tmp_path / "torch_home").rglob("*") if p.is_file()] == []
+    assert not (tmp_path / "ckpt").exists(), "a failed run leaves no empty folder"

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from kdlab import report
+from kdlab.stats import paired_difference
 from kdlab.checkpoints import TrainedRun, _results
 from kdlab.cli import main
-from kdlab.config import SCRATCH_RUNS, TEACHER_RUN, make_config
+from kdlab.config import RUNS, SCRATCH_RUNS, TEACHER_RUN, make_config
 from kdlab.data import make_splits, make_synthetic_cifar
 from kdlab.errors import KdlabError
 from kdlab.methods import build_method
@@ -45,7 +46,8 @@ def results_of(run, splits, teacher=None, smoke=False):
     history = [dict(epoch=e, train_loss=1.0, losses={"ce": 1.0}, train_acc=0.5, val_loss=1.0,
                     val_acc=best_val if e == best_epoch else best_val - 0.01 * e, lr=cfg.lr,
                     seconds=seconds) for e in range(1, EPOCHS + 1)]
-    r = _results(cfg, method, splits, CPU, history, teacher)
+    best_modules = {name: m.state_dict() for name, m in method.trained_modules().items()}
+    r = _results(cfg, method, splits, CPU, history, best_modules, teacher)
     r.update(test_acc=test_acc)
     if not smoke:
         r.update(smoke=False, device="cuda", device_name="Test GPU", data="CIFAR-10 test copy")
@@ -158,10 +160,16 @@ def test_comparisons_follow_the_numbers(tmp_path, reference):
                        pdf=False, log=lambda *_: None)
     m = generated_macros(out)
     # NUMBERS: logit KD 91.71 vs baseline 90.50; feature KD 89.87; teacher 93.12.
-    assert "1.21 points above the cross-entropy student" in m["KDGainSentences"]
-    assert "0.63 points below the cross-entropy student" in m["KDGainSentences"]
-    assert "1.84 points above feature KD" in m["LogitsVsFeaturesSentences"]
-    assert "kd\\_\\allowbreak{}scores} (91.71\\%), ended 1.41 points below its teacher" \
+    assert "91.71\\% test accuracy against 90.50\\% for the cross-entropy student" in m["KDGainSentences"]
+    # The paired difference is counted on the saved test predictions, image by image.
+    for better, other, macro in (("student_scratch_kd_scores", "student_scratch_baseline", "KDGainSentences"),
+                                 ("student_scratch_kd_features", "student_scratch_baseline", "KDGainSentences"),
+                                 ("student_scratch_kd_scores", "student_scratch_kd_features",
+                                  "LogitsVsFeaturesSentences")):
+        d = paired_difference([results[better]], [results[other]])
+        assert (f"a paired difference of {100 * d['mean_difference']:+.2f} points (1 seed paired), whose 95\\% "
+                f"interval [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]") in m[macro]
+    assert "The best student, ResNet18 scratch + logit KD (91.71\\%), ended 1.41 points below its teacher" \
         in m["StudentVsTeacherSentences"]
     assert "1.30 times as long" in m["KDCostSentences"]   # 26.0 s against 20.0 s per epoch
     assert "Every expected run has its results file" in m["MissingRunsSentence"]
@@ -192,12 +200,31 @@ def test_missing_runs_are_named(tmp_path, reference):
     report.make_report(write_results(tmp_path / "results", present), tmp_path / "figures", out,
                        pdf=False, log=lambda *_: None)
     missing = [run for run in SCRATCH_RUNS if run not in present]
-    sentence = generated_macros(out)["MissingRunsSentence"].replace(r"\allowbreak{}", "")
+    sentence = generated_macros(out)["MissingRunsSentence"]
     for run in missing:
-        assert report.tex(run) in sentence
+        assert report.tex(RUNS[run].label) in sentence, "prose names runs by their labels"
     rows = table_rows(out / "generated" / "results_table.tex")
     assert [run for run, cells in rows.items() if "missing" in cells[0]] == missing
     assert "cannot be measured yet" in generated_macros(out)["KDGainSentences"]
+
+
+def test_reproduce_block_and_provenance_read_as_typed_not_as_logged(tmp_path, reference):
+    results, _ = reference
+    results_dir = write_results(tmp_path / "results", results)
+    command = ("/usr/bin/python3 -m kdlab run teacher_resnet50 --weights none --data-dir data "
+               "--ckpt-dir /dev/shm/kdlab-ckpt --results-dir /root/out/reference --epochs 20")
+    manifest = dict(command=command, trial=False, budget_seconds=555.0, wall_seconds=384.807870265)
+    (results_dir / "manifest.json").write_text(json.dumps(manifest))
+    out = report_dir(tmp_path)
+    report.make_report(results_dir, tmp_path / "figures", out, pdf=False, log=lambda *_: None)
+
+    block = (out / "generated" / "reproduce.tex").read_text()
+    typed = " ".join(line.strip(" \\") for line in block.splitlines()[2:-1])
+    assert typed == (f"python -m kdlab run teacher_resnet50 --weights none --data-dir data "
+                     f"--results-dir {results_dir} --epochs 20")
+    provenance = (out / "generated" / "provenance.tex").read_text()
+    assert "budget" not in provenance and "384.8" not in provenance and "6.4 min" in provenance
+    assert "ResNet50 teacher (scratch)" in provenance and "teacher\\_" not in provenance
 
 
 def test_no_results_at_all_says_every_run_is_missing(tmp_path):
@@ -211,7 +238,7 @@ def test_no_results_at_all_says_every_run_is_missing(tmp_path):
 
 def test_report_source_uses_every_macro_and_types_no_result():
     source = REPORT_TEX.read_text()
-    rep = report.Report(results={}, expected=SCRATCH_RUNS, efficiency=None, manifest=None,
+    rep = report.Report(results={}, seeds={}, expected=SCRATCH_RUNS, efficiency=None, manifest=None,
                         benchmark=None, benchmark_path=None, results_dir=Path("results"),
                         figures_dir=Path("figures"), figures_tex_path="../figures")
     for name in report.macros(rep):

@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 from conftest import REPO
@@ -40,12 +41,34 @@ def test_a_damaged_or_foreign_results_file_says_what_to_do(tmp_path, content, me
         load_results(tmp_path)
 
 
+def write_checkpoint_stub(path):
+    """A zip, as torch.save writes: what `status` checks of a finished checkpoint."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", b"")
+
+
 def test_run_status_reads_the_file_names(tmp_path):
     assert run_status(tmp_path, RUN) == "missing"
     (tmp_path / f"{RUN}_last.pt").write_bytes(b"")
     assert run_status(tmp_path, RUN) == "resumable"
-    (tmp_path / f"{RUN}_best.pt").write_bytes(b"")
+    write_checkpoint_stub(tmp_path / f"{RUN}_best.pt")
     assert run_status(tmp_path, RUN) == "trained"
+
+
+def test_status_calls_a_truncated_checkpoint_damaged(tmp_path, capsys):
+    best = tmp_path / f"{RUN}_best.pt"
+    write_checkpoint_stub(best)
+    best.write_bytes(best.read_bytes()[:-10])   # an interrupted copy: the zip's directory is cut off
+    assert main(["status", "--ckpt-dir", str(tmp_path)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(RUN))
+    assert line.split()[1] == "damaged" and str(best) in line and "--retrain" in line
+
+
+def test_status_of_a_folder_that_does_not_exist_says_so(tmp_path, capsys):
+    assert main(["status", "--ckpt-dir", str(tmp_path / "typo")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdlab: error: ") and err.count("\n") == 1
+    assert f"the checkpoint folder {tmp_path / 'typo'} does not exist" in err and "--smoke" in err
 
 
 @pytest.mark.parametrize("args", [["--help"], ["status", "--ckpt-dir", "{tmp}"],
@@ -64,7 +87,7 @@ def test_commands_that_only_read_files_do_not_import_torch(tmp_path, args):
 
 def test_status_names_a_damaged_results_file_on_its_own_line(tmp_path, capsys):
     for run in (RUN, "teacher_resnet50"):
-        (tmp_path / f"{run}_best.pt").write_bytes(b"")
+        write_checkpoint_stub(tmp_path / f"{run}_best.pt")
     (tmp_path / "teacher_resnet50_results.json").write_text(results_file("teacher_resnet50"))
     (tmp_path / f"{RUN}_results.json").write_text("{truncated")
     assert main(["status", "--ckpt-dir", str(tmp_path)]) == 0
@@ -104,3 +127,15 @@ def test_the_same_run_and_seed_twice_with_other_settings_is_never_averaged(tmp_p
     with pytest.raises(KdlabError) as err:
         load_seed_results(tmp_path)
     assert str(first) in str(err.value) and str(second) in str(err.value) and "lr" in str(err.value)
+
+
+def test_status_smoke_reads_the_smoke_runs_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints" / "smoke").mkdir(parents=True)
+    write_checkpoint_stub(tmp_path / "checkpoints" / "smoke" / f"{RUN}_best.pt")
+    assert main(["status", "--smoke"]) == 0
+    states = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines())
+    assert states[RUN] == "trained" and states["teacher_resnet50"] == "missing"
+    assert main(["status"]) == 0
+    states = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines())
+    assert states[RUN] == "missing", "a smoke run is never listed as a real one"

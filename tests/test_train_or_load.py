@@ -107,3 +107,12 @@ def test_a_corrupted_checkpoint_gives_a_clear_error(tmp_path, tiny_splits):
         train(tiny_config(), tiny_splits, tmp_path)
     assert str(best) in str(err.value) and "--retrain" in str(err.value) and "delete" in str(err.value)
     assert best.stat().st_size == 1000, "a bad checkpoint is never overwritten silently"
+
+
+def test_an_epoch_of_few_steps_is_warned_about_with_a_batch_to_use(tmp_path, tiny_splits):
+    logged = []
+    cfg = dataclasses.replace(tiny_config(epochs=1), smoke=False)    # 250 images, batches of 50
+    train_or_load(cfg, lambda: tiny_splits, CPU, tmp_path, progress=False, log=logged.append)
+    warning = next(line for line in logged if "warning" in line)
+    assert "only 5 optimizer steps an epoch (250 images in batches of 50)" in warning
+    assert "--batch-size 16 --lr" in warning
