@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdlab.config import LAB_RUNS, make_config, step_kind  # noqa: E402
-from kdlab.report import load_benchmark  # noqa: E402
+from kdlab.results import load_benchmark  # noqa: E402
 
 TRAIN_IMAGES = 45_000
 T4_PEAK_TFLOPS = 65

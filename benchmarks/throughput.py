@@ -40,7 +40,6 @@ from PIL import Image
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 # Run as a script from a checkout: the package is the folder above, installed or not.
@@ -52,9 +51,10 @@ from kdlab.data import MEAN, PAD, STD, Cifar10, DeviceLoader, make_splits, make_
 from kdlab.errors import KdlabError  # noqa: E402
 from kdlab.figures import plot_throughput  # noqa: E402
 from kdlab.lab import resolve_device  # noqa: E402
+from kdlab.measure import count_flops, seconds_taken, synchronize  # noqa: E402
 from kdlab.methods import build_method  # noqa: E402
 from kdlab.models import build_model  # noqa: E402
-from kdlab.report import STEP_DESCRIPTIONS, load_benchmark  # noqa: E402
+from kdlab.results import STEP_DESCRIPTIONS, load_benchmark  # noqa: E402
 from kdlab.train import autocast_dtype, make_optimizer, make_scaler, predict, train_step, tune_cudnn  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
@@ -129,11 +129,6 @@ def make_data(budget: Budget, cfg) -> Cifar10:
 # ----------------------------------------------------------------------------- timing
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def release_memory(device: torch.device) -> None:
     """Free what the last measurement left, so the next one's peak is its own."""
     gc.collect()
@@ -142,7 +137,7 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def measure(make_steps, warmup: int, timed: int, device: torch.device) -> dict:
+def measure(make_steps, warmup: int, timed_steps: int, device: torch.device) -> dict:
     """Images/s of the steps of the generator `make_steps()` builds, after `warmup` steps.
 
     Each step yields its number of images. The device is synchronised at both marks, so GPU
@@ -150,19 +145,14 @@ def measure(make_steps, warmup: int, timed: int, device: torch.device) -> dict:
     """
     release_memory(device)
     steps = make_steps()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(warmup):
-        next(steps)
-    synchronize(device)
-    mark = time.perf_counter()
-    images = sum(next(steps) for _ in range(timed))
-    synchronize(device)
-    seconds = time.perf_counter() - mark
+    warmup_seconds = seconds_taken(device, lambda: [next(steps) for _ in range(warmup)])
+    per_step = []   # images of each timed step
+    seconds = seconds_taken(device, lambda: per_step.extend(next(steps) for _ in range(timed_steps)))
+    images = sum(per_step)
     steps.close()   # ends a DataLoader's workers now, not whenever the generator is collected
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return dict(images_per_s=images / seconds, images=images, timed_seconds=seconds,
-                warmup_seconds=mark - start, peak_memory_gib=peak)
+                warmup_seconds=warmup_seconds, peak_memory_gib=peak)
 
 
 def forward_flops(cfg, image_size: int) -> dict:
@@ -177,15 +167,9 @@ def forward_flops(cfg, image_size: int) -> dict:
         images = torch.empty(1, 3, image_size, image_size)
         targets = torch.zeros(1, dtype=torch.long)
     method.eval()
-
-    def count(fn, *args) -> int:
-        with FlopCounterMode(display=False) as counter:
-            fn(*args)
-        return counter.get_total_flops()
-
-    teacher_flops = count(method.teacher, images) if teacher is not None else 0
+    teacher_flops = count_flops(method.teacher, images) if teacher is not None else 0
     # Past any warm-up, so every loss term counts as in most of a run.
-    return dict(trained=count(method.forward_train, images, targets, float(cfg.epochs)) - teacher_flops,
+    return dict(trained=count_flops(method.forward_train, images, targets, float(cfg.epochs)) - teacher_flops,
                 teacher=teacher_flops or None)
 
 
@@ -369,13 +353,10 @@ def measure_scaling(budget: Budget, data: Cifar10, device: torch.device) -> dict
         if not epochs:
             for images, targets in itertools.islice(loader.epoch(0), budget.warmup_steps):
                 train_step(method, optimizer, scaler, images, targets, dtype, 0.0)
-        synchronize(device)
-        start = time.perf_counter()
-        for images, targets in loader.epoch(1):
-            train_step(method, optimizer, scaler, images, targets, dtype, 1.0)
-        synchronize(device)
+        seconds = seconds_taken(device, lambda: [train_step(method, optimizer, scaler, images, targets, dtype, 1.0)
+                                         for images, targets in loader.epoch(1)])
         epochs.append(dict(limit_train=size, train_images=len(splits.train[1]), steps=len(loader),
-                           epoch_seconds=time.perf_counter() - start))
+                           epoch_seconds=seconds))
     return dict(step=STUDENT_STEP, run=run_name, epochs=epochs,
                 ratio=epochs[1]["epoch_seconds"] / epochs[0]["epoch_seconds"],
                 size_ratio=epochs[1]["train_images"] / epochs[0]["train_images"])

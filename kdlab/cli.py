@@ -10,9 +10,8 @@ from kdlab.config import DEFAULT_SEED, LAB_RUNS, RUNS, SCRATCH_RUNS, SPLIT_SEED,
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 from kdlab.registry import METHODS, all_settings, setting_owners
-from kdlab.report import DEFAULT_BENCHMARK, make_report
-from kdlab.results import (CKPT_DIR, SMOKE_CKPT_DIR, RunPaths, default_ckpt_dir, read_results_file,
-                           run_status, seeds_in)
+from kdlab.results import (CKPT_DIR, DEFAULT_BENCHMARK, SMOKE_CKPT_DIR, RunPaths, default_ckpt_dir,
+                           read_results_file, run_status, seeds_in)
 
 RECIPE = " (default: the run's recipe, kdlab/config.py)"
 
@@ -180,6 +179,7 @@ def command_status(args) -> None:
 
 
 def command_report(args) -> None:
+    from kdlab.report import make_report  # the report is a leaf: only this command reads it
     make_report(args.results, args.figures, args.report_dir, args.runs, draft=args.draft,
                 pdf=not args.no_pdf, pdf_required=args.pdf_required, benchmark=args.benchmark)
 

@@ -2,8 +2,8 @@
 
 Every chart reads the `<run>_results.json` files of a folder (the checkpoint folder, or a
 results folder such as results/reference/): nothing downloads, nothing trains. Only the
-efficiency table looks further: at the size of each `<run>_best.pt` on disk, and at the two
-architectures, counted and timed on this machine. Each figure says where its numbers came
+efficiency table looks further, measured by kdlab.measure: at the size of each `<run>_best.pt`
+on disk, and at the two architectures, counted and timed on this machine. Each figure says where its numbers came
 from, and a smoke run's figure says in red that it is not a result.
 
 The data section of the notebook adds two views that need the data itself: the class counts
@@ -11,13 +11,10 @@ of each split and a grid of sample images (`class_counts_table`, `save_sample_gr
 """
 from __future__ import annotations
 
-import datetime
 import json
 import math
-import statistics
 import textwrap
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,19 +24,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
-from torch.utils.flop_counter import FlopCounterMode
 
 from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN, baseline_of, run_label
 from kdlab.data import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 from kdlab.registry import METHODS
-from kdlab.report import STEP_DESCRIPTIONS, agreement, best_student, load_efficiency
-from kdlab.results import load_results, load_seed_results
+from kdlab.results import (STEP_DESCRIPTIONS, agreement, best_student, load_efficiency, load_results,
+                           load_seed_results)
 from kdlab.stats import paired_difference, summarise
 from kdlab.lab import resolve_device
-from kdlab.models import build_model
-from kdlab.train import autocast_dtype, tune_cudnn
+from kdlab.measure import measure_efficiency
 
 ORIGINAL_LAB_LABEL = "original lab (reference)"   # beside kdlab.config.Run.original_lab_test_acc
 # One colour per run, the same on every chart: matplotlib's ten-colour cycle, in the run table's order.
@@ -362,112 +357,6 @@ def plot_agreement(results: dict[str, dict], missing: list[str], out_dir: Path,
 
 
 # ----------------------------------------------------------------------------- efficiency
-
-@dataclass(frozen=True)
-class TimingBudget:
-    warmup: int             # untimed forwards first (allocator, cuDNN autotuning)
-    latency_iters: int      # timed forwards at batch 1; the median is reported
-    throughput_batch: int
-    throughput_iters: int
-
-
-# A smoke run is a pipeline check: time it just enough to run the code. A CPU gets a smaller
-# throughput batch than a GPU so that regenerating figures on a laptop stays quick.
-TIMING = {
-    "smoke": TimingBudget(warmup=1, latency_iters=3, throughput_batch=8, throughput_iters=2),
-    "cpu": TimingBudget(warmup=2, latency_iters=10, throughput_batch=32, throughput_iters=3),
-    "cuda": TimingBudget(warmup=10, latency_iters=50, throughput_batch=256, throughput_iters=10),
-}
-
-
-def flops_per_image(model: torch.nn.Module, image_size: int) -> int:
-    """FLOPs of one forward at batch 1, counted by PyTorch (a multiply-add counts as 2)."""
-    x = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops()
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def time_inference(model: torch.nn.Module, image_size: int, device: torch.device,
-                   budget: TimingBudget) -> tuple[float, float]:
-    """(latency in ms at batch 1, throughput in images/s at budget.throughput_batch) on `device`,
-    in the precision the lab evaluates in (kdlab.train.autocast_dtype)."""
-    model = model.to(device, memory_format=torch.channels_last).eval()
-    dtype = autocast_dtype(device)
-    tune_cudnn(device)   # as the lab trains and evaluates, in this process or the notebook's
-
-    def timed_forwards(batch: int, iters: int) -> list[float]:
-        x = torch.randn(batch, 3, image_size, image_size, device=device)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            for _ in range(budget.warmup):
-                model(x)
-            seconds = []
-            for _ in range(iters):
-                _synchronize(device)
-                start = time.perf_counter()
-                model(x)
-                _synchronize(device)
-                seconds.append(time.perf_counter() - start)
-        return seconds
-
-    latency = statistics.median(timed_forwards(1, budget.latency_iters))
-    per_batch = sum(timed_forwards(budget.throughput_batch, budget.throughput_iters)) / budget.throughput_iters
-    return 1000 * latency, budget.throughput_batch / per_batch
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def measure_efficiency(results: dict[str, dict], ckpt_dir: str | Path, device: torch.device,
-                       log=print) -> dict:
-    """Parameters, FLOPs, checkpoint size, latency and throughput of each run, plus its test accuracy.
-
-    Cost depends on the architecture and the input size, not on the weights' values, so each
-    (arch, image size) is built once with random weights and timed once.
-    """
-    smoke = _smoke(results)
-    budget = TIMING["smoke" if smoke else device.type]
-    cost = {}
-    runs = {}
-    for run, r in results.items():
-        arch, image_size = r["config"]["arch"], r["config"]["image_size"]
-        if (arch, image_size) not in cost:
-            log(f"efficiency: counting and timing {arch} at {image_size} px on {device}")
-            model = build_model(arch, "none").eval()
-            flops = flops_per_image(model, image_size)
-            cost[arch, image_size] = (flops, *time_inference(model, image_size, device, budget))
-        flops, latency_ms, throughput = cost[arch, image_size]
-        checkpoint = Path(ckpt_dir) / f"{run}_best.pt"
-        if checkpoint.is_file():
-            size, size_source = checkpoint.stat().st_size, f"size of {checkpoint.name} on the measuring machine"
-        else:
-            size, size_source = 4 * r["parameters"], "no checkpoint file: fp32 weights, parameters x 4 bytes"
-        runs[run] = dict(arch=arch, image_size=image_size, params=r["parameters"],
-                         flops_per_image=flops, checkpoint_mb=size / 1e6,
-                         checkpoint_source=size_source, latency_ms=latency_ms,
-                         throughput_img_s=throughput, test_acc=r["test_acc"])
-    image_sizes = sorted({entry["image_size"] for entry in runs.values()})
-    return dict(
-        device=device_description(device),
-        image_size=image_sizes[0] if len(image_sizes) == 1 else image_sizes,
-        measured=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        smoke=smoke,
-        timing=dict(asdict(budget), precision=str(autocast_dtype(device) or torch.float32),
-                    weights="random: cost does not depend on the weights' values"),
-        flops_counter="torch.utils.flop_counter.FlopCounterMode, batch 1, multiply-add = 2 FLOPs",
-        runs=runs,
-    )
-
 
 def format_efficiency_table(efficiency: dict) -> str:
     rows = ["| run | params (M) | GFLOPs / image | checkpoint (MB) | latency, batch 1 (ms) "

@@ -23,12 +23,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdlab.config import (DEFAULT_SEED, EVALUATION_STEP, LEGACY_STEP_NAMES, RUNS, SCRATCH_RUNS, STARTS,
-                          STUDENT_STEP, TEACHER_RUN, TEACHER_STEP, config_dict, kd_pairs, make_config, run_label,
-                          run_of)
+from kdlab.config import (DEFAULT_SEED, RUNS, SCRATCH_RUNS, STARTS, STUDENT_STEP, TEACHER_RUN, TEACHER_STEP,
+                          config_dict, kd_pairs, make_config, run_label, run_of)
 from kdlab.errors import KdlabError
 from kdlab.registry import METHODS, setting_fields
-from kdlab.results import load_results, load_seed_results, read_json, run_order
+from kdlab.results import (DEFAULT_BENCHMARK, STEP_DESCRIPTIONS, agreement, best_student, load_benchmark,
+                           load_efficiency, load_results, load_seed_results, read_json, run_order)
 from kdlab.stats import paired_difference, summarise
 
 # The runs the report expects by default are those of the reference GPU run, kdlab.config.SCRATCH_RUNS:
@@ -38,12 +38,7 @@ PLANNED_WEIGHTS = "none"
 # The figures KD_LAB.tex takes from the figures folder; the first two are always placed.
 EXPECTED_FIGURES = ("comparaison_finale.png", "comparison_test_accuracy.png", "training_losses.png",
                     "efficiency.png", "confusion_matrix.png", "agreement.png")
-# The GPU benchmark the report's speed section reads (benchmarks/README.md says how it was run).
-DEFAULT_BENCHMARK = "benchmarks/results/h200-full-compile.json"
-# The benchmark's step kinds (kdlab.config.step_runs): in a table, and in a sentence.
-STEP_DESCRIPTIONS = {TEACHER_STEP: "teacher step (ResNet50, CE)", STUDENT_STEP: "student step (ResNet18, CE)",
-                     **{key: f"{m.name} step (+ ResNet50 forward)" for key, m in METHODS.items() if m.uses_teacher},
-                     EVALUATION_STEP: "evaluation (ResNet18 forward)"}
+# The benchmark's step kinds in a sentence (kdlab.results.STEP_DESCRIPTIONS: in a table).
 STEP_PHRASES = {TEACHER_STEP: "the teacher's step", STUDENT_STEP: "the student's cross-entropy step",
                 **{key: f"the {m.name} step" for key, m in METHODS.items() if m.uses_teacher}}
 # Settings every run normally shares: one line under the config table, not a column each.
@@ -58,40 +53,6 @@ CIFAR_RESNET_STAGES = (32, 16, 8, 4)
 
 
 # ----------------------------------------------------------------------------- reading
-
-def load_efficiency(figures_dir: Path) -> dict | None:
-    """efficiency.json of the figures module: device, image_size, measured (date), runs {run: {...}}; or None."""
-    path = figures_dir / "efficiency.json"
-    if not path.exists():
-        return None
-    what = "make it again with the figures module, or delete it."
-    eff = read_json(path, what)
-    if not (isinstance(eff, dict) and isinstance(eff.get("runs"), dict)
-            and all(isinstance(row, dict) for row in eff["runs"].values())):
-        raise KdlabError(f"{path} does not have efficiency.json's layout (device, image_size, "
-                         f"runs: one dict per run); {what}")
-    return eff
-
-
-def load_benchmark(path: Path | None) -> dict | None:
-    """A results file of benchmarks/throughput.py (device_name, rows: one per step kind); or None."""
-    if path is None or not path.exists():
-        return None
-    what = "run benchmarks/throughput.py again, or pass another --benchmark."
-    bench = read_json(path, what)
-    paths = ("kdlab", "naive")
-    if not (isinstance(bench, dict) and {"device_name", "torch_version", "image_size", "batch_size"} <= set(bench)
-            and bench.get("rows") and all(
-                isinstance(row, dict) and {"step", "speedup", *paths} <= set(row)
-                and all(isinstance(row[p], dict) and {"images_per_s", "tflops"} <= set(row[p]) for p in paths)
-                for row in bench["rows"])):
-        raise KdlabError(f"{path} does not have a benchmark file's layout (device_name, torch_version, "
-                         f"image_size, batch_size; rows: step, speedup, kdlab and naive with images_per_s "
-                         f"and tflops); {what}")
-    for row in bench["rows"]:
-        row["step"] = LEGACY_STEP_NAMES.get(row["step"], row["step"])
-    return bench
-
 
 def load_manifest(results_dir: Path) -> dict | None:
     path = results_dir / "manifest.json"
@@ -582,12 +543,6 @@ def pretrained_vs_scratch_sentences(rep: Report) -> str:
     return " ".join(out)
 
 
-def best_student(results: dict[str, dict]) -> str | None:
-    """The student with the highest test accuracy, or None without students."""
-    students = [run for run in results if run != TEACHER_RUN]
-    return max(students, key=lambda run: results[run]["test_acc"], default=None)
-
-
 def student_vs_teacher_sentences(rep: Report) -> str:
     best = best_student(rep.results)
     lacking = [TEACHER_RUN] if TEACHER_RUN not in rep.results else []
@@ -612,12 +567,6 @@ def student_vs_teacher_sentences(rep: Report) -> str:
         out.append(r"FLOPs and latency are not compared here: the figures folder has no "
                    r"\texttt{efficiency.json} yet.")
     return " ".join(out)
-
-
-def agreement(a: dict, b: dict) -> float:
-    """Share of test images on which two runs predict the same class."""
-    pa, pb = a["test_predictions"], b["test_predictions"]
-    return sum(x == y for x, y in zip(pa, pb)) / len(pa)
 
 
 def agreement_sentences(rep: Report) -> str:

@@ -1,4 +1,5 @@
-"""The files a run leaves in its checkpoint folder, and reading its results files.
+"""The files a run leaves in its checkpoint folder, reading its results files and the efficiency
+and benchmark files, and the comparisons of runs that figures and report share.
 
 No torch here: `python -m kdlab status` and `report` only look at files, and start at once.
 """
@@ -10,8 +11,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdlab.config import DEFAULT_SEED, RUNS, run_id
+from kdlab.config import (DEFAULT_SEED, EVALUATION_STEP, LEGACY_STEP_NAMES, RUNS, STUDENT_STEP, TEACHER_RUN,
+                          TEACHER_STEP, run_id)
 from kdlab.errors import KdlabError
+from kdlab.registry import METHODS
 from kdlab.stats import check_no_duplicates, training_seed
 
 # Where runs are saved unless --ckpt-dir says otherwise. Smoke runs (random weights, synthetic
@@ -147,3 +150,62 @@ def load_ablation(ablation_dir: str | Path) -> dict[str, dict]:
             raise KdlabError(f"{folder} must hold one run's results file, found {len(runs)}.")
         variants[folder.name] = next(iter(runs.values()))
     return variants
+
+
+# ----------------------------------------------------------------------------- efficiency and benchmark files
+
+# The GPU benchmark the report's speed section reads (benchmarks/README.md says how it was run).
+DEFAULT_BENCHMARK = "benchmarks/results/h200-full-compile.json"
+# The benchmark's step kinds (kdlab.config.step_runs), as the report's table and the chart name them.
+STEP_DESCRIPTIONS = {TEACHER_STEP: "teacher step (ResNet50, CE)", STUDENT_STEP: "student step (ResNet18, CE)",
+                     **{key: f"{m.name} step (+ ResNet50 forward)" for key, m in METHODS.items() if m.uses_teacher},
+                     EVALUATION_STEP: "evaluation (ResNet18 forward)"}
+
+
+def load_efficiency(figures_dir: Path) -> dict | None:
+    """efficiency.json of the figures module: device, image_size, measured (date), runs {run: {...}}; or None."""
+    path = figures_dir / "efficiency.json"
+    if not path.exists():
+        return None
+    what = "make it again with the figures module, or delete it."
+    eff = read_json(path, what)
+    if not (isinstance(eff, dict) and isinstance(eff.get("runs"), dict)
+            and all(isinstance(row, dict) for row in eff["runs"].values())):
+        raise KdlabError(f"{path} does not have efficiency.json's layout (device, image_size, "
+                         f"runs: one dict per run); {what}")
+    return eff
+
+
+def load_benchmark(path: Path | None) -> dict | None:
+    """A results file of benchmarks/throughput.py (device_name, rows: one per step kind); or None."""
+    if path is None or not path.exists():
+        return None
+    what = "run benchmarks/throughput.py again, or pass another --benchmark."
+    bench = read_json(path, what)
+    paths = ("kdlab", "naive")
+    if not (isinstance(bench, dict) and {"device_name", "torch_version", "image_size", "batch_size"} <= set(bench)
+            and bench.get("rows") and all(
+                isinstance(row, dict) and {"step", "speedup", *paths} <= set(row)
+                and all(isinstance(row[p], dict) and {"images_per_s", "tflops"} <= set(row[p]) for p in paths)
+                for row in bench["rows"])):
+        raise KdlabError(f"{path} does not have a benchmark file's layout (device_name, torch_version, "
+                         f"image_size, batch_size; rows: step, speedup, kdlab and naive with images_per_s "
+                         f"and tflops); {what}")
+    for row in bench["rows"]:
+        row["step"] = LEGACY_STEP_NAMES.get(row["step"], row["step"])
+    return bench
+
+
+
+# ----------------------------------------------------------------------------- comparisons of runs
+
+def best_student(results: dict[str, dict]) -> str | None:
+    """The student with the highest test accuracy, or None without students."""
+    students = [run for run in results if run != TEACHER_RUN]
+    return max(students, key=lambda run: results[run]["test_acc"], default=None)
+
+
+def agreement(a: dict, b: dict) -> float:
+    """Share of test images on which two runs predict the same class."""
+    pa, pb = a["test_predictions"], b["test_predictions"]
+    return sum(x == y for x, y in zip(pa, pb)) / len(pa)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kdlab.config import step_runs
-from kdlab.report import load_benchmark as load_benchmark_file
+from kdlab.results import load_benchmark as load_benchmark_file
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "throughput.py"

@@ -13,8 +13,9 @@ from conftest import REPO
 from kdlab.cli import main
 from kdlab.errors import KdlabError
 from kdlab.config import RUNS, run_label
-from kdlab.figures import (best_student, confusion_counts, flops_per_image, make_all_figures,
-                           original_lab_accuracies, run_colour, teacher_agreement)
+from kdlab.figures import confusion_counts, make_all_figures, original_lab_accuracies, run_colour, teacher_agreement
+from kdlab.measure import flops_per_image
+from kdlab.results import best_student
 from kdlab.models import build_model
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kdlab import report
+from kdlab.results import STEP_DESCRIPTIONS, load_benchmark
 from kdlab.stats import paired_difference
 from kdlab.checkpoints import TrainedRun, _results
 from kdlab.cli import main
@@ -258,10 +259,10 @@ def test_speed_table_equals_the_benchmark_file(tmp_path):
     out = report_dir(tmp_path)
     report.make_report(tmp_path / "absent", tmp_path / "figures", out, pdf=False, benchmark=BENCHMARK,
                        log=lambda *_: None)
-    bench = report.load_benchmark(BENCHMARK)   # step kinds under the methods' names
+    bench = load_benchmark(BENCHMARK)   # step kinds under the methods' names
     body = (out / "generated" / "speed_table.tex").read_text().split(r"\midrule")[1].split(r"\bottomrule")[0]
     rows = [[c.strip() for c in line.removesuffix(r"\\").split("&")] for line in body.strip().splitlines()]
-    assert [row[0] for row in rows] == [report.STEP_DESCRIPTIONS[r["step"]] for r in bench["rows"]]
+    assert [row[0] for row in rows] == [STEP_DESCRIPTIONS[r["step"]] for r in bench["rows"]]
     for cells, r in zip(rows, bench["rows"]):
         kdlab, naive, speedup, tflops, share = (float(c.replace(",", "")) for c in cells[1:])
         assert kdlab == pytest.approx(r["kdlab"]["images_per_s"], abs=0.5)
