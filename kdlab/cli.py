@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="draw sweep.png from a sweep's folder instead: accuracy against each swept setting")
     figures.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                          help="where latency and throughput are measured")
+    figures.add_argument("--efficiency-from", metavar="FOLDER",
+                         help="reuse the efficiency.json measured in FOLDER (on a GPU, say) instead of measuring here")
     return parser
 
 
@@ -215,7 +217,8 @@ def command_figures(args) -> None:
     if args.sweep:
         print(f"wrote {plot_sweep(args.sweep, args.out)}")
     else:
-        make_all_figures(args.results_dir or args.ckpt_dir, args.out, ckpt_dir=args.ckpt_dir, device=args.device)
+        make_all_figures(args.results_dir or args.ckpt_dir, args.out, ckpt_dir=args.ckpt_dir, device=args.device,
+                         efficiency_from=args.efficiency_from)
     print(f"done in {time.perf_counter() - start:.1f}s")
 
 

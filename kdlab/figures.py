@@ -32,7 +32,7 @@ from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN, baseline_of, run_label
 from kdlab.data import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
-from kdlab.report import STEP_DESCRIPTIONS, agreement, best_student
+from kdlab.report import STEP_DESCRIPTIONS, agreement, best_student, load_efficiency
 from kdlab.results import load_results, load_seed_results
 from kdlab.stats import paired_difference, summarise
 from kdlab.lab import resolve_device
@@ -232,6 +232,10 @@ def plot_test_accuracy(results: dict[str, dict], missing: list[str], out_dir: Pa
                         _smoke(results), (11, 6), missing=missing)
     ax = axes[0, 0]
     width = 0.38
+    shown = [_percent(r["test_acc"]) for run in runs for r in seeds.get(run, [])] + [
+        _percent(acc) for acc in ORIGINAL_LAB_REFERENCE.values()]
+    # Gains of a point or less are the question: the axis starts below the lowest bar, not at 0.
+    bottom = max(0, 10 * math.floor((min(shown) - 5) / 10))
     for x, run in enumerate(runs):
         reference = ORIGINAL_LAB_REFERENCE.get(run)
         ours_x = x - width / 2 if reference is not None else x
@@ -246,13 +250,14 @@ def plot_test_accuracy(results: dict[str, dict], missing: list[str], out_dir: Pa
                 ax.plot([ours_x] * summary["n_seeds"], [_percent(r["test_acc"]) for r in seeds[run]],
                         "o", color="black", markersize=3, zorder=3)
         else:
-            ax.text(ours_x, 1, "missing", rotation=90, ha="center", va="bottom", fontsize=8)
+            ax.text(ours_x, bottom + 1, "missing", rotation=90, ha="center", va="bottom", fontsize=8)
         if reference is not None:
             bars = ax.bar(x + width / 2, _percent(reference), width, facecolor="white",
                           edgecolor=RUN_COLOURS[run], hatch="//")
             ax.bar_label(bars, fmt="%.2f", fontsize=8, color="0.3")
     _run_ticks(ax, runs, results)
-    ax.set(ylabel=f"test accuracy (%, {_count(results, 'n_test')} images)", ylim=(0, 115))
+    ax.set(ylabel=f"test accuracy (%, {_count(results, 'n_test')} images; the axis starts at {bottom}%)",
+           ylim=(bottom, max(shown) + (max(shown) - bottom) * 0.3))
     ax.legend(handles=[Patch(facecolor="0.5", label="this lab (results files): mean ± std over seeds, dots: seeds"),
                        Patch(facecolor="white", edgecolor="0.3", hatch="//", label=ORIGINAL_LAB_LABEL)],
               loc="upper right", fontsize=8)
@@ -455,7 +460,7 @@ def measure_efficiency(results: dict[str, dict], ckpt_dir: str | Path, device: t
         flops, latency_ms, throughput = cost[arch, image_size]
         checkpoint = Path(ckpt_dir) / f"{run}_best.pt"
         if checkpoint.is_file():
-            size, size_source = checkpoint.stat().st_size, f"size of {checkpoint}"
+            size, size_source = checkpoint.stat().st_size, f"size of {checkpoint.name} on the measuring machine"
         else:
             size, size_source = 4 * r["parameters"], "no checkpoint file: fp32 weights, parameters x 4 bytes"
         runs[run] = dict(arch=arch, image_size=image_size, params=r["parameters"],
@@ -618,8 +623,24 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path) -> Path:
 
 # ----------------------------------------------------------------------------- all of them
 
+def reuse_efficiency(folder: str | Path, results: dict[str, dict]) -> dict:
+    """The efficiency table measured elsewhere (a GPU's efficiency.json in `folder`), with each
+    run's test accuracy taken from `results`: cost does not change with the weights, accuracy does."""
+    efficiency = load_efficiency(Path(folder))
+    if efficiency is None:
+        raise KdlabError(f"--efficiency-from {folder} holds no efficiency.json; give the folder of a "
+                         f"figures run that measured one, or leave the option out to measure here.")
+    lacking = [run for run in results if run not in efficiency["runs"]]
+    if lacking:
+        raise KdlabError(f"{Path(folder) / 'efficiency.json'} has no row for {', '.join(lacking)}; "
+                         f"leave --efficiency-from out to measure every run here.")
+    runs = {run: dict(efficiency["runs"][run], test_acc=r["test_acc"]) for run, r in results.items()}
+    return dict(efficiency, runs=runs, reused_from=str(Path(folder) / "efficiency.json"))
+
+
 def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
-                     ckpt_dir: str | Path | None = None, device="cpu", log=print) -> dict:
+                     ckpt_dir: str | Path | None = None, device="cpu", log=print,
+                     efficiency_from: str | Path | None = None) -> dict:
     """Every figure and the efficiency table from the results files in `results_dir`.
 
     `ckpt_dir` (default: `results_dir`) is only read for the checkpoint sizes. A missing run
@@ -658,7 +679,8 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
     else:
         files.append(plot_confusion_matrix(results[best], out, origin))
 
-    efficiency = measure_efficiency(results, Path(ckpt_dir or results_dir), device, log)
+    efficiency = (reuse_efficiency(efficiency_from, results) if efficiency_from is not None
+                  else measure_efficiency(results, Path(ckpt_dir or results_dir), device, log))
     (out / "efficiency.json").write_text(json.dumps(efficiency, indent=1))
     table = format_efficiency_table(efficiency)
     (out / "efficiency.md").write_text(table + "\n")

@@ -57,6 +57,8 @@ SHARED_SETTINGS = {"batch_size": "batch size", "momentum": "momentum (Nesterov)"
                    "warmup_epochs": "warm-up epochs", "image_size": "input px",
                    "split_seed": "split seed", "val_per_class": "validation images per class"}
 CIFAR_TRAIN, CIFAR_TEST, CIFAR_PX = 50_000, 10_000, 32
+# The recipe the pretrained runs fine-tune with (kdlab/config.py says why each value).
+FINETUNE_RECIPE = make_config("student_pretrained_baseline")
 # The stage map sizes of a CIFAR ResNet at 32 px, which the upsampled input reproduces.
 CIFAR_RESNET_STAGES = (32, 16, 8, 4)
 
@@ -783,6 +785,9 @@ def macros(rep: Report) -> dict[str, str]:
         "TeacherWeightDecay": setting(rep, [TEACHER_RUN], "weight_decay"),
         "TeacherStart": ("random weights" if rep.config(TEACHER_RUN)["weights"] == "none"
                          else "ImageNet weights"),
+        "FinetuneEpochs": num(FINETUNE_RECIPE.epochs),
+        "FinetunePeakLR": num(FINETUNE_RECIPE.lr),
+        "FinetuneWeightDecay": num(FINETUNE_RECIPE.weight_decay),
         "StudentEpochs": setting(rep, students, "epochs"),
         "StudentPeakLR": setting(rep, students, "lr"),
         "StudentWeightDecay": setting(rep, students, "weight_decay"),

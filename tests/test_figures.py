@@ -2,6 +2,8 @@
 
 The figures themselves are drawn from real smoke runs in test_notebook.py.
 """
+import json
+
 import numpy as np
 import pytest
 from torchvision import models
@@ -66,3 +68,14 @@ def test_figures_into_an_unwritable_folder_exit_2_with_one_line(tmp_path, capsys
 def test_figures_of_an_empty_folder_say_what_to_do(tmp_path):
     with pytest.raises(KdlabError, match="python -m kdlab run all"):
         make_all_figures(tmp_path, tmp_path / "figures")
+
+
+def test_efficiency_measured_elsewhere_is_reused_with_the_accuracies_of_the_results(tmp_path, capsys):
+    reference = REPO / "results" / "reference"
+    made = make_all_figures(reference, tmp_path / "figures", efficiency_from=REPO / "figures", log=lambda _: None)
+    measured = (REPO / "figures" / "efficiency.json").read_text()
+    for run, row in made["efficiency"]["runs"].items():
+        assert row["latency_ms"] == json.loads(measured)["runs"][run]["latency_ms"]
+    assert made["efficiency"]["reused_from"] == str(REPO / "figures" / "efficiency.json")
+    with pytest.raises(KdlabError, match="holds no efficiency.json"):
+        make_all_figures(reference, tmp_path / "other", efficiency_from=tmp_path / "nowhere", log=lambda _: None)
