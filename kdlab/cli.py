@@ -156,7 +156,7 @@ def command_run(args) -> None:
 
 
 def command_sweep(args) -> None:
-    from kdlab.sweep import RayEngine, SweepOptions, failures, parse_grid, run_sweep
+    from kdlab.sweep import RayEngine, SerialEngine, SweepOptions, failures, parse_grid, run_sweep
 
     check_teacher_epochs(args)
     if args.cpus_per_trial < 1:
@@ -166,10 +166,12 @@ def command_sweep(args) -> None:
     if args.engine == "serial" and (args.address or args.gpus_per_trial):
         raise KdlabError("--address and --gpus-per-trial are for --engine ray; --engine serial runs here, "
                          "on --device")
-    options = SweepOptions(Path(args.out), args.data_dir, args.device, smoke=args.smoke,
-                           teacher_epochs=args.teacher_epochs, cpus_per_trial=args.cpus_per_trial,
+    # Absolute: Ray's workers do not run in this folder, nor, on a cluster, on this machine.
+    options = SweepOptions(Path(args.out).resolve(), str(Path(args.data_dir).resolve()), args.device,
+                           smoke=args.smoke, teacher_epochs=args.teacher_epochs, cpus_per_trial=args.cpus_per_trial,
                            overrides=training_overrides(args))
-    engine = RayEngine(args.address, args.gpus_per_trial, args.cpus_per_trial) if args.engine == "ray" else None
+    engine = (RayEngine(args.address, args.gpus_per_trial, args.cpus_per_trial) if args.engine == "ray"
+              else SerialEngine())
     sweep = run_sweep(args.runs, args.seeds, parse_grid(args.grid), options, engine)
     failed = failures(sweep)
     smoke = " (smoke run: synthetic data, not results)" if args.smoke else ""

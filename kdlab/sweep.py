@@ -183,42 +183,59 @@ def failed_record(trial: Trial, error: str) -> dict:
 
 # ----------------------------------------------------------------------------- engines
 
-def run_serial(trials: list[Trial], options: SweepOptions, on_finished) -> None:
-    for trial in trials:
-        on_finished(run_trial(trial, options))
+class SerialEngine:
+    """The trials in this process, one after another."""
+    name = "serial"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+    def run(self, trials: list[Trial], options: SweepOptions, on_finished) -> None:
+        for trial in trials:
+            on_finished(run_trial(trial, options))
 
 
 @dataclass
 class RayEngine:
+    """Every trial a Ray task. Used as a context: a local Ray started on entering (unless one is
+    running, or `address` names a cluster to join) is stopped on leaving."""
     address: str | None = None        # None: a local Ray, started here
     gpus_per_trial: float | None = None   # None: one GPU per trial where there are GPUs, else none
     cpus_per_trial: int = 1
+    name = "ray"
+
+    def __enter__(self):
+        ray = import_ray()
+        self.started_here = not ray.is_initialized()
+        if self.started_here:
+            start_ray(self.address)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.started_here:
+            import_ray().shutdown()
 
     def run(self, trials: list[Trial], options: SweepOptions, on_finished) -> None:
         ray = import_ray()
-        started_here = not ray.is_initialized()
-        if started_here:
-            start_ray(self.address)
-        try:
-            gpus = self.gpus_per_trial
-            if gpus is None:
-                gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-            # No retries: a trial whose process died is reported, and the next run of the sweep
-            # resumes it from its last epoch.
-            task = ray.remote(run_trial).options(num_cpus=self.cpus_per_trial, num_gpus=gpus, max_retries=0)
-            pending = {task.remote(trial, options): trial for trial in trials}
-            while pending:
-                (done,), _ = ray.wait(list(pending), num_returns=1)
-                trial = pending.pop(done)
-                try:
-                    record = ray.get(done)
-                except ray.exceptions.RayError as err:   # the worker died: killed, out of memory
-                    first_line = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-                    record = failed_record(trial, f"{type(err).__name__}: {first_line.strip()}")
-                on_finished(record)
-        finally:
-            if started_here:
-                ray.shutdown()
+        gpus = self.gpus_per_trial
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        # No retries: a trial whose process died is reported, and the next run of the sweep
+        # resumes it from its last epoch.
+        task = ray.remote(run_trial).options(num_cpus=self.cpus_per_trial, num_gpus=gpus, max_retries=0)
+        pending = {task.remote(trial, options): trial for trial in trials}
+        while pending:
+            (done,), _ = ray.wait(list(pending), num_returns=1)
+            trial = pending.pop(done)
+            try:
+                record = ray.get(done)
+            except ray.exceptions.RayError as err:   # the worker died: killed, out of memory
+                first_line = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+                record = failed_record(trial, f"{type(err).__name__}: {first_line.strip()}")
+            on_finished(record)
 
 
 def import_ray():
@@ -261,8 +278,8 @@ class Progress:
 
 
 def run_sweep(runs: list[str], seeds: list[int], grid: dict[str, list], options: SweepOptions,
-              engine: RayEngine | None = None, log=print) -> dict:
-    """Train-or-load every trial (with `engine`, or in this process when it is None) and write
+              engine: RayEngine | SerialEngine | None = None, log=print) -> dict:
+    """Train-or-load every trial with `engine` (default: in this process) and write
     DIR/sweep.json; returns its contents. The trials are checked before the teacher trains."""
     trials = expand_trials(runs, seeds, grid)
     for trial in trials:
@@ -270,9 +287,8 @@ def run_sweep(runs: list[str], seeds: list[int], grid: dict[str, list], options:
     writable_folder(options.out, "--out")
     uses_teacher = any(trial_config(trial, options).uses_teacher for trial in trials)
     teacher = Trial(TEACHER_RUN, DEFAULT_SEED)
-    execute = engine.run if engine is not None else run_serial
-    sweep = dict(runs=list(runs), seeds=list(seeds), grid=grid, smoke=options.smoke,
-                 engine="ray" if engine is not None else "serial",
+    engine = engine or SerialEngine()
+    sweep = dict(runs=list(runs), seeds=list(seeds), grid=grid, smoke=options.smoke, engine=engine.name,
                  options=dict(asdict(options), out=str(options.out)),
                  started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  teacher=None, trials=[])
@@ -288,14 +304,15 @@ def run_sweep(runs: list[str], seeds: list[int], grid: dict[str, list], options:
 
     log(f"sweep: {len(trials)} trials of {len(dict.fromkeys(runs))} runs"
         + (" after the teacher" if uses_teacher else "") + f", in {options.out}")
-    if uses_teacher:
-        execute([teacher], options, finished)
-        if sweep["teacher"]["status"] == "failed":
-            taught = [t for t in trials if trial_config(t, options).uses_teacher]
-            for trial in taught:
-                finished(failed_record(trial, f"not run: the teacher failed (log: {teacher.log_file})"))
-            trials = [t for t in trials if t not in taught]
-    execute(trials, options, finished)
+    with engine:
+        if uses_teacher:
+            engine.run([teacher], options, finished)
+            if sweep["teacher"]["status"] == "failed":
+                taught = [t for t in trials if trial_config(t, options).uses_teacher]
+                for trial in taught:
+                    finished(failed_record(trial, f"not run: the teacher failed (log: {teacher.log_file})"))
+                trials = [t for t in trials if t not in taught]
+        engine.run(trials, options, finished)
     order = {trial: i for i, trial in enumerate(expand_trials(runs, seeds, grid))}
     sweep["trials"].sort(key=lambda record: order[Trial.of(record)])
     sweep["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
