@@ -116,6 +116,10 @@ RUN_LABELS = {
 SMOKE = dict(weights="none", epochs=2, batch_size=64, image_size=16, val_per_class=20,
              lr=0.05, warmup_epochs=0.5)
 
+# The settings each method reads, beyond those every run has; the teacher (cross-entropy) reads none.
+METHOD_SETTINGS = {"ce": (), "kd_logits": ("temperature", "alpha"), "kd_features": ("hint_layer", "hint_weight")}
+KD_SETTINGS = tuple(setting for settings in METHOD_SETTINGS.values() for setting in settings)
+
 OVERRIDABLE = ("weights", "epochs", "batch_size", "lr", "image_size", "temperature",
                "alpha", "hint_layer", "hint_weight", "label_smoothing", "ema_decay", "flip_tta",
                "limit_train", "seed")
