@@ -12,8 +12,31 @@ from kdlab.folders import writable_folder
 from kdlab.registry import METHODS, all_settings, setting_owners
 from kdlab.results import (CKPT_DIR, DEFAULT_BENCHMARK, SMOKE_CKPT_DIR, RunPaths, default_ckpt_dir,
                            read_results_file, run_status, seeds_in)
+from kdlab.sweep import GRID_HELP
 
 RECIPE = " (default: the run's recipe, kdlab/config.py)"
+
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """The data, device and recipe options of `run` and `sweep`."""
+    parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (default: data)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="default: auto, a GPU if there is one")
+    parser.add_argument("--weights", choices=["imagenet", "none"],
+                        help="start of the pretrained runs and the teacher (scratch runs are always 'none')" + RECIPE)
+    parser.add_argument("--epochs", type=int, help="epochs of every run named (and of the teacher)" + RECIPE)
+    parser.add_argument("--teacher-epochs", type=int, help="epochs of the teacher alone" + RECIPE)
+    parser.add_argument("--batch-size", type=int, help="images per optimizer step" + RECIPE)
+    parser.add_argument("--lr", type=float, help="peak learning rate" + RECIPE)
+    parser.add_argument("--image-size", type=int,
+                        help="input resolution (CIFAR is upsampled on the device)" + RECIPE)
+    parser.add_argument("--limit-train", type=int,
+                        help="train on a stratified subset of N images (default: the whole train split)")
+    parser.add_argument("--label-smoothing", type=float, help="on the cross-entropy term" + RECIPE)
+    parser.add_argument("--ema-decay", type=float, help="per-step decay of the weight average (default 0.99)")
+    parser.add_argument("--no-flip-tta", dest="flip_tta", action="store_false", default=None,
+                        help="evaluate on one view instead of the mean of each image and its mirror")
+    add_method_settings(parser)
 
 
 class Parser(argparse.ArgumentParser):
@@ -46,6 +69,35 @@ def add_method_settings(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag(name), type=kind, help=help)
 
 
+def method_settings(args) -> dict:
+    """The method settings given on the command line, by name."""
+    return {name: tuple(value) if isinstance(value, list) else value
+            for name in all_settings() if (value := getattr(args, name)) is not None}
+
+
+def training_overrides(args) -> dict:
+    """The recipe options and method settings given on the command line (None: the run's recipe)."""
+    return dict(weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
+                lr=args.lr, image_size=args.image_size, label_smoothing=args.label_smoothing,
+                ema_decay=args.ema_decay, flip_tta=args.flip_tta, limit_train=args.limit_train,
+                **method_settings(args))
+
+
+def check_settings_apply(settings: dict, names: list[str]) -> None:
+    """A method setting given for runs none of whose methods has it is a mistake, not a no-op."""
+    methods = {RUNS[name].method for name in names if name in RUNS}
+    for name in settings:
+        owners = setting_owners(name)
+        if methods and not methods & set(owners):
+            raise KdlabError(f"{flag(name)} is a setting of {' and '.join(METHODS[m].name for m in owners)}, "
+                             f"which none of the runs named uses ({', '.join(names)})")
+
+
+def check_teacher_epochs(args) -> None:
+    if args.teacher_epochs is not None and args.teacher_epochs < 1:
+        raise KdlabError(f"teacher epochs must be at least 1, got {args.teacher_epochs}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m kdlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -54,23 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog="Each run's settings and why: kdlab/config.py, README \"Defaults, and why\".")
     run.add_argument("runs", nargs="+", metavar="RUN", help=f"'all' or any of: {', '.join(RUNS)}")
     run.add_argument("--ckpt-dir", help=f"default: {CKPT_DIR}, or {SMOKE_CKPT_DIR} with --smoke")
-    run.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (default: data)")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                     help="default: auto, a GPU if there is one")
-    run.add_argument("--weights", choices=["imagenet", "none"],
-                     help="start of the pretrained runs and the teacher (scratch runs are always 'none')" + RECIPE)
-    run.add_argument("--epochs", type=int, help="epochs of every run named (and of the teacher)" + RECIPE)
-    run.add_argument("--teacher-epochs", type=int, help="epochs of the teacher alone" + RECIPE)
-    run.add_argument("--batch-size", type=int, help="images per optimizer step" + RECIPE)
-    run.add_argument("--lr", type=float, help="peak learning rate" + RECIPE)
-    run.add_argument("--image-size", type=int,
-                     help="input resolution (CIFAR is upsampled on the device)" + RECIPE)
-    run.add_argument("--limit-train", type=int,
-                     help="train on a stratified subset of N images (default: the whole train split)")
-    run.add_argument("--label-smoothing", type=float, help="on the cross-entropy term" + RECIPE)
-    run.add_argument("--ema-decay", type=float, help="per-step decay of the weight average (default 0.99)")
-    run.add_argument("--no-flip-tta", dest="flip_tta", action="store_false", default=None,
-                     help="evaluate on one view instead of the mean of each image and its mirror")
+    add_training_options(run)
     run.add_argument("--seed", type=int, nargs="+", metavar="SEED",
                      help=f"training seed(s): each run named is trained once per seed (default {DEFAULT_SEED}, "
                           f"which keeps the original lab's file names; the 45k/5k split is always drawn "
@@ -80,7 +116,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"synthetic data, random weights, tiny budget: checks the pipeline, no results "
                           f"(saved in {SMOKE_CKPT_DIR} unless --ckpt-dir says otherwise)")
     run.add_argument("--results-dir", help="also copy each run's results JSON here")
-    add_method_settings(run)
+
+    sweep = sub.add_parser("sweep", help="runs x seeds x settings as trials, on Ray or one after another",
+                           epilog="Each trial is train-or-load in <out>/trials/<run>/<settings>/: run the same "
+                                  "command again to resume. README \"Sweeps\" has the cluster commands.")
+    sweep.add_argument("runs", nargs="+", metavar="RUN", help=f"students, any of: {', '.join(list(RUNS)[1:])}")
+    sweep.add_argument("--seeds", type=int, nargs="+", default=[DEFAULT_SEED], metavar="SEED",
+                       help=f"training seeds, a trial each (default {DEFAULT_SEED})")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a setting and its values, e.g. temperature=1,2,4 (repeat for more settings); it "
+                            "multiplies only the runs that read it: " + GRID_HELP)
+    sweep.add_argument("--out", required=True, help="the sweep's folder: teacher/, trials/, sweep.json")
+    sweep.add_argument("--engine", choices=["ray", "serial"], default="ray",
+                       help="ray (default): every trial a Ray task; serial: in this process, one after another")
+    sweep.add_argument("--address", help="Ray cluster to join, e.g. auto after `ray start --head` "
+                                         "(default: start a local Ray on this machine)")
+    sweep.add_argument("--gpus-per-trial", type=float,
+                       help="GPUs each trial reserves; 0.25 packs four on a GPU (default: 1 where Ray sees GPUs, else 0)")
+    sweep.add_argument("--cpus-per-trial", type=int, default=1,
+                       help="CPUs each trial reserves, and its torch threads (default 1)")
+    sweep.add_argument("--smoke", action="store_true",
+                       help="synthetic data, random weights, tiny budget: checks the pipeline, no results")
+    add_training_options(sweep)
 
     status = sub.add_parser("status", help="one line per run: trained / resumable / missing / damaged")
     status.add_argument("--ckpt-dir", help=f"default: {CKPT_DIR}, or {SMOKE_CKPT_DIR} with --smoke")
@@ -103,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="folder of <run>_results.json and <run>_best.pt (sizes on disk)")
     figures.add_argument("--results-dir", help="read the results files here instead of --ckpt-dir")
     figures.add_argument("--out", default="figures", help="folder the figures are written to")
+    figures.add_argument("--sweep", metavar="DIR",
+                         help="draw sweep.png from a sweep's folder instead: accuracy against each swept setting")
     figures.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                          help="where latency and throughput are measured")
     figures.add_argument("--efficiency-from", metavar="FOLDER",
@@ -115,16 +174,10 @@ def command_run(args) -> None:
     from kdlab.lab import Lab  # imports torch: keep `--help` and `report` quick
 
     names = list(LAB_RUNS) if args.runs == ["all"] else args.runs
-    settings = {name: tuple(value) if isinstance(value, list) else value
-                for name in all_settings() if (value := getattr(args, name)) is not None}
-    check_settings_apply(settings, names)
-    overrides = dict(weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
-                     lr=args.lr, image_size=args.image_size, label_smoothing=args.label_smoothing,
-                     ema_decay=args.ema_decay, flip_tta=args.flip_tta, limit_train=args.limit_train, **settings)
-    if args.teacher_epochs is not None and args.teacher_epochs < 1:
-        raise KdlabError(f"teacher epochs must be at least 1, got {args.teacher_epochs}")
+    check_settings_apply(method_settings(args), names)
+    check_teacher_epochs(args)
     lab = Lab(args.ckpt_dir, args.data_dir, args.device, smoke=args.smoke,
-              teacher_epochs=args.teacher_epochs, **overrides)
+              teacher_epochs=args.teacher_epochs, **training_overrides(args))
     trials = [(name, seed) for seed in args.seed or [DEFAULT_SEED] for name in names]
     for name, seed in trials:
         lab.config(name, seed)  # every name's settings are checked before anything trains
@@ -144,14 +197,32 @@ def command_run(args) -> None:
     print(f"done in {time.perf_counter() - start:.1f}s on {lab.device}{smoke}")
 
 
-def check_settings_apply(settings: dict, names: list[str]) -> None:
-    """A method setting given for runs none of whose methods has it is a mistake, not a no-op."""
-    methods = {RUNS[name].method for name in names if name in RUNS}
-    for name in settings:
-        owners = setting_owners(name)
-        if methods and not methods & set(owners):
-            raise KdlabError(f"{flag(name)} is a setting of {' and '.join(METHODS[m].name for m in owners)}, "
-                             f"which none of the runs named uses ({', '.join(names)})")
+def command_sweep(args) -> None:
+    from kdlab.sweep import RayEngine, SerialEngine, SweepOptions, failures, parse_grid, run_sweep
+
+    check_teacher_epochs(args)
+    if args.cpus_per_trial < 1:
+        raise KdlabError(f"--cpus-per-trial must be at least 1, got {args.cpus_per_trial}")
+    if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial:
+        raise KdlabError(f"--gpus-per-trial must be 0 or more, got {args.gpus_per_trial}")
+    if args.engine == "serial" and (args.address or args.gpus_per_trial):
+        raise KdlabError("--address and --gpus-per-trial are for --engine ray; --engine serial runs here, "
+                         "on --device")
+    # Absolute: Ray's workers do not run in this folder, nor, on a cluster, on this machine.
+    options = SweepOptions(Path(args.out).resolve(), str(Path(args.data_dir).resolve()), args.device,
+                           smoke=args.smoke, teacher_epochs=args.teacher_epochs, cpus_per_trial=args.cpus_per_trial,
+                           overrides=training_overrides(args))
+    engine = (RayEngine(args.address, args.gpus_per_trial, args.cpus_per_trial) if args.engine == "ray"
+              else SerialEngine())
+    sweep = run_sweep(args.runs, args.seeds, parse_grid(args.grid), options, engine)
+    failed = failures(sweep)
+    smoke = " (smoke run: synthetic data, not results)" if args.smoke else ""
+    print(f"sweep: {len(sweep['trials']) - len(failed)} of {len(sweep['trials'])} trials finished; "
+          f"{Path(args.out) / 'sweep.json'} lists them{smoke}")
+    if failed:
+        raise KdlabError(f"{len(failed)} trial(s) failed, each named above and in sweep.json with its error "
+                         f"and log file. Run the same command again to resume them: the finished trials "
+                         f"are loaded, not trained again.")
 
 
 def command_status(args) -> None:
@@ -180,20 +251,24 @@ def command_status(args) -> None:
 
 def command_report(args) -> None:
     from kdlab.report import make_report  # the report is a leaf: only this command reads it
+
     make_report(args.results, args.figures, args.report_dir, args.runs, draft=args.draft,
                 pdf=not args.no_pdf, pdf_required=args.pdf_required, benchmark=args.benchmark)
 
 
 def command_figures(args) -> None:
-    from kdlab.figures import make_all_figures  # imports torch and matplotlib
+    from kdlab.figures import make_all_figures, plot_sweep  # imports torch and matplotlib
 
     start = time.perf_counter()
-    make_all_figures(args.results_dir or args.ckpt_dir, args.out, ckpt_dir=args.ckpt_dir, device=args.device,
-                     efficiency_from=args.efficiency_from)
+    if args.sweep:
+        print(f"wrote {plot_sweep(args.sweep, args.out)}")
+    else:
+        make_all_figures(args.results_dir or args.ckpt_dir, args.out, ckpt_dir=args.ckpt_dir, device=args.device,
+                         efficiency_from=args.efficiency_from)
     print(f"done in {time.perf_counter() - start:.1f}s")
 
 
-COMMANDS = {"run": command_run, "status": command_status, "figures": command_figures,
+COMMANDS = {"run": command_run, "sweep": command_sweep, "status": command_status, "figures": command_figures,
             "report": command_report}
 
 

@@ -187,6 +187,11 @@ def step_kind(cfg: RunConfig) -> str:
 SMOKE = dict(weights="none", epochs=2, batch_size=64, image_size=16, val_per_class=20,
              lr=0.05, warmup_epochs=0.5)
 
+# The settings each method reads (kdlab.registry), beyond those every run has; the teacher
+# (cross-entropy) reads none.
+METHOD_SETTINGS = {key: tuple(f.name for f in setting_fields(key)) for key in METHODS}
+KD_SETTINGS = tuple(all_settings())
+
 OVERRIDABLE = ("weights", "epochs", "batch_size", "lr", "image_size", "label_smoothing", "ema_decay",
                "flip_tta", "limit_train", "seed")
 

@@ -441,6 +441,64 @@ def plot_throughput(bench: dict, out_path: str | Path, origin: str = "") -> Path
     return _save(fig, Path(out_path))
 
 
+# ----------------------------------------------------------------------------- sweeps
+
+def plot_sweep(sweep_dir: str | Path, out_dir: str | Path) -> Path:
+    """sweep.png: test accuracy against each swept setting (kdlab.sweep), one panel per setting.
+
+    A line per run and per values of the other swept settings: a dot per seed, the mean over the
+    seeds with one standard deviation. A run that does not read the setting (a baseline under a
+    temperature) is a band across the panel: its mean ± one standard deviation.
+    """
+    from kdlab.sweep import load_sweep
+
+    sweep, trials = load_sweep(sweep_dir)
+    swept = list(sweep["grid"])
+    by_trial = {i: r for i, (_, r) in enumerate(pair for runs in trials.values() for pair in runs)}
+    if not swept or not by_trial:
+        raise KdlabError(f"{sweep_dir} has no swept setting or no finished trial to draw; "
+                         f"sweep with --grid KEY=V1,V2, and run it to the end.")
+    fig, axes = _figure("Test accuracy against each swept setting",
+                        source_line(list(by_trial.values()), str(sweep_dir)), _smoke(by_trial),
+                        (6 * len(swept) + 1, 5), 1, len(swept))
+    for ax, key in zip(axes[0], swept):
+        values = sweep["grid"][key]
+        # Numbers at their value; names (a hint layer) one after the other.
+        positions = {v: i if isinstance(v, str) else v for i, v in enumerate(values)}
+        for run, runs in trials.items():
+            lines: dict[tuple, dict] = {}
+            for settings, r in runs:
+                others = tuple((k, v) for k, v in settings.items() if k != key)
+                lines.setdefault(others, {}).setdefault(settings.get(key), []).append(r)
+            for line_number, (others, by_value) in enumerate(lines.items()):
+                label = run_label(run, {run: runs[0][1]}) + "".join(f", {k}={v}" for k, v in others)
+                colour = run_colour(run)
+                style = ["-", "--", ":", "-."][line_number % 4]
+                if None in by_value:   # the run does not read this setting
+                    summary = summarise(by_value[None])
+                    spread = _percent(summary["std"] or 0)
+                    ax.axhline(_percent(summary["mean"]), color=colour, linestyle=style,
+                               label=f"{label} (does not read {key}; band: ± 1 sd)")
+                    ax.axhspan(_percent(summary["mean"]) - spread, _percent(summary["mean"]) + spread,
+                               color=colour, alpha=0.12, linewidth=0)
+                    continue
+                xs = [positions[v] for v in by_value]
+                summaries = [summarise(by_value[v]) for v in by_value]
+                ax.errorbar(xs, [_percent(s["mean"]) for s in summaries],
+                            yerr=[_percent(s["std"] or 0) for s in summaries], color=colour, linestyle=style,
+                            marker="s", capsize=4, label=f"{label} (mean ± 1 sd over seeds)")
+                for x, v in zip(xs, by_value):
+                    ax.plot([x] * len(by_value[v]), [_percent(r["test_acc"]) for r in by_value[v]], "o",
+                            color=colour, markersize=3, alpha=0.6)
+        ax.set_xticks([positions[v] for v in values], [str(v) for v in values])
+        ax.set(xlabel=key, ylabel=f"test accuracy (%, {_count(by_trial, 'n_test')} images)",
+               title=f"{len(sweep['seeds'])} seeds: {', '.join(map(str, sweep['seeds']))} (dots)")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, writable_folder(out_dir, "--out folder") / "sweep.png")
+
+
 # ----------------------------------------------------------------------------- all of them
 
 def reuse_efficiency(folder: str | Path, results: dict[str, dict]) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from kdlab.checkpoints import RunFiles, TrainedRun, train_or_load
-from kdlab.config import DEFAULT_SEED, TEACHER_RUN, RunConfig, make_config
+from kdlab.config import DEFAULT_SEED, KD_SETTINGS, TEACHER_RUN, RunConfig, make_config
 from kdlab.data import Splits, load_cifar10, make_splits, make_synthetic_cifar
 from kdlab.errors import KdlabError
 from kdlab.results import default_ckpt_dir
@@ -31,20 +31,25 @@ class Lab:
     students only; `teacher_epochs` to the teacher alone, so a KD student and its teacher can
     have different budgets. Every KD student
     distils the teacher trained with `teacher_seed`, whatever its own seed: the teacher is
-    trained once for all of them.
+    trained once for all of them. `teacher_dir` (default: `ckpt_dir`) is the teacher's folder,
+    so that many students' folders can share one teacher (kdlab.sweep).
     """
 
     def __init__(self, ckpt_dir=None, data_dir="data", device="auto", smoke=False,
-                 teacher_epochs=None, teacher_seed=DEFAULT_SEED, progress=None, log=print, **overrides):
+                 teacher_epochs=None, teacher_seed=DEFAULT_SEED, progress=None, log=print, teacher_dir=None,
+                 **overrides):
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else default_ckpt_dir(smoke)
+        self.teacher_dir = Path(teacher_dir) if teacher_dir is not None else self.ckpt_dir
         self.data_dir = Path(data_dir)
         self.device = resolve_device(device)
         self.smoke, self.progress, self.log = smoke, progress, log
         self.overrides = overrides
         # Label smoothing is the students' alone: a smoothed teacher distils worse (kdlab.config).
+        # The KD settings are the students' too: the teacher trains with cross-entropy, so a
+        # student's temperature must not make its teacher's config differ from the one trained.
         self.teacher_overrides = dict(
             overrides, epochs=teacher_epochs if teacher_epochs is not None else overrides.get("epochs"),
-            label_smoothing=None)
+            label_smoothing=None, **{setting: None for setting in KD_SETTINGS})
         self.teacher_seed = teacher_seed
         self._data = None
         self._splits: dict[tuple, Splits] = {}
@@ -73,17 +78,18 @@ class Lab:
     def run(self, name: str, retrain: bool = False, seed: int | None = None) -> TrainedRun:
         """Train-or-load one run (and, for a KD run that must train, its teacher first)."""
         cfg = self.config(name, seed)
+        ckpt_dir = self.teacher_dir if name == TEACHER_RUN else self.ckpt_dir
         key = (name, cfg.seed)
         if key not in self._runs or retrain:
             try:
                 self._runs[key] = train_or_load(
-                    cfg, lambda: self.splits(cfg), self.device, self.ckpt_dir,
+                    cfg, lambda: self.splits(cfg), self.device, ckpt_dir,
                     get_teacher=lambda: self.run(TEACHER_RUN, seed=self.teacher_seed), retrain=retrain,
                     progress=self.progress, log=self.log)
             except KeyboardInterrupt as interrupt:
                 if not getattr(interrupt, "reported_by", None):   # the innermost run says it, once
                     interrupt.reported_by = cfg.run_id
-                    last = RunFiles(self.ckpt_dir, name, cfg.seed).last
+                    last = RunFiles(ckpt_dir, name, cfg.seed).last
                     saved = (f"every finished epoch is saved in {last}; run it again (the same cell "
                              f"or command) to resume" if last.exists() else "it has no finished epoch to resume from")
                     self.log(f"{cfg.run_id}: interrupted; {saved}.")

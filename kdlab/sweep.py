@@ -1,0 +1,347 @@
+"""Sweeps: runs x seeds x settings as trials, each one train-or-load in its own folder.
+
+    python -m kdlab sweep student_scratch_baseline student_scratch_kd_scores --seeds 42 43 \\
+        --grid temperature=1,2,4,8 --grid alpha=0.5,0.9 --out sweeps/t-alpha
+
+A trial is one run at one seed with one value of each swept setting that its method reads
+(kdlab.config.METHOD_SETTINGS): a temperature multiplies the logit-KD runs, never the
+baseline, which trains once per seed. Each trial is `Lab.run` in its own checkpoint folder,
+DIR/trials/<run>/<setting=value,...>/, so running the same sweep again loads the finished
+trials, resumes the interrupted ones from their last epoch and trains the rest. The teacher
+is trained once, before the students, in DIR/teacher, and every KD trial loads it from there.
+
+Engines. `ray` runs every trial as a Ray task: Ray core, not Ray Tune. A trial is already a
+function with its own checkpoints, resumption and results file (the lab's train-or-load), and
+the grid is fixed in advance: Tune's searchers, schedulers, trial checkpoints and reporting
+would duplicate what the lab does, while a task with `num_gpus=0.25` is all the packing and
+a `ray.wait` loop all the progress this needs. The same code runs on a laptop (a local Ray,
+started here), on every GPU of one machine, and on a cluster (`--address auto`). `serial`
+runs the same trials in this process, one after the other, without Ray.
+
+A trial that fails (an error, or its process killed) is recorded with its error and its log
+file; the others go on, and the command exits non-zero. DIR/sweep.json lists every trial.
+"""
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kdlab.config import DEFAULT_SEED, METHOD_SETTINGS, RUNS, TEACHER_RUN, make_config, run_id
+from kdlab.errors import KdlabError
+from kdlab.folders import writable_folder
+
+# The settings a grid may sweep: those of the students alone. A setting that the teacher trains
+# with too (lr, epochs, image size) would need a teacher per value; sweep it with one --out
+# folder per value instead.
+GRID_TYPES = {"temperature": float, "alpha": float, "hint_layer": str, "hint_weight": float,
+              "label_smoothing": float}
+# label_smoothing is read by every student, whatever its method.
+EVERY_METHOD = ("label_smoothing",)
+GRID_HELP = "; ".join([*(f"{', '.join(keys)}: {method} runs" for method, keys in METHOD_SETTINGS.items() if keys),
+                       f"{', '.join(EVERY_METHOD)}: every run"])
+SWEEP_FILE = "sweep.json"
+INSTALL_RAY = ("--engine ray needs Ray, which is not installed here: `pip install -r requirements-sweep.txt` "
+               "(on every node of a cluster), or run the same trials without it with --engine serial.")
+
+
+@dataclass(frozen=True)
+class Trial:
+    run: str
+    seed: int
+    settings: tuple[tuple[str, object], ...] = ()   # (setting, value), in the grid's order
+
+    @property
+    def folder(self) -> str:
+        """The trial's checkpoint folder, relative to the sweep's; the seeds of a run and
+        settings share it (their files are named by seed)."""
+        if self.run == TEACHER_RUN:
+            return "teacher"
+        named = ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                         for key, value in self.settings)
+        return f"trials/{self.run}/{named or 'recipe'}"
+
+    @property
+    def log_file(self) -> str:
+        return f"{self.folder}/{run_id(self.run, self.seed)}.log"
+
+    @property
+    def results_file(self) -> str:
+        return f"{self.folder}/{run_id(self.run, self.seed)}_results.json"
+
+    def describe(self) -> str:
+        return " ".join([self.run, f"seed {self.seed}", *(f"{key}={value}" for key, value in self.settings)])
+
+    @classmethod
+    def of(cls, record: dict) -> "Trial":
+        """The trial a sweep.json record describes."""
+        return cls(record["run"], record["seed"], tuple(record["settings"].items()))
+
+
+@dataclass
+class SweepOptions:
+    """What every trial shares: the sweep's folder and the lab's options."""
+    out: Path
+    data_dir: str = "data"
+    device: str = "auto"
+    smoke: bool = False
+    teacher_epochs: int | None = None
+    cpus_per_trial: int = 1
+    overrides: dict = field(default_factory=dict)   # for every run (kdlab.config.OVERRIDABLE)
+
+
+def parse_grid(specs: list[str]) -> dict[str, list]:
+    """{setting: values} from `KEY=V1,V2,...` strings."""
+    grid = {}
+    for spec in specs:
+        key, _, values = spec.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in GRID_TYPES:
+            raise KdlabError(f"cannot sweep {key!r} (from --grid {spec}); a grid may sweep "
+                             f"{', '.join(GRID_TYPES)}. Settings the teacher trains with too (lr, epochs, "
+                             f"image size, ...) apply to the whole sweep: set them with their option, "
+                             f"one --out folder per value.")
+        if key in grid:
+            raise KdlabError(f"--grid {key} is given twice; give all its values once: {key}=V1,V2")
+        try:
+            parsed = [GRID_TYPES[key](value.strip()) for value in values.split(",") if value.strip()]
+        except ValueError:
+            raise KdlabError(f"--grid {spec}: every value of {key} must be a number") from None
+        if not parsed:
+            raise KdlabError(f"--grid {spec} has no values; write it {key}=V1,V2")
+        grid[key] = list(dict.fromkeys(parsed))
+    return grid
+
+
+def settings_read_by(run: str) -> tuple[str, ...]:
+    return METHOD_SETTINGS[RUNS[run].method] + EVERY_METHOD
+
+
+def expand_trials(runs: list[str], seeds: list[int], grid: dict[str, list]) -> list[Trial]:
+    """Every (run, seed, values of the swept settings the run reads); checked before anything trains."""
+    for run in runs:
+        if run not in RUNS:
+            raise KdlabError(f"unknown run {run}; valid runs: {', '.join(r for r in RUNS if r != TEACHER_RUN)}")
+        if run == TEACHER_RUN:
+            raise KdlabError(f"a sweep trains the teacher once, in <out>/teacher, for all its students: "
+                             f"name the students to sweep, not {TEACHER_RUN}")
+    trials = []
+    for run in dict.fromkeys(runs):
+        keys = [key for key in grid if key in settings_read_by(run)]
+        for values in itertools.product(*(grid[key] for key in keys)):
+            trials += [Trial(run, seed, tuple(zip(keys, values))) for seed in dict.fromkeys(seeds)]
+    return trials
+
+
+def trial_config(trial: Trial, options: SweepOptions):
+    return make_config(trial.run, smoke=options.smoke,
+                       **dict(options.overrides, **dict(trial.settings), seed=trial.seed))
+
+
+def run_trial(trial: Trial, options: SweepOptions) -> dict:
+    """Train-or-load one trial in its folder, its log in a file there; never raises for a
+    failed trial: the record says what happened. Runs in a Ray worker or in this process."""
+    import torch
+
+    from kdlab.lab import Lab
+
+    torch.set_num_threads(options.cpus_per_trial)
+    folder = options.out / trial.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    record = dict(trial_record(trial), status="failed", error=None)
+    with open(options.out / trial.log_file, "a") as log_file:
+        def log(message: str) -> None:
+            print(message, file=log_file, flush=True)
+
+        log(f"--- {trial.describe()}: {datetime.datetime.now().isoformat(timespec='seconds')}")
+        try:
+            lab = Lab(folder, options.data_dir, options.device, smoke=options.smoke,
+                      teacher_epochs=options.teacher_epochs, teacher_dir=options.out / "teacher",
+                      progress=False, log=log, **dict(options.overrides, **dict(trial.settings)))
+            trained = lab.run(trial.run, seed=trial.seed)
+        except Exception as err:   # this trial failed; the sweep goes on with the others
+            traceback.print_exc(file=log_file)
+            record["error"] = str(err) if isinstance(err, KdlabError) else f"{type(err).__name__}: {err}"
+            return record
+    r = trained.results
+    return dict(record, status="trained" if trained.trained else "loaded", test_acc=r["test_acc"],
+                best_val_acc=r["best_val_acc"], wall_seconds=r["wall_seconds"])
+
+
+def trial_record(trial: Trial) -> dict:
+    return dict(run=trial.run, seed=trial.seed, settings=dict(trial.settings), folder=trial.folder,
+                results=trial.results_file, log=trial.log_file)
+
+
+def failed_record(trial: Trial, error: str) -> dict:
+    return dict(trial_record(trial), status="failed", error=error)
+
+
+# ----------------------------------------------------------------------------- engines
+
+class SerialEngine:
+    """The trials in this process, one after another."""
+    name = "serial"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+    def run(self, trials: list[Trial], options: SweepOptions, on_finished) -> None:
+        for trial in trials:
+            on_finished(run_trial(trial, options))
+
+
+@dataclass
+class RayEngine:
+    """Every trial a Ray task. Used as a context: a local Ray started on entering (unless one is
+    running, or `address` names a cluster to join) is stopped on leaving."""
+    address: str | None = None        # None: a local Ray, started here
+    gpus_per_trial: float | None = None   # None: one GPU per trial where there are GPUs, else none
+    cpus_per_trial: int = 1
+    name = "ray"
+
+    def __enter__(self):
+        ray = import_ray()
+        self.started_here = not ray.is_initialized()
+        if self.started_here:
+            start_ray(self.address)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.started_here:
+            import_ray().shutdown()
+
+    def run(self, trials: list[Trial], options: SweepOptions, on_finished) -> None:
+        ray = import_ray()
+        gpus = self.gpus_per_trial
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        # No retries: a trial whose process died is reported, and the next run of the sweep
+        # resumes it from its last epoch.
+        task = ray.remote(run_trial).options(num_cpus=self.cpus_per_trial, num_gpus=gpus, max_retries=0)
+        pending = {task.remote(trial, options): trial for trial in trials}
+        while pending:
+            (done,), _ = ray.wait(list(pending), num_returns=1)
+            trial = pending.pop(done)
+            try:
+                record = ray.get(done)
+            except ray.exceptions.RayError as err:   # the worker died: killed, out of memory
+                first_line = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+                record = failed_record(trial, f"{type(err).__name__}: {first_line.strip()}")
+            on_finished(record)
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise KdlabError(INSTALL_RAY) from None
+    return ray
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None):
+    """Connect to the cluster at `address`, or start a local Ray (with `num_cpus` CPUs: default
+    all of them). Workers import this copy of kdlab, shipped by Ray to every node."""
+    ray = import_ray()
+    import kdlab
+
+    ray.init(address=address, num_cpus=num_cpus if address is None else None,
+             runtime_env={"py_modules": [kdlab]}, log_to_driver=False)
+    return ray
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+class Progress:
+    """One line per finished trial: n of N, elapsed, an estimate of the time left."""
+
+    def __init__(self, total: int, log=print):
+        self.total, self.done, self.log = total, 0, log
+        self.start = time.perf_counter()
+
+    def finished(self, record: dict) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / self.done * (self.total - self.done)
+        if record["status"] == "failed":
+            outcome = f"FAILED: {record['error']} (log: {record['log']})"
+        else:
+            outcome = f"{record['status']}, test {record['test_acc']:.4f}"
+        self.log(f"[{self.done}/{self.total}] {Trial.of(record).describe()}: {outcome} | elapsed {elapsed:.0f}s, about {left:.0f}s left")
+
+
+def run_sweep(runs: list[str], seeds: list[int], grid: dict[str, list], options: SweepOptions,
+              engine: RayEngine | SerialEngine | None = None, log=print) -> dict:
+    """Train-or-load every trial with `engine` (default: in this process) and write
+    DIR/sweep.json; returns its contents. The trials are checked before the teacher trains."""
+    trials = expand_trials(runs, seeds, grid)
+    for trial in trials:
+        trial_config(trial, options)
+    writable_folder(options.out, "--out")
+    uses_teacher = any(trial_config(trial, options).uses_teacher for trial in trials)
+    teacher = Trial(TEACHER_RUN, DEFAULT_SEED)
+    engine = engine or SerialEngine()
+    sweep = dict(runs=list(runs), seeds=list(seeds), grid=grid, smoke=options.smoke, engine=engine.name,
+                 options=dict(asdict(options), out=str(options.out)),
+                 started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 teacher=None, trials=[])
+    progress = Progress(len(trials) + uses_teacher, log)
+
+    def finished(record: dict) -> None:
+        progress.finished(record)
+        if record["run"] == TEACHER_RUN:
+            sweep["teacher"] = record
+        else:
+            sweep["trials"].append(record)
+        write_sweep(options.out, sweep)
+
+    log(f"sweep: {len(trials)} trials of {len(dict.fromkeys(runs))} runs"
+        + (" after the teacher" if uses_teacher else "") + f", in {options.out}")
+    with engine:
+        if uses_teacher:
+            engine.run([teacher], options, finished)
+            if sweep["teacher"]["status"] == "failed":
+                taught = [t for t in trials if trial_config(t, options).uses_teacher]
+                for trial in taught:
+                    finished(failed_record(trial, f"not run: the teacher failed (log: {teacher.log_file})"))
+                trials = [t for t in trials if t not in taught]
+        engine.run(trials, options, finished)
+    order = {trial: i for i, trial in enumerate(expand_trials(runs, seeds, grid))}
+    sweep["trials"].sort(key=lambda record: order[Trial.of(record)])
+    sweep["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    write_sweep(options.out, sweep)
+    return sweep
+
+
+def write_sweep(out: Path, sweep: dict) -> None:
+    tmp = out / f"{SWEEP_FILE}.tmp"
+    tmp.write_text(json.dumps(sweep, indent=1))
+    tmp.replace(out / SWEEP_FILE)
+
+
+def failures(sweep: dict) -> list[dict]:
+    return [r for r in [sweep["teacher"], *sweep["trials"]] if r is not None and r["status"] == "failed"]
+
+
+def load_sweep(sweep_dir: str | Path) -> tuple[dict, dict[str, list]]:
+    """A sweep's sweep.json and the results of its finished trials: ({...}, {run: [(settings, results)]})."""
+    from kdlab.results import read_json, read_results_file
+
+    sweep_dir = Path(sweep_dir)
+    path = sweep_dir / SWEEP_FILE
+    if not path.is_file():
+        raise KdlabError(f"{path} does not exist: point --sweep to the --out folder of `python -m kdlab sweep`.")
+    sweep = read_json(path, "run the sweep again: it rewrites the file, loading the finished trials.")
+    results: dict[str, list] = {}
+    for record in sweep["trials"]:
+        if record["status"] != "failed":
+            r = read_results_file(sweep_dir / record["results"], record["run"], record["seed"])
+            results.setdefault(record["run"], []).append((record["settings"], r))
+    return sweep, results
