@@ -12,7 +12,6 @@ and a draft says so on every page.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -180,18 +179,6 @@ def times(reference: float, value: float, less: str, more: str) -> str:
         return f"{reference / value:.2f} times {less}"
     return f"{value / reference:.2f} times {more}"
 
-
-def test_noise(a: dict, b: dict) -> str:
-    """The binomial standard error of the difference of two test accuracies, and where the gap lies."""
-    se = 100 * math.sqrt(a["test_acc"] * (1 - a["test_acc"]) / a["n_test"]
-                         + b["test_acc"] * (1 - b["test_acc"]) / b["n_test"])
-    gap = 100 * abs(a["test_acc"] - b["test_acc"])
-    where = "beyond" if gap > 2 * se else "within"
-    return (f"{where} two standard errors of the test set's sampling alone "
-            f"({se:.2f} points for this pair)")
-
-
-# ----------------------------------------------------------------------------- tables
 
 def table(label: str, caption: str, columns: str, header: list[str], rows: list[str]) -> str:
     """A booktabs table, small enough for the page; `header` is one or more lines of cells."""
@@ -551,10 +538,10 @@ def student_vs_teacher_sentences(rep: Report) -> str:
     if lacking:
         return cannot_yet("How close the students come to the teacher", lacking)
     s, t = rep.results[best], rep.results[TEACHER_RUN]
-    out = [rf"The best student, {run_name(best, rep.results)} ({acc_text(s['test_acc'])}), ended "
-           rf"{compare(s['test_acc'], t['test_acc'])} its teacher ({acc_text(t['test_acc'])}), "
-           rf"a gap {test_noise(s, t)}, with {times(t['parameters'], s['parameters'], 'fewer', 'more')} "
-           rf"parameters ({s['parameters'] / 1e6:.2f} M against {t['parameters'] / 1e6:.2f} M)."]
+    out = [rf"The best student, {run_name(best, rep.results)} at {seeds_text(rep, best)}, against its "
+           rf"teacher at {seeds_text(rep, TEACHER_RUN)}: {paired_text(rep, best, TEACHER_RUN)}. It has "
+           rf"{times(t['parameters'], s['parameters'], 'fewer', 'more')} parameters "
+           rf"({s['parameters'] / 1e6:.2f} M against {t['parameters'] / 1e6:.2f} M)."]
     ms, mt = rep.measured(best), rep.measured(TEACHER_RUN)
     if "flops_per_image" in ms and "flops_per_image" in mt:
         out.append(rf"It needs {times(mt['flops_per_image'], ms['flops_per_image'], 'fewer', 'more')} "

@@ -166,11 +166,12 @@ def test_comparisons_follow_the_numbers(tmp_path, reference):
     for better, other, macro in (("student_scratch_kd_scores", "student_scratch_baseline", "KDGainSentences"),
                                  ("student_scratch_kd_features", "student_scratch_baseline", "KDGainSentences"),
                                  ("student_scratch_kd_scores", "student_scratch_kd_features",
-                                  "LogitsVsFeaturesSentences")):
+                                  "LogitsVsFeaturesSentences"),
+                                 ("student_scratch_kd_scores", TEACHER_RUN, "StudentVsTeacherSentences")):
         d = paired_difference([results[better]], [results[other]])
         assert (f"a paired difference of {100 * d['mean_difference']:+.2f} points (1 seed paired), whose 95\\% "
                 f"interval [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]") in m[macro]
-    assert "The best student, ResNet18 scratch + logit KD (91.71\\%), ended 1.41 points below its teacher" \
+    assert "The best student, ResNet18 scratch + logit KD at 91.71\\%, against its teacher at 93.12\\%" \
         in m["StudentVsTeacherSentences"]
     assert "1.30 times as long" in m["KDCostSentences"]   # 26.0 s against 20.0 s per epoch
     assert "Every expected run has its results file" in m["MissingRunsSentence"]
