@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kdlab import report
+from kdlab.latex import tex
 from kdlab.results import STEP_DESCRIPTIONS, load_benchmark
 from kdlab.stats import paired_difference
 from kdlab.checkpoints import TrainedRun, _results
@@ -91,7 +92,7 @@ def efficiency(runs) -> dict:
 
 
 def number(cell: str) -> float:
-    """A table cell's number: '0.2', or '$5\\times10^{-5}$' as report.num writes small ones."""
+    """A table cell's number: '0.2', or '$5\\times10^{-5}$' as kdlab.latex.num writes small ones."""
     sci = re.fullmatch(r"\$([\d.]+)\\times10\^\{(-?\d+)\}\$", cell)
     return float(sci[1]) * 10 ** int(sci[2]) if sci else float(cell)
 
@@ -204,7 +205,7 @@ def test_missing_runs_are_named(tmp_path, reference):
     missing = [run for run in SCRATCH_RUNS if run not in present]
     sentence = generated_macros(out)["MissingRunsSentence"]
     for run in missing:
-        assert report.tex(RUNS[run].label) in sentence, "prose names runs by their labels"
+        assert tex(RUNS[run].label) in sentence, "prose names runs by their labels"
     rows = table_rows(out / "generated" / "results_table.tex")
     assert [run for run, cells in rows.items() if "missing" in cells[0]] == missing
     assert "cannot be measured yet" in generated_macros(out)["KDGainSentences"]

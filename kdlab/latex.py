@@ -1,0 +1,70 @@
+"""LaTeX text for the generated report: escaping, numbers as the prose writes them, tables.
+
+Pure string functions, no knowledge of runs or results (kdlab.report holds those).
+"""
+from __future__ import annotations
+
+import re
+
+TEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                "^": r"\textasciicircum{}"}
+
+
+def tex(text) -> str:
+    """Any value as LaTeX text, its special characters escaped ('--' stays two hyphens)."""
+    return re.sub("-(?=-)", "-{}", "".join(TEX_SPECIALS.get(ch, ch) for ch in str(text)))
+
+
+def tt(text) -> str:
+    """Typewriter text that may break after an underscore: run names are long."""
+    return rf"\texttt{{{tex(text)}}}".replace(r"\_", r"\_\allowbreak{}")
+
+
+def num(value: float) -> str:
+    """A config number as LaTeX: '0.2', '512', or '$5\\times10^{-5}$' where Python writes '5e-05'."""
+    text = f"{value:g}"
+    if "e" not in text:
+        return text
+    mantissa, exponent = text.split("e")
+    return rf"${mantissa}\times10^{{{int(exponent)}}}$"
+
+
+def pct(acc: float) -> str:
+    return f"{100 * acc:.2f}"
+
+
+def acc_text(acc: float) -> str:
+    return rf"{pct(acc)}\%"
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f}"
+
+
+def enumerate_text(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" and {items[-1]}"
+
+
+def compare(a: float, b: float, unit: str = "points") -> str:
+    """How `a` stands to `b` (accuracies as fractions): '1.23 points above', 'level with'."""
+    diff = 100 * (a - b)
+    if f"{abs(diff):.2f}" == "0.00":
+        return "level with"
+    return f"{abs(diff):.2f} {unit} {'above' if diff > 0 else 'below'}"
+
+
+def times(reference: float, value: float, less: str, more: str) -> str:
+    """How `value` stands to `reference` as a factor: '2.10 times fewer', '1.30 times more'."""
+    if value <= reference:
+        return f"{reference / value:.2f} times {less}"
+    return f"{value / reference:.2f} times {more}"
+
+
+def table(label: str, caption: str, columns: str, header: list[str], rows: list[str]) -> str:
+    """A booktabs table, small enough for the page; `header` is one or more lines of cells."""
+    return "\n".join([
+        r"\begin{table}[tbp]", r"\centering\footnotesize", r"\setlength{\tabcolsep}{3.5pt}",
+        rf"\caption{{{caption}}}", rf"\label{{{label}}}", rf"\begin{{tabular}}{{@{{}}{columns}@{{}}}}",
+        r"\toprule", *header, r"\midrule", *rows, r"\bottomrule", r"\end{tabular}", r"\end{table}", ""])
