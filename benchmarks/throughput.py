@@ -3,7 +3,8 @@
 For each step kind (teacher fine-tuning, student CE, logit KD, feature KD, evaluation) it
 times images/s after warm-up, on two paths:
   kdlab  the package itself: DeviceLoader batches (uint8 on the device, batched augmentation),
-         build_method, make_optimizer, train_step (bf16/fp16 autocast, channels_last), predict;
+         build_method, make_optimizer, train_step (bf16/fp16 autocast, channels_last) and the
+         weight average's update, predict;
   naive  torchvision-style per-image PIL transforms through DataLoader(num_workers=2,
          pin_memory=True), fp32, default memory format, plain SGD, the loss read back every step.
 Then the epoch time against the training-set size (cost should grow linearly); where a
@@ -55,7 +56,8 @@ from kdlab.measure import count_flops, seconds_taken, synchronize  # noqa: E402
 from kdlab.methods import build_method  # noqa: E402
 from kdlab.models import build_model  # noqa: E402
 from kdlab.results import STEP_DESCRIPTIONS, load_benchmark  # noqa: E402
-from kdlab.train import autocast_dtype, make_optimizer, make_scaler, predict, train_step, tune_cudnn  # noqa: E402
+from kdlab.train import (WeightAverage, autocast_dtype, make_optimizer, make_scaler, predict,  # noqa: E402
+                         train_step, tune_cudnn)
 
 # ----------------------------------------------------------------------------- settings
 
@@ -188,23 +190,26 @@ def build_on_device(cfg, device: torch.device, memory_format) -> torch.nn.Module
 
 def kdlab_train(cfg, images, labels, device, memory_format=torch.channels_last, autocast=True,
                 compile_student=False):
-    """kdlab's training steps; the arguments switch its fast-path choices off (or compile on)."""
+    """kdlab's training steps, the weight average's update included; the arguments switch its
+    fast-path choices off (or compile on)."""
     method = build_on_device(cfg, device, memory_format)
+    average = WeightAverage(cfg, method.student)
     if compile_student:
         method.student = torch.compile(method.student)
     optimizer = make_optimizer(cfg, method)
     dtype = autocast_dtype(device) if autocast else None
     scaler = make_scaler(device, dtype)
     loader = DeviceLoader(images.to(device), labels.to(device), cfg.batch_size, cfg.image_size, cfg.seed)
-    return kdlab_train_steps(method, optimizer, scaler, loader, dtype, memory_format)
+    return kdlab_train_steps(method, optimizer, scaler, average, loader, dtype, memory_format)
 
 
-def kdlab_train_steps(method, optimizer, scaler, loader, dtype, memory_format):
+def kdlab_train_steps(method, optimizer, scaler, average, loader, dtype, memory_format):
     method.train()
     for epoch in itertools.count():
-        for images, targets in marked_data(loader.epoch(epoch)):
+        for step, (images, targets) in enumerate(marked_data(loader.epoch(epoch))):
             images = images.contiguous(memory_format=memory_format)  # a no-op on kdlab's default
             train_step(method, optimizer, scaler, images, targets, dtype, float(epoch))
+            average.update(epoch * len(loader) + step)
             yield len(targets)
 
 

@@ -151,7 +151,7 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
                if device.type == "cpu" and not cfg.smoke else ""))
         if steps < MIN_STEPS_PER_EPOCH and not cfg.smoke:
             batch = 2 ** max(4, int(math.log2(len(loader.labels) / (2.5 * MIN_STEPS_PER_EPOCH))))
-            log(f"{cfg.run}: warning: only {steps} optimizer steps an epoch ({len(loader.labels)} "
+            log(f"{cfg.run_id}: warning: only {steps} optimizer steps an epoch ({len(loader.labels)} "
                 f"images in batches of {loader.batch_size}), too few to train: expect a rising loss "
                 f"and near-chance accuracy. Lower the batch with the LR, e.g. --batch-size {batch} "
                 f"--lr {cfg.lr * batch / cfg.batch_size:.3g}.")
