@@ -90,8 +90,12 @@ def main() -> int:
     import torch
     from kdlab.lab import Lab
 
+    if not args.trial and not torch.cuda.is_available():
+        raise KdlabError("the reference run needs a CUDA GPU and none is visible to PyTorch; on a CPU, "
+                         "--trial checks this script end to end in a few minutes.")
     budget = Budget(args.budget)
     out, ckpt = Path(args.out), Path(args.ckpt_dir)
+    out.mkdir(parents=True, exist_ok=True)
     staging = ckpt / "out"                      # what results.tgz packs, rebuilt after every run
     (staging / "reference").mkdir(parents=True, exist_ok=True)
     log_file = open(staging / "reference" / "run.log", "a")
@@ -211,4 +215,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KdlabError as err:   # no GPU, no data: one line, as the CLI says it
+        print(f"reference_run: error: {err}", file=sys.stderr)
+        sys.exit(2)
