@@ -30,7 +30,7 @@ from kdlab.data import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 from kdlab.registry import METHODS
-from kdlab.results import (STEP_DESCRIPTIONS, agreement, best_student, load_efficiency, load_results,
+from kdlab.results import (STEP_DESCRIPTIONS, agreement, best_student, default_seed_results, load_efficiency,
                            load_seed_results)
 from kdlab.stats import paired_difference, summarise
 from kdlab.lab import resolve_device
@@ -178,19 +178,18 @@ def _percent(value: float) -> float:
 
 # ----------------------------------------------------------------------------- training figures
 
-def plot_validation_accuracy(results: dict[str, dict], missing: list[str], out_dir: Path,
-                             origin: str = "", seeds: dict[str, list[dict]] | None = None) -> Path:
+def plot_validation_accuracy(results: dict[str, dict], seeds: dict[str, list[dict]], missing: list[str],
+                             out_dir: Path, origin: str = "") -> Path:
     """comparaison_finale.png: validation accuracy per epoch, every run on one chart.
 
     A run with several seeds is drawn as the mean over its seeds, in a band from the lowest to
     the highest seed at each epoch.
     """
-    seeds = seeds or {run: [r] for run, r in results.items()}
     fig, axes = _figure("Validation accuracy per epoch", source_line(list(results.values()), origin),
                         _smoke(results), (9, 5.5), missing=missing)
     ax = axes[0, 0]
     for run, r in results.items():
-        runs = [s for s in seeds.get(run, [r]) if len(s["history"]) == len(r["history"])]
+        runs = [s for s in seeds[run] if len(s["history"]) == len(r["history"])]
         epochs = [h["epoch"] for h in r["history"]]
         curves = np.array([[_percent(h["val_acc"]) for h in s["history"]] for s in runs])
         label = run_label(run, results) + (f" (mean of {len(runs)} seeds, band: min-max)" if len(runs) > 1 else "")
@@ -204,14 +203,13 @@ def plot_validation_accuracy(results: dict[str, dict], missing: list[str], out_d
     return _save(fig, out_dir / "comparaison_finale.png")
 
 
-def plot_test_accuracy(results: dict[str, dict], missing: list[str], out_dir: Path,
-                       origin: str = "", seeds: dict[str, list[dict]] | None = None) -> Path:
+def plot_test_accuracy(results: dict[str, dict], seeds: dict[str, list[dict]], missing: list[str],
+                       out_dir: Path, origin: str = "") -> Path:
     """comparison_test_accuracy.png: our test accuracy per run, the original lab's beside it.
 
     A run with several seeds: the bar is their mean, the error bar one standard deviation
     (ddof 1), and each seed a dot.
     """
-    seeds = seeds or {run: [r] for run, r in results.items()}
     reference = original_lab_accuracies()
     runs = [run for run in RUNS if run in results or run in reference]
     fig, axes = _figure("Test accuracy per run", source_line(list(results.values()), origin),
@@ -225,7 +223,7 @@ def plot_test_accuracy(results: dict[str, dict], missing: list[str], out_dir: Pa
     for x, run in enumerate(runs):
         ours_x = x - width / 2 if run in reference else x
         if run in results:
-            summary = summarise(seeds.get(run, [results[run]]))
+            summary = summarise(seeds[run])
             mean, std = _percent(summary["mean"]), summary["std"]
             bars = ax.bar(ours_x, mean, width, color=run_colour(run),
                           yerr=None if std is None else _percent(std), capsize=4)
@@ -527,8 +525,8 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
     "efficiency": the table}.
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    results = load_results(results_dir)
     seeds = load_seed_results(results_dir)
+    results = default_seed_results(seeds)
     if not results:
         raise KdlabError(f"no <run>_results.json in {results_dir}. Train the runs first "
                          f"(`python -m kdlab run all --ckpt-dir {results_dir}`), or point to a folder "
@@ -536,8 +534,8 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
     missing = [run for run in LAB_RUNS if run not in results]
     out = writable_folder(out_dir, "--out folder")
     origin = str(results_dir)
-    files = [plot_validation_accuracy(results, missing, out, origin, seeds),
-             plot_test_accuracy(results, missing, out, origin, seeds),
+    files = [plot_validation_accuracy(results, seeds, missing, out, origin),
+             plot_test_accuracy(results, seeds, missing, out, origin),
              plot_training_losses(results, missing, out, origin),
              *(plot_run_curves(r, out, origin) for r in results.values())]
     skipped = {}

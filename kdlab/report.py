@@ -27,8 +27,8 @@ from kdlab.config import (DEFAULT_SEED, RUNS, SCRATCH_RUNS, STARTS, STUDENT_STEP
 from kdlab.errors import KdlabError
 from kdlab.latex import acc_text, compare, enumerate_text, minutes, num, pct, table, tex, times, tt
 from kdlab.registry import METHODS, setting_fields
-from kdlab.results import (DEFAULT_BENCHMARK, STEP_DESCRIPTIONS, agreement, best_student, load_benchmark,
-                           load_efficiency, load_results, load_seed_results, read_json, run_order)
+from kdlab.results import (DEFAULT_BENCHMARK, STEP_DESCRIPTIONS, agreement, best_student, default_seed_results,
+                           load_benchmark, load_efficiency, load_seed_results, read_json, run_order)
 from kdlab.stats import paired_difference, summarise
 
 # The runs the report expects by default are those of the reference GPU run, kdlab.config.SCRATCH_RUNS:
@@ -159,7 +159,7 @@ def results_table(rep: Report) -> str:
 
 def test_acc_cell(rep: Report, run: str) -> str:
     """The test accuracy of `run`: one seed's, or the mean and spread of several."""
-    summary = summarise(rep.seeds.get(run, [rep.results[run]]))
+    summary = summarise(rep.seeds[run])
     if summary["std"] is None:
         return pct(summary["mean"])
     return rf"{pct(summary['mean'])} $\pm$ {pct(summary['std'])} ({summary['n_seeds']})"
@@ -375,7 +375,7 @@ def compared_pairs(rep: Report):
 
 def seeds_text(rep: Report, run: str) -> str:
     """`run`'s test accuracy for the prose: '92.10%' for one seed, '92.10% (mean of 3 seeds, sd 0.12)'."""
-    summary = summarise(rep.seeds.get(run, [rep.results[run]]))
+    summary = summarise(rep.seeds[run])
     if summary["std"] is None:
         return acc_text(summary["mean"])
     return rf"{acc_text(summary['mean'])} (mean of {summary['n_seeds']} seeds, sd {pct(summary['std'])})"
@@ -383,7 +383,7 @@ def seeds_text(rep: Report, run: str) -> str:
 
 def paired_text(rep: Report, better: str, other: str) -> str:
     """The paired difference of two runs on the same test images and seeds, with its 95% interval."""
-    d = paired_difference(rep.seeds.get(better, [rep.results[better]]), rep.seeds.get(other, [rep.results[other]]))
+    d = paired_difference(rep.seeds[better], rep.seeds[other])
     seeds = f"{len(d['seeds'])} seed{'s' if len(d['seeds']) > 1 else ''} paired"
     verdict = ("excludes zero: the difference is beyond what the seeds and the test sample explain"
                if d["excludes_zero"] else "includes zero: no evidence of a difference either way")
@@ -718,8 +718,8 @@ def collect(results_dir, figures_dir, report_dir, expected=tuple(SCRATCH_RUNS), 
         raise KdlabError(f"unknown run {', '.join(unknown)}; valid runs: {', '.join(RUNS)}")
     if results_dir.exists() and not results_dir.is_dir():
         raise KdlabError(f"--results {results_dir} is a file; give the folder of the results files.")
-    results = load_results(results_dir) if results_dir.is_dir() else {}
     seeds = load_seed_results(results_dir) if results_dir.is_dir() else {}
+    results = default_seed_results(seeds)
     manifest = load_manifest(results_dir) if results_dir.is_dir() else None
     return Report(results, seeds, list(expected), load_efficiency(figures_dir), manifest, load_benchmark(benchmark),
                   benchmark, results_dir, figures_dir, figures_path_for_latex(figures_dir, report_dir))

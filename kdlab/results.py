@@ -116,12 +116,16 @@ def read_results_file(path: Path, run: str, seed: int = DEFAULT_SEED) -> dict:
 
 
 def load_results(results_dir: str | Path) -> dict[str, dict]:
-    """The default seed's `<run>_results.json` of every run found in `results_dir`, in the lab's order.
+    """The default seed's results of every run found in `results_dir`, in the lab's order.
 
     Files of names that are not runs are not read.
     """
-    paths = {run: RunPaths(Path(results_dir), run).results for run in RUNS}
-    return {run: read_results_file(path, run) for run, path in paths.items() if path.is_file()}
+    return default_seed_results(load_seed_results(results_dir))
+
+
+def default_seed_results(seeds: dict[str, list[dict]]) -> dict[str, dict]:
+    """From every seed's results by run, the default seed's (the original lab's file names)."""
+    return {run: r for run, runs in seeds.items() for r in runs if training_seed(r) == DEFAULT_SEED}
 
 
 def load_seed_results(results_dir: str | Path) -> dict[str, list[dict]]:

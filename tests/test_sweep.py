@@ -174,7 +174,7 @@ def test_killed_trial_is_reported_and_the_rerun_resumes_it_alone(local_ray, tmp_
     status = {r["seed"]: r for r in sweep["trials"]}
     assert status[42]["status"] == "trained" and status[43]["status"] == "failed"
     assert "died" in status[43]["error"].lower() or "crash" in status[43]["error"].lower(), status[43]["error"]
-    assert f"seed 43: FAILED" in captured.out and status[43]["log"] in captured.out
+    assert "seed 43: FAILED" in captured.out and status[43]["log"] in captured.out
     assert victim.last.exists() and not victim.best.exists()
 
     finished = RunPaths(tmp_path / Trial(BASELINE, 42).folder, BASELINE, 42).best
