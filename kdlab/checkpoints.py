@@ -27,9 +27,8 @@ import torch
 import torchvision
 from torch import nn
 
-from kdlab.config import RunConfig, config_dict, config_differences
+from kdlab.config import DEFAULT_SEED, RunConfig, config_dict, config_differences
 from kdlab.results import RunPaths
-from kdlab.stats import training_seed
 from kdlab.errors import KdlabError
 from kdlab.folders import no_empty_folders_left
 from kdlab.methods import build_method
@@ -250,7 +249,7 @@ def _results(cfg, method, splits, device, history, best_modules, teacher) -> dic
         n_test=len(test_labels),
         parameters=count_parameters(method.student),
         extra_training_parameters=sum(count_parameters(m) for m in extra),
-        teacher=dict(run=teacher.results["run"], seed=training_seed(teacher.results),
+        teacher=dict(run=teacher.results["run"], seed=teacher.results.get("seed", DEFAULT_SEED),
                      test_acc=teacher.results["test_acc"]) if teacher else None,
         test_predictions=test_logits.argmax(1).tolist(),
         test_labels=test_labels.tolist(),  # with the predictions: confusion matrices need no data
