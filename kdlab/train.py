@@ -30,15 +30,48 @@ from kdlab.models import build_model, load_weights
 MIN_STEPS_PER_EPOCH = 20
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 on Ampere and newer (no scaler needed), fp16 on older GPUs (T4), fp32 on the CPU.
+# The autocast dtype of each precision (fp32: autocast off). A precision is a runtime choice,
+# like the device, not part of a run's config: a run begun in bf16 may resume on a GPU without it.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
-    Not `torch.cuda.is_bf16_supported()`: it counts emulated bf16 and says yes on a T4, where
-    cuDNN has no bf16 convolutions and every ResNet layer would fall back to a slow kernel.
-    """
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Ampere and newer. Not `torch.cuda.is_bf16_supported()`: it counts emulated bf16 and says
+    yes on a T4, where cuDNN has no bf16 convolutions and every ResNet layer would fall back to a
+    slow kernel."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on Ampere and newer (no scaler needed), fp16 on older GPUs (T4), fp32 on the CPU."""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return torch.bfloat16 if has_native_bf16(device) else torch.float16
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """"bf16", "fp16" or "fp32": `name` itself, or for "auto" autocast_dtype's choice on `device`."""
+    if name == "auto":
+        return next(key for key, dtype in AUTOCAST_DTYPES.items() if dtype == autocast_dtype(device))
+    if name not in AUTOCAST_DTYPES:
+        raise KdlabError(f"precision must be auto, bf16, fp16 or fp32, got {name!r}")
+    return name
+
+
+def check_precision(name: str, device: torch.device) -> str:
+    """resolve_precision, refusing what `device` has no good use for: the switch the Lab (and so
+    the CLI and the notebook) offers. The training functions take any precision autocast has,
+    so the tests run fp16 and its loss scaler on the CPU."""
+    precision = resolve_precision(name, device)
+    if precision == "fp16" and device.type != "cuda":
+        raise KdlabError("--precision fp16 needs a CUDA GPU: it is the path of GPUs without bf16 (a T4), "
+                         "with a loss scaler. On a CPU use --precision fp32 or auto.")
+    if precision == "bf16" and device.type == "cuda" and not has_native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise KdlabError(f"--precision bf16: the {torch.cuda.get_device_name(device)} (compute capability "
+                         f"{major}.{minor}) has no native bf16 convolutions, and emulated ones are slower "
+                         f"than fp32. Use --precision fp16 (with a loss scaler) or auto.")
+    return precision
 
 
 def make_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
@@ -113,8 +146,9 @@ class WeightAverage:
             a.copy_(w)
 
 
-def train_epochs(cfg, method, splits, device, files, resume=None, progress=None, log=print):
-    """Train `method` for the epochs `cfg` asks for, from `resume` (a last checkpoint) if given.
+def train_epochs(cfg, method, splits, device, files, resume=None, progress=None, log=print, precision="auto"):
+    """Train `method` for the epochs `cfg` asks for, from `resume` (a last checkpoint) if given,
+    in `precision` (kdlab.train.AUTOCAST_DTYPES, or "auto").
 
     After each epoch: validate the weight average (on both mirror views if `cfg.flip_tta`), keep
     the best-on-val average, save the last state. Returns the history, one dict per epoch, and
@@ -124,7 +158,8 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
     tune_cudnn(device)
     modules = method.trained_modules()
     optimizer = make_optimizer(cfg, method)
-    dtype = autocast_dtype(device)
+    precision = resolve_precision(precision, device)
+    dtype = AUTOCAST_DTYPES[precision]
     scaler = make_scaler(device, dtype)
     average = WeightAverage(cfg, method.student)
     loader = DeviceLoader(*splits.train, cfg.batch_size, cfg.image_size, cfg.seed)
@@ -144,7 +179,6 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
     if len(history) < cfg.epochs:
         epochs = (f"epochs {len(history) + 1} to {cfg.epochs}" if len(history) + 1 < cfg.epochs
                   else f"epoch {cfg.epochs}")
-        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
         log(f"{cfg.run_id}: training on {device} ({precision}), {epochs}, "
             f"{steps} steps of {loader.batch_size} images at {cfg.image_size} px each"
             + ("; on a CPU a real run takes hours: use a GPU, or --smoke to check the pipeline in a minute"
