@@ -28,6 +28,9 @@ from kdlab.models import build_model, load_weights
 # Fewer optimizer steps than this per epoch (a small --limit-train at batch 512) leave warmup and
 # cosine decay a handful of steps: the loss rises and accuracy stays near chance.
 MIN_STEPS_PER_EPOCH = 20
+# An fp16 loss scaler skips a step whose gradients overflowed and halves its scale: a few skips
+# while the scale settles are normal; more than this share of an epoch's steps is said in the log.
+SKIPPED_STEPS_WARNING = 0.05
 
 
 # The autocast dtype of each precision (fp32: autocast off). A precision is a runtime choice,
@@ -99,14 +102,19 @@ def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
 
 def train_step(method, optimizer, scaler, images, targets, dtype, epochs_done: float):
     """One optimisation step on a batch of the device loader, `epochs_done` epochs into training;
-    returns the logits and the loss terms."""
+    returns the logits, the loss terms, and whether the loss scaler skipped the update (a 0/1
+    tensor on the device; None without a scaler)."""
     with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
         logits, losses = method.forward_train(images, targets, epochs_done)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(sum(losses.values())).backward()
     scaler.step(optimizer)
+    # The scaler's own inf/nan flag, read where it lies (on the device: no sync) before update()
+    # clears it. Comparing the scale before and after would need a copy each step, and would stop
+    # counting once a collapsing scale has underflowed to zero, the case that must be seen.
+    skipped = sum(scaler._found_inf_per_device(optimizer).values()) if scaler.is_enabled() else None
     scaler.update()
-    return logits, losses
+    return logits, losses, skipped
 
 
 def make_optimizer(cfg, method):
@@ -196,12 +204,16 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
         method.train()
         step_losses: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=device, dtype=torch.long)
+        skipped_steps = torch.zeros((), device=device)
         batches = tqdm(loader.epoch(epoch), total=steps, leave=False, disable=quiet, unit="step")
         for step, (images, targets) in enumerate(batches):
             lr = lr_at(epoch * steps + step, cfg.lr, warmup_steps, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logits, losses = train_step(method, optimizer, scaler, images, targets, dtype, epoch + step / steps)
+            logits, losses, skipped = train_step(method, optimizer, scaler, images, targets, dtype,
+                                                 epoch + step / steps)
+            if skipped is not None:
+                skipped_steps += skipped
             average.update(epoch * steps + step)
             for name, value in losses.items():
                 step_losses.setdefault(name, torch.empty(steps, device=device))[step] = value.detach()
@@ -210,16 +222,25 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
         # The raw weights' loss tells divergence first: the average lags behind them.
         val_loss, val_acc_raw = evaluate(method.student, *splits.val, cfg.image_size, dtype)
         stop_if_diverged(cfg, epoch, step_losses, val_loss, files)
+        # fp16 only: the scaler's scale, and the steps it skipped (inf/nan gradients); None without one.
+        scaling = (dict(skipped_steps=round(skipped_steps.item()), loss_scale=scaler.get_scale())
+                   if scaler.is_enabled() else dict(skipped_steps=None, loss_scale=None))
+        stop_if_scale_collapsed(cfg, epoch, steps, scaling, files)
         val = evaluate_views(average.model, *splits.val, cfg.image_size, dtype)
         val_acc = val["flip"] if cfg.flip_tta else val["single"]
         term_means = {k: v.mean().item() for k, v in step_losses.items()}
         history.append(dict(epoch=epoch + 1, train_loss=sum(term_means.values()), losses=term_means,
                             train_acc=correct.item() / (steps * loader.batch_size),
                             val_loss=val_loss, val_acc=val_acc, val_acc_single_view=val["single"],
-                            val_acc_raw=val_acc_raw, lr=lr, seconds=time.perf_counter() - start))
+                            val_acc_raw=val_acc_raw, lr=lr, **scaling, seconds=time.perf_counter() - start))
         log(f"{cfg.run_id} epoch {epoch + 1}/{cfg.epochs}: train loss {history[-1]['train_loss']:.4f} "
             f"acc {history[-1]['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc_raw:.4f}, "
             f"averaged {val_acc:.4f} | {history[-1]['seconds']:.1f}s")
+        if scaling["skipped_steps"] and scaling["skipped_steps"] > SKIPPED_STEPS_WARNING * steps:
+            log(f"{cfg.run_id} epoch {epoch + 1}: warning: the fp16 loss scaler skipped {scaling['skipped_steps']} "
+                f"of {steps} steps (inf or nan gradients; loss scale now {scaling['loss_scale']:.3g}), so those "
+                f"batches did not train. If it goes on, lower --lr or use --precision fp32 (or bf16 on a GPU "
+                f"that has it).")
         if val_acc > best_val:
             best_val = val_acc
             best_modules = {k: _copy_state(average.model if k == "student" else m) for k, m in modules.items()}
@@ -234,6 +255,12 @@ def _copy_state(module: nn.Module) -> dict:
     return {n: t.detach().clone() for n, t in module.state_dict().items()}
 
 
+def what_is_kept(epoch: int, files) -> str:
+    """What a run stopped during `epoch` (0-based) before saving it still has."""
+    return (f"the checkpoint of epoch {epoch} stays in {files.last}" if epoch
+            else "no epoch had finished, so there is no checkpoint")
+
+
 def stop_if_diverged(cfg, epoch: int, step_losses: dict, val_loss: float, files) -> None:
     """Raise before a diverged epoch is saved, so the last checkpoint stays the last good one."""
     per_step = torch.stack(list(step_losses.values()))          # (terms, steps), one sync below
@@ -246,10 +273,20 @@ def stop_if_diverged(cfg, epoch: int, step_losses: dict, val_loss: float, files)
         problem = f"the validation loss became {val_loss} at epoch {epoch + 1}: the weights diverged"
     else:
         return
-    kept = (f"the checkpoint of epoch {epoch} stays in {files.last}" if epoch
-            else "no epoch had finished, so there is no checkpoint")
-    raise KdlabError(f"{cfg.run_id}: {problem}. Nothing from this epoch was saved; {kept}. "
+    raise KdlabError(f"{cfg.run_id}: {problem}. Nothing from this epoch was saved; {what_is_kept(epoch, files)}. "
                      f"Lower the learning rate (--lr) and run with --retrain.")
+
+
+def stop_if_scale_collapsed(cfg, epoch: int, steps: int, scaling: dict, files) -> None:
+    """Raise before an epoch whose every step the fp16 loss scaler skipped is saved: its weights
+    did not change, while its losses may look finite and its scale halved at every step."""
+    if scaling["skipped_steps"] != steps:
+        return
+    raise KdlabError(f"{cfg.run_id}: the fp16 loss scaler skipped all {steps} steps of epoch {epoch + 1} (inf or "
+                     f"nan gradients at every loss scale down to {scaling['loss_scale']:.3g}), so the weights did "
+                     f"not change. Nothing from this epoch was saved; {what_is_kept(epoch, files)}. Lower the "
+                     f"learning rate (--lr) and run with --retrain, or run again with --precision fp32 (or bf16 "
+                     f"on a GPU that has it).")
 
 
 @torch.no_grad()

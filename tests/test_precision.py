@@ -86,3 +86,67 @@ def test_the_results_and_the_log_name_the_precision(tmp_path, tiny_splits, preci
     assert trained.results["precision"] == expected
     assert f"training on cpu ({expected})" in lines[0]
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in trained.results["history"])
+
+
+# ----------------------------------------------------------------------------- the fp16 loss scaler
+
+class InfScaler(torch.amp.GradScaler):
+    """A loss scaler whose step finds inf gradients every `every` steps (every step by default),
+    as fp16 does when no loss scale is low enough; the rest of it is torch's own."""
+
+    def __init__(self, every: int = 1):
+        super().__init__("cpu")
+        self.every, self.steps = every, 0
+
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+        per_device = super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
+        if self.steps % self.every == 0:
+            for flag in per_device.values():
+                flag.fill_(1.0)
+        self.steps += 1
+        return per_device
+
+
+def test_fp16_records_each_epochs_skipped_steps_and_loss_scale(tmp_path, tiny_splits):
+    """fp16 autocast and torch's scaler, on the CPU: the scale starts at 2^16 and halves once per
+    skipped step (it would double only after 2000 good ones)."""
+    trained = train(tiny_splits, tmp_path, precision="fp16")
+    history = trained.results["history"]
+    assert trained.results["precision"] == "fp16"
+    skipped = 0
+    for epoch in history:
+        assert isinstance(epoch["skipped_steps"], int) and 0 <= epoch["skipped_steps"] <= 4
+        skipped += epoch["skipped_steps"]
+        assert epoch["loss_scale"] == 2.0 ** 16 / 2 ** skipped
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_without_a_scaler_the_history_says_none(tmp_path, tiny_splits, precision):
+    history = train(tiny_splits, tmp_path, precision=precision).results["history"]
+    assert all(h["skipped_steps"] is None and h["loss_scale"] is None for h in history)
+
+
+def test_a_scaler_that_skips_many_steps_says_so(tmp_path, tiny_splits, monkeypatch):
+    monkeypatch.setattr("kdlab.train.make_scaler", lambda device, dtype: InfScaler(every=2))
+    lines = []
+    history = train(tiny_splits, tmp_path, log=lines.append, precision="fp16").results["history"]
+    assert [h["skipped_steps"] for h in history] == [2, 2]
+    assert [h["loss_scale"] for h in history] == [2.0 ** 14, 2.0 ** 12]
+    warnings = [line for line in lines if "warning: the fp16 loss scaler" in line]
+    assert warnings == [f"{RUN} epoch {e}: warning: the fp16 loss scaler skipped 2 of 4 steps (inf or nan "
+                        f"gradients; loss scale now {2.0 ** (16 - 2 * e):.3g}), so those batches did not train. "
+                        f"If it goes on, lower --lr or use --precision fp32 (or bf16 on a GPU that has it)."
+                        for e in (1, 2)]
+
+
+def test_a_scaler_that_skips_every_step_stops_the_run_before_saving(tmp_path, tiny_splits, monkeypatch):
+    monkeypatch.setattr("kdlab.train.make_scaler", lambda device, dtype: InfScaler())
+    with pytest.raises(KdlabError) as stopped:
+        train(tiny_splits, tmp_path, precision="fp16")
+    message = str(stopped.value)
+    assert "\n" not in message
+    assert message.startswith(f"{RUN}: the fp16 loss scaler skipped all 4 steps of epoch 1 (inf or nan gradients "
+                              f"at every loss scale down to 4.1e+03), so the weights did not change.")
+    assert ("Nothing from this epoch was saved; no epoch had finished, so there is no checkpoint. Lower the "
+            "learning rate (--lr) and run with --retrain, or run again with --precision fp32") in message
+    assert not any(tmp_path.glob("*.pt")) and not any(tmp_path.glob("*.json"))
