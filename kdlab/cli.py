@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from kdlab.config import DEFAULT_SEED, LAB_RUNS, RUNS, SCRATCH_RUNS, SPLIT_SEED, run_id
+from kdlab.config import DEFAULT_SEED, LAB_RUNS, RUNS, SPLIT_SEED, run_id
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 from kdlab.registry import METHODS, all_settings, setting_owners
@@ -144,11 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--smoke", action="store_true", help="the smoke runs' default folder")
 
     report = sub.add_parser("report", help="write report/generated/*.tex from results files, then build the PDF")
-    report.add_argument("--results", default="results/reference", help="folder of <run>_results.json")
+    report.add_argument("--results", default="results/reference",
+                        help="folder of <run>_results.json, such as a checkpoint folder (default: results/reference)")
     report.add_argument("--figures", default="figures", help="folder of the figures and efficiency.json")
-    report.add_argument("--report-dir", default="report", help="folder of KD_LAB.tex")
-    report.add_argument("--runs", nargs="+", default=SCRATCH_RUNS, metavar="RUN",
-                        help="runs the report expects; those without a results file are marked missing")
+    report.add_argument("--report-dir", default="report",
+                        help="folder the report is written to, made if missing: KD_LAB.tex (copied from "
+                             "report/), generated/*.tex and KD_LAB.pdf (default: report)")
+    report.add_argument("--runs", nargs="+", metavar="RUN",
+                        help="runs the report expects, those without a results file marked missing (default: "
+                             "the six of `run all` when the results hold a run fine-tuned from ImageNet, else "
+                             "the teacher and the from-scratch students; other runs appear when they have results)")
     report.add_argument("--benchmark", default=DEFAULT_BENCHMARK, metavar="JSON",
                         help="a benchmarks/throughput.py results file for the speed section")
     report.add_argument("--draft", action="store_true",

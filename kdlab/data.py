@@ -17,12 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdlab.config import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
 from kdlab.folders import no_empty_folders_left
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-           "dog", "frog", "horse", "ship", "truck")
-NUM_CLASSES = len(CLASSES)
 BATCHES_DIR = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
