@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="where latency and throughput are measured")
     figures.add_argument("--efficiency-from", metavar="FOLDER",
                          help="reuse the efficiency.json measured in FOLDER (on a GPU, say) instead of measuring here")
+    docs = sub.add_parser("docs", help="rewrite the generated tables of README.md and docs/*.md from the code "
+                                       "and the committed results")
+    docs.add_argument("--check", action="store_true",
+                      help="write nothing; exit 1 naming each block that differs from what would be written")
     return parser
 
 
@@ -273,18 +277,31 @@ def command_figures(args) -> None:
     print(f"done in {time.perf_counter() - start:.1f}s")
 
 
+def command_docs(args) -> int:
+    from kdlab.docs import stale_blocks, write_docs
+
+    if not args.check:
+        write_docs()
+        return 0
+    stale = stale_blocks()
+    for block in stale:
+        print(f"stale: {block}")
+    print(f"{len(stale)} stale block(s); `python -m kdlab docs` rewrites them" if stale else "every generated block is up to date")
+    return 1 if stale else 0
+
+
 COMMANDS = {"run": command_run, "sweep": command_sweep, "status": command_status, "figures": command_figures,
-            "report": command_report}
+            "report": command_report, "docs": command_docs}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except KdlabError as err:
         print(f"kdlab: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:   # the interrupted run has said what is saved (kdlab.lab.Lab.run)
         print("kdlab: interrupted.", file=sys.stderr)
         return 130
-    return 0
+    return code or 0

@@ -439,6 +439,9 @@ def plot_per_class_accuracy(seeds: dict[str, list[dict]], results: dict[str, dic
 # ----------------------------------------------------------------------------- efficiency
 
 def format_efficiency_table(efficiency: dict) -> str:
+    """efficiency.md, efficiency.json: per run, parameters, FLOPs per image (a
+    multiply-add counts 2), checkpoint size, batch-1 latency, throughput and test accuracy, with the
+    device and the date they were measured on."""
     rows = ["| run | params (M) | GFLOPs / image | checkpoint (MB) | latency, batch 1 (ms) "
             f"| throughput, batch {efficiency['timing']['throughput_batch']} (img/s) | test acc |",
             "|---|---:|---:|---:|---:|---:|---:|"]
@@ -708,3 +711,10 @@ def _smoke(results: dict[str, dict]) -> bool:
 def _count(results: dict[str, dict], key: str) -> str:
     """The size of a split, or the sizes if runs disagree, with thousands separators."""
     return " / ".join(f"{n:,}" for n in sorted({r[key] for r in results.values()}))
+
+
+# Every file the figures module writes, each described by the first paragraph of its function's
+# docstring ("<file>: <what it shows>"), which docs/figures.md lists (kdlab.docs).
+FIGURE_MAKERS = (plot_validation_accuracy, plot_test_accuracy, plot_training_losses, plot_run_curves,
+                 plot_soft_targets, plot_per_class_accuracy, plot_confusion_matrix, plot_agreement,
+                 plot_efficiency, format_efficiency_table, plot_throughput, plot_sweep, save_sample_grid)
