@@ -650,7 +650,7 @@ def table(report: dict) -> str:
 
 
 def markdown(report: dict, source: str) -> str:
-    """The tables of a results file in Markdown, labelled with where they came from (for the README)."""
+    """The tables of a results file in Markdown, labelled with where they came from (for docs/performance.md)."""
     b = report["budget"]
     label = f" ({report['note']})" if report.get("note") else ""
     lines = [f"Measured on {report['device_name']}{label}, torch {report['torch_version']}, {report['mode']} "
@@ -792,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement (CUDA)")
     parser.add_argument("--note", help="recorded in the JSON, e.g. which machine this is")
     parser.add_argument("--markdown", metavar="RESULTS",
-                        help="print the tables of a results JSON as Markdown (for the README), measure nothing")
+                        help="print the tables of a results JSON as Markdown (for docs/performance.md), measure nothing")
     parser.add_argument("--plot", nargs=2, metavar=("RESULTS", "PNG"),
                         help="draw the throughput chart of a results JSON (kdlab.figures.plot_throughput), "
                              "measure nothing")

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     run = sub.add_parser("run", help="train-or-load runs (a KD run trains its teacher first if needed)",
-                         epilog="Each run's settings and why: kdlab/config.py, README \"Defaults, and why\".")
+                         epilog="Each run's settings and why: kdlab/config.py, docs/recipe.md.")
     run.add_argument("runs", nargs="+", metavar="RUN", help=f"'all' or any of: {', '.join(RUNS)}")
     run.add_argument("--ckpt-dir", help=f"default: {CKPT_DIR}, or {SMOKE_CKPT_DIR} with --smoke")
     add_training_options(run)
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser("sweep", help="runs x seeds x settings as trials, on Ray or one after another",
                            epilog="Each trial is train-or-load in <out>/trials/<run>/<settings>/: run the same "
-                                  "command again to resume. README \"Sweeps\" has the cluster commands.")
+                                  "command again to resume. docs/sweeps.md has the cluster commands.")
     sweep.add_argument("runs", nargs="+", metavar="RUN", help=f"students, any of: {', '.join(list(RUNS)[1:])}")
     sweep.add_argument("--seeds", type=int, nargs="+", default=[DEFAULT_SEED], metavar="SEED",
                        help=f"training seeds, a trial each (default {DEFAULT_SEED})")

@@ -34,7 +34,7 @@ class RunConfig:
     batch_size: int = 512
     momentum: float = 0.9
     warmup_epochs: float = 1.0
-    image_size: int = 128        # CIFAR's 32 px upsampled on the device (README: "Input resolution")
+    image_size: int = 128        # CIFAR's 32 px upsampled on the device (docs/recipe.md: "Input resolution")
     label_smoothing: float = 0.0  # on the cross-entropy term only, never on the distilled targets
     ema_decay: float = 0.99      # per step; validation, selection and test use the averaged weights
     flip_tta: bool = True        # evaluate on the mean logits of each image and its mirror

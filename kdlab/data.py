@@ -66,7 +66,7 @@ def _missing_message(folder: Path, why: str) -> str:
     return (f"CIFAR-10 is not in {folder} and {why}. Fill that folder with the five "
             f"data_batch_N files and test_batch of torchvision's cifar-10-batches-py layout: "
             f"with a network, run the lab once (it downloads them); offline, extract a copy of "
-            f"cifar-10-python.tar.gz into {folder.parent} (README, \"Without a network\"). Or use "
+            f"cifar-10-python.tar.gz into {folder.parent} (docs/offline.md). Or use "
             f"--data-dir to point at a folder that holds {BATCHES_DIR}/, or --smoke for synthetic data.")
 
 
