@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", required=True, help="the sweep's folder: teacher/, trials/, sweep.json")
     sweep.add_argument("--engine", choices=["ray", "serial"], default="ray",
                        help="ray (default): every trial a Ray task; serial: in this process, one after another")
-    sweep.add_argument("--address", help="Ray cluster to join, e.g. auto after `ray start --head` "
-                                         "(default: start a local Ray on this machine)")
+    sweep.add_argument("--address", help="Ray cluster to join: the HEAD:PORT that `ray start --head` prints, "
+                                         "with RAY_AUTH_MODE=token and the head's token (README \"Sweeps\"); "
+                                         "default: start a local Ray on this machine")
     sweep.add_argument("--gpus-per-trial", type=float,
                        help="GPUs each trial reserves; 0.25 packs four on a GPU (default: 1 where Ray sees GPUs, else 0)")
     sweep.add_argument("--cpus-per-trial", type=int, default=1,
@@ -267,10 +268,12 @@ def command_report(args) -> None:
 
 def command_figures(args) -> None:
     from kdlab.figures import make_all_figures, plot_sweep  # imports torch and matplotlib
+    from kdlab.sweep import describe_nodes, read_sweep
 
     start = time.perf_counter()
     if args.sweep:
-        print(f"wrote {plot_sweep(args.sweep, args.out)}")
+        path = plot_sweep(args.sweep, args.out)
+        print(f"wrote {path}; the sweep was trained on {describe_nodes(read_sweep(args.sweep))}")
     else:
         make_all_figures(args.results_dir or args.ckpt_dir, args.out, ckpt_dir=args.ckpt_dir, device=args.device,
                          efficiency_from=args.efficiency_from)

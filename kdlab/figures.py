@@ -531,9 +531,10 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path) -> Path:
 
     A line per run and per values of the other swept settings: a dot per seed, the mean over the
     seeds with one standard deviation. A run that does not read the setting (a baseline under a
-    temperature) is a band across the panel: its mean ± one standard deviation.
+    temperature) is a band across the panel: its mean ± one standard deviation. The caption
+    names the nodes that trained the trials.
     """
-    from kdlab.sweep import load_sweep
+    from kdlab.sweep import describe_nodes, load_sweep
 
     sweep, trials = load_sweep(sweep_dir)
     swept = list(sweep["grid"])
@@ -542,7 +543,8 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path) -> Path:
         raise KdlabError(f"{sweep_dir} has no swept setting or no finished trial to draw; "
                          f"sweep with --grid KEY=V1,V2, and run it to the end.")
     fig, axes = _figure("Test accuracy against each swept setting",
-                        source_line(list(by_trial.values()), str(sweep_dir)), _smoke(by_trial),
+                        f"{source_line(list(by_trial.values()), str(sweep_dir))} | {describe_nodes(sweep)}",
+                        _smoke(by_trial),
                         (6 * len(swept) + 1, 5), 1, len(swept))
     for ax, key in zip(axes[0], swept):
         values = sweep["grid"][key]
