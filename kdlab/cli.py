@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--engine", choices=["ray", "serial"], default="ray",
                        help="ray (default): every trial a Ray task; serial: in this process, one after another")
     sweep.add_argument("--address", help="Ray cluster to join: the HEAD:PORT that `ray start --head` prints, "
-                                         "with RAY_AUTH_MODE=token and the head's token (README \"Sweeps\"); "
+                                         "with RAY_AUTH_MODE=token and the head's token (docs/sweeps.md); "
                                          "default: start a local Ray on this machine")
     sweep.add_argument("--gpus-per-trial", type=float,
                        help="GPUs each trial reserves; 0.25 packs four on a GPU (default: 1 where Ray sees GPUs, else 0)")

@@ -53,12 +53,12 @@ CONNECT_TIMEOUT_S = 5
 # Attempts, a second apart, at the head's GCS once it accepts connections (Ray's default: 20).
 GCS_ATTEMPTS, GCS_ATTEMPTS_VARIABLE = 5, "RAY_gcs_server_port_wait_time_s"
 UNREACHABLE = ("nothing answers at --address {address} ({reason}): start the cluster's head with `ray start "
-               "--head --port 6379` and give the HOST:6379 it prints; README \"Sweeps\" has the commands. "
+               "--head --port 6379` and give the HOST:6379 it prints; docs/sweeps.md has the commands. "
                "Without --address the sweep starts a Ray on this machine.")
 AUTH_REFUSED = ("the Ray cluster at --address {address} refused this process: it has Ray's token "
                 "authentication on, and this process has no token, or not the head's. Run the sweep with "
                 "RAY_AUTH_MODE=token and the head's token (its ~/.ray/auth_token copied to this machine, or "
-                "named by RAY_AUTH_TOKEN_PATH, or its text in RAY_AUTH_TOKEN); README \"Sweeps\".")
+                "named by RAY_AUTH_TOKEN_PATH, or its text in RAY_AUTH_TOKEN); docs/sweeps.md.")
 INSTALL_RAY = ("--engine ray needs Ray, which is not installed here: `pip install -r requirements-sweep.txt` "
                "(on every node of a cluster), or run the same trials without it with --engine serial.")
 
@@ -325,7 +325,7 @@ def join_failure(address: str, err: Exception) -> str:
     first_line = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
     return (f"could not join a Ray cluster at --address {address} ({first_line.strip()}): give the head's "
             f"HOST:PORT as `ray start --head` printed it, and run the cluster's Ray and Python versions here; "
-            f"README \"Sweeps\".")
+            f"docs/sweeps.md.")
 
 
 # ----------------------------------------------------------------------------- the sweep

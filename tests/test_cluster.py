@@ -1,4 +1,4 @@
-"""Sweeps on a real Ray cluster (README "Sweeps"): a head and a worker node started on this machine
+"""Sweeps on a real Ray cluster (docs/sweeps.md): a head and a worker node started on this machine
 with `ray start`, Ray's token authentication on, and `python -m kdlab sweep --address` joining them.
 
 Every node runs `ray start --block` in its own process group, with its own ports, temp dir and one
@@ -117,7 +117,7 @@ class Cluster:
         self.root = root
         token = root / "auth_token"
         token.write_text(secrets.token_hex(32))
-        # What the README tells a user to export on every node and where the sweep runs.
+        # What docs/sweeps.md tells a user to export on every node and where the sweep runs.
         self.env = dict(clean_environment(), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
         port = free_port()
         self.address = f"{NODE_ADDRESS}:{port}"
