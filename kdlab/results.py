@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdlab.config import (DEFAULT_SEED, EVALUATION_STEP, LEGACY_STEP_NAMES, RUNS, STUDENT_STEP, TEACHER_RUN,
-                          TEACHER_STEP, run_id)
+                          TEACHER_STEP, baseline_of, run_id)
 from kdlab.errors import KdlabError
 from kdlab.registry import METHODS
 from kdlab.stats import check_no_duplicates, training_seed
@@ -207,6 +207,18 @@ def best_student(results: dict[str, dict]) -> str | None:
     """The student with the highest test accuracy, or None without students."""
     students = [run for run in results if run != TEACHER_RUN]
     return max(students, key=lambda run: results[run]["test_acc"], default=None)
+
+
+def best_distilled(results: dict[str, dict]) -> str | None:
+    """The distillation run with the highest test accuracy among those whose baseline has results."""
+    distilled = [run for run in results if (base := baseline_of(run)) is not None and base in results]
+    return max(distilled, key=lambda run: results[run]["test_acc"], default=None)
+
+
+def distillation_temperature(results: dict[str, dict]) -> float:
+    """The temperature the lab distils at: its logit-KD runs' (the first found), else the method's default."""
+    run = next((r for r in results.values() if r["config"]["method"] == "kd_logits"), None)
+    return run["config"]["temperature"] if run else METHODS["kd_logits"].settings().temperature
 
 
 def agreement(a: dict, b: dict) -> float:
