@@ -220,8 +220,10 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
     """
     tune_cudnn(device)
     modules = method.trained_modules()
+
     def log_run(message: str) -> None:
         log(f"{cfg.run_id}: {message}")
+
     optimizer = make_optimizer(cfg, method, speed.fused_sgd, log_run)
     precision = resolve_precision(precision, device)
     dtype = AUTOCAST_DTYPES[precision]
