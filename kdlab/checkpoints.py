@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import datetime
 import io
 import json
@@ -28,14 +29,14 @@ import torch
 import torchvision
 from torch import nn
 
-from kdlab.config import DEFAULT_SEED, TEACHER_RUN, RunConfig, config_dict, config_differences
+from kdlab.config import DEFAULT_SEED, TEACHER_RUN, RunConfig, SpeedLevers, config_dict, config_differences
 from kdlab.data import CLASSES
 from kdlab.results import RunPaths
 from kdlab.errors import KdlabError
 from kdlab.folders import no_empty_folders_left
 from kdlab.methods import build_method
 from kdlab.models import build_model, count_parameters, load_weights
-from kdlab.train import accuracy, autocast_dtype, predict_views, train_epochs
+from kdlab.train import AUTOCAST_DTYPES, accuracy, predict_views, resolve_precision, train_epochs
 
 
 def atomic_write(path: Path, write) -> None:
@@ -171,8 +172,10 @@ class TrainedRun:
 
 
 def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: str | Path,
-                  get_teacher=None, retrain: bool = False, progress=None, log=print) -> TrainedRun:
-    """Load the finished run from `ckpt_dir`, or resume it, or train it; then return it.
+                  get_teacher=None, retrain: bool = False, progress=None, log=print,
+                  precision: str = "auto", speed: SpeedLevers = SpeedLevers()) -> TrainedRun:
+    """Load the finished run from `ckpt_dir`, or resume it, or train it (in `precision`, see
+    kdlab.train.resolve_precision, with the `speed` levers); then return it.
 
     `get_splits()` and `get_teacher()` are called only if the run must train, so loading a
     finished run needs neither the data nor the teacher.
@@ -208,8 +211,10 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
         method.to(device, memory_format=torch.channels_last)
         if resume is not None:
             torch.set_rng_state(resume["rng"])
-        history, best_modules = train_epochs(cfg, method, splits, device, files, resume, progress, log)
-        results = _results(cfg, method, splits, device, history, best_modules, teacher)
+        precision = resolve_precision(precision, device)
+        history, best_modules = train_epochs(cfg, method, splits, device, files, resume, progress, log, precision,
+                                             speed)
+        results = _results(cfg, method, splits, device, precision, speed, history, best_modules, teacher)
         method.close()
         modules = {k: m.state_dict() for k, m in method.trained_modules().items()}
         write_json(files.results, results)
@@ -240,21 +245,21 @@ def soft_target_examples(logits: torch.Tensor, images: torch.Tensor, labels: tor
     return examples
 
 
-def _results(cfg, method, splits, device, history, best_modules, teacher) -> dict:
+def _results(cfg, method, splits, device, precision, speed, history, best_modules, teacher) -> dict:
     """The results of a finished run; loads the best-on-val state into the trained modules.
 
     Four test figures: the weight average at its best epoch and the raw weights after the last
     epoch, each on one view and with flip test-time augmentation. `test_acc` is the lab's choice
     (the average; flip if `cfg.flip_tta`), and what runs are compared on.
     """
-    dtype = autocast_dtype(device)
+    dtype = AUTOCAST_DTYPES[precision]
     best = max(history, key=lambda h: h["val_acc"])
     images, labels = splits.test
-    raw = predict_views(method.student, images, cfg.image_size, dtype)
+    raw = predict_views(method.student, images, cfg.image_size, dtype, speed.eval_batch_size)
     modules = method.trained_modules()
     for name, module in modules.items():
         module.load_state_dict(best_modules[name])
-    averaged = predict_views(method.student, images, cfg.image_size, dtype)
+    averaged = predict_views(method.student, images, cfg.image_size, dtype, speed.eval_batch_size)
     test_logits = averaged["flip" if cfg.flip_tta else "single"]
     test_labels = labels.to(test_logits.device)
     extra = [m for k, m in modules.items() if k != "student"]
@@ -277,7 +282,8 @@ def _results(cfg, method, splits, device, history, best_modules, teacher) -> dic
         test_labels=test_labels.tolist(),  # with the predictions: confusion matrices need no data
         **({"soft_target_examples": soft_target_examples(test_logits, images, test_labels)}
            if cfg.run == TEACHER_RUN else {}),
-        device=str(device),
+        device=str(device), precision=precision,   # of the last session, if it resumed in another
+        speed_levers=dataclasses.asdict(speed),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch_version=str(torch.__version__), torchvision_version=str(torchvision.__version__),
         wall_seconds=sum(h["seconds"] for h in history),

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from kdlab.config import DEFAULT_SEED, LAB_RUNS, RUNS, SPLIT_SEED, run_id
+from kdlab.config import DEFAULT_SEED, EVAL_BATCH_SIZE, LAB_RUNS, RUNS, SPLIT_SEED, SpeedLevers, run_id
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 from kdlab.registry import METHODS, all_settings, setting_owners
@@ -22,6 +22,10 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (default: data)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="default: auto, a GPU if there is one")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="autocast precision (default: auto: bf16 on GPUs that have it, fp16 with a loss "
+                             "scaler on older ones such as the T4, fp32 on a CPU); not part of a run's config, "
+                             "so a run may resume in another")
     parser.add_argument("--weights", choices=["imagenet", "none"],
                         help="start of the pretrained runs and the teacher (scratch runs are always 'none')" + RECIPE)
     parser.add_argument("--epochs", type=int, help="epochs of every run named (and of the teacher)" + RECIPE)
@@ -36,7 +40,19 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema-decay", type=float, help="per-step decay of the weight average (default 0.99)")
     parser.add_argument("--no-flip-tta", dest="flip_tta", action="store_false", default=None,
                         help="evaluate on one view instead of the mean of each image and its mirror")
+    levers = parser.add_argument_group("speed levers", "the same steps, faster where they pay (benchmarks/"
+                                       "throughput.py measures each); like --precision, not part of a run's config")
+    levers.add_argument("--fused-sgd", action="store_true", help="the SGD update in one fused kernel")
+    levers.add_argument("--compile-step", action="store_true",
+                        help="torch.compile the training forward (mode reduce-overhead: CUDA graphs); the first "
+                             "steps pay the compilation")
+    levers.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH_SIZE, metavar="N",
+                        help=f"images per evaluation batch (default {EVAL_BATCH_SIZE})")
     add_method_settings(parser)
+
+
+def speed_levers(args) -> SpeedLevers:
+    return SpeedLevers(fused_sgd=args.fused_sgd, compile_step=args.compile_step, eval_batch_size=args.eval_batch_size)
 
 
 class Parser(argparse.ArgumentParser):
@@ -186,8 +202,8 @@ def command_run(args) -> None:
     names = list(LAB_RUNS) if args.runs == ["all"] else args.runs
     check_settings_apply(method_settings(args), names)
     check_teacher_epochs(args)
-    lab = Lab(args.ckpt_dir, args.data_dir, args.device, smoke=args.smoke,
-              teacher_epochs=args.teacher_epochs, **training_overrides(args))
+    lab = Lab(args.ckpt_dir, args.data_dir, args.device, smoke=args.smoke, teacher_epochs=args.teacher_epochs,
+              precision=args.precision, speed=speed_levers(args), **training_overrides(args))
     trials = [(name, seed) for seed in args.seed or [DEFAULT_SEED] for name in names]
     for name, seed in trials:
         lab.config(name, seed)  # every name's settings are checked before anything trains
@@ -218,10 +234,15 @@ def command_sweep(args) -> None:
     if args.engine == "serial" and (args.address or args.gpus_per_trial):
         raise KdlabError("--address and --gpus-per-trial are for --engine ray; --engine serial runs here, "
                          "on --device")
+    if not args.address:   # the trials run on this machine: check the precision against its device now
+        from kdlab.lab import resolve_device
+        from kdlab.train import check_precision
+
+        check_precision(args.precision, resolve_device(args.device))
     # Absolute: Ray's workers do not run in this folder, nor, on a cluster, on this machine.
     options = SweepOptions(Path(args.out).resolve(), str(Path(args.data_dir).resolve()), args.device,
                            smoke=args.smoke, teacher_epochs=args.teacher_epochs, cpus_per_trial=args.cpus_per_trial,
-                           overrides=training_overrides(args))
+                           precision=args.precision, speed=speed_levers(args), overrides=training_overrides(args))
     engine = (RayEngine(args.address, args.gpus_per_trial, args.cpus_per_trial) if args.engine == "ray"
               else SerialEngine())
     sweep = run_sweep(args.runs, args.seeds, parse_grid(args.grid), options, engine)
