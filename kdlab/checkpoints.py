@@ -203,12 +203,14 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
         # A resumed run gets its weights from the checkpoint: no ImageNet download needed.
         student = build_model(cfg.arch, cfg.weights if resume is None else "none").to(device)
         method = build_method(cfg, student, teacher.model if teacher else None)
-        method.to(device, memory_format=torch.channels_last)
-        if resume is not None:
-            torch.set_rng_state(resume["rng"])
-        history, best_modules = train_epochs(cfg, method, splits, device, files, resume, progress, log)
-        results = _results(cfg, method, splits, device, history, best_modules, teacher)
-        method.close()
+        try:   # the method's hooks come off the teacher, which the Lab keeps, whatever happens
+            method.to(device, memory_format=torch.channels_last)
+            if resume is not None:
+                torch.set_rng_state(resume["rng"])
+            history, best_modules = train_epochs(cfg, method, splits, device, files, resume, progress, log)
+            results = _results(cfg, method, splits, device, history, best_modules, teacher)
+        finally:
+            method.close()
         modules = {k: m.state_dict() for k, m in method.trained_modules().items()}
         write_json(files.results, results)
         save_checkpoint(files.best, dict(modules=modules, config=config_dict(cfg), results=results))

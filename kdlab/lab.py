@@ -1,6 +1,7 @@
 """The lab: the runs by name, sharing one dataset and one teacher. The CLI and the notebook use it."""
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
@@ -80,18 +81,36 @@ class Lab:
         cfg = self.config(name, seed)
         ckpt_dir = self.teacher_dir if name == TEACHER_RUN else self.ckpt_dir
         key = (name, cfg.seed)
-        if key not in self._runs or retrain:
-            try:
-                self._runs[key] = train_or_load(
-                    cfg, lambda: self.splits(cfg), self.device, ckpt_dir,
-                    get_teacher=lambda: self.run(TEACHER_RUN, seed=self.teacher_seed), retrain=retrain,
-                    progress=self.progress, log=self.log)
-            except KeyboardInterrupt as interrupt:
-                if not getattr(interrupt, "reported_by", None):   # the innermost run says it, once
-                    interrupt.reported_by = cfg.run_id
-                    last = RunFiles(ckpt_dir, name, cfg.seed).last
-                    saved = (f"every finished epoch is saved in {last}; run it again (the same cell "
-                             f"or command) to resume" if last.exists() else "it has no finished epoch to resume from")
-                    self.log(f"{cfg.run_id}: interrupted; {saved}.")
-                raise
-        return self._runs[key]
+        if key in self._runs and not retrain:
+            return self._runs[key]
+        try:
+            self._runs[key] = train_or_load(
+                cfg, lambda: self.splits(cfg), self.device, ckpt_dir,
+                get_teacher=lambda: self.run(TEACHER_RUN, seed=self.teacher_seed), retrain=retrain,
+                progress=self.progress, log=self.log)
+            return self._runs[key]
+        except KeyboardInterrupt as interrupt:
+            stopped = KeyboardInterrupt()
+            # The innermost run (a teacher trained for a student) says what is saved, once.
+            stopped.reported_by = getattr(interrupt, "reported_by", None) or self._report_interrupt(cfg, ckpt_dir)
+        except KdlabError as error:
+            stopped = KdlabError(str(error))
+        # Raised out here, where the caught exception is gone: its traceback held the frames of the
+        # run (model, optimiser state, weight average, the loader's copy of the data, the step's
+        # graph), and IPython keeps the last exception, so the cell run again would hold two runs.
+        release_memory()
+        raise stopped
+
+    def _report_interrupt(self, cfg: RunConfig, ckpt_dir: Path) -> str:
+        last = RunFiles(ckpt_dir, cfg.run, cfg.seed).last
+        saved = (f"every finished epoch is saved in {last}; run it again (the same cell "
+                 f"or command) to resume" if last.exists() else "it has no finished epoch to resume from")
+        self.log(f"{cfg.run_id}: interrupted; {saved}.")
+        return cfg.run_id
+
+
+def release_memory() -> None:
+    """Free what unreachable objects hold now: cycles among a dead run's frames, and on CUDA the
+    allocator's cached blocks (a no-op where CUDA was never used)."""
+    gc.collect()
+    torch.cuda.empty_cache()

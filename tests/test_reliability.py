@@ -10,6 +10,7 @@ spin-wait for each other, and a thread count is part of what makes a CPU run rep
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import pathlib
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -33,6 +35,7 @@ import kdlab.train
 from kdlab.checkpoints import RunFiles, load_checkpoint
 from kdlab.cli import main
 from kdlab.data import BATCHES_DIR, TEST_FILES, TRAIN_FILES
+from kdlab.errors import KdlabError
 from kdlab.lab import Lab
 from kdlab.methods import Method
 
@@ -369,6 +372,62 @@ def test_keyboard_interrupt_in_lab_run_keeps_the_last_finished_epoch(tmp_path, m
     monkeypatch.undo()
     history = lab.run(RUN).results["history"]    # the notebook cell, run again
     assert without_seconds(history) == without_seconds(tiny_run["results"]["history"])
+
+
+def fail_in_step(monkeypatch, step: int, fault, held: dict | None = None) -> None:
+    """The training loop's `step`-th call of train_step calls `fault()` instead; `held` gets weak
+    references to what the loop holds then: the model, the optimiser, the weight average, the
+    loader's padded copy of the data."""
+    real, calls = kdlab.train.train_step, []
+
+    def failing_step(method, optimizer, *args):
+        calls.append(1)
+        if len(calls) < step:
+            return real(method, optimizer, *args)
+        if held is not None:
+            loop = sys._getframe(1).f_locals                 # train_epochs
+            held.update({name: weakref.ref(thing) for name, thing in [
+                ("student", method.student), ("method", method), ("optimizer", optimizer),
+                ("weight average", loop["average"].model), ("loader's copy", loop["loader"].padded)]})
+        fault()
+    monkeypatch.setattr(kdlab.train, "train_step", failing_step)
+
+
+def raise_diverged():
+    raise KdlabError("the loss became non-finite (injected)")
+
+
+@pytest.mark.parametrize("fault", [raise_keyboard_interrupt, raise_diverged], ids=["Ctrl-C", "error"])
+def test_a_stopped_run_releases_what_it_held_while_its_exception_is_kept(tmp_path, monkeypatch, fault):
+    # IPython keeps the last exception (sys.last_value, its traceback): the frames of the run
+    # must not be reachable from it, or the cell run again would hold two runs' GPU memory.
+    held = {}
+    fail_in_step(monkeypatch, 3, fault, held)        # epoch 2's first step: epoch 1 is saved
+    lab = Lab(tmp_path, device="cpu", smoke=True, progress=False, log=lambda line: None, **TINY)
+    with pytest.raises((KeyboardInterrupt, KdlabError)) as stopped:
+        lab.run(RUN)
+    kept = stopped.value
+    gc.collect()
+    assert {name for name, ref in held.items() if ref() is not None} == set()
+    assert kept.__traceback__ is not None and kept.__context__ is None
+    if fault is raise_diverged:
+        assert str(kept) == "the loss became non-finite (injected)"
+
+    monkeypatch.undo()
+    assert lab.run(RUN).trained and load_checkpoint(files_of(tmp_path)["best"])["results"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("run", ["student_scratch_kd_features", "student_scratch_at"])
+@pytest.mark.parametrize("fault", [raise_keyboard_interrupt, raise_diverged], ids=["Ctrl-C", "error"])
+def test_a_failed_feature_run_leaves_no_hook_on_the_teacher(tmp_path, monkeypatch, run, fault):
+    lab = Lab(tmp_path, device="cpu", smoke=True, progress=False, log=lambda line: None, **TINY)
+    teacher = lab.run("teacher_resnet50").model
+    fail_in_step(monkeypatch, 2, fault)
+    for attempt in range(2):                          # a retry must not add hooks either
+        with pytest.raises((KeyboardInterrupt, KdlabError)):
+            lab.run(run)
+        hooked = [name for name, module in teacher.named_modules() if module._forward_hooks]
+        assert hooked == [], f"attempt {attempt + 1}: hooks left on the teacher's {hooked}"
 
 
 # ----------------------------------------------------------------------------- full disk
