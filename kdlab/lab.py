@@ -33,14 +33,17 @@ class Lab:
     have different budgets. Every KD student
     distils the teacher trained with `teacher_seed`, whatever its own seed: the teacher is
     trained once for all of them. `teacher_dir` (default: `ckpt_dir`) is the teacher's folder,
-    so that many students' folders can share one teacher (kdlab.sweep).
+    so that many students' folders can share one teacher (kdlab.sweep). `last_dir` (default: each
+    run's checkpoint folder) holds the checkpoint rewritten after every epoch: a local disk when the
+    checkpoint folder is on a drive that fails under frequent writes.
     """
 
     def __init__(self, ckpt_dir=None, data_dir="data", device="auto", smoke=False,
                  teacher_epochs=None, teacher_seed=DEFAULT_SEED, progress=None, log=print, teacher_dir=None,
-                 **overrides):
+                 last_dir=None, **overrides):
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else default_ckpt_dir(smoke)
         self.teacher_dir = Path(teacher_dir) if teacher_dir is not None else self.ckpt_dir
+        self.last_dir = Path(last_dir) if last_dir is not None else None
         self.data_dir = Path(data_dir)
         self.device = resolve_device(device)
         self.smoke, self.progress, self.log = smoke, progress, log
@@ -87,7 +90,7 @@ class Lab:
             self._runs[key] = train_or_load(
                 cfg, lambda: self.splits(cfg), self.device, ckpt_dir,
                 get_teacher=lambda: self.run(TEACHER_RUN, seed=self.teacher_seed), retrain=retrain,
-                progress=self.progress, log=self.log)
+                progress=self.progress, log=self.log, last_dir=self.last_dir)
             return self._runs[key]
         except KeyboardInterrupt as interrupt:
             stopped = KeyboardInterrupt()
@@ -102,7 +105,7 @@ class Lab:
         raise stopped
 
     def _report_interrupt(self, cfg: RunConfig, ckpt_dir: Path) -> str:
-        last = RunFiles(ckpt_dir, cfg.run, cfg.seed).last
+        last = RunFiles(ckpt_dir, cfg.run, cfg.seed, last_dir=self.last_dir).last
         saved = (f"every finished epoch is saved in {last}; run it again (the same cell "
                  f"or command) to resume" if last.exists() else "it has no finished epoch to resume from")
         self.log(f"{cfg.run_id}: interrupted; {saved}.")
