@@ -20,6 +20,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import socket
 import zipfile
 from dataclasses import dataclass
@@ -33,10 +34,13 @@ from kdlab.config import DEFAULT_SEED, TEACHER_RUN, RunConfig, SpeedLevers, conf
 from kdlab.data import CLASSES
 from kdlab.results import RunPaths
 from kdlab.errors import KdlabError
-from kdlab.folders import no_empty_folders_left
+from kdlab.folders import DISCONNECTED, no_empty_folders_left, storage_advice
 from kdlab.methods import build_method
 from kdlab.models import build_model, count_parameters, load_weights
 from kdlab.train import AUTOCAST_DTYPES, accuracy, predict_views, resolve_precision, train_epochs
+
+
+CKPT_DIR_OPTION = "--ckpt-dir (CKPT_DIR in the notebook)"
 
 
 def atomic_write(path: Path, write) -> None:
@@ -48,13 +52,18 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        _remove_if_possible(tmp)
         raise KdlabError(f"could not write {path} ({err.strerror or err}); the previous version "
-                         f"of that file, if any, is intact. Free some space or choose another "
-                         f"--ckpt-dir, then run the same command again.") from None
+                         f"of that file, if any, is intact. {storage_advice(err, CKPT_DIR_OPTION)}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove_if_possible(tmp)
         raise
+
+
+def _remove_if_possible(path: Path) -> None:
+    """A drive that has stopped answering refuses this too; the next lock() sweeps what is left."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj) -> None:
@@ -79,6 +88,9 @@ def load_checkpoint(path: Path) -> dict:
             raise ValueError(f"{damaged} fails its checksum")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        if isinstance(err, OSError) and err.errno in DISCONNECTED:   # the file may be fine: the drive is not
+            raise KdlabError(f"{path} cannot be read ({err.strerror}). "
+                             f"{storage_advice(err, CKPT_DIR_OPTION)}") from None
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
         # torch's weights-only refusal is a long text; the line that names the cause is enough.
         detail = next((line for line in lines if "Unpickler error" in line), lines[0])
@@ -91,33 +103,53 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+# The lock files this process holds. Another with this process's pid is stale: one of its runs
+# could not remove it (the drive had stopped answering), and the same cell run again takes it over.
+_HELD_LOCKS: set[Path] = set()
+
+
 @dataclass
 class RunFiles(RunPaths):
     """A run's files, and the writes that keep them consistent."""
-    config: dict | None = None   # stored in every last checkpoint
+    config: dict | None = None      # stored in every last checkpoint
+    last_dir: Path | None = None    # where <run>_last.pt goes, if not in ckpt_dir
+
+    @property
+    def last(self) -> Path:
+        return RunPaths(self.last_dir or self.ckpt_dir, self.run, self.seed).last
 
     def save_last(self, state: dict) -> None:
         state.update(config=self.config, rng=torch.get_rng_state())
         save_checkpoint(self.last, state)
 
+    def take_last_from_ckpt_dir(self) -> None:
+        """Move a last checkpoint saved in ckpt_dir (before last_dir was set) to last_dir, to resume from."""
+        saved = RunPaths(self.ckpt_dir, self.run, self.seed).last
+        if saved != self.last and saved.exists() and not self.last.exists():
+            atomic_write(self.last, lambda tmp: shutil.copyfile(saved, tmp))
+            saved.unlink()
+
     @contextlib.contextmanager
     def lock(self):
         """Only one process trains a run in a folder; a lock left by a dead process is taken over."""
         try:
+            self.last.parent.mkdir(parents=True, exist_ok=True)
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             fd = self._create_lock()
         except OSError as err:
-            raise KdlabError(f"cannot write to the checkpoint folder {self.ckpt_dir} "
-                             f"({err.strerror or err}); choose another --ckpt-dir.") from None
+            raise KdlabError(f"cannot write to the checkpoint folder {self.ckpt_dir} ({err.strerror or err}). "
+                             f"{storage_advice(err, CKPT_DIR_OPTION)}") from None
+        _HELD_LOCKS.add(self.lock_file)
         with os.fdopen(fd, "w") as fh:
             fh.write(f"{os.getpid()} {socket.gethostname()}")
         for final in (self.best, self.last, self.results):   # not another seed's files
-            for stale in self.ckpt_dir.glob(f"{final.name}.tmp*"):
+            for stale in final.parent.glob(f"{final.name}.tmp*"):
                 stale.unlink(missing_ok=True)            # left by a process killed mid-write
         try:
             yield
         finally:
-            self.lock_file.unlink(missing_ok=True)
+            _HELD_LOCKS.discard(self.lock_file)
+            _remove_if_possible(self.lock_file)   # the error that stopped the run is the one to report
 
     def _create_lock(self) -> int:
         while True:
@@ -125,7 +157,7 @@ class RunFiles(RunPaths):
                 return os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 owner = _lock_owner(self.lock_file)
-                if owner is not None and _alive(*owner):
+                if owner is not None and _alive(*owner, self.lock_file):
                     raise KdlabError(f"{self.stem} is already being trained by process {owner[0]} on "
                                      f"{owner[1]} (lock {self.lock_file}). Wait for it to finish, or "
                                      f"stop it; if no such run is going on, delete the lock file.") from None
@@ -141,14 +173,14 @@ def _lock_owner(path: Path) -> tuple[int, str] | None:
         return None
 
 
-def _alive(pid: int, host: str) -> bool:
+def _alive(pid: int, host: str, lock_file: Path) -> bool:
     if host != socket.gethostname():
         # A process on another machine cannot be asked. The usual case is a Colab runtime that
         # was disconnected: its folder on Drive outlives it, and the new runtime's processes may
         # even reuse its pids.
         return False
     if pid == os.getpid():
-        return True
+        return lock_file in _HELD_LOCKS
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -173,14 +205,17 @@ class TrainedRun:
 
 def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: str | Path,
                   get_teacher=None, retrain: bool = False, progress=None, log=print,
-                  precision: str = "auto", speed: SpeedLevers = SpeedLevers()) -> TrainedRun:
+                  precision: str = "auto", speed: SpeedLevers = SpeedLevers(),
+                  last_dir: str | Path | None = None) -> TrainedRun:
     """Load the finished run from `ckpt_dir`, or resume it, or train it (in `precision`, see
     kdlab.train.resolve_precision, with the `speed` levers); then return it.
 
     `get_splits()` and `get_teacher()` are called only if the run must train, so loading a
-    finished run needs neither the data nor the teacher.
+    finished run needs neither the data nor the teacher. `last_dir` (default: `ckpt_dir`) holds
+    the checkpoint rewritten after every epoch.
     """
-    files = RunFiles(Path(ckpt_dir), cfg.run, cfg.seed, config_dict(cfg))
+    files = RunFiles(Path(ckpt_dir), cfg.run, cfg.seed, config_dict(cfg),
+                     Path(last_dir) if last_dir else None)
     if not retrain and files.best.exists():
         state = load_checkpoint(files.best)
         check_config(state["config"], cfg, files.best)
@@ -192,7 +227,8 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
         return TrainedRun(model.to(device, memory_format=torch.channels_last).eval(), state["results"],
                           trained=False)
 
-    with no_empty_folders_left(files.ckpt_dir), files.lock():
+    with no_empty_folders_left(files.ckpt_dir), no_empty_folders_left(files.last.parent), files.lock():
+        files.take_last_from_ckpt_dir()
         if retrain:
             for path in (files.best, files.last, files.results):
                 path.unlink(missing_ok=True)
@@ -208,14 +244,16 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
         # A resumed run gets its weights from the checkpoint: no ImageNet download needed.
         student = build_model(cfg.arch, cfg.weights if resume is None else "none").to(device)
         method = build_method(cfg, student, teacher.model if teacher else None)
-        method.to(device, memory_format=torch.channels_last)
-        if resume is not None:
-            torch.set_rng_state(resume["rng"])
-        precision = resolve_precision(precision, device)
-        history, best_modules = train_epochs(cfg, method, splits, device, files, resume, progress, log, precision,
-                                             speed)
-        results = _results(cfg, method, splits, device, precision, speed, history, best_modules, teacher)
-        method.close()
+        try:   # the method's hooks come off the teacher, which the Lab keeps, whatever happens
+            method.to(device, memory_format=torch.channels_last)
+            if resume is not None:
+                torch.set_rng_state(resume["rng"])
+            precision = resolve_precision(precision, device)
+            history, best_modules = train_epochs(cfg, method, splits, device, files, resume, progress, log,
+                                                 precision, speed)
+            results = _results(cfg, method, splits, device, precision, speed, history, best_modules, teacher)
+        finally:
+            method.close()
         modules = {k: m.state_dict() for k, m in method.trained_modules().items()}
         write_json(files.results, results)
         save_checkpoint(files.best, dict(modules=modules, config=config_dict(cfg), results=results))

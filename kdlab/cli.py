@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog="Each run's settings and why: kdlab/config.py, docs/recipe.md.")
     run.add_argument("runs", nargs="+", metavar="RUN", help=f"'all' or any of: {', '.join(RUNS)}")
     run.add_argument("--ckpt-dir", help=f"default: {CKPT_DIR}, or {SMOKE_CKPT_DIR} with --smoke")
+    run.add_argument("--last-dir", help="where each run's <run>_last.pt, rewritten after every epoch, goes "
+                                        "(default: --ckpt-dir); a local disk when --ckpt-dir is on a drive "
+                                        "that fails under frequent writes")
     add_training_options(run)
     run.add_argument("--seed", type=int, nargs="+", metavar="SEED",
                      help=f"training seed(s): each run named is trained once per seed (default {DEFAULT_SEED}, "
@@ -203,7 +206,7 @@ def command_run(args) -> None:
     check_settings_apply(method_settings(args), names)
     check_teacher_epochs(args)
     lab = Lab(args.ckpt_dir, args.data_dir, args.device, smoke=args.smoke, teacher_epochs=args.teacher_epochs,
-              precision=args.precision, speed=speed_levers(args), **training_overrides(args))
+              precision=args.precision, speed=speed_levers(args), last_dir=args.last_dir, **training_overrides(args))
     trials = [(name, seed) for seed in args.seed or [DEFAULT_SEED] for name in names]
     for name, seed in trials:
         lab.config(name, seed)  # every name's settings are checked before anything trains

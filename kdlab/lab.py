@@ -1,6 +1,7 @@
 """The lab: the runs by name, sharing one dataset and one teacher. The CLI and the notebook use it."""
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
@@ -35,14 +36,17 @@ class Lab:
     trained once for all of them. `teacher_dir` (default: `ckpt_dir`) is the teacher's folder,
     so that many students' folders can share one teacher (kdlab.sweep). `precision` (auto, bf16,
     fp16 or fp32; kdlab.train.check_precision) is how every run trains, checked against the device now;
-    `speed` the speed levers (kdlab.config.SpeedLevers) every run trains with.
+    `speed` the speed levers (kdlab.config.SpeedLevers) every run trains with. `last_dir` (default:
+    each run's checkpoint folder) holds the checkpoint rewritten after every epoch: a local disk when
+    the checkpoint folder is on a drive that fails under frequent writes.
     """
 
     def __init__(self, ckpt_dir=None, data_dir="data", device="auto", smoke=False,
                  teacher_epochs=None, teacher_seed=DEFAULT_SEED, progress=None, log=print, teacher_dir=None,
-                 precision="auto", speed: SpeedLevers | None = None, **overrides):
+                 precision="auto", speed: SpeedLevers | None = None, last_dir=None, **overrides):
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else default_ckpt_dir(smoke)
         self.teacher_dir = Path(teacher_dir) if teacher_dir is not None else self.ckpt_dir
+        self.last_dir = Path(last_dir) if last_dir is not None else None
         self.data_dir = Path(data_dir)
         self.device = resolve_device(device)
         self.precision = check_precision(precision, self.device)
@@ -85,18 +89,37 @@ class Lab:
         cfg = self.config(name, seed)
         ckpt_dir = self.teacher_dir if name == TEACHER_RUN else self.ckpt_dir
         key = (name, cfg.seed)
-        if key not in self._runs or retrain:
-            try:
-                self._runs[key] = train_or_load(
-                    cfg, lambda: self.splits(cfg), self.device, ckpt_dir,
-                    get_teacher=lambda: self.run(TEACHER_RUN, seed=self.teacher_seed), retrain=retrain,
-                    progress=self.progress, log=self.log, precision=self.precision, speed=self.speed)
-            except KeyboardInterrupt as interrupt:
-                if not getattr(interrupt, "reported_by", None):   # the innermost run says it, once
-                    interrupt.reported_by = cfg.run_id
-                    last = RunFiles(ckpt_dir, name, cfg.seed).last
-                    saved = (f"every finished epoch is saved in {last}; run it again (the same cell "
-                             f"or command) to resume" if last.exists() else "it has no finished epoch to resume from")
-                    self.log(f"{cfg.run_id}: interrupted; {saved}.")
-                raise
-        return self._runs[key]
+        if key in self._runs and not retrain:
+            return self._runs[key]
+        try:
+            self._runs[key] = train_or_load(
+                cfg, lambda: self.splits(cfg), self.device, ckpt_dir,
+                get_teacher=lambda: self.run(TEACHER_RUN, seed=self.teacher_seed), retrain=retrain,
+                progress=self.progress, log=self.log, precision=self.precision, speed=self.speed,
+                last_dir=self.last_dir)
+            return self._runs[key]
+        except KeyboardInterrupt as interrupt:
+            stopped = KeyboardInterrupt()
+            # The innermost run (a teacher trained for a student) says what is saved, once.
+            stopped.reported_by = getattr(interrupt, "reported_by", None) or self._report_interrupt(cfg, ckpt_dir)
+        except KdlabError as error:
+            stopped = KdlabError(str(error))
+        # Raised out here, where the caught exception is gone: its traceback held the frames of the
+        # run (model, optimiser state, weight average, the loader's copy of the data, the step's
+        # graph), and IPython keeps the last exception, so the cell run again would hold two runs.
+        release_memory()
+        raise stopped
+
+    def _report_interrupt(self, cfg: RunConfig, ckpt_dir: Path) -> str:
+        last = RunFiles(ckpt_dir, cfg.run, cfg.seed, last_dir=self.last_dir).last
+        saved = (f"every finished epoch is saved in {last}; run it again (the same cell "
+                 f"or command) to resume" if last.exists() else "it has no finished epoch to resume from")
+        self.log(f"{cfg.run_id}: interrupted; {saved}.")
+        return cfg.run_id
+
+
+def release_memory() -> None:
+    """Free what unreachable objects hold now: cycles among a dead run's frames, and on CUDA the
+    allocator's cached blocks (a no-op where CUDA was never used)."""
+    gc.collect()
+    torch.cuda.empty_cache()

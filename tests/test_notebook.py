@@ -90,6 +90,7 @@ def test_notebook_runs_headless_and_draws_every_figure(executed):
     shown = sum("image/png" in out.get("data", {}) for out in code_cell(nb, "made = figures.make_all_figures").outputs)
     assert shown == len(RESULTS_FIGURES) - len(RUNS)
     assert any("image/png" in out.get("data", {}) for out in code_cell(nb, "show(figures.plot_soft_targets").outputs)
+    assert "Not on Colab: every file is already on this machine's disk." in outputs_text(nb)
     assert "SMOKE RUN: synthetic data, not results" in outputs_text(nb)
     assert "IProgress not found" not in outputs_text(nb), "tqdm falls back to text bars quietly"
 
@@ -100,7 +101,7 @@ def code_cell(nb, text: str):
     return cell
 
 
-def test_the_last_section_writes_the_report_of_the_notebooks_runs(executed):
+def test_section_8_writes_the_report_of_the_notebooks_runs(executed):
     nb, folder = executed
     report = folder / "report"
     assert (report / "KD_LAB.tex").is_file() and (report / "generated" / "results_table.tex").is_file()
@@ -201,17 +202,23 @@ def mount(mountpoint, **kwargs):
     with open(os.environ["FAKE_COLAB_RECORD"], "a") as record:
         record.write(mountpoint + "\\n")
     (Path(mountpoint) / "MyDrive").mkdir(parents=True, exist_ok=True)
+
+
+def flush_and_unmount():
+    with open(os.environ["FAKE_COLAB_RECORD"], "a") as record:
+        record.write("flush_and_unmount\\n")
 '''
 
 
-def setup_notebook(content: Path):
-    """The notebook's setup cell alone, with Colab's /content moved to `content`, then a report."""
+def setup_notebook(content: Path, *more_cells):
+    """The notebook's setup cell, with Colab's /content moved to `content`, then `more_cells`, or
+    else a cell that prints what the setup found."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     setup = nb.cells[2]
     assert 'CONTENT = Path("/content")' in setup.source
     setup.source = setup.source.replace('CONTENT = Path("/content")', f"CONTENT = Path({str(content)!r})")
     report = nbformat.v4.new_code_cell("print('REPO', REPO); print('CKPT', DEFAULT_CKPT_DIR)")
-    nb.cells = [setup, report]
+    nb.cells = [setup, *(more_cells or [report])]
     return nb
 
 
@@ -249,3 +256,19 @@ def test_colab_setup_without_the_code_says_where_to_put_it(fake_colab, tmp_path)
     assert record.read_text().splitlines() == [str(tmp_path / "content" / "drive")]
     message = str(failure.value)
     assert "MyDrive/kdlab" in message and "git clone" in message
+
+
+def test_last_cell_on_colab_syncs_drive_and_mounts_it_again(fake_colab, tmp_path):
+    env, record = fake_colab
+    content = tmp_path / "content"
+    (content / "drive" / "MyDrive").mkdir(parents=True)
+    (content / "drive" / "MyDrive" / "kdlab").symlink_to(REPO)
+    cells = nbformat.read(NOTEBOOK, as_version=4).cells
+    parameters = next(cell for cell in cells if "parameters" in cell.metadata.get("tags", []))
+    assert "drive.flush_and_unmount()" in cells[-1].source
+
+    nb = execute(setup_notebook(content, parameters, cells[-1]), env, timeout=120)
+
+    mountpoint = str(content / "drive")
+    assert record.read_text().splitlines() == [mountpoint, "flush_and_unmount", mountpoint]
+    assert f"Drive is synced: checkpoints in {content / 'drive' / 'MyDrive' / 'KD_checkpoints'}" in outputs_text(nb)

@@ -10,6 +10,7 @@ spin-wait for each other, and a thread count is part of what makes a CPU run rep
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import pathlib
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
+import zipfile
 
 import numpy as np
 import pytest
@@ -33,6 +36,7 @@ import kdlab.train
 from kdlab.checkpoints import RunFiles, load_checkpoint
 from kdlab.cli import main
 from kdlab.data import BATCHES_DIR, TEST_FILES, TRAIN_FILES
+from kdlab.errors import KdlabError
 from kdlab.lab import Lab
 from kdlab.methods import Method
 
@@ -371,25 +375,104 @@ def test_keyboard_interrupt_in_lab_run_keeps_the_last_finished_epoch(tmp_path, m
     assert without_seconds(history) == without_seconds(tiny_run["results"]["history"])
 
 
-# ----------------------------------------------------------------------------- full disk
+def fail_in_step(monkeypatch, step: int, fault, held: dict | None = None) -> None:
+    """The training loop's `step`-th call of train_step calls `fault()` instead; `held` gets weak
+    references to what the loop holds then: the model, the optimiser, the weight average, the
+    loader's padded copy of the data."""
+    real, calls = kdlab.train.train_step, []
 
-def fill_disk_on_second_write(monkeypatch, kind: str) -> dict:
-    """The checkpoint of epoch 2 fails halfway: ENOSPC from a fake writer, or a real EFBIG
-    from the kernel (RLIMIT_FSIZE). Records the bytes of epoch 1's checkpoint just before."""
+    def failing_step(method, optimizer, *args, **kwargs):
+        calls.append(1)
+        if len(calls) < step:
+            return real(method, optimizer, *args, **kwargs)
+        if held is not None:
+            frame = sys._getframe(1)
+            while frame.f_code.co_name != "train_epochs":
+                frame = frame.f_back
+            loop = frame.f_locals
+            held.update({name: weakref.ref(thing) for name, thing in [
+                ("student", method.student), ("method", method), ("optimizer", optimizer),
+                ("weight average", loop["average"].model), ("loader's copy", loop["loader"].padded)]})
+        fault()
+    monkeypatch.setattr(kdlab.train, "train_step", failing_step)
+
+
+def raise_diverged():
+    raise KdlabError("the loss became non-finite (injected)")
+
+
+@pytest.mark.parametrize("fault", [raise_keyboard_interrupt, raise_diverged], ids=["Ctrl-C", "error"])
+def test_a_stopped_run_releases_what_it_held_while_its_exception_is_kept(tmp_path, monkeypatch, fault):
+    # IPython keeps the last exception (sys.last_value, its traceback): the frames of the run
+    # must not be reachable from it, or the cell run again would hold two runs' GPU memory.
+    held = {}
+    fail_in_step(monkeypatch, 3, fault, held)        # epoch 2's first step: epoch 1 is saved
+    lab = Lab(tmp_path, device="cpu", smoke=True, progress=False, log=lambda line: None, **TINY)
+    with pytest.raises((KeyboardInterrupt, KdlabError)) as stopped:
+        lab.run(RUN)
+    kept = stopped.value
+    gc.collect()
+    assert {name for name, ref in held.items() if ref() is not None} == set()
+    assert kept.__traceback__ is not None and kept.__context__ is None
+    if fault is raise_diverged:
+        assert str(kept) == "the loss became non-finite (injected)"
+
+    monkeypatch.undo()
+    assert lab.run(RUN).trained and load_checkpoint(files_of(tmp_path)["best"])["results"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("run", ["student_scratch_kd_features", "student_scratch_at"])
+@pytest.mark.parametrize("fault", [raise_keyboard_interrupt, raise_diverged], ids=["Ctrl-C", "error"])
+def test_a_failed_feature_run_leaves_no_hook_on_the_teacher(tmp_path, monkeypatch, run, fault):
+    lab = Lab(tmp_path, device="cpu", smoke=True, progress=False, log=lambda line: None, **TINY)
+    teacher = lab.run("teacher_resnet50").model
+    fail_in_step(monkeypatch, 2, fault)
+    for attempt in range(2):                          # a retry must not add hooks either
+        with pytest.raises((KeyboardInterrupt, KdlabError)):
+            lab.run(run)
+        hooked = [name for name, module in teacher.named_modules() if module._forward_hooks]
+        assert hooked == [], f"attempt {attempt + 1}: hooks left on the teacher's {hooked}"
+
+
+# ----------------------------------------------------------------------------- full disk, failing drive
+
+# A drive that has dropped (Google Drive's mount on Colab) fails every write and removal until
+# it is mounted again; a full disk or a quota fails only what would grow.
+DISCONNECTS = ("ENOTCONN", "EIO", "ESTALE")
+ADVICE = {
+    "ENOSPC": "Free some space or choose another --ckpt-dir",
+    "EFBIG": "Free some space or choose another --ckpt-dir",
+    "EDQUOT": "wait a while and run the same cell or command again, or choose a --ckpt-dir "
+              "(CKPT_DIR in the notebook) on the local disk",
+    **{kind: "remount it, on Colab with drive.mount('/content/drive', force_remount=True), and run the "
+             "same cell or command again; a run resumes after its last saved epoch" for kind in DISCONNECTS},
+}
+
+
+def fail_second_checkpoint_write(monkeypatch, kind: str) -> dict:
+    """The checkpoint of epoch 2 fails halfway with `kind`: a real EFBIG from the kernel
+    (RLIMIT_FSIZE), the others from a fake writer; after a disconnect, removals fail too, until
+    the test undoes its patches (the drive mounted again). Records epoch 1's checkpoint's bytes."""
     seen = {}
     real_save_last = RunFiles.save_last
+    code = getattr(errno, kind)
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
 
     def save_last(self, state):
         if state["epoch"] < 2:
             return real_save_last(self, state)
         seen["epoch_1_bytes"] = self.last.read_bytes()
-        if kind == "ENOSPC":
-            def half_then_full(path, data):
+        if kind != "EFBIG":
+            def half_then_fail(path, data):
                 with open(path, "wb") as fh:
                     fh.write(memoryview(data)[:len(data) // 2])
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                if kind in DISCONNECTS:
+                    monkeypatch.setattr(pathlib.Path, "unlink", refuse)
+                refuse()
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(pathlib.Path, "write_bytes", half_then_full)
+                mp.setattr(pathlib.Path, "write_bytes", half_then_fail)
                 return real_save_last(self, state)
         limits = resource.getrlimit(resource.RLIMIT_FSIZE)
         handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # EFBIG instead of death
@@ -404,18 +487,58 @@ def fill_disk_on_second_write(monkeypatch, kind: str) -> dict:
     return seen
 
 
-@pytest.mark.parametrize("kind", ["ENOSPC", "EFBIG"])
-def test_failed_checkpoint_write_names_the_path_and_keeps_the_previous_one(tmp_path, capsys, monkeypatch, kind):
-    seen = fill_disk_on_second_write(monkeypatch, kind)
+@pytest.mark.parametrize("kind", ["ENOSPC", "EFBIG", "EDQUOT", *DISCONNECTS])
+def test_failed_checkpoint_write_says_why_keeps_the_previous_one_and_the_same_command_resumes(
+        tmp_path, capsys, monkeypatch, kind, tiny_run):
+    seen = fail_second_checkpoint_write(monkeypatch, kind)
     code, err = cli(capsys, tiny_args(tmp_path))
     files = files_of(tmp_path)
     assert code == 2
-    assert_one_line_error(err, f"could not write {files['last']}",
-                          os.strerror(errno.ENOSPC if kind == "ENOSPC" else errno.EFBIG),
-                          "previous version of that file, if any, is intact")
+    assert_one_line_error(err, f"could not write {files['last']} ({os.strerror(getattr(errno, kind))})",
+                          "previous version of that file, if any, is intact", ADVICE[kind])
     assert files["last"].read_bytes() == seen["epoch_1_bytes"]
-    assert load_checkpoint(files["last"])["epoch"] == 1
-    assert leftovers(tmp_path) == [] and not files["best"].exists() and not files["lock"].exists()
+    assert load_checkpoint(files["last"])["epoch"] == 1 and not files["best"].exists()
+    if kind not in DISCONNECTS:   # a drive that answers: the run cleaned up after itself
+        assert leftovers(tmp_path) == [] and not files["lock"].exists()
+
+    monkeypatch.undo()            # space freed, the quota back, or Drive mounted again
+    assert main(tiny_args(tmp_path)) == 0
+    history = json.loads(files["results"].read_text())["history"]
+    assert without_seconds(history) == without_seconds(tiny_run["results"]["history"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([files["best"].name, files["results"].name])
+
+
+def test_last_dir_keeps_the_epoch_checkpoints_off_the_checkpoint_folder(tmp_path, capsys, monkeypatch, tiny_run):
+    drive, local = tmp_path / "drive", tmp_path / "local"
+    monkeypatch.setattr(kdlab.train, "evaluate", stop_at_call(2, kdlab.train.evaluate, raise_keyboard_interrupt))
+    assert main(tiny_args(drive)) == 130                    # epoch 1 saved on the drive, before --last-dir
+    monkeypatch.setattr(kdlab.train, "evaluate", stop_at_call(1, kdlab.train.evaluate, raise_keyboard_interrupt))
+    capsys.readouterr()
+    assert main(tiny_args(drive) + ["--last-dir", str(local)]) == 130
+    # The drive's checkpoint moved to the local folder, and the run resumed from it.
+    assert f"every finished epoch is saved in {files_of(local)['last']}" in capsys.readouterr().out
+    assert load_checkpoint(files_of(local)["last"])["epoch"] == 1 and not files_of(drive)["last"].exists()
+
+    monkeypatch.undo()
+    written, real_save_last = [], RunFiles.save_last
+    monkeypatch.setattr(RunFiles, "save_last", lambda files, state: (written.append(files.last), real_save_last(files, state)))
+    assert main(tiny_args(drive) + ["--last-dir", str(local)]) == 0
+    assert written == [files_of(local)["last"]]
+    history = json.loads(files_of(drive)["results"].read_text())["history"]
+    assert without_seconds(history) == without_seconds(tiny_run["results"]["history"])
+    assert sorted(p.name for p in drive.iterdir()) == sorted([files_of(drive)["best"].name, files_of(drive)["results"].name])
+    assert list(local.iterdir()) == []
+
+
+def test_checkpoint_on_a_disconnected_drive_is_not_called_damaged(tmp_path, capsys, monkeypatch, tiny_run):
+    # Deleting the file, the advice for a damaged one, would throw away a good checkpoint.
+    shutil.copy(tiny_run["last"], files_of(tmp_path)["last"])
+    monkeypatch.setattr(zipfile, "ZipFile", lambda *args: (_ for _ in ()).throw(
+        OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))))
+    code, err = cli(capsys, tiny_args(tmp_path))
+    assert code == 2
+    assert_one_line_error(err, f"{files_of(tmp_path)['last']} cannot be read", ADVICE["ENOTCONN"])
+    assert "delete" not in err and "corrupted" not in err
 
 
 # ----------------------------------------------------------------------------- bad checkpoints
