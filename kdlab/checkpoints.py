@@ -33,7 +33,7 @@ from kdlab.errors import KdlabError
 from kdlab.folders import no_empty_folders_left
 from kdlab.methods import build_method
 from kdlab.models import build_model, count_parameters, load_weights
-from kdlab.train import accuracy, autocast_dtype, predict_views, train_epochs
+from kdlab.train import AUTOCAST_DTYPES, accuracy, predict_views, resolve_precision, train_epochs
 
 
 def atomic_write(path: Path, write) -> None:
@@ -169,8 +169,10 @@ class TrainedRun:
 
 
 def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: str | Path,
-                  get_teacher=None, retrain: bool = False, progress=None, log=print) -> TrainedRun:
-    """Load the finished run from `ckpt_dir`, or resume it, or train it; then return it.
+                  get_teacher=None, retrain: bool = False, progress=None, log=print,
+                  precision: str = "auto") -> TrainedRun:
+    """Load the finished run from `ckpt_dir`, or resume it, or train it (in `precision`, see
+    kdlab.train.resolve_precision); then return it.
 
     `get_splits()` and `get_teacher()` are called only if the run must train, so loading a
     finished run needs neither the data nor the teacher.
@@ -206,8 +208,9 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
         method.to(device, memory_format=torch.channels_last)
         if resume is not None:
             torch.set_rng_state(resume["rng"])
-        history, best_modules = train_epochs(cfg, method, splits, device, files, resume, progress, log)
-        results = _results(cfg, method, splits, device, history, best_modules, teacher)
+        precision = resolve_precision(precision, device)
+        history, best_modules = train_epochs(cfg, method, splits, device, files, resume, progress, log, precision)
+        results = _results(cfg, method, splits, device, precision, history, best_modules, teacher)
         method.close()
         modules = {k: m.state_dict() for k, m in method.trained_modules().items()}
         write_json(files.results, results)
@@ -218,14 +221,14 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
     return TrainedRun(student.eval(), results, trained=True)
 
 
-def _results(cfg, method, splits, device, history, best_modules, teacher) -> dict:
+def _results(cfg, method, splits, device, precision, history, best_modules, teacher) -> dict:
     """The results of a finished run; loads the best-on-val state into the trained modules.
 
     Four test figures: the weight average at its best epoch and the raw weights after the last
     epoch, each on one view and with flip test-time augmentation. `test_acc` is the lab's choice
     (the average; flip if `cfg.flip_tta`), and what runs are compared on.
     """
-    dtype = autocast_dtype(device)
+    dtype = AUTOCAST_DTYPES[precision]
     best = max(history, key=lambda h: h["val_acc"])
     images, labels = splits.test
     raw = predict_views(method.student, images, cfg.image_size, dtype)
@@ -253,7 +256,7 @@ def _results(cfg, method, splits, device, history, best_modules, teacher) -> dic
                      test_acc=teacher.results["test_acc"]) if teacher else None,
         test_predictions=test_logits.argmax(1).tolist(),
         test_labels=test_labels.tolist(),  # with the predictions: confusion matrices need no data
-        device=str(device),
+        device=str(device), precision=precision,   # of the last session, if it resumed in another
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch_version=str(torch.__version__), torchvision_version=str(torchvision.__version__),
         wall_seconds=sum(h["seconds"] for h in history),

@@ -22,6 +22,10 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (default: data)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="default: auto, a GPU if there is one")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="autocast precision (default: auto: bf16 on GPUs that have it, fp16 with a loss "
+                             "scaler on older ones such as the T4, fp32 on a CPU); not part of a run's config, "
+                             "so a run may resume in another")
     parser.add_argument("--weights", choices=["imagenet", "none"],
                         help="start of the pretrained runs and the teacher (scratch runs are always 'none')" + RECIPE)
     parser.add_argument("--epochs", type=int, help="epochs of every run named (and of the teacher)" + RECIPE)
@@ -178,8 +182,8 @@ def command_run(args) -> None:
     names = list(LAB_RUNS) if args.runs == ["all"] else args.runs
     check_settings_apply(method_settings(args), names)
     check_teacher_epochs(args)
-    lab = Lab(args.ckpt_dir, args.data_dir, args.device, smoke=args.smoke,
-              teacher_epochs=args.teacher_epochs, **training_overrides(args))
+    lab = Lab(args.ckpt_dir, args.data_dir, args.device, smoke=args.smoke, teacher_epochs=args.teacher_epochs,
+              precision=args.precision, **training_overrides(args))
     trials = [(name, seed) for seed in args.seed or [DEFAULT_SEED] for name in names]
     for name, seed in trials:
         lab.config(name, seed)  # every name's settings are checked before anything trains
@@ -214,10 +218,15 @@ def command_sweep(args) -> None:
     if args.engine == "processes" and (args.gpus_per_trial or 0) > 1:
         raise KdlabError(f"--engine processes gives a trial one GPU at most, got --gpus-per-trial "
                          f"{args.gpus_per_trial}; use --engine ray for trials of several GPUs")
+    if not args.address:   # the trials run on this machine: check the precision against its device now
+        from kdlab.lab import resolve_device
+        from kdlab.train import check_precision
+
+        check_precision(args.precision, resolve_device(args.device))
     # Absolute: Ray's workers do not run in this folder, nor, on a cluster, on this machine.
     options = SweepOptions(Path(args.out).resolve(), str(Path(args.data_dir).resolve()), args.device,
                            smoke=args.smoke, teacher_epochs=args.teacher_epochs, cpus_per_trial=args.cpus_per_trial,
-                           overrides=training_overrides(args))
+                           precision=args.precision, overrides=training_overrides(args))
     engine = {"ray": lambda: RayEngine(args.address, args.gpus_per_trial, args.cpus_per_trial),
               "processes": lambda: ProcessEngine(args.gpus_per_trial, args.cpus_per_trial),
               "serial": SerialEngine}[args.engine]()

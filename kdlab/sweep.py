@@ -94,6 +94,7 @@ class SweepOptions:
     smoke: bool = False
     teacher_epochs: int | None = None
     cpus_per_trial: int = 1
+    precision: str = "auto"                          # kdlab.train.check_precision
     overrides: dict = field(default_factory=dict)   # for every run (kdlab.config.OVERRIDABLE)
 
 
@@ -164,7 +165,8 @@ def run_trial(trial: Trial, options: SweepOptions) -> dict:
         try:
             lab = Lab(folder, options.data_dir, options.device, smoke=options.smoke,
                       teacher_epochs=options.teacher_epochs, teacher_dir=options.out / "teacher",
-                      progress=False, log=log, **dict(options.overrides, **dict(trial.settings)))
+                      progress=False, log=log, precision=options.precision,
+                      **dict(options.overrides, **dict(trial.settings)))
             trained = lab.run(trial.run, seed=trial.seed)
         except Exception as err:   # this trial failed; the sweep goes on with the others
             traceback.print_exc(file=log_file)

@@ -28,17 +28,53 @@ from kdlab.models import build_model, load_weights
 # Fewer optimizer steps than this per epoch (a small --limit-train at batch 512) leave warmup and
 # cosine decay a handful of steps: the loss rises and accuracy stays near chance.
 MIN_STEPS_PER_EPOCH = 20
+# An fp16 loss scaler skips a step whose gradients overflowed and halves its scale: a few skips
+# while the scale settles are normal; more than this share of an epoch's steps is said in the log.
+SKIPPED_STEPS_WARNING = 0.05
+
+
+# The autocast dtype of each precision (fp32: autocast off). A precision is a runtime choice,
+# like the device, not part of a run's config: a run begun in bf16 may resume on a GPU without it.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Ampere and newer. Not `torch.cuda.is_bf16_supported()`: it counts emulated bf16 and says
+    yes on a T4, where cuDNN has no bf16 convolutions and every ResNet layer would fall back to a
+    slow kernel."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 on Ampere and newer (no scaler needed), fp16 on older GPUs (T4), fp32 on the CPU.
-
-    Not `torch.cuda.is_bf16_supported()`: it counts emulated bf16 and says yes on a T4, where
-    cuDNN has no bf16 convolutions and every ResNet layer would fall back to a slow kernel.
-    """
+    """bf16 on Ampere and newer (no scaler needed), fp16 on older GPUs (T4), fp32 on the CPU."""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return torch.bfloat16 if has_native_bf16(device) else torch.float16
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """"bf16", "fp16" or "fp32": `name` itself, or for "auto" autocast_dtype's choice on `device`."""
+    if name == "auto":
+        return next(key for key, dtype in AUTOCAST_DTYPES.items() if dtype == autocast_dtype(device))
+    if name not in AUTOCAST_DTYPES:
+        raise KdlabError(f"precision must be auto, bf16, fp16 or fp32, got {name!r}")
+    return name
+
+
+def check_precision(name: str, device: torch.device) -> str:
+    """resolve_precision, refusing what `device` has no good use for: the switch the Lab (and so
+    the CLI and the notebook) offers. The training functions take any precision autocast has,
+    so the tests run fp16 and its loss scaler on the CPU."""
+    precision = resolve_precision(name, device)
+    if precision == "fp16" and device.type != "cuda":
+        raise KdlabError("--precision fp16 needs a CUDA GPU: it is the path of GPUs without bf16 (a T4), "
+                         "with a loss scaler. On a CPU use --precision fp32 or auto.")
+    if precision == "bf16" and device.type == "cuda" and not has_native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise KdlabError(f"--precision bf16: the {torch.cuda.get_device_name(device)} (compute capability "
+                         f"{major}.{minor}) has no native bf16 convolutions, and emulated ones are slower "
+                         f"than fp32. Use --precision fp16 (with a loss scaler) or auto.")
+    return precision
 
 
 def make_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
@@ -66,14 +102,19 @@ def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
 
 def train_step(method, optimizer, scaler, images, targets, dtype, epochs_done: float):
     """One optimisation step on a batch of the device loader, `epochs_done` epochs into training;
-    returns the logits and the loss terms."""
+    returns the logits, the loss terms, and whether the loss scaler skipped the update (a 0/1
+    tensor on the device; None without a scaler)."""
     with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
         logits, losses = method.forward_train(images, targets, epochs_done)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(sum(losses.values())).backward()
     scaler.step(optimizer)
+    # The scaler's own inf/nan flag, read where it lies (on the device: no sync) before update()
+    # clears it. Comparing the scale before and after would need a copy each step, and would stop
+    # counting once a collapsing scale has underflowed to zero, the case that must be seen.
+    skipped = sum(scaler._found_inf_per_device(optimizer).values()) if scaler.is_enabled() else None
     scaler.update()
-    return logits, losses
+    return logits, losses, skipped
 
 
 def make_optimizer(cfg, method):
@@ -113,8 +154,9 @@ class WeightAverage:
             a.copy_(w)
 
 
-def train_epochs(cfg, method, splits, device, files, resume=None, progress=None, log=print):
-    """Train `method` for the epochs `cfg` asks for, from `resume` (a last checkpoint) if given.
+def train_epochs(cfg, method, splits, device, files, resume=None, progress=None, log=print, precision="auto"):
+    """Train `method` for the epochs `cfg` asks for, from `resume` (a last checkpoint) if given,
+    in `precision` (kdlab.train.AUTOCAST_DTYPES, or "auto").
 
     After each epoch: validate the weight average (on both mirror views if `cfg.flip_tta`), keep
     the best-on-val average, save the last state. Returns the history, one dict per epoch, and
@@ -124,7 +166,8 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
     tune_cudnn(device)
     modules = method.trained_modules()
     optimizer = make_optimizer(cfg, method)
-    dtype = autocast_dtype(device)
+    precision = resolve_precision(precision, device)
+    dtype = AUTOCAST_DTYPES[precision]
     scaler = make_scaler(device, dtype)
     average = WeightAverage(cfg, method.student)
     loader = DeviceLoader(*splits.train, cfg.batch_size, cfg.image_size, cfg.seed)
@@ -144,7 +187,6 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
     if len(history) < cfg.epochs:
         epochs = (f"epochs {len(history) + 1} to {cfg.epochs}" if len(history) + 1 < cfg.epochs
                   else f"epoch {cfg.epochs}")
-        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
         log(f"{cfg.run_id}: training on {device} ({precision}), {epochs}, "
             f"{steps} steps of {loader.batch_size} images at {cfg.image_size} px each"
             + ("; on a CPU a real run takes hours: use a GPU, or --smoke to check the pipeline in a minute"
@@ -162,12 +204,16 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
         method.train()
         step_losses: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=device, dtype=torch.long)
+        skipped_steps = torch.zeros((), device=device)
         batches = tqdm(loader.epoch(epoch), total=steps, leave=False, disable=quiet, unit="step")
         for step, (images, targets) in enumerate(batches):
             lr = lr_at(epoch * steps + step, cfg.lr, warmup_steps, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logits, losses = train_step(method, optimizer, scaler, images, targets, dtype, epoch + step / steps)
+            logits, losses, skipped = train_step(method, optimizer, scaler, images, targets, dtype,
+                                                 epoch + step / steps)
+            if skipped is not None:
+                skipped_steps += skipped
             average.update(epoch * steps + step)
             for name, value in losses.items():
                 step_losses.setdefault(name, torch.empty(steps, device=device))[step] = value.detach()
@@ -176,16 +222,25 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
         # The raw weights' loss tells divergence first: the average lags behind them.
         val_loss, val_acc_raw = evaluate(method.student, *splits.val, cfg.image_size, dtype)
         stop_if_diverged(cfg, epoch, step_losses, val_loss, files)
+        # fp16 only: the scaler's scale, and the steps it skipped (inf/nan gradients); None without one.
+        scaling = (dict(skipped_steps=round(skipped_steps.item()), loss_scale=scaler.get_scale())
+                   if scaler.is_enabled() else dict(skipped_steps=None, loss_scale=None))
+        stop_if_scale_collapsed(cfg, epoch, steps, scaling, files)
         val = evaluate_views(average.model, *splits.val, cfg.image_size, dtype)
         val_acc = val["flip"] if cfg.flip_tta else val["single"]
         term_means = {k: v.mean().item() for k, v in step_losses.items()}
         history.append(dict(epoch=epoch + 1, train_loss=sum(term_means.values()), losses=term_means,
                             train_acc=correct.item() / (steps * loader.batch_size),
                             val_loss=val_loss, val_acc=val_acc, val_acc_single_view=val["single"],
-                            val_acc_raw=val_acc_raw, lr=lr, seconds=time.perf_counter() - start))
+                            val_acc_raw=val_acc_raw, lr=lr, **scaling, seconds=time.perf_counter() - start))
         log(f"{cfg.run_id} epoch {epoch + 1}/{cfg.epochs}: train loss {history[-1]['train_loss']:.4f} "
             f"acc {history[-1]['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc_raw:.4f}, "
             f"averaged {val_acc:.4f} | {history[-1]['seconds']:.1f}s")
+        if scaling["skipped_steps"] and scaling["skipped_steps"] > SKIPPED_STEPS_WARNING * steps:
+            log(f"{cfg.run_id} epoch {epoch + 1}: warning: the fp16 loss scaler skipped {scaling['skipped_steps']} "
+                f"of {steps} steps (inf or nan gradients; loss scale now {scaling['loss_scale']:.3g}), so those "
+                f"batches did not train. If it goes on, lower --lr or use --precision fp32 (or bf16 on a GPU "
+                f"that has it).")
         if val_acc > best_val:
             best_val = val_acc
             best_modules = {k: _copy_state(average.model if k == "student" else m) for k, m in modules.items()}
@@ -200,6 +255,12 @@ def _copy_state(module: nn.Module) -> dict:
     return {n: t.detach().clone() for n, t in module.state_dict().items()}
 
 
+def what_is_kept(epoch: int, files) -> str:
+    """What a run stopped during `epoch` (0-based) before saving it still has."""
+    return (f"the checkpoint of epoch {epoch} stays in {files.last}" if epoch
+            else "no epoch had finished, so there is no checkpoint")
+
+
 def stop_if_diverged(cfg, epoch: int, step_losses: dict, val_loss: float, files) -> None:
     """Raise before a diverged epoch is saved, so the last checkpoint stays the last good one."""
     per_step = torch.stack(list(step_losses.values()))          # (terms, steps), one sync below
@@ -212,10 +273,20 @@ def stop_if_diverged(cfg, epoch: int, step_losses: dict, val_loss: float, files)
         problem = f"the validation loss became {val_loss} at epoch {epoch + 1}: the weights diverged"
     else:
         return
-    kept = (f"the checkpoint of epoch {epoch} stays in {files.last}" if epoch
-            else "no epoch had finished, so there is no checkpoint")
-    raise KdlabError(f"{cfg.run_id}: {problem}. Nothing from this epoch was saved; {kept}. "
+    raise KdlabError(f"{cfg.run_id}: {problem}. Nothing from this epoch was saved; {what_is_kept(epoch, files)}. "
                      f"Lower the learning rate (--lr) and run with --retrain.")
+
+
+def stop_if_scale_collapsed(cfg, epoch: int, steps: int, scaling: dict, files) -> None:
+    """Raise before an epoch whose every step the fp16 loss scaler skipped is saved: its weights
+    did not change, while its losses may look finite and its scale halved at every step."""
+    if scaling["skipped_steps"] != steps:
+        return
+    raise KdlabError(f"{cfg.run_id}: the fp16 loss scaler skipped all {steps} steps of epoch {epoch + 1} (inf or "
+                     f"nan gradients at every loss scale down to {scaling['loss_scale']:.3g}), so the weights did "
+                     f"not change. Nothing from this epoch was saved; {what_is_kept(epoch, files)}. Lower the "
+                     f"learning rate (--lr) and run with --retrain, or run again with --precision fp32 (or bf16 "
+                     f"on a GPU that has it).")
 
 
 @torch.no_grad()

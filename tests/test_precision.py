@@ -1,0 +1,152 @@
+"""The precision switch (auto, bf16, fp16, fp32): refused where the device has no use for it, and
+recorded in the results. GPU paths run here through the same code: the device's answers are
+stood in for where a test needs a GPU's, and the training functions take fp16 on the CPU."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kdlab.checkpoints import train_or_load
+from kdlab.cli import main
+from kdlab.config import make_config
+from kdlab.data import make_splits, make_synthetic_cifar
+from kdlab.errors import KdlabError
+from kdlab.lab import Lab
+from kdlab.train import check_precision, resolve_precision
+
+CPU = torch.device("cpu")
+RUN = "student_scratch_baseline"
+
+
+@pytest.fixture(scope="module")
+def tiny_splits():
+    data = make_synthetic_cifar(train_per_class=6, test_per_class=2)
+    return make_splits(data, val_per_class=2, split_seed=42, limit_train=0, device=CPU)
+
+
+def tiny_config(**changes):
+    """40 images at 16 px in batches of 10: 4 steps an epoch, 2 epochs."""
+    cfg = make_config(RUN, smoke=True, batch_size=10, image_size=16, epochs=2)
+    return dataclasses.replace(cfg, val_per_class=2, **changes)
+
+
+def train(splits, ckpt_dir, log=lambda _: None, **kwargs):
+    return train_or_load(tiny_config(), lambda: splits, CPU, ckpt_dir, progress=False, log=log, **kwargs)
+
+
+@pytest.mark.parametrize("command, needle", [
+    (["run", RUN, "--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
+    (["sweep", RUN, "--engine", "serial", "--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
+    (["run", RUN, "--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    (["sweep", RUN, "--precision", "half"], "argument --precision: invalid choice: 'half'"),
+])
+def test_bad_precision_is_one_line_exit_2_and_nothing_trained(tmp_path, capsys, command, needle):
+    folder = tmp_path / "out"
+    args = command + ["--smoke", "--device", "cpu", "--ckpt-dir" if command[0] == "run" else "--out", str(folder)]
+    capsys.readouterr()
+    try:
+        code = main(args)
+    except SystemExit as exit_:   # argparse's own refusals (kdlab.cli.Parser: one line, exit 2)
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kdlab: error: ") and err.count("\n") == 1, err
+    assert needle in err and "Traceback" not in err
+    assert not folder.exists(), "nothing is written before the settings are checked"
+
+
+def test_the_lab_refuses_an_unknown_precision():
+    with pytest.raises(KdlabError, match="precision must be auto, bf16, fp16 or fp32, got 'fp8'"):
+        Lab(device="cpu", precision="fp8")
+    assert Lab(device="cpu").precision == "fp32" and Lab(device="cpu", precision="bf16").precision == "bf16"
+
+
+@pytest.mark.parametrize("capability, name, auto", [((7, 5), "Tesla T4", "fp16"), ((9, 0), "NVIDIA H200", "bf16")])
+def test_bf16_is_refused_on_a_gpu_without_it(monkeypatch, capability, name, auto):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    gpu = torch.device("cuda")
+    assert check_precision("auto", gpu) == resolve_precision("auto", gpu) == auto
+    assert check_precision("fp16", gpu) == "fp16" and check_precision("fp32", gpu) == "fp32"
+    if auto == "bf16":
+        assert check_precision("bf16", gpu) == "bf16"
+    else:
+        with pytest.raises(KdlabError) as refused:
+            check_precision("bf16", gpu)
+        assert str(refused.value).startswith(f"--precision bf16: the {name} (compute capability 7.5) has no "
+                                             f"native bf16 convolutions")
+        assert "Use --precision fp16 (with a loss scaler) or auto." in str(refused.value)
+
+
+@pytest.mark.parametrize("precision, expected", [("auto", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")])
+def test_the_results_and_the_log_name_the_precision(tmp_path, tiny_splits, precision, expected):
+    lines = []
+    trained = train(tiny_splits, tmp_path, log=lines.append, precision=precision)
+    assert trained.results["precision"] == expected
+    assert f"training on cpu ({expected})" in lines[0]
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in trained.results["history"])
+
+
+# ----------------------------------------------------------------------------- the fp16 loss scaler
+
+class InfScaler(torch.amp.GradScaler):
+    """A loss scaler whose step finds inf gradients every `every` steps (every step by default),
+    as fp16 does when no loss scale is low enough; the rest of it is torch's own."""
+
+    def __init__(self, every: int = 1):
+        super().__init__("cpu")
+        self.every, self.steps = every, 0
+
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+        per_device = super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
+        if self.steps % self.every == 0:
+            for flag in per_device.values():
+                flag.fill_(1.0)
+        self.steps += 1
+        return per_device
+
+
+def test_fp16_records_each_epochs_skipped_steps_and_loss_scale(tmp_path, tiny_splits):
+    """fp16 autocast and torch's scaler, on the CPU: the scale starts at 2^16 and halves once per
+    skipped step (it would double only after 2000 good ones)."""
+    trained = train(tiny_splits, tmp_path, precision="fp16")
+    history = trained.results["history"]
+    assert trained.results["precision"] == "fp16"
+    skipped = 0
+    for epoch in history:
+        assert isinstance(epoch["skipped_steps"], int) and 0 <= epoch["skipped_steps"] <= 4
+        skipped += epoch["skipped_steps"]
+        assert epoch["loss_scale"] == 2.0 ** 16 / 2 ** skipped
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_without_a_scaler_the_history_says_none(tmp_path, tiny_splits, precision):
+    history = train(tiny_splits, tmp_path, precision=precision).results["history"]
+    assert all(h["skipped_steps"] is None and h["loss_scale"] is None for h in history)
+
+
+def test_a_scaler_that_skips_many_steps_says_so(tmp_path, tiny_splits, monkeypatch):
+    monkeypatch.setattr("kdlab.train.make_scaler", lambda device, dtype: InfScaler(every=2))
+    lines = []
+    history = train(tiny_splits, tmp_path, log=lines.append, precision="fp16").results["history"]
+    assert [h["skipped_steps"] for h in history] == [2, 2]
+    assert [h["loss_scale"] for h in history] == [2.0 ** 14, 2.0 ** 12]
+    warnings = [line for line in lines if "warning: the fp16 loss scaler" in line]
+    assert warnings == [f"{RUN} epoch {e}: warning: the fp16 loss scaler skipped 2 of 4 steps (inf or nan "
+                        f"gradients; loss scale now {2.0 ** (16 - 2 * e):.3g}), so those batches did not train. "
+                        f"If it goes on, lower --lr or use --precision fp32 (or bf16 on a GPU that has it)."
+                        for e in (1, 2)]
+
+
+def test_a_scaler_that_skips_every_step_stops_the_run_before_saving(tmp_path, tiny_splits, monkeypatch):
+    monkeypatch.setattr("kdlab.train.make_scaler", lambda device, dtype: InfScaler())
+    with pytest.raises(KdlabError) as stopped:
+        train(tiny_splits, tmp_path, precision="fp16")
+    message = str(stopped.value)
+    assert "\n" not in message
+    assert message.startswith(f"{RUN}: the fp16 loss scaler skipped all 4 steps of epoch 1 (inf or nan gradients "
+                              f"at every loss scale down to 4.1e+03), so the weights did not change.")
+    assert ("Nothing from this epoch was saved; no epoch had finished, so there is no checkpoint. Lower the "
+            "learning rate (--lr) and run with --retrain, or run again with --precision fp32") in message
+    assert not any(tmp_path.glob("*.pt")) and not any(tmp_path.glob("*.json"))
