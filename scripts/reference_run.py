@@ -526,7 +526,8 @@ def packing_check(tree: Tree) -> dict:
 
 def teacher_check(tree: Tree) -> dict:
     """The teachers of every schedule, ranked on validation (never on the test)."""
-    teachers = {"epochs-40 (reference)": tree.results("results/reference", TEACHER_RUN)}
+    reference = tree.results("results/reference", TEACHER_RUN)
+    teachers = {} if reference is None else {f"epochs-{reference['epochs']} (reference)": reference}
     for folder in sorted(p.name for root in (tree.committed, tree.staging)
                          for p in (root / "results/ablation-teacher").glob("*") if p.is_dir()):
         teachers[folder] = tree.results(f"results/ablation-teacher/{folder}", TEACHER_RUN)
