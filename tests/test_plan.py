@@ -109,12 +109,18 @@ def test_the_budget_matched_baselines_train_the_epochs_the_reference_files_give(
 def test_a_second_session_skips_what_is_committed_and_retrains_only_the_teacher(first_session):
     """A fresh machine with the first session's results committed: nothing done trains again; the
     sweep needs the reference teacher, which the machine lacks, so it is retrained first (the same
-    seed on the CPU: the committed predictions exactly) and copied into the sweep, which loads it."""
+    seed on the CPU: the committed predictions exactly) and copied into the sweep, which loads it.
+    A longer teacher is ranked on validation beside the reference's."""
     tmp, first, committed = first_session
-    manifest, back = session(tmp, "second", committed, "--only", "reference", "dkd-at", "budget-baselines", "sweep")
+    manifest, back = session(tmp, "second", committed, "--only", "reference", "dkd-at", "budget-baselines", "sweep",
+                             "stronger-teacher")
     call = manifest["calls"][-1]
     assert len(manifest["calls"]) == 2 and manifest["calls"][0] == first["calls"][0]
-    assert {name: t["status"] for name, t in call["tasks"].items()} == {"sweep/temperature-alpha": "ran"}
+    assert {name: t["status"] for name, t in call["tasks"].items()} == {"sweep/temperature-alpha": "ran",
+                                                                         "stronger-teacher/epochs-2": "trained"}
+    ranked = manifest["checks"]["stronger-teacher"]["ranked_on_validation"]
+    assert sorted(t["variant"] for t in ranked) == ["epochs-1 (reference)", "epochs-2"]
+    assert ranked[0]["best_val_acc"] >= ranked[1]["best_val_acc"]
     teacher = call["teacher"]
     assert teacher["status"] == "retrained" and teacher["agreement_with_committed"] == 1.0
     assert teacher["test_acc"] == teacher["committed_test_acc"]
