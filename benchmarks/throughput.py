@@ -22,6 +22,8 @@ step's cost depends on shapes, not on pixel values or weights, so nothing is dow
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import gc
 import itertools
 import json
@@ -31,8 +33,9 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,20 +47,22 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 # Run as a script from a checkout: the package is the folder above, installed or not.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from kdlab.checkpoints import write_json  # noqa: E402
-from kdlab.config import EVALUATION_STEP, STUDENT_STEP, TEACHER_RUN, TEACHER_STEP, config_dict, make_config, step_runs  # noqa: E402
+from kdlab.config import (EVALUATION_STEP, LAB_RUNS, STUDENT_STEP, TEACHER_RUN, TEACHER_STEP, SpeedLevers,  # noqa: E402
+                          config_dict, make_config, step_runs)
 from kdlab.data import MEAN, PAD, STD, Cifar10, DeviceLoader, make_splits, make_synthetic_cifar  # noqa: E402
 from kdlab.errors import KdlabError  # noqa: E402
 from kdlab.figures import plot_throughput  # noqa: E402
-from kdlab.lab import resolve_device  # noqa: E402
+from kdlab.lab import Lab, resolve_device  # noqa: E402
 from kdlab.measure import count_flops, seconds_taken, synchronize  # noqa: E402
 from kdlab.methods import build_method  # noqa: E402
-from kdlab.models import build_model  # noqa: E402
+from kdlab.models import ARCHS, build_model, imagenet_file  # noqa: E402
 from kdlab.results import STEP_DESCRIPTIONS, load_benchmark  # noqa: E402
-from kdlab.train import (WeightAverage, autocast_dtype, make_optimizer, make_scaler, predict,  # noqa: E402
-                         train_step, tune_cudnn)
+from kdlab.train import (AUTOCAST_DTYPES, TrainStep, WeightAverage, autocast_dtype, make_optimizer,  # noqa: E402
+                         make_scaler, predict, resolve_precision, train_step, tune_cudnn)
 
 # ----------------------------------------------------------------------------- settings
 
@@ -118,12 +123,13 @@ def make_data(budget: Budget, cfg) -> Cifar10:
     Its training images must give the scaling run 2N images after the validation split, the
     naive loader one batch per step (a second epoch mid-timing would restart its workers) and
     the batch sweep one batch of its largest size per step; its test images one batch per
-    evaluation step.
+    evaluation step, and the evaluation batch lever's larger batches.
     """
     steps = budget.warmup_steps + budget.timed_steps
     largest_batch = int(max(budget.batch_factors) * cfg.batch_size)
     per_class = max(2 * budget.scaling_steps * cfg.batch_size, steps * largest_batch) // 10
-    test_images = (budget.eval_warmup_batches + budget.eval_timed_batches) * budget.eval_batch_size
+    test_images = max((budget.eval_warmup_batches + budget.eval_timed_batches) * budget.eval_batch_size,
+                      eval_batch_images(budget))
     return make_synthetic_cifar(train_per_class=per_class + cfg.val_per_class + 1,
                                 test_per_class=math.ceil(test_images / 10))
 
@@ -188,27 +194,26 @@ def build_on_device(cfg, device: torch.device, memory_format) -> torch.nn.Module
     return method.to(device, memory_format=memory_format)
 
 
-def kdlab_train(cfg, images, labels, device, memory_format=torch.channels_last, autocast=True,
-                compile_student=False):
-    """kdlab's training steps, the weight average's update included; the arguments switch its
-    fast-path choices off (or compile on)."""
+def kdlab_train(cfg, images, labels, device, memory_format=torch.channels_last, precision="auto",
+                speed=SpeedLevers(), log=print):
+    """kdlab's training steps as train_epochs takes them (kdlab.train.TrainStep), the weight
+    average's update included; the arguments switch its choices: the memory format, the precision
+    (kdlab.train.AUTOCAST_DTYPES) and the speed levers, whose fallbacks `log` says."""
     method = build_on_device(cfg, device, memory_format)
     average = WeightAverage(cfg, method.student)
-    if compile_student:
-        method.student = torch.compile(method.student)
-    optimizer = make_optimizer(cfg, method)
-    dtype = autocast_dtype(device) if autocast else None
-    scaler = make_scaler(device, dtype)
+    optimizer = make_optimizer(cfg, method, speed.fused_sgd, log)
+    dtype = AUTOCAST_DTYPES[resolve_precision(precision, device)]
+    take_step = TrainStep(method, optimizer, make_scaler(device, dtype), dtype, speed.compile_step, log)
     loader = DeviceLoader(images.to(device), labels.to(device), cfg.batch_size, cfg.image_size, cfg.seed)
-    return kdlab_train_steps(method, optimizer, scaler, average, loader, dtype, memory_format)
+    return kdlab_train_steps(method, take_step, average, loader, memory_format)
 
 
-def kdlab_train_steps(method, optimizer, scaler, average, loader, dtype, memory_format):
+def kdlab_train_steps(method, take_step, average, loader, memory_format):
     method.train()
     for epoch in itertools.count():
         for step, (images, targets) in enumerate(marked_data(loader.epoch(epoch))):
             images = images.contiguous(memory_format=memory_format)  # a no-op on kdlab's default
-            train_step(method, optimizer, scaler, images, targets, dtype, float(epoch))
+            take_step(images, targets, float(epoch))
             average.update(epoch * len(loader) + step)
             yield len(targets)
 
@@ -502,26 +507,63 @@ def student_ce_data(budget: Budget, data: Cifar10, cfg):
     return data.train_images[:n], data.train_labels[:n]
 
 
-def measure_fast_paths(budget: Budget, data: Cifar10, device: torch.device, mode: str,
-                       baseline: dict, compile_student: bool, log) -> dict:
-    """Each of kdlab's fast-path choices switched off (torch.compile: on) alone, on the student CE step.
+def measure_training(cfg, images, labels, device, budget: Budget, **choices) -> dict:
+    """kdlab_train with `choices`, measured; raises if a speed lever fell back to the default path,
+    since the measurement would then time the default."""
+    fell_back = []
+    result = measure(lambda: kdlab_train(cfg, images, labels, device, log=fell_back.append, **choices),
+                     budget.warmup_steps, budget.timed_steps, device)
+    if fell_back:
+        raise RuntimeError(f"the lever fell back: {fell_back[0]}")
+    return result
 
-    `baseline` is the student CE row's kdlab measurement: channels_last, bf16/fp16 autocast,
-    cudnn.benchmark on, eager. A switch whose measurement fails records the error.
+
+def measure_fast_paths(budget: Budget, data: Cifar10, device: torch.device, mode: str,
+                       baseline: dict, evaluation: dict, compile_student: bool, log) -> dict:
+    """Each of kdlab's fast-path choices switched off alone, and fp16 and each speed lever
+    (kdlab.config.SpeedLevers) switched on alone, on the student CE step (the evaluation batch on
+    the evaluation step), all in this run.
+
+    `baseline` is the student CE row's kdlab measurement: channels_last, autocast as "auto" picks,
+    cudnn.benchmark on, default SGD, eager; `evaluation` the evaluation row's, at the budget's
+    evaluation batch. A switch whose measurement fails (or whose lever fell back) records the error.
     """
     cfg = make_config(step_runs()[STUDENT_STEP], **size_overrides(budget))
     images, labels = student_ce_data(budget, data, cfg)
-    warmup, timed = budget.warmup_steps, budget.timed_steps
     tune_cudnn(device)
     switches = {}
 
-    channels_first = measure(lambda: kdlab_train(cfg, images, labels, device, memory_format=torch.contiguous_format),
-                             warmup, timed, device)
+    def train_with(**choices) -> dict:
+        return measure_training(cfg, images, labels, device, budget, **choices)
+
+    def lever(name: str, against: dict, **choices) -> dict | None:
+        """`choices` switched on, against the measurement `against`; None if it failed."""
+        try:
+            on = train_with(**choices)
+        except Exception as err:  # noqa: BLE001 - a lever that fails on this stack is a finding, not a crash
+            switches[name] = dict(error=f"{type(err).__name__}: {err}"[:3000])
+            log(f"  {name}: failed ({switches[name]['error'][:300]})")
+            return None
+        switches[name] = compare(on, against)
+        log(f"  {name} on: {on['images_per_s']:.0f} img/s")
+        return on
+
+    channels_first = train_with(memory_format=torch.contiguous_format)
     switches["channels_last"] = compare(baseline, channels_first)
     log(f"  channels_last off: {channels_first['images_per_s']:.0f} img/s")
-    fp32 = measure(lambda: kdlab_train(cfg, images, labels, device, autocast=False), warmup, timed, device)
+    fp32 = train_with(precision="fp32")
     switches["autocast"] = dict(compare(baseline, fp32), dtype=str(autocast_dtype(device)))
     log(f"  autocast off (fp32): {fp32['images_per_s']:.0f} img/s")
+    # The T4's path (fp16 and its loss scaler) against what "auto" picks here.
+    fp16 = lever("fp16", baseline, precision="fp16")
+    if "speedup" in switches["fp16"]:
+        switches["fp16"]["against"] = resolve_precision("auto", device)
+    lever("fused_sgd", baseline, speed=SpeedLevers(fused_sgd=True))
+    if "speedup" in switches["fused_sgd"]:
+        switches["fused_sgd"]["skipped_steps_check"] = fused_sgd_agreement(cfg, device)
+    if fp16 is not None:   # in fp16, fused SGD also keeps the scaler's inf check on the device
+        lever("fp16_fused_sgd", fp16, precision="fp16", speed=SpeedLevers(fused_sgd=True))
+    switches["eval_batch"] = measure_eval_batch(cfg, data, device, budget, evaluation, log)
     release_memory(device)   # the probe needs the GPU's memory, not this process's cache
     try:
         switches["cudnn_benchmark"] = dict(compare(baseline, measure_cudnn_off(mode, device)),
@@ -535,11 +577,55 @@ def measure_fast_paths(budget: Budget, data: Cifar10, device: torch.device, mode
     return dict(step=STUDENT_STEP, run=cfg.run, switches=switches)
 
 
-def measure_compile(cfg, images, labels, device, budget: Budget, baseline: dict, log) -> dict:
-    """torch.compile on the student: its speed, and the warm-up seconds it adds (compilation)."""
+# The evaluation batch lever's measurement: this many times the budget's evaluation batch.
+EVAL_BATCH_FACTOR = 4
+
+
+def eval_batch_images(budget: Budget) -> int:
+    """Test images the evaluation batch lever's measurement needs: one warm-up batch and as many
+    timed ones as cover the evaluation row's timed images."""
+    return (1 + math.ceil(budget.eval_timed_batches / EVAL_BATCH_FACTOR)) * EVAL_BATCH_FACTOR * budget.eval_batch_size
+
+
+def measure_eval_batch(cfg, data: Cifar10, device, budget: Budget, evaluation: dict, log) -> dict:
+    """The evaluation step at EVAL_BATCH_FACTOR times the budget's batch, against `evaluation` (the row's)."""
+    batch = EVAL_BATCH_FACTOR * budget.eval_batch_size
+    images = data.test_images[:eval_batch_images(budget)]
     try:
-        compiled = measure(lambda: kdlab_train(cfg, images, labels, device, compile_student=True),
-                           budget.warmup_steps, budget.timed_steps, device)
+        on = measure(lambda: kdlab_eval(cfg, images, device, batch), 1, len(images) // batch - 1, device)
+    except Exception as err:  # noqa: BLE001 - out of memory, say: a finding
+        log(f"  eval_batch {batch}: failed ({type(err).__name__}: {str(err)[:300]})")
+        return dict(error=f"{type(err).__name__}: {err}"[:3000], batch_size=batch)
+    log(f"  eval_batch {batch}: {on['images_per_s']:.0f} img/s")
+    return dict(compare(on, evaluation), batch_size=batch, default_batch_size=budget.eval_batch_size)
+
+
+def fused_sgd_agreement(cfg, device, steps: int = 4) -> dict:
+    """Whether kdlab's fused SGD (kdlab.train.make_optimizer) moves the student's weights as its
+    default SGD does on `device` when the fp16 loss scaler skips steps (the first and the third:
+    inf images). Torch's fused kernel skips them on the device, where a mistake goes unseen; one
+    did on its first step (kdlab.train.make_optimizer). Compares the parameters only: the
+    skipped batches leave NaN in both BatchNorms' running statistics."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images = torch.rand(steps, 8, 3, 32, 32, generator=generator).to(device)
+    images[0] = images[2] = float("inf")
+    targets = torch.randint(0, 10, (steps, 8), generator=generator).to(device)
+    weights = []
+    for fused in (False, True):
+        method = build_on_device(cfg, device, torch.channels_last).train()
+        optimizer, scaler = make_optimizer(cfg, method, fused), make_scaler(device, torch.float16)
+        for step in range(steps):
+            train_step(method, optimizer, scaler, images[step], targets[step], torch.float16, 0.0)
+        weights.append([p.detach().float() for p in method.student.parameters()])
+    difference = max((a - b).abs().max().item() for a, b in zip(*weights))
+    return dict(steps=steps, skipped_steps=[1, 3], max_weight_difference=difference,
+                agrees=math.isfinite(difference) and difference < 1e-3)
+
+
+def measure_compile(cfg, images, labels, device, budget: Budget, baseline: dict, log) -> dict:
+    """The compile lever (kdlab.train.TrainStep): its speed, and the warm-up seconds it adds (compilation)."""
+    try:
+        compiled = measure_training(cfg, images, labels, device, budget, speed=SpeedLevers(compile_step=True))
     except Exception as err:  # noqa: BLE001 - a compiler failure is a finding to report, not a crash
         log(f"  torch.compile: failed ({type(err).__name__}: {str(err)[:300]})")
         return dict(error=f"{type(err).__name__}: {err}"[:3000])
@@ -552,6 +638,107 @@ def measure_compile(cfg, images, labels, device, budget: Budget, baseline: dict,
     log(f"  torch.compile: {compiled['images_per_s']:.0f} img/s, {result['compile_seconds']:.1f}s "
         f"more warm-up than eager")
     return result
+
+
+# ----------------------------------------------------------------------------- the six-run lab's wall time
+
+# --lab-time with --quick or --tiny: the same path at sizes a CPU runs in a minute; its times mean nothing.
+LAB_TRIAL = dict(epochs=1, image_size=32, batch_size=10)
+LAB_TRIAL_DATA = dict(train_per_class=5, test_per_class=1, val_per_class=2)
+LAB_DATA = dict(train_per_class=5000, test_per_class=1000, val_per_class=None)   # CIFAR-10's sizes
+
+
+class LabOnGivenData(Lab):
+    """The lab on a dataset made here instead of read from disk; `val_per_class`, if given,
+    replaces the lab's 500 validation images per class (the trial's data has fewer)."""
+
+    def __init__(self, given_data: Cifar10, val_per_class: int | None = None, **options):
+        super().__init__(**options)
+        self.given_data, self.val_per_class = given_data, val_per_class
+
+    def data(self) -> Cifar10:
+        return self.given_data
+
+    def config(self, run: str, seed: int | None = None):
+        cfg = super().config(run, seed)
+        return cfg if self.val_per_class is None else replace(cfg, val_per_class=self.val_per_class)
+
+
+@contextlib.contextmanager
+def imagenet_shaped_cache():
+    """A temporary TORCH_HOME whose hub/checkpoints hold random 1000-class ResNet50 and ResNet18
+    weights under torchvision's own file names, as tests/test_pretrained_lab.py makes: torchvision
+    loads a cached file without checking its hash, so the pretrained runs start from them as from
+    the real ones, and a step costs the same whatever the weights' values."""
+    previous = os.environ.get("TORCH_HOME")
+    with tempfile.TemporaryDirectory() as home:
+        folder = Path(home) / "hub" / "checkpoints"
+        folder.mkdir(parents=True)
+        for arch in ARCHS:
+            torch.save(getattr(torchvision.models, arch)(num_classes=1000).state_dict(), folder / imagenet_file(arch))
+        os.environ["TORCH_HOME"] = home
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["TORCH_HOME"]
+            else:
+                os.environ["TORCH_HOME"] = previous
+
+
+def measure_lab_time(device: torch.device, trial: bool, log=print) -> dict:
+    """The wall time of `python -m kdlab run all` at its default settings: the six runs in the
+    lab's order (the teacher first, then the students that distil it), each from its call to its
+    saved checkpoint (splits, weights, training, validation, test, checkpoint writes), in a
+    temporary checkpoint folder, on synthetic data of CIFAR-10's size and ImageNet-shaped random
+    weights. Making the data is timed apart: a real lab reads the JPEG copy instead."""
+    sizes = LAB_TRIAL_DATA if trial else LAB_DATA
+    start = time.perf_counter()
+    data = make_synthetic_cifar(train_per_class=sizes["train_per_class"], test_per_class=sizes["test_per_class"])
+    data_seconds = time.perf_counter() - start
+    runs = []
+    with imagenet_shaped_cache(), tempfile.TemporaryDirectory() as ckpt_dir:
+        lab = LabOnGivenData(data, sizes["val_per_class"], ckpt_dir=ckpt_dir, device=str(device), progress=False,
+                             log=lambda line: log(f"  {line}"), **(LAB_TRIAL if trial else {}))
+        for run in LAB_RUNS:
+            started = time.perf_counter()
+            results = lab.run(run).results
+            runs.append(dict(run=run, seconds=time.perf_counter() - started, epochs=results["epochs"],
+                             weights=results["weights"], n_train=results["n_train"],
+                             epoch_seconds=[h["seconds"] for h in results["history"]]))
+            log(f"{run}: {runs[-1]['seconds']:.1f}s")
+        configs = {run: config_dict(lab.config(run)) for run in LAB_RUNS}
+    return dict(trial=trial, precision=lab.precision, data_seconds=data_seconds, runs=runs, configs=configs,
+                total_seconds=sum(run["seconds"] for run in runs))
+
+
+def lab_time(args, log=print) -> dict:
+    """--lab-time: measure_lab_time with the environment of a benchmark file, written to --json."""
+    device = resolve_device(args.device)
+    trial = args.mode != "full"
+    student = make_config(LAB_RUNS[1], **(LAB_TRIAL if trial else {}))
+    report = environment(device, args.mode, BUDGETS[args.mode], student, args.note)
+    for key in ("budget", "kdlab_path", "naive_path"):   # the throughput rows' alone
+        del report[key]
+    sizes = "a trial's" if trial else "CIFAR-10's"
+    report["data"] = (f"synthetic CIFAR-shaped images (kdlab.data.make_synthetic_cifar), {sizes} sizes; "
+                      "ImageNet-shaped random weights in a temporary TORCH_HOME")
+    log(f"{report['device_name']}, torch {torch.__version__}: the six-run lab" + (" (trial sizes)" if trial else ""))
+    report["lab_time"] = measure_lab_time(device, trial, log)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.json), report)
+    return report
+
+
+def lab_time_table(report: dict) -> str:
+    lab = report["lab_time"]
+    lines = [f"the six-run lab on {report['device_name']} ({lab['precision']}"
+             + (", trial sizes: the times mean nothing)" if lab["trial"] else ", default settings)")]
+    lines += [f"  {run['run']:32} {run['epochs']:3d} epochs {run['seconds']:8.1f}s" for run in lab["runs"]]
+    lines.append(f"  {'total':32} {'':10} {lab['total_seconds']:8.1f}s ({lab['total_seconds'] / 60:.1f} min; "
+                 f"making the data took {lab['data_seconds']:.1f}s more)")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- report
@@ -634,7 +821,7 @@ def table(report: dict) -> str:
     if fast is None:
         lines.append("fast paths: measured on CUDA only")
         return "\n".join(lines)
-    lines.append("fast paths (student CE, kdlab img/s with / without):")
+    lines.append("fast paths (student CE; eval_batch: evaluation; kdlab img/s with / without):")
     for name, result in fast["switches"].items():
         if "speedup" not in result:
             lines.append(f"  {name:16} {result.get('skipped') or result.get('error', '')[:100]}")
@@ -645,8 +832,19 @@ def table(report: dict) -> str:
             line += f"; compiling took {result['compile_seconds']:.1f}s"
             if result["break_even_steps"]:
                 line += f", repaid after {result['break_even_steps']:.0f} steps"
-        lines.append(line)
+        lines.append(line + skipped_steps_note(result))
     return "\n".join(lines)
+
+
+def skipped_steps_note(result: dict) -> str:
+    """What fused SGD's check after skipped fp16 steps found (fused_sgd_agreement), if it ran."""
+    check = result.get("skipped_steps_check")
+    if check is None:
+        return ""
+    if check["agrees"]:
+        return "; the same update as the default SGD after skipped fp16 steps"
+    return (f"; NOT the default SGD's update after skipped fp16 steps (largest weight difference "
+            f"{check['max_weight_difference']:.3g}): do not use it in fp16")
 
 
 def markdown(report: dict, source: str) -> str:
@@ -677,8 +875,8 @@ def markdown(report: dict, source: str) -> str:
     if report.get("batch_sweep"):
         lines += ["", "Batch sweep of kdlab's path:", "", *markdown_table(sweep_rows(report))]
     if report["fast_path"]:
-        lines += ["", "| fast-path switch (student CE step) | img/s with | img/s without | speedup | verdict |",
-                  "|---|---:|---:|---:|---|"]
+        lines += ["", "| fast-path switch (student CE step; eval_batch: evaluation) | img/s with | img/s without "
+                      "| speedup | verdict |", "|---|---:|---:|---:|---|"]
         for name, result in report["fast_path"]["switches"].items():
             if "speedup" not in result:
                 lines.append(f"| {name} | | | | {result.get('skipped') or 'failed: ' + result['error'][:80]} |")
@@ -688,14 +886,34 @@ def markdown(report: dict, source: str) -> str:
                 verdict += f" (compiling: {result['compile_seconds']:.0f} s"
                 verdict += (f", repaid after {result['break_even_steps']:.0f} steps)"
                             if result["break_even_steps"] else ")")
+            verdict += skipped_steps_note(result)
             lines.append(f"| {name} | {result['on']['images_per_s']:,.0f} | {result['off']['images_per_s']:,.0f} | "
                          f"{result['speedup']:.2f}x | {verdict} |")
     return "\n".join(lines)
 
 
+def measured_commit() -> str | None:
+    """The commit measured: $KDLAB_COMMIT if set (a copy of the checkout without .git, such as the
+    one a lent GPU gets, is told it by whoever copied it), else git's HEAD, marked "+uncommitted"
+    when tracked files differ from it; None outside a git checkout."""
+    if os.environ.get("KDLAB_COMMIT"):
+        return os.environ["KDLAB_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                 capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+uncommitted" if changed.stdout.strip() else "")
+
+
 def environment(device: torch.device, mode: str, budget: Budget, cfg, note: str | None) -> dict:
     name = device_name(device)
     return dict(
+        measured=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        commit=measured_commit(),
         device=device.type, device_name=name, peak_tflops=peak_tflops(name) if device.type == "cuda" else None,
         torch_version=str(torch.__version__), torchvision_version=str(torchvision.__version__),
         cuda_version=torch.version.cuda if device.type == "cuda" else None,
@@ -743,9 +961,10 @@ def benchmark(args, log=print) -> dict:
     save()
     if device.type == "cuda":
         log("fast paths (student CE):")
-        student_ce = next(row for row in report["rows"] if row["step"] == STUDENT_STEP)
+        student_ce, evaluation = (next(row for row in report["rows"] if row["step"] == step)
+                                  for step in (STUDENT_STEP, EVALUATION_STEP))
         report["fast_path"] = measure_fast_paths(budget, data, device, args.mode, student_ce["kdlab"],
-                                                 not args.no_compile, log)
+                                                 evaluation["kdlab"], not args.no_compile, log)
         save()
     log("batch sweep:")
     report["batch_sweep"] = measure_batch_sweep(budget, data, device, report["peak_tflops"], report["rows"], log)
@@ -789,6 +1008,10 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
                        help="the smallest sizes that run every path, for the tests; its numbers mean nothing")
     parser.add_argument("--json", metavar="OUT", help="write the measurements here")
+    parser.add_argument("--lab-time", action="store_true",
+                        help="instead: the wall time of the six-run lab at its default settings, on CIFAR-10-sized "
+                             "synthetic data and ImageNet-shaped random weights (a GPU measurement; with --quick "
+                             "or --tiny, a trial at tiny sizes that checks the path)"),
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement (CUDA)")
     parser.add_argument("--note", help="recorded in the JSON, e.g. which machine this is")
     parser.add_argument("--markdown", metavar="RESULTS",
@@ -815,6 +1038,8 @@ def main(argv=None) -> int:
             print(plot_throughput(bench, png, results))
         elif args.probe_cudnn_off:
             print(json.dumps(probe_cudnn_off(args)))
+        elif args.lab_time:
+            print("\n" + lab_time_table(lab_time(args)))
         else:
             print("\n" + table(benchmark(args)))
     except KdlabError as err:

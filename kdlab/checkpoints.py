@@ -13,6 +13,7 @@ zip's checksums and uses `weights_only=True`: a checkpoint is data, never code.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import io
 import json
@@ -27,7 +28,7 @@ import torch
 import torchvision
 from torch import nn
 
-from kdlab.config import DEFAULT_SEED, RunConfig, config_dict, config_differences
+from kdlab.config import DEFAULT_SEED, RunConfig, SpeedLevers, config_dict, config_differences
 from kdlab.results import RunPaths
 from kdlab.errors import KdlabError
 from kdlab.folders import no_empty_folders_left
@@ -170,9 +171,9 @@ class TrainedRun:
 
 def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: str | Path,
                   get_teacher=None, retrain: bool = False, progress=None, log=print,
-                  precision: str = "auto") -> TrainedRun:
+                  precision: str = "auto", speed: SpeedLevers = SpeedLevers()) -> TrainedRun:
     """Load the finished run from `ckpt_dir`, or resume it, or train it (in `precision`, see
-    kdlab.train.resolve_precision); then return it.
+    kdlab.train.resolve_precision, with the `speed` levers); then return it.
 
     `get_splits()` and `get_teacher()` are called only if the run must train, so loading a
     finished run needs neither the data nor the teacher.
@@ -209,8 +210,9 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
         if resume is not None:
             torch.set_rng_state(resume["rng"])
         precision = resolve_precision(precision, device)
-        history, best_modules = train_epochs(cfg, method, splits, device, files, resume, progress, log, precision)
-        results = _results(cfg, method, splits, device, precision, history, best_modules, teacher)
+        history, best_modules = train_epochs(cfg, method, splits, device, files, resume, progress, log, precision,
+                                             speed)
+        results = _results(cfg, method, splits, device, precision, speed, history, best_modules, teacher)
         method.close()
         modules = {k: m.state_dict() for k, m in method.trained_modules().items()}
         write_json(files.results, results)
@@ -221,7 +223,7 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
     return TrainedRun(student.eval(), results, trained=True)
 
 
-def _results(cfg, method, splits, device, precision, history, best_modules, teacher) -> dict:
+def _results(cfg, method, splits, device, precision, speed, history, best_modules, teacher) -> dict:
     """The results of a finished run; loads the best-on-val state into the trained modules.
 
     Four test figures: the weight average at its best epoch and the raw weights after the last
@@ -231,11 +233,11 @@ def _results(cfg, method, splits, device, precision, history, best_modules, teac
     dtype = AUTOCAST_DTYPES[precision]
     best = max(history, key=lambda h: h["val_acc"])
     images, labels = splits.test
-    raw = predict_views(method.student, images, cfg.image_size, dtype)
+    raw = predict_views(method.student, images, cfg.image_size, dtype, speed.eval_batch_size)
     modules = method.trained_modules()
     for name, module in modules.items():
         module.load_state_dict(best_modules[name])
-    averaged = predict_views(method.student, images, cfg.image_size, dtype)
+    averaged = predict_views(method.student, images, cfg.image_size, dtype, speed.eval_batch_size)
     test_logits = averaged["flip" if cfg.flip_tta else "single"]
     test_labels = labels.to(test_logits.device)
     extra = [m for k, m in modules.items() if k != "student"]
@@ -257,6 +259,7 @@ def _results(cfg, method, splits, device, precision, history, best_modules, teac
         test_predictions=test_logits.argmax(1).tolist(),
         test_labels=test_labels.tolist(),  # with the predictions: confusion matrices need no data
         device=str(device), precision=precision,   # of the last session, if it resumed in another
+        speed_levers=dataclasses.asdict(speed),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch_version=str(torch.__version__), torchvision_version=str(torchvision.__version__),
         wall_seconds=sum(h["seconds"] for h in history),

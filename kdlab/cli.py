@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from kdlab.config import DEFAULT_SEED, LAB_RUNS, RUNS, SCRATCH_RUNS, SPLIT_SEED, run_id
+from kdlab.config import DEFAULT_SEED, EVAL_BATCH_SIZE, LAB_RUNS, RUNS, SCRATCH_RUNS, SPLIT_SEED, SpeedLevers, run_id
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 from kdlab.registry import METHODS, all_settings, setting_owners
@@ -40,7 +40,19 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema-decay", type=float, help="per-step decay of the weight average (default 0.99)")
     parser.add_argument("--no-flip-tta", dest="flip_tta", action="store_false", default=None,
                         help="evaluate on one view instead of the mean of each image and its mirror")
+    levers = parser.add_argument_group("speed levers", "the same steps, faster where they pay (benchmarks/"
+                                       "throughput.py measures each); like --precision, not part of a run's config")
+    levers.add_argument("--fused-sgd", action="store_true", help="the SGD update in one fused kernel")
+    levers.add_argument("--compile-step", action="store_true",
+                        help="torch.compile the training forward (mode reduce-overhead: CUDA graphs); the first "
+                             "steps pay the compilation")
+    levers.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH_SIZE, metavar="N",
+                        help=f"images per evaluation batch (default {EVAL_BATCH_SIZE})")
     add_method_settings(parser)
+
+
+def speed_levers(args) -> SpeedLevers:
+    return SpeedLevers(fused_sgd=args.fused_sgd, compile_step=args.compile_step, eval_batch_size=args.eval_batch_size)
 
 
 class Parser(argparse.ArgumentParser):
@@ -183,7 +195,7 @@ def command_run(args) -> None:
     check_settings_apply(method_settings(args), names)
     check_teacher_epochs(args)
     lab = Lab(args.ckpt_dir, args.data_dir, args.device, smoke=args.smoke, teacher_epochs=args.teacher_epochs,
-              precision=args.precision, **training_overrides(args))
+              precision=args.precision, speed=speed_levers(args), **training_overrides(args))
     trials = [(name, seed) for seed in args.seed or [DEFAULT_SEED] for name in names]
     for name, seed in trials:
         lab.config(name, seed)  # every name's settings are checked before anything trains
@@ -226,7 +238,7 @@ def command_sweep(args) -> None:
     # Absolute: Ray's workers do not run in this folder, nor, on a cluster, on this machine.
     options = SweepOptions(Path(args.out).resolve(), str(Path(args.data_dir).resolve()), args.device,
                            smoke=args.smoke, teacher_epochs=args.teacher_epochs, cpus_per_trial=args.cpus_per_trial,
-                           precision=args.precision, overrides=training_overrides(args))
+                           precision=args.precision, speed=speed_levers(args), overrides=training_overrides(args))
     engine = {"ray": lambda: RayEngine(args.address, args.gpus_per_trial, args.cpus_per_trial),
               "processes": lambda: ProcessEngine(args.gpus_per_trial, args.cpus_per_trial),
               "serial": SerialEngine}[args.engine]()

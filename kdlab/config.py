@@ -50,6 +50,31 @@ class RunConfig:
         return run_id(self.run, self.seed)
 
 
+# Images per evaluation batch (validation, test, the figures' predictions) unless a lever says otherwise.
+EVAL_BATCH_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class SpeedLevers:
+    """Ways to run the same steps faster, each off (or at the default) unless asked for.
+
+    Like the precision, runtime choices and not part of RunConfig: a checkpoint's config never
+    differs by them, and a run may resume with others. Each gives the eager step's losses up to
+    float rounding (tests/test_speed_levers.py); benchmarks/throughput.py measures each on and off.
+    kdlab.train applies them, and falls back, with one log line, where one fails.
+    """
+    fused_sgd: bool = False      # torch.optim.SGD(fused=True): the update in one kernel; in fp16 the
+    #                              scaler's inf check then stays on the device (no sync per step)
+    compile_step: bool = False   # torch.compile of the training forward, mode "reduce-overhead": CUDA
+    #                              graphs replay the fixed-shape step's hundreds of kernel launches
+    eval_batch_size: int = EVAL_BATCH_SIZE
+
+    def __post_init__(self):
+        size = self.eval_batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise KdlabError(f"evaluation batch size must be a positive integer, got {self.eval_batch_size!r}")
+
+
 def run_id(run: str, seed: int = DEFAULT_SEED) -> str:
     """The name of a run's files: the original lab's name for the default seed, else `<run>_seed<N>`."""
     return run if seed == DEFAULT_SEED else f"{run}_seed{seed}"

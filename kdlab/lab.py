@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from kdlab.checkpoints import RunFiles, TrainedRun, train_or_load
-from kdlab.config import DEFAULT_SEED, KD_SETTINGS, TEACHER_RUN, RunConfig, make_config
+from kdlab.config import DEFAULT_SEED, KD_SETTINGS, TEACHER_RUN, RunConfig, SpeedLevers, make_config
 from kdlab.data import Splits, load_cifar10, make_splits, make_synthetic_cifar
 from kdlab.errors import KdlabError
 from kdlab.results import default_ckpt_dir
@@ -34,17 +34,19 @@ class Lab:
     distils the teacher trained with `teacher_seed`, whatever its own seed: the teacher is
     trained once for all of them. `teacher_dir` (default: `ckpt_dir`) is the teacher's folder,
     so that many students' folders can share one teacher (kdlab.sweep). `precision` (auto, bf16,
-    fp16 or fp32; kdlab.train.check_precision) is how every run trains, checked against the device now.
+    fp16 or fp32; kdlab.train.check_precision) is how every run trains, checked against the device now;
+    `speed` the speed levers (kdlab.config.SpeedLevers) every run trains with.
     """
 
     def __init__(self, ckpt_dir=None, data_dir="data", device="auto", smoke=False,
                  teacher_epochs=None, teacher_seed=DEFAULT_SEED, progress=None, log=print, teacher_dir=None,
-                 precision="auto", **overrides):
+                 precision="auto", speed: SpeedLevers | None = None, **overrides):
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else default_ckpt_dir(smoke)
         self.teacher_dir = Path(teacher_dir) if teacher_dir is not None else self.ckpt_dir
         self.data_dir = Path(data_dir)
         self.device = resolve_device(device)
         self.precision = check_precision(precision, self.device)
+        self.speed = speed or SpeedLevers()
         self.smoke, self.progress, self.log = smoke, progress, log
         self.overrides = overrides
         # Label smoothing is the students' alone: a smoothed teacher distils worse (kdlab.config).
@@ -88,7 +90,7 @@ class Lab:
                 self._runs[key] = train_or_load(
                     cfg, lambda: self.splits(cfg), self.device, ckpt_dir,
                     get_teacher=lambda: self.run(TEACHER_RUN, seed=self.teacher_seed), retrain=retrain,
-                    progress=self.progress, log=self.log, precision=self.precision)
+                    progress=self.progress, log=self.log, precision=self.precision, speed=self.speed)
             except KeyboardInterrupt as interrupt:
                 if not getattr(interrupt, "reported_by", None):   # the innermost run says it, once
                     interrupt.reported_by = cfg.run_id

@@ -34,7 +34,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kdlab.config import DEFAULT_SEED, METHOD_SETTINGS, RUNS, TEACHER_RUN, make_config, run_id
+from kdlab.config import DEFAULT_SEED, METHOD_SETTINGS, RUNS, TEACHER_RUN, SpeedLevers, make_config, run_id
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 
@@ -95,6 +95,7 @@ class SweepOptions:
     teacher_epochs: int | None = None
     cpus_per_trial: int = 1
     precision: str = "auto"                          # kdlab.train.check_precision
+    speed: SpeedLevers = field(default_factory=SpeedLevers)
     overrides: dict = field(default_factory=dict)   # for every run (kdlab.config.OVERRIDABLE)
 
 
@@ -165,7 +166,7 @@ def run_trial(trial: Trial, options: SweepOptions) -> dict:
         try:
             lab = Lab(folder, options.data_dir, options.device, smoke=options.smoke,
                       teacher_epochs=options.teacher_epochs, teacher_dir=options.out / "teacher",
-                      progress=False, log=log, precision=options.precision,
+                      progress=False, log=log, precision=options.precision, speed=options.speed,
                       **dict(options.overrides, **dict(trial.settings)))
             trained = lab.run(trial.run, seed=trial.seed)
         except Exception as err:   # this trial failed; the sweep goes on with the others

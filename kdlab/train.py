@@ -21,6 +21,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", TqdmWarning)
     from tqdm.auto import tqdm
 
+from kdlab.config import EVAL_BATCH_SIZE, SpeedLevers
 from kdlab.data import DeviceLoader, preprocess
 from kdlab.errors import KdlabError
 from kdlab.models import build_model, load_weights
@@ -31,6 +32,8 @@ MIN_STEPS_PER_EPOCH = 20
 # An fp16 loss scaler skips a step whose gradients overflowed and halves its scale: a few skips
 # while the scale settles are normal; more than this share of an epoch's steps is said in the log.
 SKIPPED_STEPS_WARNING = 0.05
+# How the compile lever (SpeedLevers.compile_step) compiles the training forward.
+COMPILE_OPTIONS = dict(mode="reduce-overhead")
 
 
 # The autocast dtype of each precision (fp32: autocast off). A precision is a runtime choice,
@@ -100,12 +103,12 @@ def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_step(method, optimizer, scaler, images, targets, dtype, epochs_done: float):
+def train_step(method, optimizer, scaler, images, targets, dtype, epochs_done: float, forward=None):
     """One optimisation step on a batch of the device loader, `epochs_done` epochs into training;
     returns the logits, the loss terms, and whether the loss scaler skipped the update (a 0/1
-    tensor on the device; None without a scaler)."""
+    tensor on the device; None without a scaler). `forward`: method.forward_train, or a compiled one."""
     with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
-        logits, losses = method.forward_train(images, targets, epochs_done)
+        logits, losses = (forward or method.forward_train)(images, targets, epochs_done)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(sum(losses.values())).backward()
     scaler.step(optimizer)
@@ -117,10 +120,61 @@ def train_step(method, optimizer, scaler, images, targets, dtype, epochs_done: f
     return logits, losses, skipped
 
 
-def make_optimizer(cfg, method):
+class TrainStep:
+    """train_step for one run: its method, optimizer, scaler and autocast dtype.
+
+    With `compile_step` (a speed lever) the forward is compiled (COMPILE_OPTIONS). torch compiles
+    inside the steps (the backward at its first backward pass, and again when a method reads
+    `epochs_done` and it changes), so a step that fails while compiled is run again eagerly, and
+    every later one too, after one log line: it failed before the optimizer's update, though its
+    BatchNorm statistics may have moved one batch more. A step that fails eagerly raises.
+    """
+
+    def __init__(self, method, optimizer, scaler, dtype, compile_step: bool = False, log=print):
+        self.method, self.optimizer, self.scaler, self.dtype, self.log = method, optimizer, scaler, dtype, log
+        self.compiled = torch.compile(method.forward_train, **COMPILE_OPTIONS) if compile_step else None
+
+    def __call__(self, images, targets, epochs_done: float):
+        args = (self.method, self.optimizer, self.scaler, images, targets, self.dtype, epochs_done)
+        if self.compiled is not None:
+            try:
+                return train_step(*args, forward=self.compiled)
+            except Exception as err:  # noqa: BLE001 - whatever the compiler raised, the eager step is the answer
+                self.compiled = None
+                cause = getattr(err, "inner_exception", None) or err   # the backend's own error, if dynamo wrapped it
+                detail = (str(cause).strip().splitlines() or [""])[0][:200]
+                self.log(f"torch.compile failed ({type(cause).__name__}: {detail}); training without it")
+        return train_step(*args)
+
+
+def make_optimizer(cfg, method, fused: bool = False, log=print):
+    """Nesterov SGD over the trained modules; `fused` (a speed lever): torch's fused kernel, or,
+    where this torch has none, its default (foreach on a GPU) after one log line."""
     params = [p for m in method.trained_modules().values() for p in m.parameters()]
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                           weight_decay=cfg.weight_decay)
+    settings = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    if fused:
+        try:
+            optimizer = torch.optim.SGD(params, **settings, fused=True)
+        except (TypeError, RuntimeError) as err:
+            log(f"fused SGD is not available here ({type(err).__name__}: {err}); training with torch's default SGD")
+        else:
+            # torch's fused SGD makes its momentum buffers with empty_like at its first step and fills
+            # them in the kernel, which a loss scaler's skipped step skips (fp16's first steps often
+            # are): the momentum would stay uninitialised memory (tests/test_precision.py). Zeros give
+            # the same first update (no dampening: the buffer becomes the gradient either way).
+            for param in params:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+            return optimizer
+    return torch.optim.SGD(params, **settings)
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """`state`'s momentum and settings, keeping `optimizer`'s implementation (fused or foreach):
+    a speed lever of this session, which a checkpoint saved with another must not switch."""
+    implementation = [{k: group[k] for k in ("fused", "foreach")} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kept in zip(optimizer.param_groups, implementation):
+        group.update(kept)
 
 
 class WeightAverage:
@@ -154,9 +208,10 @@ class WeightAverage:
             a.copy_(w)
 
 
-def train_epochs(cfg, method, splits, device, files, resume=None, progress=None, log=print, precision="auto"):
+def train_epochs(cfg, method, splits, device, files, resume=None, progress=None, log=print, precision="auto",
+                 speed=SpeedLevers()):
     """Train `method` for the epochs `cfg` asks for, from `resume` (a last checkpoint) if given,
-    in `precision` (kdlab.train.AUTOCAST_DTYPES, or "auto").
+    in `precision` (kdlab.train.AUTOCAST_DTYPES, or "auto"), with the `speed` levers asked for.
 
     After each epoch: validate the weight average (on both mirror views if `cfg.flip_tta`), keep
     the best-on-val average, save the last state. Returns the history, one dict per epoch, and
@@ -165,10 +220,13 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
     """
     tune_cudnn(device)
     modules = method.trained_modules()
-    optimizer = make_optimizer(cfg, method)
+    def log_run(message: str) -> None:
+        log(f"{cfg.run_id}: {message}")
+    optimizer = make_optimizer(cfg, method, speed.fused_sgd, log_run)
     precision = resolve_precision(precision, device)
     dtype = AUTOCAST_DTYPES[precision]
     scaler = make_scaler(device, dtype)
+    take_step = TrainStep(method, optimizer, scaler, dtype, speed.compile_step, log_run)
     average = WeightAverage(cfg, method.student)
     loader = DeviceLoader(*splits.train, cfg.batch_size, cfg.image_size, cfg.seed)
     steps, total_steps = len(loader), cfg.epochs * len(loader)
@@ -178,7 +236,7 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
         for name, module in modules.items():
             load_weights(module, resume["modules"][name], files.last)
         load_weights(average.model, resume["average"], files.last)
-        optimizer.load_state_dict(resume["optimizer"])
+        load_optimizer_state(optimizer, resume["optimizer"])
         if scaler.is_enabled() and resume["scaler"]:   # a run begun on a bf16 GPU or the CPU has none
             scaler.load_state_dict(resume["scaler"])
         history, best_modules = resume["history"], resume["best_modules"]
@@ -210,8 +268,7 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
             lr = lr_at(epoch * steps + step, cfg.lr, warmup_steps, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logits, losses, skipped = train_step(method, optimizer, scaler, images, targets, dtype,
-                                                 epoch + step / steps)
+            logits, losses, skipped = take_step(images, targets, epoch + step / steps)
             if skipped is not None:
                 skipped_steps += skipped
             average.update(epoch * steps + step)
@@ -220,13 +277,13 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
             correct += (logits.argmax(1) == targets).sum()
 
         # The raw weights' loss tells divergence first: the average lags behind them.
-        val_loss, val_acc_raw = evaluate(method.student, *splits.val, cfg.image_size, dtype)
+        val_loss, val_acc_raw = evaluate(method.student, *splits.val, cfg.image_size, dtype, speed.eval_batch_size)
         stop_if_diverged(cfg, epoch, step_losses, val_loss, files)
         # fp16 only: the scaler's scale, and the steps it skipped (inf/nan gradients); None without one.
         scaling = (dict(skipped_steps=round(skipped_steps.item()), loss_scale=scaler.get_scale())
                    if scaler.is_enabled() else dict(skipped_steps=None, loss_scale=None))
         stop_if_scale_collapsed(cfg, epoch, steps, scaling, files)
-        val = evaluate_views(average.model, *splits.val, cfg.image_size, dtype)
+        val = evaluate_views(average.model, *splits.val, cfg.image_size, dtype, speed.eval_batch_size)
         val_acc = val["flip"] if cfg.flip_tta else val["single"]
         term_means = {k: v.mean().item() for k, v in step_losses.items()}
         history.append(dict(epoch=epoch + 1, train_loss=sum(term_means.values()), losses=term_means,
@@ -291,7 +348,7 @@ def stop_if_scale_collapsed(cfg, epoch: int, steps: int, scaling: dict, files) -
 
 @torch.no_grad()
 def predict(model, images: torch.Tensor, image_size: int, dtype=None, mirror: bool = False,
-            batch_size: int = 1024) -> torch.Tensor:
+            batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
     """Logits (fp32) for uint8 images (mirrored left-right if asked), in large batches."""
     model.eval()
     device = next(model.parameters()).device
@@ -305,24 +362,28 @@ def predict(model, images: torch.Tensor, image_size: int, dtype=None, mirror: bo
     return torch.cat(out)
 
 
-def predict_views(model, images: torch.Tensor, image_size: int, dtype=None) -> dict[str, torch.Tensor]:
+def predict_views(model, images: torch.Tensor, image_size: int, dtype=None,
+                  batch_size: int = EVAL_BATCH_SIZE) -> dict[str, torch.Tensor]:
     """Logits of the single view, and flip test-time augmentation: the mean of an image's and its
     mirror's logits (training mirrors half the images, so both views are in distribution)."""
-    single = predict(model, images, image_size, dtype)
-    return {"single": single, "flip": (single + predict(model, images, image_size, dtype, mirror=True)) / 2}
+    single = predict(model, images, image_size, dtype, batch_size=batch_size)
+    mirrored = predict(model, images, image_size, dtype, mirror=True, batch_size=batch_size)
+    return {"single": single, "flip": (single + mirrored) / 2}
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels.to(logits.device)).float().mean().item()
 
 
-def evaluate(model, images, labels, image_size: int, dtype=None) -> tuple[float, float]:
+def evaluate(model, images, labels, image_size: int, dtype=None,
+             batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of `model` on a split, single view."""
-    logits = predict(model, images, image_size, dtype)
+    logits = predict(model, images, image_size, dtype, batch_size=batch_size)
     return F.cross_entropy(logits, labels.to(logits.device)).item(), accuracy(logits, labels)
 
 
-def evaluate_views(model, images, labels, image_size: int, dtype=None) -> dict[str, float]:
+def evaluate_views(model, images, labels, image_size: int, dtype=None,
+                   batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:
     """Accuracy of `model` on a split, by view: {"single": ..., "flip": ...}."""
     return {view: accuracy(logits, labels) for view, logits in
-            predict_views(model, images, image_size, dtype).items()}
+            predict_views(model, images, image_size, dtype, batch_size).items()}

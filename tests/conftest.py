@@ -1,3 +1,4 @@
+import dataclasses
 import errno
 import os
 import socket
@@ -6,6 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from kdlab.checkpoints import train_or_load
+from kdlab.config import make_config
+from kdlab.data import make_splits, make_synthetic_cifar
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,3 +51,20 @@ def no_network(monkeypatch) -> list:
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     return attempts
+
+
+TINY_RUN = "student_scratch_baseline"
+
+
+@pytest.fixture(scope="session")
+def tiny_splits():
+    """60 synthetic images: 40 to train on (4 steps of 10 an epoch), 20 to validate, 20 to test."""
+    data = make_synthetic_cifar(train_per_class=6, test_per_class=2)
+    return make_splits(data, val_per_class=2, split_seed=42, limit_train=0, device=torch.device("cpu"))
+
+
+def train_tiny(splits, ckpt_dir, log=lambda _: None, **kwargs):
+    """train_or_load of the scratch baseline on `splits` on the CPU: 16 px, batches of 10, 2 epochs."""
+    cfg = dataclasses.replace(make_config(TINY_RUN, smoke=True, batch_size=10, image_size=16, epochs=2),
+                              val_per_class=2)
+    return train_or_load(cfg, lambda: splits, torch.device("cpu"), ckpt_dir, progress=False, log=log, **kwargs)

@@ -3,9 +3,12 @@
 Only structure is checked: tiny mode's timings on a shared CPU mean nothing, so no test
 compares speeds.
 """
+import datetime
 import importlib.util
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlab.config import step_runs
+from kdlab.config import LAB_RUNS, step_runs
 from kdlab.results import load_benchmark as load_benchmark_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +66,7 @@ def test_cpu_run_writes_every_row_scaling_and_the_table(tmp_path, one_thread):
     budget = report["budget"]
 
     assert report["device"] == "cpu" and report["mode"] == "tiny" and report["torch_version"]
+    assert_measured_now_at_a_commit(report)
     assert report["peak_tflops"] is None and report["fast_path"] is None   # both CUDA only
     assert list(report["configs"]) == STEPS == [row["step"] for row in report["rows"]]
     for row in report["rows"]:
@@ -134,8 +138,34 @@ def test_markdown_of_a_results_file_from_before_the_breakdown():
     assert "Batch sweep" not in text
 
 
-def test_fast_path_switches_and_their_table_run_on_the_cpu(one_thread):
-    """The CUDA-only section, run here on the CPU (no compile), so the GPU run meets no new code."""
+def assert_measured_now_at_a_commit(report: dict) -> None:
+    measured = datetime.datetime.fromisoformat(report["measured"])
+    assert measured.utcoffset() == datetime.timedelta(0)
+    assert abs(datetime.datetime.now(datetime.timezone.utc) - measured) < datetime.timedelta(hours=1)
+    assert re.fullmatch(r"[0-9a-f]{40}(\+uncommitted)?", report["commit"]), report["commit"]
+
+
+def test_the_commit_measured_is_git_head_or_the_one_given(monkeypatch):
+    bench = load_benchmark()
+    monkeypatch.delenv("KDLAB_COMMIT", raising=False)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert bench.measured_commit().split("+")[0] == head
+    monkeypatch.setenv("KDLAB_COMMIT", "abc123 (copied to a GPU)")   # a copy without .git is told
+    assert bench.measured_commit() == "abc123 (copied to a GPU)"
+
+
+@pytest.fixture
+def aot_eager_compile(monkeypatch):
+    """The compile lever with torch's aot_eager backend: the lever's path, without inductor's
+    minute of code generation per graph on this CPU."""
+    monkeypatch.setattr("kdlab.train.COMPILE_OPTIONS", dict(backend="aot_eager"))
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_fast_path_switches_and_their_table_run_on_the_cpu(one_thread, aot_eager_compile, monkeypatch):
+    """The CUDA-only section, run here on the CPU, so the GPU run meets no new code."""
     bench = load_benchmark()
     budget, device = bench.BUDGETS["tiny"], torch.device("cpu")
     cfg = bench.make_config(step_runs()["student_ce"], **bench.size_overrides(budget))
@@ -143,20 +173,64 @@ def test_fast_path_switches_and_their_table_run_on_the_cpu(one_thread):
     images, labels = bench.student_ce_data(budget, data, cfg)
     baseline = bench.measure(lambda: bench.kdlab_train(cfg, images, labels, device),
                              budget.warmup_steps, budget.timed_steps, device)
-    fast = bench.measure_fast_paths(budget, data, device, "tiny", baseline, False, log=lambda line: None)
+    evaluation = bench.measure_row("evaluation", cfg, data, budget, device, None)["kdlab"]
+    fast = bench.measure_fast_paths(budget, data, device, "tiny", baseline, evaluation, True, log=lambda line: None)
 
     switches = fast["switches"]
-    assert list(switches) == ["channels_last", "autocast", "cudnn_benchmark", "compile"]
-    for name in ("channels_last", "autocast", "cudnn_benchmark"):
-        assert switches[name]["on"]["images_per_s"] > 0 and switches[name]["off"]["images_per_s"] > 0
-        assert switches[name]["verdict"] in ("pays", "costs", "no clear difference")
-    assert switches["compile"] == {"skipped": "--no-compile"}
+    assert list(switches) == ["channels_last", "autocast", "fp16", "fused_sgd", "fp16_fused_sgd", "eval_batch",
+                              "cudnn_benchmark", "compile"]
+    for name, result in switches.items():
+        assert result["on"]["images_per_s"] > 0 and result["off"]["images_per_s"] > 0, name
+        assert result["verdict"] in ("pays", "costs", "no clear difference")
+    assert switches["autocast"]["off"] is not baseline and switches["fused_sgd"]["off"] is baseline
+    assert switches["fp16"]["against"] == "fp32" and switches["fp16_fused_sgd"]["off"] is switches["fp16"]["on"]
+    check = switches["fused_sgd"]["skipped_steps_check"]
+    assert check["agrees"] and check["max_weight_difference"] < 1e-6 and check["skipped_steps"] == [1, 3]
+    batch = switches["eval_batch"]
+    assert batch["off"] is evaluation and batch["batch_size"] == 4 * batch["default_batch_size"] == 40
+    assert batch["on"]["images"] == batch["batch_size"]   # one timed batch, after one warm-up batch
+    assert switches["compile"]["compile_seconds"] == (switches["compile"]["on"]["warmup_seconds"]
+                                                      - baseline["warmup_seconds"])
 
     report = dict(device_name="cpu", mode="tiny", image_size=cfg.image_size, batch_size=cfg.batch_size,
                   budget=bench.asdict(budget), rows=[], fast_path=fast,
                   scaling=bench.measure_scaling(budget, data, device))
     table = bench.table(report)
-    assert "channels_last" in table and "cudnn_benchmark" in table and "--no-compile" in table
+    for name in switches:
+        assert f"  {name} " in table
+    assert "the same update as the default SGD after skipped fp16 steps" in table and "compiling took" in table
+
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+    monkeypatch.setattr("kdlab.train.COMPILE_OPTIONS", dict(backend=no_compiler))
+    torch._dynamo.reset()
+    failed = bench.measure_compile(cfg, images, labels, device, budget, baseline, log=lambda line: None)
+    assert failed == {"error": "RuntimeError: the lever fell back: torch.compile failed "
+                               "(RuntimeError: no C++ compiler here); training without it"}, failed
+
+
+def test_lab_time_trial_runs_the_six_runs_from_cached_imagenet_shaped_weights(tmp_path, one_thread, no_network,
+                                                                           monkeypatch, capsys):
+    """The GPU measurement's path at trial sizes: every run of `run all` trains, the pretrained ones
+    from the temporary cache (nothing downloaded), which is gone afterwards with the checkpoints."""
+    bench = load_benchmark()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "the user's cache"))
+    out = tmp_path / "lab-time.json"
+    assert bench.main(["--lab-time", "--tiny", "--device", "cpu", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    lab = report["lab_time"]
+
+    assert no_network == [] and os.environ["TORCH_HOME"] == str(tmp_path / "the user's cache")
+    assert report["mode"] == "tiny" and lab["trial"] and lab["precision"] == "fp32"
+    assert_measured_now_at_a_commit(report)
+    assert [run["run"] for run in lab["runs"]] == LAB_RUNS
+    for run in lab["runs"]:
+        assert run["weights"] == lab["configs"][run["run"]]["weights"] and run["seconds"] > 0
+        assert run["epochs"] == len(run["epoch_seconds"]) == bench.LAB_TRIAL["epochs"]
+    assert {run["weights"] for run in lab["runs"]} == {"imagenet", "none"}
+    assert lab["total_seconds"] == sum(run["seconds"] for run in lab["runs"])
+    table = capsys.readouterr().out.split("the six-run lab on", 1)[1]
+    assert "trial sizes: the times mean nothing" in table and all(run in table for run in LAB_RUNS)
 
 
 def test_peak_of_known_gpus_is_found_by_name():

@@ -3,37 +3,16 @@ recorded in the results. GPU paths run here through the same code: the device's 
 stood in for where a test needs a GPU's, and the training functions take fp16 on the CPU."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
+from conftest import TINY_RUN as RUN
+from conftest import train_tiny as train
 
-from kdlab.checkpoints import train_or_load
 from kdlab.cli import main
-from kdlab.config import make_config
-from kdlab.data import make_splits, make_synthetic_cifar
+from kdlab.config import SpeedLevers
 from kdlab.errors import KdlabError
 from kdlab.lab import Lab
 from kdlab.train import check_precision, resolve_precision
-
-CPU = torch.device("cpu")
-RUN = "student_scratch_baseline"
-
-
-@pytest.fixture(scope="module")
-def tiny_splits():
-    data = make_synthetic_cifar(train_per_class=6, test_per_class=2)
-    return make_splits(data, val_per_class=2, split_seed=42, limit_train=0, device=CPU)
-
-
-def tiny_config(**changes):
-    """40 images at 16 px in batches of 10: 4 steps an epoch, 2 epochs."""
-    cfg = make_config(RUN, smoke=True, batch_size=10, image_size=16, epochs=2)
-    return dataclasses.replace(cfg, val_per_class=2, **changes)
-
-
-def train(splits, ckpt_dir, log=lambda _: None, **kwargs):
-    return train_or_load(tiny_config(), lambda: splits, CPU, ckpt_dir, progress=False, log=log, **kwargs)
 
 
 @pytest.mark.parametrize("command, needle", [
@@ -126,10 +105,15 @@ def test_without_a_scaler_the_history_says_none(tmp_path, tiny_splits, precision
     assert all(h["skipped_steps"] is None and h["loss_scale"] is None for h in history)
 
 
-def test_a_scaler_that_skips_many_steps_says_so(tmp_path, tiny_splits, monkeypatch):
+@pytest.mark.parametrize("fused_sgd", [False, True], ids=["default SGD", "fused SGD"])
+def test_a_scaler_that_skips_many_steps_says_so(tmp_path, tiny_splits, monkeypatch, fused_sgd):
+    """Every other step skipped, the first among them. Fused SGD skips on the device, and its
+    momentum would start as uninitialised memory after a skipped first step if kdlab did not
+    give it zeros (kdlab.train.make_optimizer): the run would diverge."""
     monkeypatch.setattr("kdlab.train.make_scaler", lambda device, dtype: InfScaler(every=2))
     lines = []
-    history = train(tiny_splits, tmp_path, log=lines.append, precision="fp16").results["history"]
+    history = train(tiny_splits, tmp_path, log=lines.append, precision="fp16",
+                    speed=SpeedLevers(fused_sgd=fused_sgd)).results["history"]
     assert [h["skipped_steps"] for h in history] == [2, 2]
     assert [h["loss_scale"] for h in history] == [2.0 ** 14, 2.0 ** 12]
     warnings = [line for line in lines if "warning: the fp16 loss scaler" in line]
