@@ -3,13 +3,14 @@
 The standing rule: a session lent a GPU runs this before anything else, whatever its issue
 (README "Reproduce the reference" says how the data gets there):
 
-    python3 scripts/reference_run.py --data-dir data --ckpt-dir /dev/shm/kd --out $OUT --budget 540
+    KDLAB_COMMIT=<commit> python3 scripts/reference_run.py --data-dir data --ckpt-dir /dev/shm/kd --out $OUT --budget 540
 
-It works through the items below in priority order within --budget seconds. An item is a list
-of tasks, each a run of the lab or a command line, with the files it writes in this repository
-and its estimated seconds. A task whose files are committed (under --committed, by default this
-checkout) or were written by an earlier call with the same --ckpt-dir is done and skipped, so
-consecutive sessions continue the plan instead of repeating it. A task whose estimate does not
+(KDLAB_COMMIT names the commit sent, which a copy without .git cannot tell: the manifest and the
+benchmark files record it.) It works through the items below in priority order within --budget
+seconds. An item is a list of tasks, each a run of the lab or a command line, with the files it
+writes in this repository and its estimated seconds. A task whose files are committed (under
+--committed, by default this checkout) or were written by an earlier call with the same
+--ckpt-dir is done and skipped, so consecutive sessions continue the plan instead of repeating it. A task whose estimate does not
 fit the time left is skipped and named in the manifest; the next one that fits runs.
 
   reference         the teacher (ResNet50 from scratch, 40 epochs, seed 42); the label-smoothing
@@ -26,7 +27,9 @@ fit the time left is skipped and named in the manifest; the next one that fits r
   budget-baselines  the baseline given logit KD's budget (issue 23), seeds 42-44: as many epochs as fit
                     in logit KD's training time, and the teacher's plus the student's epochs
                     (results/ablation-budget/<variant>/; kdlab.results.budget_matched_epochs)
-  benchmark         benchmarks/throughput.py in full on the GPU (benchmarks/results/<gpu>-plan.json)
+  benchmark         benchmarks/throughput.py in full on the GPU, the speed levers on and off in the same
+                    run (benchmarks/results/<gpu>-full-levers.json), and the six-run lab's wall time at its
+                    default settings (--lab-time: benchmarks/results/<gpu>-lab-time.json)
   sweep-packing     the same 8 logit-KD trials (seed 44, temperature 1, 2, 4, 8 x alpha 0.5, 0.9; 10
                     epochs) one per GPU, then four per GPU: the packing gain in trials per hour
                     (results/sweep-packing/)
@@ -48,10 +51,11 @@ Estimates: the seconds per epoch of each step kind and per run on top (test, che
 the committed reference's results files and manifest (results/reference/), each replaced by what
 this call measures once a run of its kind has trained. Decoupled KD is estimated as logit KD,
 attention transfer as feature KD (the same networks and passes; their losses cost little beside
-them). The benchmark costs what the longest committed full benchmark on this GPU took; the
-efficiency table what the previous script reserved for the figures (30 s); a packed sweep its
-trials one after another, divided by the packing gain once sweep-packing has measured it. A task
-that ran before in the plan (stopped by the budget, say) is estimated at no less than it took.
+them). The benchmark costs what the longest committed full benchmark on this GPU took, the
+lab's wall time its six runs at those rates, the efficiency table what the previous script
+reserved for the figures (30 s); a packed sweep costs its trials one after another, divided by
+the packing gain once sweep-packing has measured it. A task that ran before in the plan
+(stopped by the budget, say) is estimated at no less than it took.
 
 Written under --out: results.tgz, every file the tasks wrote at its path in this repository
 (`tar xzf OUT/results.tgz` from the repository root adds them), with results/plan/manifest.json
@@ -86,7 +90,7 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kdlab.config import DEFAULT_SEED, RUNS, TEACHER_RUN, make_config, run_id, run_of  # noqa: E402
+from kdlab.config import DEFAULT_SEED, LAB_RUNS, RUNS, TEACHER_RUN, make_config, run_id, run_of  # noqa: E402
 from kdlab.errors import KdlabError  # noqa: E402
 from kdlab.registry import METHODS  # noqa: E402
 from kdlab.results import (EQUAL_TRAINING_TIME, TEACHER_PLUS_STUDENT_EPOCHS, RunPaths, agreement,  # noqa: E402
@@ -400,16 +404,26 @@ class PlanBuilder:
         return Item("budget-baselines", tasks, check=lambda tree: budget_check(tree, epochs))
 
     def benchmark(self) -> Item:
-        output = f"benchmarks/results/{self.gpu}-plan.json"
-        argv = (sys.executable, "benchmarks/throughput.py", "--device", self.scale.device,
-                *(("--tiny", "--no-compile") if self.scale.smoke else ()),
-                "--json", str(self.tree.staging / output), "--note", "the GPU plan (scripts/reference_run.py)")
+        """The full benchmark (the speed levers on and off in the same run) and the six-run lab's wall time."""
+        tiny = ("--tiny",) if self.scale.smoke else ()
+        note = ("--note", "the GPU plan (scripts/reference_run.py)")
+        full, lab_time = (f"benchmarks/results/{self.gpu}-{name}.json" for name in ("full-levers", "lab-time"))
+        throughput = (sys.executable, "benchmarks/throughput.py", "--device", self.scale.device)
         # The longest committed full benchmark on the GPU of the estimates, or on any GPU.
-        full = [read_json(path, "restore it from git.") for path in (REPO / "benchmarks/results").glob("*.json")]
-        full = [b for b in full if b.get("mode") == "full" and "wall_seconds" in b]
-        took = max((b["wall_seconds"] for b in full if b["device_name"] == self.rates.gpu),
-                   default=max(b["wall_seconds"] for b in full))
-        return Item("benchmark", [self.task("benchmark", "throughput-full", Command(argv, (output,)), took)])
+        committed = [read_json(path, "restore it from git.") for path in (REPO / "benchmarks/results").glob("*.json")]
+        committed = [b for b in committed if b.get("mode") == "full" and "wall_seconds" in b]
+        took = max((b["wall_seconds"] for b in committed if b["device_name"] == self.rates.gpu),
+                   default=max(b["wall_seconds"] for b in committed))
+        # The lab's runs at their default settings, at the committed seconds per epoch of their kind.
+        lab = sum(self.rates.run("teacher" if run == TEACHER_RUN else RUNS[run].method, make_config(run).epochs)
+                  for run in LAB_RUNS)
+        return Item("benchmark", [
+            self.task("benchmark", "throughput-full", Command(
+                (*throughput, *tiny, *(("--no-compile",) if self.scale.smoke else ()),
+                 "--json", str(self.tree.staging / full), *note), (full,)), took),
+            self.task("benchmark", "lab-time", Command(
+                (*throughput, "--lab-time", *tiny, "--json", str(self.tree.staging / lab_time), *note), (lab_time,)),
+                lab)])
 
     def sweep_command(self, name: str, runs: list[str], seeds, grid, gpus_per_trial: float, recipe) -> tuple:
         """A `kdlab sweep` on this machine's GPU, its teacher copied in, and its estimate."""
@@ -651,7 +665,8 @@ class Plan:
             shutil.copy(committed_log, log_path)
         self.log_file = open(log_path, "a")
         self.call = dict(command=" ".join(["python", "scripts/reference_run.py", *sys.argv[1:]]),
-                         started=utc_now(), budget_seconds=self.args.budget, trial=self.scale.smoke,
+                         started=utc_now(), commit=os.environ.get("KDLAB_COMMIT"),
+                         budget_seconds=self.args.budget, trial=self.scale.smoke,
                          gpu=gpu_name, estimates_from=self.rates.gpu, torch_version=str(torch.__version__),
                          python=sys.version.split()[0], tasks=self.handled)
         self.manifest["calls"].append(self.call)
