@@ -560,7 +560,9 @@ class Plan:
         self.args, self.scale = args, scale
         self.ckpt = Path(args.ckpt_dir)
         self.staging = self.ckpt / "out"
-        self.tree = Tree(Path(args.committed), self.staging)
+        # A trial's smoke results must never pass for the checkout's, nor be paired with them.
+        committed = args.committed or (self.ckpt / "nothing-committed" if scale.smoke else REPO)
+        self.tree = Tree(Path(committed), self.staging)
         self.deadline = time.perf_counter() + args.budget
         self.rates = Rates()
         self.manifest = self.load_manifest()
@@ -860,9 +862,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ckpt-dir", default="/tmp/kdlab-plan", help="checkpoints, and what this machine wrote")
     parser.add_argument("--out", help="where results.tgz and manifest.json go (needed unless --dry-run)")
     parser.add_argument("--budget", type=float, default=540, help="seconds for the whole call (default 540)")
-    parser.add_argument("--committed", default=str(REPO),
-                        help="the checkout whose results count as done (default: this one); "
-                             "an empty folder runs every item")
+    parser.add_argument("--committed", help="the checkout whose results count as done (default: this one; with "
+                                            "--trial, none); an empty folder runs every item")
     parser.add_argument("--only", nargs="+", metavar="ITEM", help=f"items to work on: {', '.join(ITEMS)}")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its estimates; run nothing")
     parser.add_argument("--trial", action="store_true", help="a tiny CPU check of this script (never results)")
