@@ -627,7 +627,7 @@ class Plan:
             print(f"\n{item.name}" + (f": {item.waiting}" if item.waiting else ""))
             for task in item.tasks:
                 if self.done(task):
-                    print(f"  {task.name:72}        done")
+                    print(f"  {task.name:78}        done")
                     continue
                 teacher = self.teacher_first(task, teacher_here)
                 if task.estimate + teacher <= left:
@@ -638,7 +638,7 @@ class Plan:
                 else:
                     verdict = "does not fit what is left"
                 with_teacher = f" (+ {teacher:.0f} s: the teacher first)" if teacher else ""
-                print(f"  {task.name:72} {task.estimate:5.0f} s  to do{with_teacher}: {verdict}")
+                print(f"  {task.name:78} {task.estimate:5.0f} s  to do{with_teacher}: {verdict}")
                 if isinstance(task.work, Command):
                     print(f"      $ {shown(task.work.argv)}")
         print(f"\nwithin --budget {self.args.budget:.0f} s: {planned} task(s) would run, about "
