@@ -821,7 +821,7 @@ def table(report: dict) -> str:
     if fast is None:
         lines.append("fast paths: measured on CUDA only")
         return "\n".join(lines)
-    lines.append("fast paths (student CE; eval_batch: evaluation; kdlab img/s with / without):")
+    lines.append("fast paths (student CE, kdlab img/s with / without; eval_batch: evaluation):")
     for name, result in fast["switches"].items():
         if "speedup" not in result:
             lines.append(f"  {name:16} {result.get('skipped') or result.get('error', '')[:100]}")
@@ -848,7 +848,7 @@ def skipped_steps_note(result: dict) -> str:
 
 
 def markdown(report: dict, source: str) -> str:
-    """The tables of a results file in Markdown, labelled with where they came from (for the README)."""
+    """The tables of a results file in Markdown, labelled with where they came from (for docs/performance.md)."""
     b = report["budget"]
     label = f" ({report['note']})" if report.get("note") else ""
     lines = [f"Measured on {report['device_name']}{label}, torch {report['torch_version']}, {report['mode']} "
@@ -875,8 +875,8 @@ def markdown(report: dict, source: str) -> str:
     if report.get("batch_sweep"):
         lines += ["", "Batch sweep of kdlab's path:", "", *markdown_table(sweep_rows(report))]
     if report["fast_path"]:
-        lines += ["", "| fast-path switch (student CE step; eval_batch: evaluation) | img/s with | img/s without "
-                      "| speedup | verdict |", "|---|---:|---:|---:|---|"]
+        lines += ["", "| fast-path switch (student CE step) | img/s with | img/s without | speedup | verdict |",
+                  "|---|---:|---:|---:|---|"]
         for name, result in report["fast_path"]["switches"].items():
             if "speedup" not in result:
                 lines.append(f"| {name} | | | | {result.get('skipped') or 'failed: ' + result['error'][:80]} |")
@@ -1015,7 +1015,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement (CUDA)")
     parser.add_argument("--note", help="recorded in the JSON, e.g. which machine this is")
     parser.add_argument("--markdown", metavar="RESULTS",
-                        help="print the tables of a results JSON as Markdown (for the README), measure nothing")
+                        help="print the tables of a results JSON as Markdown (for docs/performance.md), measure nothing")
     parser.add_argument("--plot", nargs=2, metavar=("RESULTS", "PNG"),
                         help="draw the throughput chart of a results JSON (kdlab.figures.plot_throughput), "
                              "measure nothing")

@@ -12,6 +12,7 @@ zip's checksums and uses `weights_only=True`: a checkpoint is data, never code.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import datetime
@@ -28,7 +29,8 @@ import torch
 import torchvision
 from torch import nn
 
-from kdlab.config import DEFAULT_SEED, RunConfig, SpeedLevers, config_dict, config_differences
+from kdlab.config import DEFAULT_SEED, TEACHER_RUN, RunConfig, SpeedLevers, config_dict, config_differences
+from kdlab.data import CLASSES
 from kdlab.results import RunPaths
 from kdlab.errors import KdlabError
 from kdlab.folders import no_empty_folders_left
@@ -223,6 +225,26 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
     return TrainedRun(student.eval(), results, trained=True)
 
 
+# The test images whose logits a teacher's results file keeps, for the figure of what the teacher
+# knows (kdlab.figures.plot_soft_targets): the first test image of each of these classes that the
+# teacher classifies right. Two pairs of look-alike classes, whose likeness its softened outputs show.
+SOFT_TARGET_CLASSES = ("cat", "dog", "automobile", "truck")
+
+
+def soft_target_examples(logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    """Test images (uint8, base64) with their label and the model's logits, one per SOFT_TARGET_CLASSES
+    class the model gets right at least once."""
+    right = logits.argmax(1) == labels
+    examples = []
+    for name in SOFT_TARGET_CLASSES:
+        hits = torch.nonzero(right & (labels == CLASSES.index(name))).flatten()
+        if len(hits):
+            i = int(hits[0])
+            examples.append(dict(test_index=i, label=CLASSES.index(name), logits=logits[i].tolist(),
+                                 image=base64.b64encode(images[i].cpu().numpy().tobytes()).decode()))
+    return examples
+
+
 def _results(cfg, method, splits, device, precision, speed, history, best_modules, teacher) -> dict:
     """The results of a finished run; loads the best-on-val state into the trained modules.
 
@@ -258,6 +280,8 @@ def _results(cfg, method, splits, device, precision, speed, history, best_module
                      test_acc=teacher.results["test_acc"]) if teacher else None,
         test_predictions=test_logits.argmax(1).tolist(),
         test_labels=test_labels.tolist(),  # with the predictions: confusion matrices need no data
+        **({"soft_target_examples": soft_target_examples(test_logits, images, test_labels)}
+           if cfg.run == TEACHER_RUN else {}),
         device=str(device), precision=precision,   # of the last session, if it resumed in another
         speed_levers=dataclasses.asdict(speed),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

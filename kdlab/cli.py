@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from kdlab.config import DEFAULT_SEED, EVAL_BATCH_SIZE, LAB_RUNS, RUNS, SCRATCH_RUNS, SPLIT_SEED, SpeedLevers, run_id
+from kdlab.config import DEFAULT_SEED, EVAL_BATCH_SIZE, LAB_RUNS, RUNS, SPLIT_SEED, SpeedLevers, run_id
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 from kdlab.registry import METHODS, all_settings, setting_owners
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     run = sub.add_parser("run", help="train-or-load runs (a KD run trains its teacher first if needed)",
-                         epilog="Each run's settings and why: kdlab/config.py, README \"Defaults, and why\".")
+                         epilog="Each run's settings and why: kdlab/config.py, docs/recipe.md.")
     run.add_argument("runs", nargs="+", metavar="RUN", help=f"'all' or any of: {', '.join(RUNS)}")
     run.add_argument("--ckpt-dir", help=f"default: {CKPT_DIR}, or {SMOKE_CKPT_DIR} with --smoke")
     add_training_options(run)
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser("sweep", help="runs x seeds x settings as trials, on Ray or one after another",
                            epilog="Each trial is train-or-load in <out>/trials/<run>/<settings>/: run the same "
-                                  "command again to resume. README \"Sweeps\" has the cluster commands.")
+                                  "command again to resume. docs/sweeps.md has the cluster commands.")
     sweep.add_argument("runs", nargs="+", metavar="RUN", help=f"students, any of: {', '.join(list(RUNS)[1:])}")
     sweep.add_argument("--seeds", type=int, nargs="+", default=[DEFAULT_SEED], metavar="SEED",
                        help=f"training seeds, a trial each (default {DEFAULT_SEED})")
@@ -146,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--engine", choices=["ray", "processes", "serial"], default="ray",
                        help="ray (default): every trial a Ray task; processes: worker processes of this machine, "
                             "packed on its GPUs as Ray does, without Ray; serial: in this process, one after another")
-    sweep.add_argument("--address", help="Ray cluster to join, e.g. auto after `ray start --head` "
-                                         "(default: start a local Ray on this machine)")
+    sweep.add_argument("--address", help="Ray cluster to join: the HEAD:PORT that `ray start --head` prints, "
+                                         "with RAY_AUTH_MODE=token and the head's token (docs/sweeps.md); "
+                                         "default: start a local Ray on this machine")
     sweep.add_argument("--gpus-per-trial", type=float,
                        help="GPUs each trial reserves (engines ray and processes); 0.25 packs four on a GPU "
                             "(default: 1 where there are GPUs, else 0)")
@@ -162,11 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--smoke", action="store_true", help="the smoke runs' default folder")
 
     report = sub.add_parser("report", help="write report/generated/*.tex from results files, then build the PDF")
-    report.add_argument("--results", default="results/reference", help="folder of <run>_results.json")
+    report.add_argument("--results", default="results/reference",
+                        help="folder of <run>_results.json, such as a checkpoint folder (default: results/reference)")
     report.add_argument("--figures", default="figures", help="folder of the figures and efficiency.json")
-    report.add_argument("--report-dir", default="report", help="folder of KD_LAB.tex")
-    report.add_argument("--runs", nargs="+", default=SCRATCH_RUNS, metavar="RUN",
-                        help="runs the report expects; those without a results file are marked missing")
+    report.add_argument("--report-dir", default="report",
+                        help="folder the report is written to, made if missing: KD_LAB.tex (copied from "
+                             "report/), generated/*.tex and KD_LAB.pdf (default: report)")
+    report.add_argument("--runs", nargs="+", metavar="RUN",
+                        help="runs the report expects, those without a results file marked missing (default: "
+                             "the six of `run all` when the results hold a run fine-tuned from ImageNet, else "
+                             "the teacher and the from-scratch students; other runs appear when they have results)")
     report.add_argument("--benchmark", default=DEFAULT_BENCHMARK, metavar="JSON",
                         help="a benchmarks/throughput.py results file for the speed section")
     report.add_argument("--draft", action="store_true",
@@ -184,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="where latency and throughput are measured")
     figures.add_argument("--efficiency-from", metavar="FOLDER",
                          help="reuse the efficiency.json measured in FOLDER (on a GPU, say) instead of measuring here")
+    docs = sub.add_parser("docs", help="rewrite the generated tables of README.md and docs/*.md from the code "
+                                       "and the committed results")
+    docs.add_argument("--check", action="store_true",
+                      help="write nothing; exit 1 naming each block that differs from what would be written")
     return parser
 
 
@@ -286,28 +296,43 @@ def command_report(args) -> None:
 
 def command_figures(args) -> None:
     from kdlab.figures import make_all_figures, plot_sweep  # imports torch and matplotlib
+    from kdlab.sweep import describe_nodes, read_sweep
 
     start = time.perf_counter()
     if args.sweep:
-        print(f"wrote {plot_sweep(args.sweep, args.out)}")
+        path = plot_sweep(args.sweep, args.out)
+        print(f"wrote {path}; the sweep was trained on {describe_nodes(read_sweep(args.sweep))}")
     else:
         make_all_figures(args.results_dir or args.ckpt_dir, args.out, ckpt_dir=args.ckpt_dir, device=args.device,
                          efficiency_from=args.efficiency_from)
     print(f"done in {time.perf_counter() - start:.1f}s")
 
 
+def command_docs(args) -> int:
+    from kdlab.docs import stale_blocks, write_docs
+
+    if not args.check:
+        write_docs()
+        return 0
+    stale = stale_blocks()
+    for block in stale:
+        print(f"stale: {block}")
+    print(f"{len(stale)} stale block(s); `python -m kdlab docs` rewrites them" if stale else "every generated block is up to date")
+    return 1 if stale else 0
+
+
 COMMANDS = {"run": command_run, "sweep": command_sweep, "status": command_status, "figures": command_figures,
-            "report": command_report}
+            "report": command_report, "docs": command_docs}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except KdlabError as err:
         print(f"kdlab: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:   # the interrupted run has said what is saved (kdlab.lab.Lab.run)
         print("kdlab: interrupted.", file=sys.stderr)
         return 130
-    return 0
+    return code or 0

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from kdlab.errors import KdlabError
 from kdlab.registry import METHODS, Settings, all_settings, setting_fields
 
+# CIFAR-10's classes in its label order (here, not in kdlab.data: the report names them without torch).
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+NUM_CLASSES = len(CLASSES)
 TEACHER_RUN = "teacher_resnet50"
 # The 45k/5k split is the lab's contract: drawn with this seed whatever the training seed. A run
 # trained with this seed keeps the original lab's checkpoint names; other seeds add `_seed<N>`.
@@ -31,7 +34,7 @@ class RunConfig:
     batch_size: int = 512
     momentum: float = 0.9
     warmup_epochs: float = 1.0
-    image_size: int = 128        # CIFAR's 32 px upsampled on the device (README: "Input resolution")
+    image_size: int = 128        # CIFAR's 32 px upsampled on the device (docs/recipe.md: "Input resolution")
     label_smoothing: float = 0.0  # on the cross-entropy term only, never on the distilled targets
     ema_decay: float = 0.99      # per step; validation, selection and test use the averaged weights
     flip_tta: bool = True        # evaluate on the mean logits of each image and its mirror
@@ -129,7 +132,7 @@ class Run:
         if self.arch == RUNS[TEACHER_RUN].arch:
             return f"{ARCH_NAMES[self.arch]} teacher"
         method = f" + {METHODS[self.method].name}" if self.method != "ce" else ""
-        return f"{ARCH_NAMES[self.arch]} {self.start}{method}"
+        return f"{ARCH_NAMES[self.arch]} {STARTS[self.start]}{method}"
 
 
 # The run table. The names are the checkpoint names of the original lab (kd_scores included) and
@@ -147,10 +150,23 @@ RUNS = {
 }
 # `run all` trains these.
 LAB_RUNS = [name for name, run in RUNS.items() if run.in_lab]
-# What a machine without ImageNet weights trains (scripts/reference_run.py) and the report expects
-# by default: the teacher, from random weights, and every student from scratch.
-SCRATCH_RUNS = [TEACHER_RUN] + [name for name, run in RUNS.items() if run.start == "scratch"]
-STARTS = {"pretrained": "from ImageNet", "scratch": "from scratch"}   # as the report says them
+# How the charts and the report name each start, and the start of a run's initial weights.
+STARTS = {"pretrained": "from ImageNet", "scratch": "from scratch"}
+START_OF_WEIGHTS = {"imagenet": "pretrained", "none": "scratch"}
+
+
+def expected_runs(present) -> list[str]:
+    """The runs a folder of results is expected to hold, given the runs it holds (`present`).
+
+    A folder with a student fine-tuned from ImageNet is the lab as `run all` and the notebook
+    train it: its six runs. Any other is a lab without ImageNet weights (results/reference/):
+    the teacher and the from-scratch students of `run all`. Runs outside `run all` (feature KD
+    from scratch, decoupled KD, attention transfer) are never expected: they are reported when
+    they have results, and never called missing.
+    """
+    if any(RUNS[run].start == "pretrained" for run in present if run in RUNS and run != TEACHER_RUN):
+        return list(LAB_RUNS)
+    return [TEACHER_RUN] + [run for run in LAB_RUNS if RUNS[run].start == "scratch"]
 
 
 def run_of(method: str, start: str) -> str | None:
@@ -175,7 +191,9 @@ def run_label(run: str, results: dict[str, dict]) -> str:
     smoke run) is never called pretrained."""
     label = RUNS[run].label
     if RUNS[run].start == "pretrained" and results.get(run, {}).get("weights") == "none":
-        return label.replace("pretrained", "random start") if "pretrained" in label else f"{label} (scratch)"
+        pretrained = STARTS["pretrained"]
+        return (label.replace(pretrained, "random start") if pretrained in label
+                else f"{label} ({STARTS['scratch']})")
     return label
 
 

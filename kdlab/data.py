@@ -17,12 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdlab.config import CLASSES, NUM_CLASSES
 from kdlab.errors import KdlabError
 from kdlab.folders import no_empty_folders_left
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-           "dog", "frog", "horse", "ship", "truck")
-NUM_CLASSES = len(CLASSES)
 BATCHES_DIR = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
@@ -68,7 +66,7 @@ def _missing_message(folder: Path, why: str) -> str:
     return (f"CIFAR-10 is not in {folder} and {why}. Fill that folder with the five "
             f"data_batch_N files and test_batch of torchvision's cifar-10-batches-py layout: "
             f"with a network, run the lab once (it downloads them); offline, extract a copy of "
-            f"cifar-10-python.tar.gz into {folder.parent} (README, \"Without a network\"). Or use "
+            f"cifar-10-python.tar.gz into {folder.parent} (docs/offline.md). Or use "
             f"--data-dir to point at a folder that holds {BATCHES_DIR}/, or --smoke for synthetic data.")
 
 

@@ -11,6 +11,7 @@ of each split and a grid of sample images (`class_counts_table`, `save_sample_gr
 """
 from __future__ import annotations
 
+import base64
 import json
 import math
 import textwrap
@@ -25,14 +26,13 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from kdlab.config import LAB_RUNS, RUNS, TEACHER_RUN, baseline_of, run_label
-from kdlab.data import CLASSES, NUM_CLASSES
+from kdlab.config import CLASSES, NUM_CLASSES, RUNS, TEACHER_RUN, baseline_of, expected_runs, run_label
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 from kdlab.registry import METHODS
-from kdlab.results import (STEP_DESCRIPTIONS, agreement, best_student, default_seed_results, load_efficiency,
-                           load_seed_results)
-from kdlab.stats import paired_difference, summarise
+from kdlab.results import (STEP_DESCRIPTIONS, agreement, best_distilled, best_student, default_seed_results,
+                           distillation_temperature, load_efficiency, load_seed_results)
+from kdlab.stats import correct_images, paired_difference, paired_difference_by_class, summarise
 from kdlab.lab import resolve_device
 from kdlab.measure import measure_efficiency
 
@@ -130,7 +130,7 @@ def format_ablation_table(ablation: dict[str, dict]) -> str:
 # ----------------------------------------------------------------------------- figure frame
 
 def _figure(title: str, source: str, smoke: bool, size: tuple[float, float],
-            nrows: int = 1, ncols: int = 1, missing: list[str] = ()):
+            nrows: int = 1, ncols: int = 1, missing: list[str] = (), width_ratios=None):
     """A figure drawn by Agg whatever the session's backend, with its title, its data source and
     the runs it lacks."""
     fig = Figure(figsize=size, layout="constrained")
@@ -149,7 +149,7 @@ def _figure(title: str, source: str, smoke: bool, size: tuple[float, float],
     if missing:
         fig.text(0.5, footer * inch, "missing runs (no results file): " + ", ".join(missing),
                  ha="center", va="bottom", fontsize=8, color="#b35900", wrap=True)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    axes = fig.subplots(nrows, ncols, squeeze=False, width_ratios=width_ratios)
     return fig, axes
 
 
@@ -354,9 +354,94 @@ def plot_agreement(results: dict[str, dict], missing: list[str], out_dir: Path,
     return _save(fig, out_dir / "agreement.png")
 
 
+def softened(logits, temperature: float) -> np.ndarray:
+    """The softmax of `logits` at `temperature`: p_i = exp(z_i / T) / sum_j exp(z_j / T)."""
+    z = np.asarray(logits, dtype=float) / temperature
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def plot_soft_targets(teacher: dict, temperature: float, out_dir: str | Path, origin: str = "") -> Path:
+    """soft_targets.png: what the teacher knows, for the test images its results file keeps
+    (kdlab.checkpoints.soft_target_examples): its class probabilities at T = 1 and at the lab's
+    temperature, the soft targets a distilled student learns from."""
+    examples = teacher.get("soft_target_examples")
+    if not examples:
+        raise KdlabError(f"the teacher's results (seed {teacher['config']['seed']}) keep no soft-target examples "
+                         f"(written by an older kdlab); train the teacher again with --retrain to record them.")
+    fig, axes = _figure(f"What the teacher knows: its class probabilities at T = 1 and at T = {temperature:g}, "
+                        f"the targets logit KD trains the student on",
+                        source_line([teacher], origin), teacher["smoke"], (11, 1.9 * len(examples) + 1.2),
+                        len(examples), 2, width_ratios=(1, 6))
+    x = np.arange(NUM_CLASSES)
+    width = 0.4
+    for (image_ax, bars_ax), example in zip(axes, examples):
+        image = np.frombuffer(base64.b64decode(example["image"]), dtype=np.uint8).reshape(3, 32, 32)
+        image_ax.imshow(image.transpose(1, 2, 0), interpolation="nearest")
+        image_ax.set_axis_off()
+        image_ax.set_title(f"test image {example['test_index']}\ntrue class: {CLASSES[example['label']]}",
+                           fontsize=8)
+        for offset, t, style in ((-width / 2, 1.0, dict(color="0.7")),
+                                 (width / 2, temperature, dict(color=run_colour(TEACHER_RUN)))):
+            probabilities = 100 * softened(example["logits"], t)
+            bars = bars_ax.bar(x + offset, probabilities, width, label=f"T = {t:g}", **style)
+            bars_ax.bar_label(bars, labels=[f"{p:.0f}" if p >= 1 else "" for p in probabilities], fontsize=6)
+        bars_ax.set(ylim=(0, 115), ylabel="probability (%)")
+        bars_ax.set_xticks(x, CLASSES if example is examples[-1] else [""] * NUM_CLASSES, fontsize=8)
+        bars_ax.grid(axis="y", alpha=0.3)
+    axes[0, 1].legend(fontsize=8, loc="upper left", ncols=2)
+    return _save(fig, writable_folder(out_dir, "--out folder") / "soft_targets.png")
+
+
+def plot_per_class_accuracy(seeds: dict[str, list[dict]], results: dict[str, dict], out_dir: Path,
+                            origin: str = "") -> Path:
+    """per_class_accuracy.png: the best distilled student against its baseline, class by class (mean
+    over their shared seeds), and its gain per class, paired, with a 95% interval."""
+    kd = best_distilled(results)
+    base = baseline_of(kd)
+    shared = {r["config"]["seed"] for r in seeds[kd]} & {r["config"]["seed"] for r in seeds[base]}
+    labels = np.asarray(results[kd]["test_labels"])
+    fig, axes = _figure(f"Per-class test accuracy: {run_label(kd, results)} against {run_label(base, results)}",
+                        source_line([results[kd], results[base]], origin), _smoke(results), (11, 7.5), 2, 1)
+    accuracy_ax, gain_ax = axes[:, 0]
+    x = np.arange(NUM_CLASSES)
+    width = 0.38
+    for offset, run in ((-width / 2, base), (width / 2, kd)):
+        per_seed = [[correct_images(r)[labels == c].mean() for c in range(NUM_CLASSES)]
+                    for r in seeds[run] if r["config"]["seed"] in shared]
+        means = _percent(np.mean(per_seed, axis=0))
+        seeds_note = f"mean of {len(per_seed)} seeds" if len(per_seed) > 1 else f"seed {min(shared)}"
+        bars = accuracy_ax.bar(x + offset, means, width, color=run_colour(run),
+                               label=f"{run_label(run, results)} ({seeds_note})")
+        accuracy_ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    accuracy_ax.set_xticks(x, CLASSES, fontsize=8)
+    # Gains of a point are the question: the axis starts below the lowest bar, not at 0.
+    bottom = min(bar.get_height() for bar in accuracy_ax.patches)
+    accuracy_ax.set(ylabel=f"test accuracy (%, {np.sum(labels == 0):,} images a class)",
+                    ylim=(max(0, 10 * math.floor((bottom - 5) / 10)), 112))
+    accuracy_ax.legend(fontsize=8, loc="upper center", ncols=2)
+    accuracy_ax.grid(axis="y", alpha=0.3)
+    by_class = paired_difference_by_class(seeds[kd], seeds[base], NUM_CLASSES)
+    gains = np.array([_percent(d["mean_difference"]) for d in by_class])
+    spans = np.array([[_percent(d["mean_difference"] - d["ci_low"]), _percent(d["ci_high"] - d["mean_difference"])]
+                      for d in by_class]).T
+    colours = [run_colour(kd) if d["excludes_zero"] else "0.6" for d in by_class]
+    gain_ax.bar(x, gains, 0.6, color=colours, yerr=spans, capsize=4)
+    gain_ax.axhline(0, color="0.2", linewidth=0.8)
+    gain_ax.set_xticks(x, CLASSES, fontsize=8)
+    gain_ax.set(ylabel="gain (points), 95% interval",
+                title="paired by seed on the same test images; grey: the interval includes zero")
+    gain_ax.title.set_fontsize(9)
+    gain_ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out_dir / "per_class_accuracy.png")
+
+
 # ----------------------------------------------------------------------------- efficiency
 
 def format_efficiency_table(efficiency: dict) -> str:
+    """efficiency.md, efficiency.json: per run, parameters, FLOPs per image (a
+    multiply-add counts 2), checkpoint size, batch-1 latency, throughput and test accuracy, with the
+    device and the date they were measured on."""
     rows = ["| run | params (M) | GFLOPs / image | checkpoint (MB) | latency, batch 1 (ms) "
             f"| throughput, batch {efficiency['timing']['throughput_batch']} (img/s) | test acc |",
             "|---|---:|---:|---:|---:|---:|---:|"]
@@ -446,9 +531,10 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path) -> Path:
 
     A line per run and per values of the other swept settings: a dot per seed, the mean over the
     seeds with one standard deviation. A run that does not read the setting (a baseline under a
-    temperature) is a band across the panel: its mean ± one standard deviation.
+    temperature) is a band across the panel: its mean ± one standard deviation. The caption
+    names the nodes that trained the trials.
     """
-    from kdlab.sweep import load_sweep
+    from kdlab.sweep import describe_nodes, load_sweep
 
     sweep, trials = load_sweep(sweep_dir)
     swept = list(sweep["grid"])
@@ -457,7 +543,8 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path) -> Path:
         raise KdlabError(f"{sweep_dir} has no swept setting or no finished trial to draw; "
                          f"sweep with --grid KEY=V1,V2, and run it to the end.")
     fig, axes = _figure("Test accuracy against each swept setting",
-                        source_line(list(by_trial.values()), str(sweep_dir)), _smoke(by_trial),
+                        f"{source_line(list(by_trial.values()), str(sweep_dir))} | {describe_nodes(sweep)}",
+                        _smoke(by_trial),
                         (6 * len(swept) + 1, 5), 1, len(swept))
     for ax, key in zip(axes[0], swept):
         values = sweep["grid"][key]
@@ -531,7 +618,7 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
         raise KdlabError(f"no <run>_results.json in {results_dir}. Train the runs first "
                          f"(`python -m kdlab run all --ckpt-dir {results_dir}`), or point to a folder "
                          f"that holds results files, such as results/reference.")
-    missing = [run for run in LAB_RUNS if run not in results]
+    missing = [run for run in expected_runs(results) if run not in results]
     out = writable_folder(out_dir, "--out folder")
     origin = str(results_dir)
     files = [plot_validation_accuracy(results, seeds, missing, out, origin),
@@ -554,6 +641,21 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
                                            f"--retrain to record them")
     else:
         files.append(plot_confusion_matrix(results[best], out, origin))
+
+    teacher = results.get(TEACHER_RUN)
+    if teacher is None or not teacher.get("soft_target_examples"):
+        skipped["soft_targets.png"] = ("needs the teacher's results file with its soft-target examples (a "
+                                       "teacher trained by this kdlab records them)")
+    else:
+        files.append(plot_soft_targets(teacher, distillation_temperature(results), out, origin))
+
+    distilled = best_distilled(results)
+    if distilled is None:
+        skipped["per_class_accuracy.png"] = "needs a distillation run and its baseline"
+    elif not all("test_labels" in r for run in (distilled, baseline_of(distilled)) for r in seeds[run]):
+        skipped["per_class_accuracy.png"] = f"{distilled} or its baseline has results without test_labels"
+    else:
+        files.append(plot_per_class_accuracy(seeds, results, out, origin))
 
     efficiency = (reuse_efficiency(efficiency_from, results) if efficiency_from is not None
                   else measure_efficiency(results, Path(ckpt_dir or results_dir), device, log))
@@ -611,3 +713,10 @@ def _smoke(results: dict[str, dict]) -> bool:
 def _count(results: dict[str, dict], key: str) -> str:
     """The size of a split, or the sizes if runs disagree, with thousands separators."""
     return " / ".join(f"{n:,}" for n in sorted({r[key] for r in results.values()}))
+
+
+# Every file the figures module writes, each described by the first paragraph of its function's
+# docstring ("<file>: <what it shows>"), which docs/figures.md lists (kdlab.docs).
+FIGURE_MAKERS = (plot_validation_accuracy, plot_test_accuracy, plot_training_losses, plot_run_curves,
+                 plot_soft_targets, plot_per_class_accuracy, plot_confusion_matrix, plot_agreement,
+                 plot_efficiency, format_efficiency_table, plot_throughput, plot_sweep, save_sample_grid)

@@ -38,6 +38,19 @@ def acc_text(acc: float) -> str:
     return rf"{pct(acc)}\%"
 
 
+def count(n: int, noun: str) -> str:
+    """'1 epoch', '20 epochs', '1,000 images'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def probability_text(p: float) -> str:
+    """A probability as the prose writes it: '37\\%', '2.4\\%', '0.03\\%', 'under 0.01\\%'."""
+    percent = 100 * p
+    if percent < 0.01:
+        return r"under 0.01\%"
+    return rf"{percent:.{0 if percent >= 10 else 1 if percent >= 1 else 2}f}\%"
+
+
 def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f}"
 

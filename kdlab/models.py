@@ -1,7 +1,7 @@
 """torchvision's ResNet50 (teacher) and ResNet18 (student) with a 10-class head.
 
 The architectures are torchvision's, unmodified, so ImageNet weights load as trained;
-CIFAR images are upsampled on the device instead (README: "Input resolution").
+CIFAR images are upsampled on the device instead (docs/recipe.md: "Input resolution").
 """
 from __future__ import annotations
 

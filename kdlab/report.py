@@ -6,9 +6,15 @@ report/generated/*.tex. report/KD_LAB.tex inputs those files and types no result
 number of its prose, and every comparison ("above", "below"), is a macro computed here, so
 the text stays true whatever the runs gave. Then latexmk builds report/KD_LAB.pdf.
 
-Runs the report expects but finds no results file for are named as missing, in a sentence
-and in the tables. Smoke results (synthetic data) and CPU runs are refused unless --draft,
+The runs it expects follow the results it is given (kdlab.config.expected_runs): the six of
+`run all` for the lab with ImageNet weights, the teacher and the from-scratch students for a
+reference run without them. An expected run without a results file is named as missing, in a
+sentence and in the tables; a run outside `run all` is reported when it has results and is
+otherwise left out. Smoke results (synthetic data) and CPU runs are refused unless --draft,
 and a draft says so on every page.
+
+The template, report/KD_LAB.tex, is copied into the report folder, so a report can be built
+anywhere (on Drive, beside the figures it shows).
 """
 from __future__ import annotations
 
@@ -22,22 +28,30 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdlab.config import (DEFAULT_SEED, RUNS, SCRATCH_RUNS, STARTS, STUDENT_STEP, TEACHER_RUN, TEACHER_STEP,
-                          config_dict, kd_pairs, make_config, run_label, run_of)
-from kdlab.errors import KdlabError
-from kdlab.latex import acc_text, compare, enumerate_text, minutes, num, pct, table, tex, times, tt
-from kdlab.registry import METHODS, setting_fields
-from kdlab.results import (DEFAULT_BENCHMARK, STEP_DESCRIPTIONS, agreement, best_student, default_seed_results,
-                           load_benchmark, load_efficiency, load_seed_results, read_json, run_order)
-from kdlab.stats import paired_difference, summarise
+import numpy as np
 
-# The runs the report expects by default are those of the reference GPU run, kdlab.config.SCRATCH_RUNS:
-# ImageNet weights cannot be fetched on the machine it runs on, so every run there starts from
-# random weights, the teacher included.
-PLANNED_WEIGHTS = "none"
+from kdlab.config import (CLASSES, DEFAULT_SEED, LAB_RUNS, RUNS, START_OF_WEIGHTS, STARTS, STUDENT_STEP,
+                          TEACHER_RUN, TEACHER_STEP, baseline_of, config_dict, expected_runs, kd_pairs, make_config,
+                          run_label, run_of)
+from kdlab.errors import KdlabError
+from kdlab.folders import writable_folder
+from kdlab.latex import (acc_text, compare, count, enumerate_text, minutes, num, pct, probability_text, table, tex,
+                         times, tt)
+from kdlab.registry import METHODS, setting_fields
+from kdlab.results import (DEFAULT_BENCHMARK, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
+                           default_seed_results, distillation_temperature, load_benchmark, load_efficiency,
+                           load_seed_results, read_json, run_order)
+from kdlab.stats import paired_difference, paired_difference_by_class, summarise
+
+# The report's template; `make_report` copies it into the report folder it is given.
+TEMPLATE = Path(__file__).resolve().parents[1] / "report" / "KD_LAB.tex"
+# TeX Live for the PDF, as Debian and Ubuntu (Colab) install it.
+TEX_INSTALL = ("apt-get install -y --no-install-recommends texlive-latex-recommended texlive-latex-extra "
+               "texlive-fonts-recommended lmodern latexmk")
 # The figures KD_LAB.tex takes from the figures folder; the first two are always placed.
 EXPECTED_FIGURES = ("comparaison_finale.png", "comparison_test_accuracy.png", "training_losses.png",
-                    "efficiency.png", "confusion_matrix.png", "agreement.png")
+                    "soft_targets.png", "per_class_accuracy.png", "efficiency.png", "confusion_matrix.png",
+                    "agreement.png")
 # The benchmark's step kinds in a sentence (kdlab.results.STEP_DESCRIPTIONS: in a table).
 STEP_PHRASES = {TEACHER_STEP: "the teacher's step", STUDENT_STEP: "the student's cross-entropy step",
                 **{key: f"the {m.name} step" for key, m in METHODS.items() if m.uses_teacher}}
@@ -45,7 +59,7 @@ STEP_PHRASES = {TEACHER_STEP: "the teacher's step", STUDENT_STEP: "the student's
 SHARED_SETTINGS = {"batch_size": "batch size", "momentum": "momentum (Nesterov)",
                    "warmup_epochs": "warm-up epochs", "image_size": "input px",
                    "split_seed": "split seed", "val_per_class": "validation images per class"}
-CIFAR_TRAIN, CIFAR_TEST, CIFAR_PX = 50_000, 10_000, 32
+CIFAR_PX = 32
 # The recipe the pretrained runs fine-tune with (kdlab/config.py says why each value).
 FINETUNE_RECIPE = make_config("student_pretrained_baseline")
 # The stage map sizes of a CIFAR ResNet at 32 px, which the upsampled input reproduces.
@@ -77,11 +91,19 @@ class Report:
     benchmark_path: Path | None
     results_dir: Path
     figures_dir: Path
+    report_dir: Path
     figures_tex_path: str             # the figures folder as LaTeX, run from the report folder
 
     @property
     def runs(self) -> list[str]:
         return sorted(set(self.results) | set(self.expected), key=run_order)
+
+    @property
+    def planned_weights(self) -> str:
+        """The start of the runs not trained yet: ImageNet for the lab that fine-tunes from it,
+        random weights for a lab without them (the reference), the teacher included."""
+        fine_tuned = [run for run in self.expected if run != TEACHER_RUN and RUNS[run].start == "pretrained"]
+        return "imagenet" if fine_tuned else "none"
 
     @property
     def missing(self) -> list[str]:
@@ -95,7 +117,7 @@ class Report:
         """The stored config, or for a missing run the config the planned command would use."""
         if run in self.results:
             return self.results[run]["config"]
-        return config_dict(make_config(run, weights=PLANNED_WEIGHTS))
+        return config_dict(make_config(run, weights=self.planned_weights))
 
     def measured(self, run: str) -> dict:
         return self.efficiency["runs"].get(run, {}) if self.efficiency else {}
@@ -123,6 +145,16 @@ def run_name(run: str, results: dict[str, dict]) -> str:
 
 def runs_text(runs: list[str], results: dict[str, dict]) -> str:
     return enumerate_text([run_name(run, results) for run in runs])
+
+
+def start_name(weights: str) -> str:
+    """Initial weights as the report names starts everywhere: 'from ImageNet' or 'from scratch'."""
+    return STARTS[START_OF_WEIGHTS[weights]]
+
+
+def sentence_start(text: str) -> str:
+    """`text` with its first letter capitalised, the rest as written ('From ImageNet', not 'From imagenet')."""
+    return text[:1].upper() + text[1:]
 
 
 def results_table(rep: Report) -> str:
@@ -230,14 +262,14 @@ def config_table(rep: Report) -> str:
         cfg = rep.config(run)
         mark = "" if run in rep.results else r"\textsuperscript{$\dagger$}"
         rows.append(rf"{tt(run)}{mark} & {cfg['arch']} & {tex(METHODS[cfg['method']].name)} & "
-                    rf"{tex(cfg['weights'])} & {cfg['epochs']} & {num(cfg['lr'])} & {num(cfg['weight_decay'])} & "
+                    rf"{start_name(cfg['weights'])} & {cfg['epochs']} & {num(cfg['lr'])} & {num(cfg['weight_decay'])} & "
                     rf"{distillation_settings(cfg)} \\")
     shared = "; ".join(f"{label} {shared_setting(rep, key)}" for key, label in SHARED_SETTINGS.items())
     planned = (r" $\dagger$: no results file yet; the settings the planned command "
                r"(Section~\ref{sec:reproduce}) would use, from \texttt{kdlab.config}."
                if rep.missing else "")
-    caption = (rf"Settings of each run, as stored in its results file. Start: initial weights "
-               rf"(\texttt{{none}}: random). Peak LR and weight decay of SGD. Distillation: "
+    caption = (rf"Settings of each run, as stored in its results file. Start: the initial weights, "
+               rf"ImageNet's or random. Peak LR and weight decay of SGD. Distillation: "
                rf"temperature $T$ and weight $\alpha$ of logit KD (Eq.~\ref{{eq:kd}}), stage and "
                rf"weight $\beta$ of the hint (Eq.~\ref{{eq:hint}}). Shared: {shared}."
                rf"{planned}")
@@ -250,21 +282,16 @@ def config_table(rep: Report) -> str:
 
 def provenance(rep: Report) -> str:
     """Where the numbers come from: the paragraph at the head of the results section."""
-    if not rep.results:
-        return (rf"\textbf{{No results yet.}} The results folder {tt(rep.results_dir)} holds no "
-                rf"results file, so no number of this report is a result. The reference run "
-                rf"(Section~\ref{{sec:reproduce}}) writes the results files; this report is "
-                rf"then built again from them.")
     results = list(rep.results.values())
 
     def distinct(key):
         return "; ".join(tex(v) for v in dict.fromkeys(str(r[key]) for r in results))
 
-    def per_run(key):
-        values = {r["run"]: r[key] for r in results}
+    def per_run(key, name=tex):
+        values = {r["run"]: name(r[key]) for r in results}
         if len(set(values.values())) == 1 and len(values) > 1:
-            return f"{tex(results[0][key])} for every run"
-        return "; ".join(f"{run_name(run, rep.results)} {tex(value)}" for run, value in values.items())
+            return f"{next(iter(values.values()))} for every run"
+        return "; ".join(f"{run_name(run, rep.results)} {value}" for run, value in values.items())
 
     finished = sorted(r["finished"] for r in results)
     parts = [
@@ -273,7 +300,7 @@ def provenance(rep: Report) -> str:
         rf"({runs_text(list(rep.results), rep.results)}), which the training runs wrote.",
         rf"Trained on: {distinct('device_name')}, with torch {distinct('torch_version')}.",
         "Data: {}; {} training, {} validation and {} test images.".format(distinct("data"), *split_sizes(rep)),
-        f"Initial weights: {per_run('weights')}. Epochs: {per_run('epochs')}.",
+        f"Start: {per_run('weights', start_name)}. Epochs: {per_run('epochs')}.",
         rf"Finished (UTC): {tex(finished[0][:16].replace('T', ' '))}"
         + (rf" to {tex(finished[-1][:16].replace('T', ' '))}" if len(finished) > 1 else "")
         + rf"; training time of all runs together {minutes(sum(r['wall_seconds'] for r in results))} min.",
@@ -282,7 +309,7 @@ def provenance(rep: Report) -> str:
         # What the file holds, not a dump of it: a reader wants the wall time, not its decimals.
         wall = rep.manifest.get("wall_seconds")
         parts.append(rf"The run's {tt('manifest.json')} also records the command line"
-                     + (r" (Section~\ref{sec:reproduce})" if manifest_command(rep.manifest) else "")
+                     + (r" (Section~\ref{sec:reproduce})" if manifest_commands(rep.manifest) else "")
                      + ", the Python and library versions"
                      + (rf" and the wall time of the whole run, {minutes(wall)} min" if isinstance(wall, (int, float)) else "")
                      + ".")
@@ -303,9 +330,6 @@ def provenance(rep: Report) -> str:
 def missing_runs_sentence(rep: Report) -> str:
     if not rep.missing:
         return rf"Every expected run has its results file in {tt(rep.results_dir)}."
-    if not rep.results:
-        return (rf"\textbf{{Every run is missing:}} {runs_text(rep.missing, {})}; the tables mark "
-                rf"them, and every comparison says what it waits for.")
     verb = "has" if len(rep.missing) == 1 else "have"
     return (rf"\textbf{{Missing runs:}} {runs_text(rep.missing, {})} {verb} no results file in "
             rf"{tt(rep.results_dir)}; the tables mark {'it' if len(rep.missing) == 1 else 'them'} "
@@ -321,12 +345,14 @@ def missing_figures_sentence(rep: Report) -> str:
             rf"the figures module makes them from the results files.")
 
 
-def manifest_command(manifest: dict) -> str | None:
-    """The lab's command line from a manifest: its `command`, or the reference script's lab step."""
-    command = manifest.get("command") or manifest.get("steps", {}).get("lab", {}).get("command")
-    if not isinstance(command, str):
-        return None
-    return re.sub(r"^\S*python3?\b", "python", command)   # the interpreter's path on that machine
+def manifest_commands(manifest: dict) -> list[str]:
+    """The command lines that made the results, from their manifest: its `command`, the reference
+    script's lab step, or each call of the reference script, in order."""
+    calls = manifest.get("calls")
+    commands = ([manifest.get("command") or manifest.get("steps", {}).get("lab", {}).get("command")]
+                + [call.get("command") for call in (calls if isinstance(calls, list) else []) if isinstance(call, dict)])
+    # the interpreter's path on that machine is the user's `python`
+    return [re.sub(r"^\S*python3?\b", "python", c) for c in commands if isinstance(c, str)]
 
 
 def typed_command(command: str, results_dir: Path) -> str:
@@ -337,20 +363,42 @@ def typed_command(command: str, results_dir: Path) -> str:
     return re.sub(r"--results-dir[ =]\S+", f"--results-dir {results_dir}", command)
 
 
+def holds_checkpoints(folder: Path) -> bool:
+    """A checkpoint folder (the runs' `_best.pt` beside their results), not a folder of results alone."""
+    return any(folder.glob("*_best.pt"))
+
+
+def folder_option(rep: Report) -> str:
+    return f"--{'ckpt' if holds_checkpoints(rep.results_dir) else 'results'}-dir {rep.results_dir}"
+
+
+def planned_command(rep: Report) -> str:
+    """The `run` command that trains the report's runs, at the seeds it has results for."""
+    runs = ["all"] if set(rep.runs) == set(LAB_RUNS) else rep.runs
+    seeds = sorted({r["config"]["seed"] for by_seed in rep.seeds.values() for r in by_seed})
+    weights = " --weights none" if rep.planned_weights == "none" and TEACHER_RUN in rep.runs else ""
+    seed = f" --seed {' '.join(map(str, seeds))}" if seeds != [DEFAULT_SEED] else ""
+    return f"python -m kdlab run {' '.join(runs)}{weights}{seed} {folder_option(rep)}"
+
+
 def reproduce_block(rep: Report) -> str:
-    """The commands that make the results, as a verbatim block: the manifest's, or the planned ones."""
-    command = manifest_command(rep.manifest) if rep.manifest else None
-    if command:
+    """The commands of the results, the figures and this report, as a verbatim block typed in the
+    repository root: the run's own command line (from its manifest) or the one that trains them."""
+    recorded = manifest_commands(rep.manifest) if rep.manifest else []
+    commands = ([("# the runs, as their manifest.json records the command" + ("s" if len(recorded) > 1 else ""),
+                  typed_command(command, rep.results_dir)) for command in recorded]
+                or [("# the runs (a finished run is loaded, an interrupted one resumes)", planned_command(rep))])
+    commands += [("# the figures, from the results files",
+                 f"python -m kdlab figures {folder_option(rep)} --out {rep.figures_dir}"),
+                ("# this report", f"python -m kdlab report --results {rep.results_dir} --figures {rep.figures_dir} "
+                                  f"--report-dir {rep.report_dir}" + (" --draft" if rep.draft_reason() else ""))]
+    lines, said = [], None
+    for comment, line in commands:
+        if comment != said:   # once above the commands it covers
+            lines.append(comment)
+            said = comment
         # Shell continuation lines, so that a long command fits the page and still runs pasted.
-        wrapped = textwrap.wrap(typed_command(command, rep.results_dir), 72, break_long_words=False,
-                                break_on_hyphens=False)
-        lines = ["# the command of the reference run (from its manifest.json), in the repository root",
-                 " \\\n    ".join(wrapped)]
-    else:
-        lines = ["# the planned reference run (no manifest.json yet)",
-                 "python -m kdlab run \\",
-                 *[f"    {run} \\" for run in rep.expected],
-                 f"    --weights {PLANNED_WEIGHTS} --results-dir {rep.results_dir}"]
+        lines.append(" \\\n    ".join(textwrap.wrap(line, 72, break_long_words=False, break_on_hyphens=False)))
     return "\n".join([r"\begin{verbatim}", *lines, r"\end{verbatim}", ""])
 
 
@@ -399,7 +447,7 @@ def kd_gain_sentences(rep: Report) -> str:
         if lacking:
             out.append(cannot_yet(f"The gain of {name} {start}", lacking))
             continue
-        out.append(rf"{start.capitalize()}, {name} ({run_name(kd, rep.results)}) reached {seeds_text(rep, kd)} test "
+        out.append(rf"{sentence_start(start)}, {name} ({run_name(kd, rep.results)}) reached {seeds_text(rep, kd)} test "
                    rf"accuracy against {seeds_text(rep, base)} for the cross-entropy student: "
                    rf"{paired_text(rep, kd, base)}.")
     return " ".join(out)
@@ -422,7 +470,7 @@ def kd_cost_sentences(rep: Report) -> str:
     if TEACHER_RUN in rep.results:
         t = rep.results[TEACHER_RUN]
         out.append(rf"The teacher those runs need cost {minutes(t['wall_seconds'])} min of "
-                   rf"training ({t['epochs']} epochs), once for all of them.")
+                   rf"training ({count(t['epochs'], 'epoch')}), once for all of them.")
     else:
         out.append(cannot_yet("The teacher's training cost", [TEACHER_RUN]))
     return " ".join(out)
@@ -432,13 +480,13 @@ def logits_vs_features_sentences(rep: Report) -> str:
     out = []
     for start in STARTS:
         logits, features = run_of("kd_logits", start), run_of("kd_features", start)
-        if logits not in rep.runs and features not in rep.runs:
+        if not {logits, features} <= set(rep.runs):   # a comparison this lab does not make
             continue
         lacking = absent(rep, (logits, features))
         if lacking:
             out.append(cannot_yet(f"Logits against features {STARTS[start]}", lacking))
             continue
-        out.append(rf"{STARTS[start].capitalize()}, logit KD at {seeds_text(rep, logits)} against feature KD "
+        out.append(rf"{sentence_start(STARTS[start])}, logit KD at {seeds_text(rep, logits)} against feature KD "
                    rf"at {seeds_text(rep, features)}: {paired_text(rep, logits, features)}.")
     return " ".join(out)
 
@@ -446,24 +494,22 @@ def logits_vs_features_sentences(rep: Report) -> str:
 def pretrained_vs_scratch_sentences(rep: Report) -> str:
     pretrained = [r for r in rep.results.values() if r["weights"] == "imagenet"]
     if not pretrained:
-        which = "these results files" if rep.results else "this report, which has no results yet,"
-        return (rf"No run in {which} started from ImageNet weights, so the question is "
-                rf"left open by numbers here: it needs the \texttt{{student\_pretrained\_*}} runs, "
-                rf"trained where the ImageNet weights can be downloaded.")
+        return (rf"No run of these results files started from ImageNet weights, so the question is "
+                rf"left open by numbers here: it needs the runs that fine-tune from ImageNet "
+                rf"(\texttt{{student\_pretrained\_*}}), trained where the ImageNet weights can be downloaded.")
     out = []
     for method, info in METHODS.items():
-        s_run, p_run, name = run_of(method, "scratch"), run_of(method, "pretrained"), info.name
-        if s_run is None or p_run is None:
+        s_run, p_run = run_of(method, "scratch"), run_of(method, "pretrained")
+        if not {s_run, p_run} <= set(rep.runs):   # a comparison this lab does not make
             continue
         lacking = absent(rep, (s_run, p_run))
         if lacking:
-            out.append(cannot_yet(f"ImageNet against scratch for {name}", lacking))
+            out.append(cannot_yet(f"ImageNet against scratch for {info.name}", lacking))
             continue
         s, p = rep.results[s_run], rep.results[p_run]
-        out.append(rf"With {name}, the student started from ImageNet reached "
-                   rf"{acc_text(p['test_acc'])} in {p['epochs']} epochs, "
-                   rf"{compare(p['test_acc'], s['test_acc'])} the one from scratch "
-                   rf"({acc_text(s['test_acc'])} in {s['epochs']} epochs).")
+        out.append(rf"With {info.name}, the student {STARTS['pretrained']} reached {seeds_text(rep, p_run)} in "
+                   rf"{count(p['epochs'], 'epoch')}, against {seeds_text(rep, s_run)} in {count(s['epochs'], 'epoch')} "
+                   rf"{STARTS['scratch']}: {paired_text(rep, p_run, s_run)}.")
     return " ".join(out)
 
 
@@ -508,14 +554,62 @@ def agreement_sentences(rep: Report) -> str:
                              for run, share in shares.items()]) + "."]
     for start, name, base, kd in compared_pairs(rep):
         if base in shares and kd in shares:
-            out.append(rf"{start.capitalize()}, the agreement of {name} with the teacher is "
+            out.append(rf"{sentence_start(start)}, the agreement of {name} with the teacher is "
                        rf"{compare(shares[kd], shares[base])} the cross-entropy student's.")
     return " ".join(out)
 
 
+def per_class_sentences(rep: Report) -> str:
+    """Which classes the best distilled student gains on against its baseline, paired per class."""
+    kd = best_distilled(rep.results)
+    if kd is None:
+        return ""
+    base = baseline_of(kd)
+    by_class = paired_difference_by_class(rep.seeds[kd], rep.seeds[base], len(CLASSES))
+    order = sorted(range(len(CLASSES)), key=lambda c: by_class[c]["mean_difference"])
+    helped = [CLASSES[c] for c in order if by_class[c]["excludes_zero"] and by_class[c]["mean_difference"] > 0]
+    hurt = [CLASSES[c] for c in order if by_class[c]["excludes_zero"] and by_class[c]["mean_difference"] < 0]
+
+    def gain(c):
+        d = by_class[c]
+        return (rf"{CLASSES[c]} ({100 * d['mean_difference']:+.2f} points, "
+                rf"[{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}])")
+    n_images = len(rep.seeds[kd][0]["test_labels"]) // len(CLASSES)
+    text = (rf"Class by class (\figref{{per_class_accuracy.png}}{{fig:per-class}}), {run_name(kd, rep.results)} "
+            rf"against {run_name(base, rep.results)} gains most on {gain(order[-1])} and least on "
+            rf"{gain(order[0])}; with about {count(n_images, 'test image')} a class, the interval of a class is "
+            rf"wide. ")
+    text += (rf"The gain's interval excludes zero for {enumerate_text(helped)}" if helped
+             else r"No class's gain has an interval that excludes zero")
+    text += (rf", and the loss's for {enumerate_text(hurt)}." if hurt else ".")
+    return text
+
+
+def soft_target_sentences(rep: Report) -> str:
+    """What the teacher's softened outputs show, read from the examples its results file keeps."""
+    examples = rep.results.get(TEACHER_RUN, {}).get("soft_target_examples")
+    if not examples:
+        return ""
+    temperature = distillation_temperature(rep.results)
+
+    def probabilities(logits, t):
+        z = np.asarray(logits) / t
+        e = np.exp(z - z.max())
+        return e / e.sum()
+
+    def runner_up(example):
+        p = probabilities(example["logits"], temperature)
+        p[example["label"]] = -1
+        return int(p.argmax())
+    example = max(examples, key=lambda e: probabilities(e["logits"], temperature)[runner_up(e)])
+    other = runner_up(example)
+    cold, warm = (probabilities(example["logits"], t)[other] for t in (1, temperature))
+    return (rf"For the {CLASSES[example['label']]} of \figref{{soft_targets.png}}{{fig:soft-targets}}, the "
+            rf"trained teacher gives the class {CLASSES[other]} a probability of {probability_text(cold)} at $T=1$ "
+            rf"and {probability_text(warm)} at $T={num(temperature)}$: the similarity a one-hot label cannot carry.")
+
+
 def best_epoch_sentence(rep: Report) -> str:
-    if not rep.results:
-        return cannot_yet("When each run peaked", rep.missing)
     last = [run for run, r in rep.results.items() if r["best_epoch"] == r["epochs"]]
     earlier = [run for run in rep.results if run not in last]
     out = []
@@ -531,9 +625,6 @@ def best_epoch_sentence(rep: Report) -> str:
 
 
 def abstract_results(rep: Report) -> str:
-    if not rep.results:
-        return (r"No run has finished yet: this version of the report holds the method and "
-                r"the setup, and marks every result as missing.")
     accs = enumerate_text([rf"{run_name(run, rep.results)} {seeds_text(rep, run)}" for run in rep.results])
     missing = (rf" Still missing: {runs_text(rep.missing, {})}." if rep.missing else "")
     best = best_student(rep.results)
@@ -545,8 +636,6 @@ def abstract_results(rep: Report) -> str:
 
 def training_seeds_text(rep: Report) -> str:
     seeds = sorted({r["config"]["seed"] for runs in rep.seeds.values() for r in runs})
-    if not seeds:
-        return rf"{DEFAULT_SEED} (no results yet)"
     return enumerate_text([str(seed) for seed in seeds])
 
 
@@ -576,16 +665,11 @@ def setting(rep: Report, runs: list[str], key: str, fmt=num) -> str:
 
 
 def split_sizes(rep: Report) -> tuple[str, str, str]:
-    """Training, validation and test images: from the results, else what the config implies."""
-    if rep.results:
-        sizes = {(r["n_train"], r["n_val"], r["n_test"]) for r in rep.results.values()}
-        if len(sizes) == 1:
-            return tuple(f"{n:,}" for n in sizes.pop())
-        return (r"(differs between runs)",) * 3
-    cfg = rep.config(rep.runs[0])
-    n_val = 10 * cfg["val_per_class"]
-    n_train = cfg["limit_train"] // 10 * 10 if cfg["limit_train"] else CIFAR_TRAIN - n_val
-    return tuple(f"{n:,}" for n in (n_train, n_val, CIFAR_TEST))
+    """Training, validation and test images, as the results files record them."""
+    sizes = {(r["n_train"], r["n_val"], r["n_test"]) for r in rep.results.values()}
+    if len(sizes) == 1:
+        return tuple(f"{n:,}" for n in sizes.pop())
+    return (r"(differs between runs)",) * 3
 
 
 def stage_sentence(size: int | None) -> str:
@@ -618,17 +702,14 @@ def macros(rep: Report) -> dict[str, str]:
     results = list(rep.results.values())
     feature_results = [rep.results[r] for r in feature_runs if r in rep.results]
 
-    def from_results(key, fmt=tex, none=r"\textit{not known yet (no results file)}"):
-        values = list(dict.fromkeys(str(r[key]) for r in results))
-        return "; ".join(fmt(v) for v in values) if values else none
+    def from_results(key):
+        return "; ".join(tex(v) for v in dict.fromkeys(str(r[key]) for r in results))
 
     return {
         "DraftText": tex(draft_text(reason)) if reason else "",
-        "ReportStatus": ("no results yet: every run is missing" if not rep.results else
-                         f"{len(rep.missing)} of {len(rep.runs)} runs missing" if rep.missing else
+        "ReportStatus": (f"{len(rep.missing)} of {len(rep.expected)} runs missing" if rep.missing else
                          "results of " + tex(rep.results_dir)),
-        "ReportDate": (tex(max(r["finished"] for r in results)[:10]) if results
-                       else "no results yet"),
+        "ReportDate": tex(max(r["finished"] for r in results)[:10]),
         "FiguresDir": rep.figures_tex_path,
         "FiguresDirText": tt(rep.figures_dir),
         "ImageSize": rf"{size}~px" if size else r"a size set per run (Table~\ref{tab:config})",
@@ -680,6 +761,8 @@ def macros(rep: Report) -> dict[str, str]:
         "PretrainedVsScratchSentences": pretrained_vs_scratch_sentences(rep),
         "StudentVsTeacherSentences": student_vs_teacher_sentences(rep),
         "AgreementSentences": agreement_sentences(rep),
+        "PerClassSentences": per_class_sentences(rep),
+        "SoftTargetSentences": soft_target_sentences(rep),
         "BestEpochSentence": best_epoch_sentence(rep),
         "SpeedSentences": speed_sentences(rep),
     }
@@ -710,19 +793,26 @@ def figures_path_for_latex(figures_dir: Path, report_dir: Path) -> str:
     return path
 
 
-def collect(results_dir, figures_dir, report_dir, expected=tuple(SCRATCH_RUNS), benchmark=None) -> Report:
+def collect(results_dir, figures_dir, report_dir, expected=None, benchmark=None) -> Report:
+    """What the report reads; `expected`: the runs it expects (default: kdlab.config.expected_runs)."""
     results_dir, figures_dir, report_dir = Path(results_dir), Path(figures_dir), Path(report_dir)
     benchmark = Path(benchmark) if benchmark else None
-    unknown = [run for run in expected if run not in RUNS]
+    unknown = [run for run in expected or () if run not in RUNS]
     if unknown:
         raise KdlabError(f"unknown run {', '.join(unknown)}; valid runs: {', '.join(RUNS)}")
-    if results_dir.exists() and not results_dir.is_dir():
-        raise KdlabError(f"--results {results_dir} is a file; give the folder of the results files.")
-    seeds = load_seed_results(results_dir) if results_dir.is_dir() else {}
+    if not results_dir.is_dir():
+        raise KdlabError(f"--results {results_dir} is not a folder; give the folder of the runs' "
+                         f"<run>_results.json files (a checkpoint folder holds them).")
+    seeds = load_seed_results(results_dir)
+    if not seeds:
+        raise KdlabError(f"{results_dir} holds no <run>_results.json, so there is nothing to report; "
+                         f"train the runs first (`python -m kdlab run all --ckpt-dir {results_dir}`), or "
+                         f"give --results the folder that holds them.")
     results = default_seed_results(seeds)
-    manifest = load_manifest(results_dir) if results_dir.is_dir() else None
-    return Report(results, seeds, list(expected), load_efficiency(figures_dir), manifest, load_benchmark(benchmark),
-                  benchmark, results_dir, figures_dir, figures_path_for_latex(figures_dir, report_dir))
+    expected = list(expected) if expected else expected_runs(results)
+    return Report(results, seeds, expected, load_efficiency(figures_dir), load_manifest(results_dir),
+                  load_benchmark(benchmark), benchmark, results_dir, figures_dir, report_dir,
+                  figures_path_for_latex(figures_dir, report_dir))
 
 
 def write_generated(rep: Report, out_dir: Path) -> list[Path]:
@@ -750,14 +840,24 @@ def build_pdf(report_dir: Path) -> float:
     return time.perf_counter() - start
 
 
+def place_template(report_dir: Path) -> None:
+    """KD_LAB.tex in `report_dir` (made if missing), the template's current text."""
+    if not TEMPLATE.is_file():
+        raise KdlabError(f"the report's template {TEMPLATE} is missing from kdlab's folder; restore it "
+                         f"(`git checkout report/KD_LAB.tex` in the repository) and run again.")
+    writable_folder(report_dir, "--report-dir")
+    if (report_dir / TEMPLATE.name).resolve() != TEMPLATE:
+        shutil.copyfile(TEMPLATE, report_dir / TEMPLATE.name)
+
+
 def make_report(results_dir="results/reference", figures_dir="figures", report_dir="report",
-                expected=tuple(SCRATCH_RUNS), draft=False, pdf=True, pdf_required=False,
+                expected=None, draft=False, pdf=True, pdf_required=False,
                 benchmark=DEFAULT_BENCHMARK, log=print) -> Report:
-    """Generate report_dir/generated/*.tex from the results, then build the PDF if latexmk is here."""
+    """Generate report_dir/generated/*.tex from the results, then build the PDF if latexmk is here.
+
+    `expected`: the runs the report expects (default: those the results imply, kdlab.config.expected_runs).
+    """
     report_dir = Path(report_dir)
-    if not (report_dir / "KD_LAB.tex").is_file():
-        raise KdlabError(f"{report_dir / 'KD_LAB.tex'} is not there; run from the repository's "
-                         f"root or pass --report-dir.")
     rep = collect(results_dir, figures_dir, report_dir, expected, benchmark)
     reason = rep.draft_reason()
     if reason and not draft:
@@ -766,6 +866,7 @@ def make_report(results_dir="results/reference", figures_dir="figures", report_d
         raise KdlabError(f"the results of {', '.join(which)} in {rep.results_dir} come from a "
                          f"{reason}, not the lab's results. Point --results at a real run's folder, "
                          f"or pass --draft for a draft that says so on every page.")
+    place_template(report_dir)
     written = write_generated(rep, report_dir / "generated")
     log(f"wrote {', '.join(str(p) for p in written)}")
     log(f"{len(rep.results)} results file(s) in {rep.results_dir}"
@@ -775,10 +876,8 @@ def make_report(results_dir="results/reference", figures_dir="figures", report_d
     if not pdf:
         return rep
     if shutil.which("latexmk") is None:
-        message = ("latexmk is not installed, so the PDF was not built (the generated .tex is "
-                   "written). Install it with: apt-get install --no-install-recommends "
-                   "texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended "
-                   "lmodern latexmk")
+        message = (f"latexmk is not installed, so the PDF was not built (the generated .tex is "
+                   f"written). Install it with: {TEX_INSTALL}")
         if pdf_required:
             raise KdlabError(message)
         log(f"kdlab: note: {message}")

@@ -223,6 +223,18 @@ def best_student(results: dict[str, dict]) -> str | None:
     return max(students, key=lambda run: results[run]["test_acc"], default=None)
 
 
+def best_distilled(results: dict[str, dict]) -> str | None:
+    """The distillation run with the highest test accuracy among those whose baseline has results."""
+    distilled = [run for run in results if (base := baseline_of(run)) is not None and base in results]
+    return max(distilled, key=lambda run: results[run]["test_acc"], default=None)
+
+
+def distillation_temperature(results: dict[str, dict]) -> float:
+    """The temperature the lab distils at: its logit-KD runs' (the first found), else the method's default."""
+    run = next((r for r in results.values() if r["config"]["method"] == "kd_logits"), None)
+    return run["config"]["temperature"] if run else METHODS["kd_logits"].settings().temperature
+
+
 def agreement(a: dict, b: dict) -> float:
     """Share of test images on which two runs predict the same class."""
     pa, pb = a["test_predictions"], b["test_predictions"]

@@ -118,6 +118,16 @@ def paired_difference(kd: list[dict], baseline: list[dict], n_boot: int = 10_000
                 excludes_zero=ci_low > 0 or ci_high < 0)
 
 
+def paired_difference_by_class(kd: list[dict], baseline: list[dict], n_classes: int) -> list[dict]:
+    """`paired_difference` on the test images of each true class apart: which classes a method helps."""
+    def of_class(results: dict, c: int) -> dict:
+        keep = np.asarray(results["test_labels"]) == c
+        return dict(results, test_predictions=np.asarray(results["test_predictions"])[keep].tolist(),
+                    test_labels=np.asarray(results["test_labels"])[keep].tolist())
+    return [paired_difference([of_class(r, c) for r in kd], [of_class(r, c) for r in baseline])
+            for c in range(n_classes)]
+
+
 def check_no_duplicates(entries: list[tuple]) -> list[tuple]:
     """The (path, results) pairs with one per (run, training seed); refuses conflicting copies.
 

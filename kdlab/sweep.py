@@ -15,13 +15,14 @@ function with its own checkpoints, resumption and results file (the lab's train-
 the grid is fixed in advance: Tune's searchers, schedulers, trial checkpoints and reporting
 would duplicate what the lab does, while a task with `num_gpus=0.25` is all the packing and
 a `ray.wait` loop all the progress this needs. The same code runs on a laptop (a local Ray,
-started here), on every GPU of one machine, and on a cluster (`--address auto`). `processes`
+started here), on every GPU of one machine, and on a cluster (`--address HEAD:6379`). `processes`
 packs the trials on one machine's GPUs as Ray does, in worker processes, without Ray (a GPU
 machine without it: the 64 MiB a Ray wheel takes cannot always be installed). `serial` runs
 the same trials in this process, one after the other.
 
-A trial that fails (an error, or its process killed) is recorded with its error and its log
-file; the others go on, and the command exits non-zero. DIR/sweep.json lists every trial.
+A trial that fails (an error, or its process or its node killed) is recorded with its error
+and its log file; the others go on, and the command exits non-zero. DIR/sweep.json lists every
+trial, and where each was trained: host, Ray node and device.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import datetime
 import itertools
 import json
 import os
+import socket
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -48,6 +50,17 @@ EVERY_METHOD = ("label_smoothing",)
 GRID_HELP = "; ".join([*(f"{', '.join(keys)}: {method} runs" for method, keys in METHOD_SETTINGS.items() if keys),
                        f"{', '.join(EVERY_METHOD)}: every run"])
 SWEEP_FILE = "sweep.json"
+# How long the head may take to accept a connection before --address is called unreachable.
+CONNECT_TIMEOUT_S = 5
+# Attempts, a second apart, at the head's GCS once it accepts connections (Ray's default: 20).
+GCS_ATTEMPTS, GCS_ATTEMPTS_VARIABLE = 5, "RAY_gcs_server_port_wait_time_s"
+UNREACHABLE = ("nothing answers at --address {address} ({reason}): start the cluster's head with `ray start "
+               "--head --port 6379` and give the HOST:6379 it prints; docs/sweeps.md has the commands. "
+               "Without --address the sweep starts a Ray on this machine.")
+AUTH_REFUSED = ("the Ray cluster at --address {address} refused this process: it has Ray's token "
+                "authentication on, and this process has no token, or not the head's. Run the sweep with "
+                "RAY_AUTH_MODE=token and the head's token (its ~/.ray/auth_token copied to this machine, or "
+                "named by RAY_AUTH_TOKEN_PATH, or its text in RAY_AUTH_TOKEN); docs/sweeps.md.")
 INSTALL_RAY = ("--engine ray needs Ray, which is not installed here: `pip install -r requirements-sweep.txt` "
                "(on every node of a cluster), or run the same trials without it with --engine serial.")
 
@@ -147,9 +160,10 @@ def trial_config(trial: Trial, options: SweepOptions):
                        **dict(options.overrides, **dict(trial.settings), seed=trial.seed))
 
 
-def run_trial(trial: Trial, options: SweepOptions) -> dict:
+def run_trial(trial: Trial, options: SweepOptions, ray_node_id: str | None = None) -> dict:
     """Train-or-load one trial in its folder, its log in a file there; never raises for a
-    failed trial: the record says what happened. Runs in a Ray worker or in this process."""
+    failed trial: the record says what happened. Runs in a Ray worker (on the node
+    `ray_node_id`) or in this process."""
     import torch
 
     from kdlab.lab import Lab
@@ -157,12 +171,15 @@ def run_trial(trial: Trial, options: SweepOptions) -> dict:
     torch.set_num_threads(options.cpus_per_trial)
     folder = options.out / trial.folder
     folder.mkdir(parents=True, exist_ok=True)
+    node = dict(host=socket.gethostname(), ray_node_id=ray_node_id)
     record = dict(trial_record(trial), status="failed", error=None)
     with open(options.out / trial.log_file, "a") as log_file:
         def log(message: str) -> None:
             print(message, file=log_file, flush=True)
 
-        log(f"--- {trial.describe()}: {datetime.datetime.now().isoformat(timespec='seconds')}")
+        on_node = f" on Ray node {ray_node_id}" if ray_node_id else ""
+        log(f"--- {trial.describe()}: {datetime.datetime.now().isoformat(timespec='seconds')} "
+            f"on {node['host']}{on_node}")
         try:
             lab = Lab(folder, options.data_dir, options.device, smoke=options.smoke,
                       teacher_epochs=options.teacher_epochs, teacher_dir=options.out / "teacher",
@@ -174,8 +191,18 @@ def run_trial(trial: Trial, options: SweepOptions) -> dict:
             record["error"] = str(err) if isinstance(err, KdlabError) else f"{type(err).__name__}: {err}"
             return record
     r = trained.results
+    # A loaded trial was trained elsewhere, or earlier: run_sweep names its node from the last sweep.json.
+    where = node if trained.trained else dict(host=None, ray_node_id=None)
     return dict(record, status="trained" if trained.trained else "loaded", test_acc=r["test_acc"],
-                best_val_acc=r["best_val_acc"], wall_seconds=r["wall_seconds"])
+                best_val_acc=r["best_val_acc"], wall_seconds=r["wall_seconds"],
+                trained_on=dict(where, device=r["device"], device_name=r["device_name"]))
+
+
+def run_ray_trial(trial: Trial, options: SweepOptions) -> dict:
+    """run_trial as a Ray task: its record names the Ray node it ran on."""
+    import ray
+
+    return run_trial(trial, options, ray.get_runtime_context().get_node_id())
 
 
 def trial_record(trial: Trial) -> dict:
@@ -285,7 +312,7 @@ class RayEngine:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         # No retries: a trial whose process died is reported, and the next run of the sweep
         # resumes it from its last epoch.
-        task = ray.remote(run_trial).options(num_cpus=self.cpus_per_trial, num_gpus=gpus, max_retries=0)
+        task = ray.remote(run_ray_trial).options(num_cpus=self.cpus_per_trial, num_gpus=gpus, max_retries=0)
         pending = {task.remote(trial, options): trial for trial in trials}
         while pending:
             (done,), _ = ray.wait(list(pending), num_returns=1)
@@ -312,9 +339,52 @@ def start_ray(address: str | None = None, num_cpus: int | None = None):
     ray = import_ray()
     import kdlab
 
-    ray.init(address=address, num_cpus=num_cpus if address is None else None,
-             runtime_env={"py_modules": [kdlab]}, log_to_driver=False)
+    runtime_env = {"py_modules": [kdlab]}
+    if address is None:
+        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=False)
+        return ray
+    check_reachable(address)
+    # The head answered, so its GCS is up: Ray's 20 attempts, a second apart, would only make a
+    # refused token take 20 s to say so. Ray reads this variable while it connects (2.60).
+    budget_set_here = GCS_ATTEMPTS_VARIABLE not in os.environ
+    os.environ.setdefault(GCS_ATTEMPTS_VARIABLE, str(GCS_ATTEMPTS))
+    try:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ray.exceptions.RayError) as err:
+        raise KdlabError(join_failure(address, err)) from None
+    finally:
+        if budget_set_here:
+            del os.environ[GCS_ATTEMPTS_VARIABLE]
     return ray
+
+
+def check_reachable(address: str) -> None:
+    """Say at once when nothing answers at `address`: ray.init retries for minutes first."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:   # `auto` and the host's name become the head's IP:port, as ray.init reads them
+        gcs = address.split("://", 1)[1] if "://" in address else canonicalize_bootstrap_address(address)
+        if gcs is None:   # `local`: ray.init starts a Ray here
+            return
+        host, port = gcs.rsplit(":", 1)
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as err:   # refused, timed out, unknown host; no cluster for `auto`
+        reason = (str(err) or type(err).__name__).splitlines()[0].split(". ")[0]
+        raise KdlabError(UNREACHABLE.format(address=address, reason=reason)) from None
+
+
+def join_failure(address: str, err: Exception) -> str:
+    """What to do when ray.init could not join the cluster at `address`, which answered."""
+    causes, cause = [], err
+    while cause is not None:   # the token's refusal is a cause of the ConnectionError, in its text
+        causes.append(f"{type(cause).__name__}: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    if any("AuthenticationError" in text or "InvalidAuthToken" in text for text in causes):
+        return AUTH_REFUSED.format(address=address)
+    first_line = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return (f"could not join a Ray cluster at --address {address} ({first_line.strip()}): give the head's "
+            f"HOST:PORT as `ray start --head` printed it, and run the cluster's Ray and Python versions here; "
+            f"docs/sweeps.md.")
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -353,8 +423,12 @@ def run_sweep(runs: list[str], seeds: list[int], grid: dict[str, list], options:
                  started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  teacher=None, trials=[])
     progress = Progress(len(trials) + uses_teacher, log)
+    earlier = earlier_records(options.out)
 
     def finished(record: dict) -> None:
+        if record["status"] == "loaded":   # trained by an earlier run of the sweep: its node is there
+            trained_on = (earlier.get(Trial.of(record)) or {}).get("trained_on") or {}
+            record["trained_on"].update(host=trained_on.get("host"), ray_node_id=trained_on.get("ray_node_id"))
         progress.finished(record)
         if record["run"] == TEACHER_RUN:
             sweep["teacher"] = record
@@ -386,19 +460,50 @@ def write_sweep(out: Path, sweep: dict) -> None:
     tmp.replace(out / SWEEP_FILE)
 
 
+def earlier_records(out: Path) -> dict[Trial, dict]:
+    """The records of the sweep.json already in `out`, by trial; none if there is none, or if it
+    is damaged (the sweep rewrites it)."""
+    try:
+        sweep = json.loads((out / SWEEP_FILE).read_text())
+        return {Trial.of(r): r for r in [sweep["teacher"], *sweep["trials"]] if r is not None}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def describe_nodes(sweep: dict) -> str:
+    """How many nodes trained the sweep's finished trials and teacher, and which: `2 nodes: vm
+    (Ray node 1a2b3c4d), gpu-2 (Ray node 5e6f7a8b)`."""
+    trained_on = [r.get("trained_on") or {} for r in [sweep["teacher"], *sweep["trials"]]
+                  if r is not None and r["status"] != "failed"]
+    nodes = sorted({(w["host"], w["ray_node_id"] or "") for w in trained_on if w.get("host")})
+    unknown = sum(not w.get("host") for w in trained_on)
+    unrecorded = f"{unknown} trial(s) with no node recorded (trained by an older kdlab, or outside this sweep)"
+    if not nodes:
+        return f"an unknown number of nodes: {unrecorded}"
+    names = ", ".join(host + (f" (Ray node {node_id[:8]})" if node_id else "") for host, node_id in nodes)
+    return f"{len(nodes)} node{'' if len(nodes) == 1 else 's'}: {names}" + (f"; {unrecorded}" if unknown else "")
+
+
 def failures(sweep: dict) -> list[dict]:
     return [r for r in [sweep["teacher"], *sweep["trials"]] if r is not None and r["status"] == "failed"]
 
 
-def load_sweep(sweep_dir: str | Path) -> tuple[dict, dict[str, list]]:
-    """A sweep's sweep.json and the results of its finished trials: ({...}, {run: [(settings, results)]})."""
-    from kdlab.results import read_json, read_results_file
+def read_sweep(sweep_dir: str | Path) -> dict:
+    """A sweep's sweep.json."""
+    from kdlab.results import read_json
 
-    sweep_dir = Path(sweep_dir)
-    path = sweep_dir / SWEEP_FILE
+    path = Path(sweep_dir) / SWEEP_FILE
     if not path.is_file():
         raise KdlabError(f"{path} does not exist: point --sweep to the --out folder of `python -m kdlab sweep`.")
-    sweep = read_json(path, "run the sweep again: it rewrites the file, loading the finished trials.")
+    return read_json(path, "run the sweep again: it rewrites the file, loading the finished trials.")
+
+
+def load_sweep(sweep_dir: str | Path) -> tuple[dict, dict[str, list]]:
+    """A sweep's sweep.json and the results of its finished trials: ({...}, {run: [(settings, results)]})."""
+    from kdlab.results import read_results_file
+
+    sweep_dir = Path(sweep_dir)
+    sweep = read_sweep(sweep_dir)
     results: dict[str, list] = {}
     for record in sweep["trials"]:
         if record["status"] != "failed":

@@ -1,6 +1,7 @@
 import dataclasses
 import errno
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -39,8 +40,7 @@ def smoke_lab(tmp_path_factory):
     return ckpt_dir, result
 
 
-@pytest.fixture
-def no_network(monkeypatch) -> list:
+def block_network(monkeypatch) -> list:
     """Every connection fails, as offline; returns the list of attempts."""
     attempts = []
 
@@ -51,6 +51,17 @@ def no_network(monkeypatch) -> list:
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     return attempts
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list:
+    return block_network(monkeypatch)
+
+
+def generated_macros(report_dir: Path) -> dict[str, str]:
+    """The macros `python -m kdlab report` wrote into report_dir/generated/macros.tex, by name."""
+    text = (report_dir / "generated" / "macros.tex").read_text()
+    return dict(re.findall(r"^\\newcommand\{\\([A-Za-z]+)\}\{(.*)\}$", text, re.M))
 
 
 TINY_RUN = "student_scratch_baseline"

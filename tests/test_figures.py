@@ -54,7 +54,7 @@ def test_a_run_started_from_random_weights_is_never_called_pretrained():
     for run in RUNS:
         assert "pretrained" not in run_label(run, {run: dict(weights="none")})
     assert run_label("student_pretrained_baseline", {}) == RUNS["student_pretrained_baseline"].label
-    assert run_label("teacher_resnet50", {"teacher_resnet50": dict(weights="none")}).endswith("(scratch)")
+    assert run_label("teacher_resnet50", {"teacher_resnet50": dict(weights="none")}).endswith("(from scratch)")
 
 
 def test_figures_into_an_unwritable_folder_exit_2_with_one_line(tmp_path, capsys):
@@ -80,3 +80,19 @@ def test_efficiency_measured_elsewhere_is_reused_with_the_accuracies_of_the_resu
     assert made["efficiency"]["reused_from"] == str(REPO / "figures" / "efficiency.json")
     with pytest.raises(KdlabError, match="holds no efficiency.json"):
         make_all_figures(reference, tmp_path / "other", efficiency_from=tmp_path / "nowhere", log=lambda _: None)
+
+
+def test_soft_target_examples_are_the_first_right_image_of_each_chosen_class():
+    import base64
+    import torch
+    from kdlab.checkpoints import SOFT_TARGET_CLASSES, soft_target_examples
+    from kdlab.config import CLASSES
+
+    labels = torch.tensor([3, 3, 5, 1, 0])                  # cat, cat, dog, automobile, airplane
+    logits = torch.nn.functional.one_hot(torch.tensor([5, 3, 5, 2, 0]), 10).float()   # right: 1, 2, 4
+    images = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 3, 32, 32)
+    examples = soft_target_examples(logits, images, labels)
+    assert [CLASSES[e["label"]] for e in examples] == [c for c in SOFT_TARGET_CLASSES if c in ("cat", "dog")]
+    assert [e["test_index"] for e in examples] == [1, 2], "the first image the model gets right"
+    assert examples[0]["logits"] == logits[1].tolist()
+    assert base64.b64decode(examples[1]["image"]) == bytes([2]) * 3 * 32 * 32

@@ -16,14 +16,17 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from PIL import Image
 
+from conftest import generated_macros
 from kdlab.config import SMOKE
+from kdlab.latex import tex
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebook" / "EfficientDL_KD_Lab.ipynb"
 RUNS = ["teacher_resnet50", "student_pretrained_baseline", "student_pretrained_kd_logits",
         "student_pretrained_kd_features", "student_scratch_baseline", "student_scratch_kd_scores"]
 RESULTS_FIGURES = {"comparaison_finale.png", "comparison_test_accuracy.png", "training_losses.png",
-                   "efficiency.png", "confusion_matrix.png", "agreement.png",
+                   "efficiency.png", "confusion_matrix.png", "agreement.png", "soft_targets.png",
+                   "per_class_accuracy.png",
                    *(f"curves_{run}.png" for run in RUNS)}
 RESULTS_TABLES = {"efficiency.json", "efficiency.md"}
 DATA_FIGURES = {"sample_images.png"}   # drawn from the data, so only by the notebook
@@ -38,8 +41,8 @@ def execute(nb, env: dict, timeout: int = 900):
 
 
 def smoke_env(folder: Path) -> dict:
-    return dict(KDLAB_SMOKE="1", KDLAB_CKPT_DIR=str(folder / "ckpt"),
-                KDLAB_DATA_DIR=str(folder / "data"), KDLAB_FIGURES_DIR=str(folder / "figures"))
+    return dict(KDLAB_SMOKE="1", KDLAB_CKPT_DIR=str(folder / "ckpt"), KDLAB_DATA_DIR=str(folder / "data"),
+                KDLAB_FIGURES_DIR=str(folder / "figures"), KDLAB_REPORT_DIR=str(folder / "report"))
 
 
 def outputs_text(nb) -> str:
@@ -83,11 +86,34 @@ def test_notebook_runs_headless_and_draws_every_figure(executed):
     assert RESULTS_FIGURES | RESULTS_TABLES | DATA_FIGURES <= written
     for name in RESULTS_FIGURES | DATA_FIGURES:
         assert_valid_png(folder / "figures" / name)
-    # the results figures are shown inline at the end
-    shown = sum("image/png" in out.get("data", {}) for out in nb.cells[-2].outputs)
+    # the results figures are shown inline in section 7, the teacher's soft targets in section 2 too
+    shown = sum("image/png" in out.get("data", {}) for out in code_cell(nb, "made = figures.make_all_figures").outputs)
     assert shown == len(RESULTS_FIGURES) - len(RUNS)
+    assert any("image/png" in out.get("data", {}) for out in code_cell(nb, "show(figures.plot_soft_targets").outputs)
     assert "SMOKE RUN: synthetic data, not results" in outputs_text(nb)
     assert "IProgress not found" not in outputs_text(nb), "tqdm falls back to text bars quietly"
+
+
+def code_cell(nb, text: str):
+    """The one code cell whose source holds `text`."""
+    [cell] = [cell for cell in nb.cells if cell.cell_type == "code" and text in cell.source]
+    return cell
+
+
+def test_the_last_section_writes_the_report_of_the_notebooks_runs(executed):
+    nb, folder = executed
+    report = folder / "report"
+    assert (report / "KD_LAB.tex").is_file() and (report / "generated" / "results_table.tex").is_file()
+    macros = generated_macros(report)
+    assert macros["DraftText"] == "DRAFT - smoke run, not results"
+    assert macros["ReportStatus"] == f"results of {tex(folder / 'ckpt')}", "the six runs, none missing"
+    assert macros["FiguresDir"] == "../figures"
+    text = "".join(out.get("text", "") for out in code_cell(nb, "make_report(").outputs)
+    assert "kdlab: error" not in text and "wrote" in text
+    if shutil.which("latexmk"):
+        assert (report / "KD_LAB.pdf").stat().st_size > 0 and "built" in text
+    else:
+        assert "latexmk is not installed" in text
 
 
 def test_efficiency_table_comes_from_the_runs(executed):

@@ -1,5 +1,6 @@
 """The report generator: its tables equal the results files, smoke results are refused unless
---draft, a draft says so, missing runs are named, and the PDF builds where LaTeX is installed.
+--draft, a draft says so, the expected runs follow the results and the missing ones are named,
+bad input is one line, and the PDF builds where LaTeX is installed.
 
 Results files are made by kdlab.checkpoints._results itself (the schema a run writes) on a
 tiny synthetic split, then given the accuracies and timings each test needs.
@@ -13,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import generated_macros
 from kdlab import report
 from kdlab.latex import tex
 from kdlab.results import STEP_DESCRIPTIONS, load_benchmark
 from kdlab.stats import paired_difference
 from kdlab.checkpoints import TrainedRun, _results
 from kdlab.cli import main
-from kdlab.config import RUNS, SCRATCH_RUNS, TEACHER_RUN, make_config
+from kdlab.config import LAB_RUNS, RUNS, START_OF_WEIGHTS, STARTS, TEACHER_RUN, expected_runs, make_config
 from kdlab.data import make_splits, make_synthetic_cifar
 from kdlab.errors import KdlabError
 from kdlab.methods import build_method
@@ -78,10 +80,8 @@ def write_results(folder: Path, results: dict) -> Path:
 
 
 def report_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "report"
-    folder.mkdir()
-    shutil.copy(REPORT_TEX, folder)
-    return folder
+    """A report folder that does not exist yet: make_report makes it and copies the template in."""
+    return tmp_path / "report"
 
 
 def efficiency(runs) -> dict:
@@ -106,11 +106,6 @@ def table_rows(path: Path) -> dict[str, list[str]]:
         run = re.search(r"\\texttt\{(.+?)\}", cells[0].replace(r"\allowbreak{}", "")).group(1)
         rows[run.replace(r"\_", "_")] = cells[1:]
     return rows
-
-
-def generated_macros(folder: Path) -> dict[str, str]:
-    text = (folder / "generated" / "macros.tex").read_text()
-    return dict(re.findall(r"^\\newcommand\{\\([A-Za-z]+)\}\{(.*)\}$", text, re.M))
 
 
 def test_tables_equal_the_results_files(tmp_path, reference):
@@ -142,7 +137,7 @@ def test_tables_equal_the_results_files(tmp_path, reference):
     for run, r in results.items():
         arch, method, start, epochs, lr, wd, distillation = config_rows[run]
         cfg = r["config"]
-        assert (arch, start, int(epochs)) == (cfg["arch"], cfg["weights"], cfg["epochs"])
+        assert (arch, start, int(epochs)) == (cfg["arch"], STARTS[START_OF_WEIGHTS[cfg["weights"]]], cfg["epochs"])
         assert number(lr) == pytest.approx(cfg["lr"]) and number(wd) == pytest.approx(cfg["weight_decay"])
         if cfg["method"] == "kd_logits":
             t, alpha = re.fullmatch(r"\$T\$ (\S+), \$\\alpha\$ (\S+)", distillation).groups()
@@ -172,7 +167,7 @@ def test_comparisons_follow_the_numbers(tmp_path, reference):
         d = paired_difference([results[better]], [results[other]])
         assert (f"a paired difference of {100 * d['mean_difference']:+.2f} points (1 seed paired), whose 95\\% "
                 f"interval [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]") in m[macro]
-    assert "The best student, ResNet18 scratch + logit KD at 91.71\\%, against its teacher at 93.12\\%" \
+    assert "The best student, ResNet18 from scratch + logit KD at 91.71\\%, against its teacher at 93.12\\%" \
         in m["StudentVsTeacherSentences"]
     assert "1.30 times as long" in m["KDCostSentences"]   # 26.0 s against 20.0 s per epoch
     assert "Every expected run has its results file" in m["MissingRunsSentence"]
@@ -196,19 +191,35 @@ def test_smoke_results_are_refused_without_draft(tmp_path, reference):
     assert "DRAFT - smoke run, not results" in (out / "generated" / "provenance.tex").read_text()
 
 
-def test_missing_runs_are_named(tmp_path, reference):
+def test_missing_runs_are_named_and_only_expected_runs_are_missing(tmp_path, reference):
     results, _ = reference
-    present = {"student_scratch_baseline": results["student_scratch_baseline"]}
+    present = {run: results[run] for run in ("student_scratch_baseline", "student_scratch_dkd")}
     out = report_dir(tmp_path)
-    report.make_report(write_results(tmp_path / "results", present), tmp_path / "figures", out,
-                       pdf=False, log=lambda *_: None)
-    missing = [run for run in SCRATCH_RUNS if run not in present]
-    sentence = generated_macros(out)["MissingRunsSentence"]
+    rep = report.make_report(write_results(tmp_path / "results", present), tmp_path / "figures", out,
+                             pdf=False, log=lambda *_: None)
+    # a lab without ImageNet starts: the teacher and the scratch students of `run all` are expected;
+    # decoupled KD, outside `run all`, is reported because it has results
+    assert rep.expected == [TEACHER_RUN, "student_scratch_baseline", "student_scratch_kd_scores"]
+    missing = [TEACHER_RUN, "student_scratch_kd_scores"]
+    assert rep.missing == missing
+    macros = generated_macros(out)
+    sentence = macros["MissingRunsSentence"]
     for run in missing:
         assert tex(RUNS[run].label) in sentence, "prose names runs by their labels"
     rows = table_rows(out / "generated" / "results_table.tex")
     assert [run for run, cells in rows.items() if "missing" in cells[0]] == missing
-    assert "cannot be measured yet" in generated_macros(out)["KDGainSentences"]
+    assert set(rows) == set(present) | set(missing), "optional runs without results are left out"
+    assert macros["ReportStatus"] == "2 of 3 runs missing"
+    assert "cannot be measured yet" in macros["KDGainSentences"]
+    for optional in ("student_scratch_kd_features", "student_scratch_at"):
+        assert tex(RUNS[optional].label) not in (out / "generated" / "macros.tex").read_text()
+
+
+def test_the_expected_runs_follow_the_results():
+    scratch = [TEACHER_RUN, "student_scratch_baseline", "student_scratch_kd_scores"]
+    assert expected_runs([TEACHER_RUN, "student_scratch_kd_features", "student_scratch_dkd"]) == scratch
+    assert expected_runs(["teacher_resnet50"]) == scratch, "the teacher alone says nothing of the students"
+    assert expected_runs(["student_scratch_baseline", "student_pretrained_baseline"]) == LAB_RUNS
 
 
 def test_reproduce_block_and_provenance_read_as_typed_not_as_logged(tmp_path, reference):
@@ -222,28 +233,50 @@ def test_reproduce_block_and_provenance_read_as_typed_not_as_logged(tmp_path, re
     report.make_report(results_dir, tmp_path / "figures", out, pdf=False, log=lambda *_: None)
 
     block = (out / "generated" / "reproduce.tex").read_text()
-    typed = " ".join(line.strip(" \\") for line in block.splitlines()[2:-1])
-    assert typed == (f"python -m kdlab run teacher_resnet50 --weights none --data-dir data "
-                     f"--results-dir {results_dir} --epochs 20")
+    commands = " ".join(line.strip(" \\") for line in block.splitlines()[1:-1]).split("# ")[1:]
+    assert [c.split(maxsplit=1)[1] if c.startswith("python") else c for c in commands] == [
+        f"the runs, as their manifest.json records the command python -m kdlab run teacher_resnet50 "
+        f"--weights none --data-dir data --results-dir {results_dir} --epochs 20 ",
+        f"the figures, from the results files python -m kdlab figures --results-dir {results_dir} "
+        f"--out {tmp_path / 'figures'} ",
+        f"this report python -m kdlab report --results {results_dir} --figures {tmp_path / 'figures'} "
+        f"--report-dir {out}"]
     provenance = (out / "generated" / "provenance.tex").read_text()
     assert "budget" not in provenance and "384.8" not in provenance and "6.4 min" in provenance
-    assert "ResNet50 teacher (scratch)" in provenance and "teacher\\_" not in provenance
+    assert "ResNet50 teacher (from scratch)" in provenance and "teacher\\_" not in provenance
 
 
-def test_no_results_at_all_says_every_run_is_missing(tmp_path):
+@pytest.mark.parametrize("problem, message", [
+    ("no results", "holds no <run>_results.json, so there is nothing to report"),
+    ("results folder is a file", "is not a folder"),
+    ("report folder cannot be written", "cannot write to"),
+    ("no template", "the report's template"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, reference, monkeypatch, capsys, problem, message):
+    results, _ = reference
+    results_dir = write_results(tmp_path / "results", {TEACHER_RUN: results[TEACHER_RUN]})
     out = report_dir(tmp_path)
-    rep = report.make_report(tmp_path / "absent", tmp_path / "figures", out, pdf=False,
-                             log=lambda *_: None)
-    assert rep.missing == SCRATCH_RUNS
-    assert generated_macros(out)["MissingRunsSentence"].startswith(r"\textbf{Every run is missing:}")
-    assert "No results yet" in (out / "generated" / "provenance.tex").read_text()
+    if problem == "no results":
+        results_dir = tmp_path / "empty"
+        results_dir.mkdir()
+    elif problem == "results folder is a file":
+        results_dir = results_dir / f"{TEACHER_RUN}_results.json"
+    elif problem == "report folder cannot be written":
+        out = results_dir / f"{TEACHER_RUN}_results.json" / "report"   # under a file
+    else:
+        monkeypatch.setattr(report, "TEMPLATE", tmp_path / "gone" / "KD_LAB.tex")
+    code = main(["report", "--results", str(results_dir), "--figures", str(tmp_path / "figures"),
+                 "--report-dir", str(out), "--no-pdf"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kdlab: error: ") and err.count("\n") == 1
+    assert message in err
+    assert not (tmp_path / "report").exists(), "nothing written"
 
 
-def test_report_source_uses_every_macro_and_types_no_result():
+def test_report_source_uses_every_macro_and_types_no_result(tmp_path, reference):
+    results, _ = reference
     source = REPORT_TEX.read_text()
-    rep = report.Report(results={}, seeds={}, expected=SCRATCH_RUNS, efficiency=None, manifest=None,
-                        benchmark=None, benchmark_path=None, results_dir=Path("results"),
-                        figures_dir=Path("figures"), figures_tex_path="../figures")
+    rep = report.collect(write_results(tmp_path / "results", results), tmp_path / "figures", tmp_path / "report")
     for name in report.macros(rep):
         assert re.search(rf"\\{name}(?![A-Za-z])", source), f"\\{name} is generated but not used"
         assert not re.search(rf"\\{name} +\w", source), f"TeX eats the space after \\{name}: write \\{name}{{}}"
@@ -257,9 +290,14 @@ def test_report_source_uses_every_macro_and_types_no_result():
 BENCHMARK = REPORT_TEX.parents[1] / "benchmarks" / "results" / "h200-full-compile.json"
 
 
-def test_speed_table_equals_the_benchmark_file(tmp_path):
+def teacher_only(tmp_path: Path, reference) -> Path:
+    """A results folder with the teacher's results alone: enough for a report."""
+    return write_results(tmp_path / "results", {TEACHER_RUN: reference[0][TEACHER_RUN]})
+
+
+def test_speed_table_equals_the_benchmark_file(tmp_path, reference):
     out = report_dir(tmp_path)
-    report.make_report(tmp_path / "absent", tmp_path / "figures", out, pdf=False, benchmark=BENCHMARK,
+    report.make_report(teacher_only(tmp_path, reference), tmp_path / "figures", out, pdf=False, benchmark=BENCHMARK,
                        log=lambda *_: None)
     bench = load_benchmark(BENCHMARK)   # step kinds under the methods' names
     body = (out / "generated" / "speed_table.tex").read_text().split(r"\midrule")[1].split(r"\bottomrule")[0]
@@ -279,26 +317,29 @@ def test_speed_table_equals_the_benchmark_file(tmp_path):
     assert f"{min(shares):.1f}\\% to {max(shares):.1f}\\%" in sentences
 
 
-def test_without_a_benchmark_file_the_speed_is_said_unmeasured(tmp_path):
+def test_without_a_benchmark_file_the_speed_is_said_unmeasured(tmp_path, reference):
     out = report_dir(tmp_path)
-    report.make_report(tmp_path / "absent", tmp_path / "figures", out, pdf=False,
+    results_dir = teacher_only(tmp_path, reference)
+    report.make_report(results_dir, tmp_path / "figures", out, pdf=False,
                        benchmark=tmp_path / "none.json", log=lambda *_: None)
     assert generated_macros(out)["SpeedSentences"].startswith("Training speed: not measured")
     assert (out / "generated" / "speed_table.tex").read_text() == ""
     (tmp_path / "bad.json").write_text(json.dumps({"rows": [{"step": "student_ce"}]}))
     with pytest.raises(KdlabError, match="does not have a benchmark file's layout"):
-        report.make_report(tmp_path / "absent", tmp_path / "figures", out, pdf=False,
+        report.make_report(results_dir, tmp_path / "figures", out, pdf=False,
                            benchmark=tmp_path / "bad.json", log=lambda *_: None)
 
 
-def test_missing_latexmk_is_a_note_unless_the_pdf_is_required(tmp_path, monkeypatch):
+def test_missing_latexmk_is_a_note_unless_the_pdf_is_required(tmp_path, monkeypatch, reference):
     monkeypatch.setattr(report.shutil, "which", lambda name: None)
     notes = []
     out = report_dir(tmp_path)
-    report.make_report(tmp_path / "absent", tmp_path / "figures", out, log=notes.append)
-    assert any("PDF was not built" in note for note in notes)
+    results_dir = teacher_only(tmp_path, reference)
+    report.make_report(results_dir, tmp_path / "figures", out, log=notes.append)
+    assert any("PDF was not built" in note and report.TEX_INSTALL in note for note in notes)
+    assert (out / "generated" / "macros.tex").is_file(), "the .tex is written all the same"
     with pytest.raises(KdlabError, match="latexmk is not installed"):
-        report.make_report(tmp_path / "absent", tmp_path / "figures", out, pdf_required=True,
+        report.make_report(results_dir, tmp_path / "figures", out, pdf_required=True,
                            log=lambda *_: None)
 
 

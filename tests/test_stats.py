@@ -7,7 +7,7 @@ import pytest
 
 from kdlab.errors import KdlabError
 from kdlab.stats import (bootstrap_mean_differences, check_no_duplicates, mcnemar_exact_p,
-                         paired_difference, summarise)
+                         paired_difference, paired_difference_by_class, summarise)
 
 KD, BASE = "student_scratch_kd_scores", "student_scratch_baseline"
 
@@ -186,3 +186,15 @@ def test_a_copy_is_kept_once_and_other_seeds_and_runs_are_kept():
     kd, base = pairs((5, 1, 90, 4), (6, 2, 88, 4))
     entries = [("a/kd_0", kd[0]), ("a/kd_1", kd[1]), ("b/kd_0", dict(kd[0])), ("a/base_0", base[0])]
     assert check_no_duplicates(entries) == [entries[0], entries[1], entries[3]]
+
+
+def test_per_class_differences_count_each_class_images_alone():
+    # 40 images, labels 0..9 four times: KD gains on classes 0 and 1 only; the baseline on class 9
+    labels = [i % 10 for i in range(40)]
+    wrong = lambda y: (y + 1) % 10
+    kd = [y if y != 9 else wrong(y) for y in labels]
+    base = [y if y not in (0, 1) else wrong(y) for y in labels]
+    by_class = paired_difference_by_class([results(KD, 0, kd, labels)], [results(BASE, 0, base, labels)], 10)
+    assert [d["mean_difference"] for d in by_class] == [1.0, 1.0] + [0.0] * 7 + [-1.0]
+    assert [d["mcnemar"][0]["b"] for d in by_class] == [4, 4] + [0] * 8
+    assert by_class[0]["excludes_zero"] and by_class[9]["excludes_zero"] and not by_class[5]["excludes_zero"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -149,6 +150,10 @@ def test_serial_and_processes_engines_give_the_same_results_as_ray(ray_sweep, tm
     ray_out, ray_result, _ = ray_sweep
     serial = run_sweep([BASELINE, LOGIT_KD], SEEDS, GRID, tiny_options(tmp_path), engine(), log=lambda line: None)
     assert serial["engine"] == engine().name
+    # Where each trial trained: one Ray node for the local Ray; this machine, no Ray node, for the others.
+    assert len({r["trained_on"]["ray_node_id"] for r in [ray_result["teacher"], *ray_result["trials"]]}) == 1
+    assert {(r["trained_on"]["host"], r["trained_on"]["ray_node_id"], r["trained_on"]["device"])
+            for r in serial["trials"]} == {(socket.gethostname(), None, "cpu")}
     for ray_record, serial_record in zip(ray_result["trials"], serial["trials"], strict=True):
         assert Trial.of(ray_record) == Trial.of(serial_record)
         on_ray, here = (read_results_file(out / r["results"], r["run"], r["seed"])

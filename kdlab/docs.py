@@ -1,0 +1,256 @@
+"""The generated blocks of README.md and docs/*.md: tables that state what the code or the results say.
+
+A block sits between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->`; `python -m kdlab
+docs` rewrites every block of every page from its source (kdlab.config, kdlab.registry, the CLI
+parser, the figures module's docstrings, the committed results files), and `--check` only says
+which blocks differ. tests/test_docs.py fails on any stale block, so no table restates the code
+by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from kdlab.config import ARCH_NAMES, LAB_RUNS, RUNS, STARTS, TEACHER_RUN, kd_pairs, make_config, run_label
+from kdlab.errors import KdlabError
+from kdlab.registry import METHODS, setting_fields
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = ("README.md", "docs/*.md")
+BLOCK = re.compile(r"<!-- generated:(?P<name>[\w-]+) -->\n(?P<body>(?:.*?\n)?)<!-- /generated:(?P=name) -->", re.S)
+
+
+def pages(root: Path = REPO) -> list[Path]:
+    return [path for pattern in PAGES for path in sorted(root.glob(pattern))]
+
+
+def cell(value) -> str:
+    """A config value as a table cell: `0.4`, `5e-05`, `layer1+layer2`, `yes`/`no`."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple):
+        return "+".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def table(header: list[str], rows: list[list], align: str = "") -> str:
+    """A markdown table; `align` has one letter per column, `r` for right-aligned numbers."""
+    align = align or "l" * len(header)
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    return "\n".join([line(header), rule] + [line(r) for r in rows])
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+# Why each default is what it is; the values come from kdlab.config (whose comments say more).
+RECIPE_REASONS = {
+    "epochs": "fine-tuning: pretrained features need few epochs; from scratch: the teacher trains longer, "
+              "to be worth distilling",
+    "lr": "peak of a linear warm-up then a cosine to zero; fine-tuning at an eighth of the scratch rate, "
+          "so large steps do not wash out the ImageNet features (scratch: results/ablation-lr-resolution)",
+    "weight_decay": "light when fine-tuning (decay pulls weights away from their pretrained values); the "
+                    "usual CIFAR decay from scratch",
+    "batch_size": "fills a modern GPU at 128 px; the learning rates are set for it",
+    "momentum": "SGD with Nesterov momentum, the standard for ResNets on CIFAR",
+    "warmup_epochs": "shields pretrained features and BatchNorm statistics from the first large steps",
+    "image_size": "CIFAR's 32 px upsampled on the GPU, so the four stages of torchvision's ImageNet ResNets "
+                  "see 32/16/8/4 px maps (docs/recipe.md)",
+    "label_smoothing": "off for the students: the paired ablation chose it on validation "
+                       "(results/ablation-recipe); never on the teacher, whose smoothed outputs distil worse",
+    "ema_decay": "a weight average (EMA, BatchNorm statistics included), updated every step; validation, "
+                 "the best epoch and the test use it",
+    "flip_tta": "each image evaluated as the mean of its own and its mirror's logits",
+    "val_per_class": "the 5,000-image validation split picks each run's best epoch; the test is used once",
+    "seed": "training seed: initialisation, batch order, augmentation (`--seed`)",
+    "split_seed": "the 45k/5k split, the same whatever the training seed",
+}
+
+
+def recipe_table() -> str:
+    """Every default of the four recipes (teacher and students, from ImageNet and from scratch)."""
+    student = {start: next(run for run in LAB_RUNS if run != TEACHER_RUN and RUNS[run].start == start)
+               for start in STARTS}
+    columns = [("teacher, " + STARTS["pretrained"], make_config(TEACHER_RUN)),
+               ("students, " + STARTS["pretrained"], make_config(student["pretrained"])),
+               ("teacher, " + STARTS["scratch"], make_config(TEACHER_RUN, weights="none")),
+               ("students, " + STARTS["scratch"], make_config(student["scratch"]))]
+    rows = [[f"`{name}`", *(cell(getattr(cfg, name)) for _, cfg in columns), RECIPE_REASONS[name]]
+            for name in RECIPE_REASONS]
+    return table(["setting", *(title for title, _ in columns), "why"], rows, "lrrrrl")
+
+
+# ----------------------------------------------------------------------------- runs and methods
+
+def runs_table() -> str:
+    rows = [[f"`{name}`", ARCH_NAMES[run.arch], STARTS[run.start], METHODS[run.method].name,
+             "yes" if run.in_lab else "no", "" if run.original_lab_test_acc is None else f"{run.original_lab_test_acc:.4f}"]
+            for name, run in RUNS.items()]
+    return table(["run (checkpoint `<run>_best.pt`)", "network", "start", "method", "in `run all`",
+                  "original lab's test accuracy"], rows, "llllll")
+
+
+def methods_table() -> str:
+    rows = [[f"`{key}`", m.name, m.description, ", ".join(f"`{t}`" for t in m.loss_terms)] for key, m in METHODS.items()]
+    return table(["key", "method", "what it matches", "loss terms it logs"], rows)
+
+
+def settings_table() -> str:
+    rows = [[METHODS[key].name, f"`--{f.name.replace('_', '-')}`", cell(f.default), f.metadata["help"]]
+            for key in METHODS for f in setting_fields(key)]
+    return table(["method", "setting", "default", "meaning"], rows, "llrl")
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def cli_reference() -> str:
+    """Every subcommand of `python -m kdlab`, its options, their defaults and help."""
+    from kdlab.cli import build_parser
+
+    parser = build_parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    helps = {choice.dest: choice.help for choice in commands._choices_actions}
+    out = []
+    for name, sub in commands.choices.items():
+        rows = []
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.metavar or action.dest}`"
+            default = ("" if action.default in (None, False, argparse.SUPPRESS) or action.option_strings == []
+                       else cell(action.default) if not isinstance(action.default, list)
+                       else " ".join(map(str, action.default)))
+            rows.append([flag, f"`{default}`" if default else "", action.help or ""])
+        out += [f"`python -m kdlab {name}`: {helps[name]}", "", table(["option", "default", "what it does"], rows), ""]
+    return "\n".join(out).rstrip()
+
+
+# ----------------------------------------------------------------------------- figures
+
+def figures_table() -> str:
+    """Each file the figures module writes, as the docstring of the function that draws it says."""
+    from kdlab import figures
+
+    rows = []
+    for function in figures.FIGURE_MAKERS:
+        first = function.__doc__.split("\n\n")[0]
+        files, what = (" ".join(first.split())).split(": ", 1)
+        rows.append([", ".join(f"`{file}`" for file in files.split(", ")), what, f"`{function.__name__}`"])
+    return table(["file", "what it shows", "drawn by (`kdlab.figures`)"], rows)
+
+
+# ----------------------------------------------------------------------------- results
+
+REFERENCE = REPO / "results" / "reference"
+
+
+def findings(seeds: dict[str, list[dict]]) -> str:
+    """What the reference says, in words: each distillation run against the baseline of the same
+    seeds, and the best student against its teacher, each a paired difference with its interval."""
+    from kdlab.results import best_student, default_seed_results
+    from kdlab.stats import paired_difference
+
+    results = default_seed_results(seeds)
+
+    def compared(better: str, other: str) -> str:
+        d = paired_difference(seeds[better], seeds[other])
+        verdict = "excludes zero" if d["excludes_zero"] else "includes zero: no evidence either way"
+        return (f"{100 * d['mean_difference']:+.2f} points [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] "
+                f"over {len(d['seeds'])} paired seed{'s' if len(d['seeds']) > 1 else ''}; the interval {verdict}")
+    lines = [f"- **{run_label(kd, results)}** against {run_label(base, results)}: {compared(kd, base)}."
+             for base, kd in kd_pairs() if kd in seeds and base in seeds]
+    best = best_student(results)
+    if best and TEACHER_RUN in seeds:
+        lines.append(f"- **The best student, {run_label(best, results)}**, against its teacher: "
+                     f"{compared(best, TEACHER_RUN)}.")
+    return "\n".join(lines)
+
+
+def variants_table(folder: Path) -> str:
+    """A folder of one-run variants, `<variant>_<run>_results.json` each: their settings and accuracies."""
+    from kdlab.results import read_json
+
+    rows = []
+    for path in sorted(folder.glob("*_results.json")):
+        r = read_json(path, "copy it again from the run that wrote it.")
+        rows.append([path.name.removesuffix(f"_{r['run']}_results.json"), cell(r["config"]["lr"]),
+                     r["config"]["image_size"], r["epochs"], f"{r['best_val_acc']:.4f} ({r['best_epoch']})",
+                     f"{r['test_acc']:.4f}"])
+    return table(["variant", "peak lr", "input px", "epochs", "best val acc (epoch)", "test acc"], rows, "lrrrrr")
+
+
+def results_block(name: str) -> str:
+    from kdlab import figures
+    from kdlab.results import load_ablation, load_seed_results
+
+    return {"results-reference": lambda: figures.format_results_table(load_seed_results(REFERENCE)),
+            "results-evaluation": lambda: figures.format_evaluation_table(load_seed_results(REFERENCE)),
+            "results-findings": lambda: findings(load_seed_results(REFERENCE)),
+            "results-ablation": lambda: figures.format_ablation_table(load_ablation(REPO / "results" / "ablation-recipe")),
+            "results-ablation-lr-resolution": lambda: variants_table(REPO / "results" / "ablation-lr-resolution"),
+            }[name]()
+
+
+def benchmark_block(name: str) -> str:
+    """The tables of a committed benchmarks/throughput.py results file, as the script writes them."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = throughput   # its dataclasses look their module up while it runs
+    spec.loader.exec_module(throughput)
+    path = REPO / "benchmarks" / "results" / f"{name.removeprefix('benchmark-')}.json"
+    return throughput.markdown(throughput.load_benchmark(path), path.relative_to(REPO).as_posix())
+
+
+BENCHMARK_BLOCKS = ("benchmark-h200-full-compile", "benchmark-cpu-quick")
+RESULTS_BLOCKS = ("results-reference", "results-evaluation", "results-findings", "results-ablation",
+                  "results-ablation-lr-resolution")
+GENERATORS = {"recipe": recipe_table, "runs": runs_table, "methods": methods_table, "settings": settings_table,
+              "cli": cli_reference, "figures": figures_table,
+              **{name: (lambda name=name: results_block(name)) for name in RESULTS_BLOCKS},
+              **{name: (lambda name=name: benchmark_block(name)) for name in BENCHMARK_BLOCKS}}
+
+
+def blocks_of(text: str) -> list[str]:
+    return [m["name"] for m in BLOCK.finditer(text)]
+
+
+def regenerate(text: str, made: dict[str, str]) -> str:
+    """`text` with each generated block's body replaced by what its generator writes now."""
+    def body(m):
+        if m["name"] not in GENERATORS:
+            raise KdlabError(f"unknown generated block {m['name']!r}; known: {', '.join(GENERATORS)}")
+        if m["name"] not in made:
+            made[m["name"]] = GENERATORS[m["name"]]()
+        return f"<!-- generated:{m['name']} -->\n{made[m['name']]}\n<!-- /generated:{m['name']} -->"
+    return BLOCK.sub(body, text)
+
+
+def stale_blocks(root: Path = REPO) -> list[str]:
+    """'page: block' for every block whose text differs from what its generator writes now."""
+    made, stale = {}, []
+    for page in pages(root):
+        text = page.read_text()
+        fresh = regenerate(text, made)
+        stale += [f"{page.relative_to(root)}: {name}" for name, old, new
+                  in zip(blocks_of(text), BLOCK.finditer(text), BLOCK.finditer(fresh)) if old["body"] != new["body"]]
+    return stale
+
+
+def write_docs(root: Path = REPO, log=print) -> list[Path]:
+    """Rewrite every generated block of every page; returns the pages that changed."""
+    made, changed = {}, []
+    for page in pages(root):
+        text = page.read_text()
+        fresh = regenerate(text, made)
+        if fresh != text:
+            page.write_text(fresh)
+            changed.append(page)
+    log(f"{len(made)} generated blocks in {len(pages(root))} pages; rewrote "
+        + (", ".join(str(p.relative_to(root)) for p in changed) or "none (all up to date)"))
+    return changed
