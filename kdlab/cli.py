@@ -146,13 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a setting and its values, e.g. temperature=1,2,4 (repeat for more settings); it "
                             "multiplies only the runs that read it: " + GRID_HELP)
     sweep.add_argument("--out", required=True, help="the sweep's folder: teacher/, trials/, sweep.json")
-    sweep.add_argument("--engine", choices=["ray", "serial"], default="ray",
-                       help="ray (default): every trial a Ray task; serial: in this process, one after another")
+    sweep.add_argument("--engine", choices=["ray", "processes", "serial"], default="ray",
+                       help="ray (default): every trial a Ray task; processes: worker processes of this machine, "
+                            "packed on its GPUs as Ray does, without Ray; serial: in this process, one after another")
     sweep.add_argument("--address", help="Ray cluster to join: the HEAD:PORT that `ray start --head` prints, "
                                          "with RAY_AUTH_MODE=token and the head's token (docs/sweeps.md); "
                                          "default: start a local Ray on this machine")
     sweep.add_argument("--gpus-per-trial", type=float,
-                       help="GPUs each trial reserves; 0.25 packs four on a GPU (default: 1 where Ray sees GPUs, else 0)")
+                       help="GPUs each trial reserves (engines ray and processes); 0.25 packs four on a GPU "
+                            "(default: 1 where there are GPUs, else 0)")
     sweep.add_argument("--cpus-per-trial", type=int, default=1,
                        help="CPUs each trial reserves, and its torch threads (default 1)")
     sweep.add_argument("--smoke", action="store_true",
@@ -227,16 +229,20 @@ def command_run(args) -> None:
 
 
 def command_sweep(args) -> None:
-    from kdlab.sweep import RayEngine, SerialEngine, SweepOptions, failures, parse_grid, run_sweep
+    from kdlab.sweep import ProcessEngine, RayEngine, SerialEngine, SweepOptions, failures, parse_grid, run_sweep
 
     check_teacher_epochs(args)
     if args.cpus_per_trial < 1:
         raise KdlabError(f"--cpus-per-trial must be at least 1, got {args.cpus_per_trial}")
     if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial:
         raise KdlabError(f"--gpus-per-trial must be 0 or more, got {args.gpus_per_trial}")
-    if args.engine == "serial" and (args.address or args.gpus_per_trial):
-        raise KdlabError("--address and --gpus-per-trial are for --engine ray; --engine serial runs here, "
-                         "on --device")
+    if args.address and args.engine != "ray":
+        raise KdlabError(f"--address is for --engine ray; --engine {args.engine} runs on this machine")
+    if args.gpus_per_trial and args.engine == "serial":
+        raise KdlabError("--gpus-per-trial is for --engine ray or processes; --engine serial runs here, on --device")
+    if args.engine == "processes" and (args.gpus_per_trial or 0) > 1:
+        raise KdlabError(f"--engine processes gives a trial one GPU at most, got --gpus-per-trial "
+                         f"{args.gpus_per_trial}; use --engine ray for trials of several GPUs")
     if not args.address:   # the trials run on this machine: check the precision against its device now
         from kdlab.lab import resolve_device
         from kdlab.train import check_precision
@@ -246,8 +252,9 @@ def command_sweep(args) -> None:
     options = SweepOptions(Path(args.out).resolve(), str(Path(args.data_dir).resolve()), args.device,
                            smoke=args.smoke, teacher_epochs=args.teacher_epochs, cpus_per_trial=args.cpus_per_trial,
                            precision=args.precision, speed=speed_levers(args), overrides=training_overrides(args))
-    engine = (RayEngine(args.address, args.gpus_per_trial, args.cpus_per_trial) if args.engine == "ray"
-              else SerialEngine())
+    engine = {"ray": lambda: RayEngine(args.address, args.gpus_per_trial, args.cpus_per_trial),
+              "processes": lambda: ProcessEngine(args.gpus_per_trial, args.cpus_per_trial),
+              "serial": SerialEngine}[args.engine]()
     sweep = run_sweep(args.runs, args.seeds, parse_grid(args.grid), options, engine)
     failed = failures(sweep)
     smoke = " (smoke run: synthetic data, not results)" if args.smoke else ""

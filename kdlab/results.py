@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdlab.config import (DEFAULT_SEED, EVALUATION_STEP, LEGACY_STEP_NAMES, RUNS, STUDENT_STEP, TEACHER_RUN,
-                          TEACHER_STEP, baseline_of, run_id)
+                          TEACHER_STEP, baseline_of, run_id, run_of)
 from kdlab.errors import KdlabError
 from kdlab.registry import METHODS
 from kdlab.stats import check_no_duplicates, training_seed
@@ -145,14 +145,28 @@ def load_seed_results(results_dir: str | Path) -> dict[str, list[dict]]:
     return by_run
 
 
-def load_ablation(ablation_dir: str | Path) -> dict[str, dict]:
-    """An ablation's results: one folder per variant, each holding one run's results file."""
+def load_seed_ablation(ablation_dir: str | Path) -> dict[str, list[dict]]:
+    """An ablation's results: one folder per variant, each holding one run's results files, one
+    per training seed ({variant: [results, by seed]})."""
     variants = {}
     for folder in sorted(p for p in Path(ablation_dir).iterdir() if p.is_dir()):
-        runs = load_results(folder)
+        runs = load_seed_results(folder)
         if len(runs) != 1:
-            raise KdlabError(f"{folder} must hold one run's results file, found {len(runs)}.")
+            raise KdlabError(f"{folder} must hold the results files of one run, found {len(runs)} runs "
+                             f"({', '.join(runs) or 'none'}).")
         variants[folder.name] = next(iter(runs.values()))
+    return variants
+
+
+def load_ablation(ablation_dir: str | Path) -> dict[str, dict]:
+    """An ablation's results at the default seed: {variant: results} (load_seed_ablation's view)."""
+    variants = {}
+    for variant, runs in load_seed_ablation(ablation_dir).items():
+        default = [r for r in runs if training_seed(r) == DEFAULT_SEED]
+        if not default:
+            raise KdlabError(f"{Path(ablation_dir) / variant} has no results file of the default seed "
+                             f"{DEFAULT_SEED} (seeds {', '.join(str(training_seed(r)) for r in runs)}).")
+        variants[variant] = default[0]
     return variants
 
 
@@ -225,3 +239,32 @@ def agreement(a: dict, b: dict) -> float:
     """Share of test images on which two runs predict the same class."""
     pa, pb = a["test_predictions"], b["test_predictions"]
     return sum(x == y for x, y in zip(pa, pb)) / len(pa)
+
+
+# The budget-matched baselines (issue 23): the scratch baseline given logit KD's training budget,
+# each a variant of an ablation folder (results/ablation-budget/<variant>/, a results file per seed).
+EQUAL_TRAINING_TIME, TEACHER_PLUS_STUDENT_EPOCHS = "equal-training-time", "teacher-plus-student-epochs"
+
+
+def budget_matched_epochs(reference: dict[str, list[dict]]) -> dict[str, int]:
+    """The baseline's epochs in each budget-matched variant, from a reference's results
+    ({run: [results, by seed]}: load_seed_results). With logit KD from scratch and its baseline:
+
+    - equal-training-time: as many baseline epochs as fit in logit KD's measured training time,
+      floor(mean over seeds of logit KD's wall_seconds / mean over seeds of the baseline's
+      wall_seconds per epoch). wall_seconds is the training loop's, validation included, so the
+      teacher's forward passes are counted and its own training is not;
+    - teacher-plus-student-epochs: the epochs of the teacher plus logit KD's epochs, the images the
+      distilled student's pipeline trained on, teacher included.
+    """
+    kd = run_of("kd_logits", "scratch")
+    baseline = baseline_of(kd)
+    missing = [run for run in (TEACHER_RUN, baseline, kd) if not reference.get(run)]
+    if missing:
+        raise KdlabError(f"the budget-matched epochs need the results of {', '.join(missing)} in the "
+                         f"reference; train them first (scripts/reference_run.py does).")
+    kd_seconds = sum(r["wall_seconds"] for r in reference[kd]) / len(reference[kd])
+    baseline_per_epoch = sum(r["wall_seconds"] / r["epochs"] for r in reference[baseline]) / len(reference[baseline])
+    teacher = next((r for r in reference[TEACHER_RUN] if training_seed(r) == DEFAULT_SEED), reference[TEACHER_RUN][0])
+    return {EQUAL_TRAINING_TIME: int(kd_seconds / baseline_per_epoch),
+            TEACHER_PLUS_STUDENT_EPOCHS: teacher["epochs"] + reference[kd][0]["epochs"]}

@@ -15,8 +15,10 @@ function with its own checkpoints, resumption and results file (the lab's train-
 the grid is fixed in advance: Tune's searchers, schedulers, trial checkpoints and reporting
 would duplicate what the lab does, while a task with `num_gpus=0.25` is all the packing and
 a `ray.wait` loop all the progress this needs. The same code runs on a laptop (a local Ray,
-started here), on every GPU of one machine, and on a cluster (`--address HEAD:6379`). `serial`
-runs the same trials in this process, one after the other, without Ray.
+started here), on every GPU of one machine, and on a cluster (`--address HEAD:6379`). `processes`
+packs the trials on one machine's GPUs as Ray does, in worker processes, without Ray (a GPU
+machine without it: the 64 MiB a Ray wheel takes cannot always be installed). `serial` runs
+the same trials in this process, one after the other.
 
 A trial that fails (an error, or its process or its node killed) is recorded with its error
 and its log file; the others go on, and the command exits non-zero. DIR/sweep.json lists every
@@ -230,6 +232,60 @@ class SerialEngine:
 
 
 @dataclass
+class ProcessEngine:
+    """Every trial in a worker process of this machine, `1 / gpus_per_trial` workers on each GPU
+    (without GPUs, or with `gpus_per_trial` 0, one worker per `cpus_per_trial` CPUs, on the CPU):
+    the packing of the Ray engine on one machine, without Ray. Workers are spawned, not forked
+    (a forked CUDA context is unusable), and each sees one GPU. A worker that dies (killed, out
+    of memory) ends the pool: the trials not finished are reported failed, and running the sweep
+    again resumes them."""
+    gpus_per_trial: float | None = None   # None: one trial per GPU where there are GPUs, else none
+    cpus_per_trial: int = 1
+    name = "processes"
+
+    def __enter__(self):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        import torch
+
+        gpus = torch.cuda.device_count()
+        share = self.gpus_per_trial if self.gpus_per_trial is not None else (1 if gpus else 0)
+        if share > 0 and gpus:
+            slots = [str(gpu) for gpu in range(gpus) for _ in range(max(1, int(1 / share + 1e-9)))]
+        else:
+            slots = [""] * max(1, (os.cpu_count() or 1) // self.cpus_per_trial)
+        context = multiprocessing.get_context("spawn")
+        devices = context.Queue()
+        for slot in slots:
+            devices.put(slot)
+        self.workers = len(slots)
+        self.pool = ProcessPoolExecutor(len(slots), mp_context=context, initializer=take_device,
+                                        initargs=(devices,))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, trials: list[Trial], options: SweepOptions, on_finished) -> None:
+        from concurrent.futures import as_completed
+        from concurrent.futures.process import BrokenProcessPool
+
+        pending = {self.pool.submit(run_trial, trial, options): trial for trial in trials}
+        for future in as_completed(pending):
+            try:
+                record = future.result()
+            except BrokenProcessPool as err:   # a worker died: this trial's, or another's
+                record = failed_record(pending[future], f"its worker process died ({err})")
+            on_finished(record)
+
+
+def take_device(devices) -> None:
+    """A worker's start: the GPU it trains on ("" for none), set before torch is imported."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = devices.get()
+
+
+@dataclass
 class RayEngine:
     """Every trial a Ray task. Used as a context: a local Ray started on entering (unless one is
     running, or `address` names a cluster to join) is stopped on leaving."""
@@ -352,7 +408,7 @@ class Progress:
 
 
 def run_sweep(runs: list[str], seeds: list[int], grid: dict[str, list], options: SweepOptions,
-              engine: RayEngine | SerialEngine | None = None, log=print) -> dict:
+              engine: RayEngine | ProcessEngine | SerialEngine | None = None, log=print) -> dict:
     """Train-or-load every trial with `engine` (default: in this process) and write
     DIR/sweep.json; returns its contents. The trials are checked before the teacher trains."""
     trials = expand_trials(runs, seeds, grid)

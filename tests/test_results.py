@@ -1,5 +1,6 @@
 """kdlab.results: reading a folder of results files, and the commands that only read files."""
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from conftest import REPO
 
 from kdlab.cli import main
 from kdlab.errors import KdlabError
-from kdlab.results import RESULT_KEYS, load_results, load_seed_results, run_status, seeds_in
+from kdlab.results import (EQUAL_TRAINING_TIME, RESULT_KEYS, TEACHER_PLUS_STUDENT_EPOCHS, budget_matched_epochs,
+                           load_ablation, load_results, load_seed_ablation, load_seed_results, run_status, seeds_in)
 
 RUN = "student_scratch_baseline"
 
@@ -139,3 +141,47 @@ def test_status_smoke_reads_the_smoke_runs_folder(tmp_path, monkeypatch, capsys)
     assert main(["status"]) == 0
     states = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines())
     assert states[RUN] == "missing", "a smoke run is never listed as a real one"
+
+
+def test_an_ablation_variant_holds_one_run_at_several_seeds(tmp_path):
+    """results/ablation-budget/<variant>/: a variant's seeds load together; the default seed is its
+    row in the one-seed view; two runs in one variant are refused."""
+    for variant, seeds in (("equal-training-time", (42, 43, 44)), ("teacher-plus-student-epochs", (42, 43))):
+        (tmp_path / variant).mkdir()
+        for seed in seeds:
+            name = RUN if seed == 42 else f"{RUN}_seed{seed}"
+            (tmp_path / variant / f"{name}_results.json").write_text(
+                results_file(test_acc=seed / 100, config={"seed": seed, "epochs": len(variant)}))
+    variants = load_seed_ablation(tmp_path)
+    assert {v: [r["config"]["seed"] for r in runs] for v, runs in variants.items()} == {
+        "equal-training-time": [42, 43, 44], "teacher-plus-student-epochs": [42, 43]}
+    assert {v: r["test_acc"] for v, r in load_ablation(tmp_path).items()} == {
+        "equal-training-time": 0.42, "teacher-plus-student-epochs": 0.42}
+    (tmp_path / "equal-training-time" / "student_scratch_kd_scores_results.json").write_text(
+        results_file("student_scratch_kd_scores"))
+    with pytest.raises(KdlabError, match="must hold the results files of one run, found 2 runs"):
+        load_seed_ablation(tmp_path)
+
+
+def test_an_ablation_variant_without_the_default_seed_has_no_one_seed_row(tmp_path):
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / f"{RUN}_seed43_results.json").write_text(results_file(config={"seed": 43}))
+    assert list(load_seed_ablation(tmp_path)) == ["v"]
+    with pytest.raises(KdlabError, match="no results file of the default seed 42"):
+        load_ablation(tmp_path)
+
+
+def test_budget_matched_epochs_come_from_the_reference_results():
+    """Equal training time: logit KD's mean wall time over the baseline's mean time per epoch,
+    rounded down (49.5 s / 1.43 s: 34 epochs in the committed reference); teacher plus student: the
+    two runs' epochs (40 + 20)."""
+    reference = load_seed_results(REPO / "results" / "reference")
+    kd, base = reference["student_scratch_kd_scores"], reference[RUN]
+    kd_seconds = sum(r["wall_seconds"] for r in kd) / len(kd)
+    per_epoch = sum(r["wall_seconds"] / r["epochs"] for r in base) / len(base)
+    epochs = budget_matched_epochs(reference)
+    assert epochs[EQUAL_TRAINING_TIME] == math.floor(kd_seconds / per_epoch)
+    assert epochs[TEACHER_PLUS_STUDENT_EPOCHS] == reference["teacher_resnet50"][0]["epochs"] + kd[0]["epochs"]
+    with pytest.raises(KdlabError, match="need the results of teacher_resnet50"):
+        budget_matched_epochs({RUN: base, "student_scratch_kd_scores": kd})
+

@@ -1,4 +1,5 @@
-"""Sweeps (kdlab.sweep): trials on a local Ray and in this process, a killed trial, the figure.
+"""Sweeps (kdlab.sweep): trials on a local Ray, in worker processes and in this process, a killed
+trial, the figure.
 
 One local Ray with 2 CPUs serves the whole file (starting one takes seconds). Every trial trains
 on one torch thread: two trials of two threads each on two cores slow each other badly, and
@@ -26,7 +27,8 @@ from kdlab.errors import KdlabError
 from kdlab.lab import Lab
 from kdlab.registry import NoSettings
 from kdlab.results import RunPaths, read_results_file
-from kdlab.sweep import RayEngine, SweepOptions, Trial, expand_trials, parse_grid, run_sweep, start_ray
+from kdlab.sweep import (ProcessEngine, RayEngine, SerialEngine, SweepOptions, Trial, expand_trials, parse_grid,
+                         run_sweep, start_ray)
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE, LOGIT_KD, FEATURE_KD = "student_scratch_baseline", "student_scratch_kd_scores", "student_scratch_kd_features"
@@ -98,6 +100,17 @@ def test_ray_engine_without_ray_says_how_to_install_it(tmp_path, capsys, monkeyp
     assert "pip install -r requirements-sweep.txt" in err and "--engine serial" in err
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--engine", "processes", "--address", "auto"], "--address is for --engine ray"),
+    (["--engine", "serial", "--gpus-per-trial", "0.5"], "--gpus-per-trial is for --engine ray or processes"),
+    (["--engine", "processes", "--gpus-per-trial", "2"], "gives a trial one GPU at most"),
+])
+def test_engine_options_that_do_not_go_together_are_one_line(tmp_path, capsys, options, message):
+    assert main(["sweep", BASELINE, "--smoke", "--device", "cpu", "--out", str(tmp_path), *options]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
 def test_the_lab_never_imports_ray():
     code = ("import sys, kdlab.cli, kdlab.lab, kdlab.figures, kdlab.report, kdlab.sweep; "
             "assert 'ray' not in sys.modules, 'ray was imported'")
@@ -131,11 +144,13 @@ def test_ray_sweep_trains_every_trial_once_and_the_teacher_before_them(ray_sweep
     assert all("elapsed" in line and "left" in line for line in progress)
 
 
-def test_serial_engine_gives_the_same_results_as_ray(ray_sweep, tmp_path):
+@pytest.mark.parametrize("engine", [SerialEngine, lambda: ProcessEngine(cpus_per_trial=1)], ids=["serial", "processes"])
+def test_serial_and_processes_engines_give_the_same_results_as_ray(ray_sweep, tmp_path, engine):
+    """The processes engine: two spawned workers on the 2-core machine (no GPU), one thread each."""
     ray_out, ray_result, _ = ray_sweep
-    serial = run_sweep([BASELINE, LOGIT_KD], SEEDS, GRID, tiny_options(tmp_path), log=lambda line: None)
-    assert serial["engine"] == "serial"
-    # Where each trial trained: one Ray node for the local Ray; this process, no Ray node, for serial.
+    serial = run_sweep([BASELINE, LOGIT_KD], SEEDS, GRID, tiny_options(tmp_path), engine(), log=lambda line: None)
+    assert serial["engine"] == engine().name
+    # Where each trial trained: one Ray node for the local Ray; this machine, no Ray node, for the others.
     assert len({r["trained_on"]["ray_node_id"] for r in [ray_result["teacher"], *ray_result["trials"]]}) == 1
     assert {(r["trained_on"]["host"], r["trained_on"]["ray_node_id"], r["trained_on"]["device"])
             for r in serial["trials"]} == {(socket.gethostname(), None, "cpu")}
