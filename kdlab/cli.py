@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "the teacher and the from-scratch students; other runs appear when they have results)")
     report.add_argument("--benchmark", default=DEFAULT_BENCHMARK, metavar="JSON",
                         help="a benchmarks/throughput.py results file for the speed section")
+    report.add_argument("--budget-baselines", metavar="DIR",
+                        help="the budget-matched baselines of the results (results/ablation-budget for the "
+                             "reference): logit KD against the baseline at equal training time and epochs")
     report.add_argument("--draft", action="store_true",
                         help="accept smoke or CPU results; every page then says DRAFT")
     report.add_argument("--no-pdf", action="store_true", help="write the generated .tex only")
@@ -191,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="draw sweep.png from a sweep's folder instead: accuracy against each swept setting")
     figures.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                          help="where latency and throughput are measured")
+    figures.add_argument("--budget-baselines", metavar="DIR",
+                         help="also draw the budget-matched baselines in DIR beside the test accuracies "
+                              "(results/ablation-budget for the reference)")
     figures.add_argument("--efficiency-from", metavar="FOLDER",
                          help="reuse the efficiency.json measured in FOLDER (on a GPU, say) instead of measuring here")
     docs = sub.add_parser("docs", help="rewrite the generated tables of README.md and docs/*.md from the code "
@@ -294,7 +300,8 @@ def command_report(args) -> None:
     from kdlab.report import make_report  # the report is a leaf: only this command reads it
 
     make_report(args.results, args.figures, args.report_dir, args.runs, draft=args.draft,
-                pdf=not args.no_pdf, pdf_required=args.pdf_required, benchmark=args.benchmark)
+                pdf=not args.no_pdf, pdf_required=args.pdf_required, benchmark=args.benchmark,
+                budget_dir=args.budget_baselines)
 
 
 def command_figures(args) -> None:
@@ -307,7 +314,7 @@ def command_figures(args) -> None:
         print(f"wrote {path}; the sweep was trained on {describe_nodes(read_sweep(args.sweep))}")
     else:
         make_all_figures(args.results_dir or args.ckpt_dir, args.out, ckpt_dir=args.ckpt_dir, device=args.device,
-                         efficiency_from=args.efficiency_from)
+                         efficiency_from=args.efficiency_from, budget_dir=args.budget_baselines)
     print(f"done in {time.perf_counter() - start:.1f}s")
 
 

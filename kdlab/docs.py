@@ -12,7 +12,8 @@ import argparse
 import re
 from pathlib import Path
 
-from kdlab.config import ARCH_NAMES, LAB_RUNS, RUNS, STARTS, TEACHER_RUN, kd_pairs, make_config, run_label
+from kdlab.config import (ARCH_NAMES, LAB_RUNS, RUNS, STARTS, TEACHER_RUN, baseline_of, kd_pairs, make_config,
+                          run_label, run_of)
 from kdlab.errors import KdlabError
 from kdlab.registry import METHODS, setting_fields
 
@@ -150,18 +151,27 @@ REFERENCE = REPO / "results" / "reference"
 def findings(seeds: dict[str, list[dict]]) -> str:
     """What the reference says, in words: each distillation run against the baseline of the same
     seeds, and the best student against its teacher, each a paired difference with its interval."""
-    from kdlab.results import best_student, default_seed_results
+    from kdlab.results import BUDGET_DIR, best_student, budget_comparisons, default_seed_results, load_budget_baselines
     from kdlab.stats import paired_difference
 
     results = default_seed_results(seeds)
 
-    def compared(better: str, other: str) -> str:
-        d = paired_difference(seeds[better], seeds[other])
+    def interval(d: dict) -> str:
         verdict = "excludes zero" if d["excludes_zero"] else "includes zero: no evidence either way"
         return (f"{100 * d['mean_difference']:+.2f} points [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] "
                 f"over {len(d['seeds'])} paired seed{'s' if len(d['seeds']) > 1 else ''}; the interval {verdict}")
+
+    def compared(better: str, other: str) -> str:
+        return interval(paired_difference(seeds[better], seeds[other]))
     lines = [f"- **{run_label(kd, results)}** against {run_label(base, results)}: {compared(kd, base)}."
              for base, kd in kd_pairs() if kd in seeds and base in seeds]
+    scratch_kd = run_of("kd_logits", "scratch")
+    if scratch_kd in seeds and baseline_of(scratch_kd) in seeds:
+        for c in budget_comparisons(seeds, load_budget_baselines(REPO / BUDGET_DIR))[1:]:
+            d = c["difference"]
+            lines.append(f"- **Logit KD from scratch against the baseline {c['label']}** "
+                         + (f"(the baseline trained {c['epochs']} epochs): {interval(d)}." if d else
+                            "pending: the GPU plan has not trained that baseline yet."))
     best = best_student(results)
     if best and TEACHER_RUN in seeds:
         lines.append(f"- **The best student, {run_label(best, results)}**, against its teacher: "
@@ -180,6 +190,14 @@ def variants_table(folder: Path) -> str:
                      r["config"]["image_size"], r["epochs"], f"{r['best_val_acc']:.4f} ({r['best_epoch']})",
                      f"{r['test_acc']:.4f}"])
     return table(["variant", "peak lr", "input px", "epochs", "best val acc (epoch)", "test acc"], rows, "lrrrrr")
+
+
+def budget_epochs() -> str:
+    """The epochs of the budget-matched baselines, as kdlab.results.budget_matched_epochs computes them."""
+    from kdlab.results import budget_matched_epochs, load_seed_results
+
+    epochs = budget_matched_epochs(load_seed_results(REFERENCE))
+    return "\n".join(f"- `{variant}`: {n} epochs" for variant, n in epochs.items())
 
 
 def results_block(name: str) -> str:
@@ -211,7 +229,7 @@ BENCHMARK_BLOCKS = ("benchmark-h200-full-compile", "benchmark-cpu-quick")
 RESULTS_BLOCKS = ("results-reference", "results-evaluation", "results-findings", "results-ablation",
                   "results-ablation-lr-resolution")
 GENERATORS = {"recipe": recipe_table, "runs": runs_table, "methods": methods_table, "settings": settings_table,
-              "cli": cli_reference, "figures": figures_table,
+              "cli": cli_reference, "figures": figures_table, "budget-epochs": budget_epochs,
               **{name: (lambda name=name: results_block(name)) for name in RESULTS_BLOCKS},
               **{name: (lambda name=name: benchmark_block(name)) for name in BENCHMARK_BLOCKS}}
 

@@ -26,12 +26,13 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from kdlab.config import CLASSES, NUM_CLASSES, RUNS, TEACHER_RUN, baseline_of, expected_runs, run_label
+from kdlab.config import CLASSES, NUM_CLASSES, RUNS, TEACHER_RUN, baseline_of, expected_runs, run_label, run_of
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 from kdlab.registry import METHODS
-from kdlab.results import (STEP_DESCRIPTIONS, agreement, best_distilled, best_student, default_seed_results,
-                           distillation_temperature, load_efficiency, load_seed_results)
+from kdlab.results import (BUDGETS, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
+                           default_seed_results, distillation_temperature, load_budget_baselines, load_efficiency,
+                           load_seed_results)
 from kdlab.stats import correct_images, paired_difference, paired_difference_by_class, summarise
 from kdlab.lab import resolve_device
 from kdlab.measure import measure_efficiency
@@ -167,9 +168,9 @@ def original_lab_accuracies() -> dict[str, float]:
 
 
 def _run_ticks(ax, runs: list[str], results: dict[str, dict]) -> None:
-    """One tick per run on the x axis, its label broken before the method."""
-    ax.set_xticks(range(len(runs)), [run_label(run, results).replace(" + ", "\n+ ") for run in runs],
-                  fontsize=8)
+    """One tick per run on the x axis, its label broken before the method and before a bracket."""
+    ax.set_xticks(range(len(runs)), [run_label(run, results).replace(" + ", "\n+ ").replace(" (", "\n(")
+                                     for run in runs], fontsize=8)
 
 
 def _percent(value: float) -> float:
@@ -204,20 +205,23 @@ def plot_validation_accuracy(results: dict[str, dict], seeds: dict[str, list[dic
 
 
 def plot_test_accuracy(results: dict[str, dict], seeds: dict[str, list[dict]], missing: list[str],
-                       out_dir: Path, origin: str = "") -> Path:
-    """comparison_test_accuracy.png: our test accuracy per run, the original lab's beside it.
+                       out_dir: Path, origin: str = "", budget: dict[str, list[dict]] | None = None) -> Path:
+    """comparison_test_accuracy.png: our test accuracy per run, the original lab's beside it, and the
+    budget-matched baselines after the runs, where there are any.
 
     A run with several seeds: the bar is their mean, the error bar one standard deviation
-    (ddof 1), and each seed a dot.
+    (ddof 1), and each seed a dot. `budget`: the baseline given logit KD's budget, by variant
+    (kdlab.results.load_budget_baselines), drawn hatched in the baseline's colour.
     """
     reference = original_lab_accuracies()
     runs = [run for run in RUNS if run in results or run in reference]
+    budget = budget or {}
     fig, axes = _figure("Test accuracy per run", source_line(list(results.values()), origin),
                         _smoke(results), (11, 6), missing=missing)
     ax = axes[0, 0]
     width = 0.38
     shown = [_percent(r["test_acc"]) for run in runs for r in seeds.get(run, [])] + [
-        _percent(acc) for acc in reference.values()]
+        _percent(acc) for acc in reference.values()] + [_percent(r["test_acc"]) for rs in budget.values() for r in rs]
     # Gains of a point or less are the question: the axis starts below the lowest bar, not at 0.
     bottom = max(0, 10 * math.floor((min(shown) - 5) / 10))
     for x, run in enumerate(runs):
@@ -233,12 +237,26 @@ def plot_test_accuracy(results: dict[str, dict], seeds: dict[str, list[dict]], m
                 ax.plot([ours_x] * summary["n_seeds"], [_percent(r["test_acc"]) for r in seeds[run]],
                         "o", color="black", markersize=3, zorder=3)
         else:
-            ax.text(ours_x, bottom + 1, "missing", rotation=90, ha="center", va="bottom", fontsize=8)
+            ax.text(ours_x, bottom + 1, "missing" if run in missing else "not in these results", rotation=90,
+                    ha="center", va="bottom", fontsize=8)
         if run in reference:
             bars = ax.bar(x + width / 2, _percent(reference[run]), width, facecolor="white",
                           edgecolor=run_colour(run), hatch="//")
             ax.bar_label(bars, fmt="%.2f", fontsize=8, color="0.3")
+    baseline = baseline_of(run_of("kd_logits", "scratch"))
+    for x, (variant, variant_seeds) in enumerate(budget.items(), start=len(runs)):
+        summary = summarise(variant_seeds)
+        bars = ax.bar(x, _percent(summary["mean"]), width, facecolor="white", edgecolor=run_colour(baseline),
+                      hatch="..", yerr=None if summary["std"] is None else _percent(summary["std"]), capsize=4)
+        ax.bar_label(bars, labels=[f"{_percent(summary['mean']):.2f}\n({summary['n_seeds']} seeds)"], fontsize=7,
+                     padding=2)
+        ax.plot([x] * summary["n_seeds"], [_percent(r["test_acc"]) for r in variant_seeds], "o", color="black",
+                markersize=3, zorder=3)
     _run_ticks(ax, runs, results)
+    if budget:
+        ax.set_xticks(range(len(runs) + len(budget)), [t.get_text() for t in ax.get_xticklabels()] + [
+            f"{run_label(baseline, results)}\n{runs_[0]['epochs']} epochs:\n{BUDGETS[variant].removeprefix('at ')}"
+            for variant, runs_ in budget.items()], fontsize=8)
     ax.set(ylabel=f"test accuracy (%, {_count(results, 'n_test')} images; the axis starts at {bottom}%)",
            ylim=(bottom, max(shown) + (max(shown) - bottom) * 0.3))
     ax.legend(handles=[Patch(facecolor="0.5", label="this lab (results files): mean ± std over seeds, dots: seeds"),
@@ -603,13 +621,14 @@ def reuse_efficiency(folder: str | Path, results: dict[str, dict]) -> dict:
 
 def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
                      ckpt_dir: str | Path | None = None, device="cpu", log=print,
-                     efficiency_from: str | Path | None = None) -> dict:
+                     efficiency_from: str | Path | None = None, budget_dir: str | Path | None = None) -> dict:
     """Every figure and the efficiency table from the results files in `results_dir`.
 
     `ckpt_dir` (default: `results_dir`) is only read for the checkpoint sizes. A missing run
     leaves the other figures intact; it is named in the return value, the log and the charts.
-    Returns {"files": [paths written], "missing_runs": [...], "skipped": {file: why},
-    "efficiency": the table}.
+    `budget_dir` (kdlab.results.BUDGET_DIR for the reference): the budget-matched baselines, drawn
+    beside the runs' test accuracy. Returns {"files": [paths written], "missing_runs": [...],
+    "skipped": {file: why}, "efficiency": the table, "budget_baselines": [the variants drawn]}.
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     seeds = load_seed_results(results_dir)
@@ -619,10 +638,11 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
                          f"(`python -m kdlab run all --ckpt-dir {results_dir}`), or point to a folder "
                          f"that holds results files, such as results/reference.")
     missing = [run for run in expected_runs(results) if run not in results]
+    budget = load_budget_baselines(budget_dir)
     out = writable_folder(out_dir, "--out folder")
     origin = str(results_dir)
     files = [plot_validation_accuracy(results, seeds, missing, out, origin),
-             plot_test_accuracy(results, seeds, missing, out, origin),
+             plot_test_accuracy(results, seeds, missing, out, origin, budget),
              plot_training_losses(results, missing, out, origin),
              *(plot_run_curves(r, out, origin) for r in results.values())]
     skipped = {}
@@ -671,7 +691,8 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
         log(f"missing runs (no results file in {results_dir}): {', '.join(missing)}")
     for name, why in skipped.items():
         log(f"skipped {name}: {why}")
-    return dict(files=files, missing_runs=missing, skipped=skipped, efficiency=efficiency)
+    return dict(files=files, missing_runs=missing, skipped=skipped, efficiency=efficiency,
+                budget_baselines=list(budget))
 
 
 # ----------------------------------------------------------------------------- the data

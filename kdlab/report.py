@@ -39,8 +39,8 @@ from kdlab.latex import (acc_text, compare, count, enumerate_text, minutes, num,
                          times, tt)
 from kdlab.registry import METHODS, setting_fields
 from kdlab.results import (DEFAULT_BENCHMARK, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
-                           default_seed_results, distillation_temperature, load_benchmark, load_efficiency,
-                           load_seed_results, read_json, run_order)
+                           budget_comparisons, default_seed_results, distillation_temperature, load_benchmark,
+                           load_budget_baselines, load_efficiency, load_seed_results, read_json, run_order)
 from kdlab.stats import paired_difference, paired_difference_by_class, summarise
 
 # The report's template; `make_report` copies it into the report folder it is given.
@@ -89,6 +89,8 @@ class Report:
     manifest: dict | None             # manifest.json of the results folder, if any
     benchmark: dict | None            # a benchmarks/throughput.py results file, if given and there
     benchmark_path: Path | None
+    budget: dict[str, list[dict]]     # the budget-matched baselines by variant (kdlab.results.BUDGETS)
+    budget_dir: Path | None
     results_dir: Path
     figures_dir: Path
     report_dir: Path
@@ -356,11 +358,12 @@ def manifest_commands(manifest: dict) -> list[str]:
 
 
 def typed_command(command: str, results_dir: Path) -> str:
-    """`command` as a user types it in the repository root: options whose value is a path of the
-    machine that ran it (absolute: a RAM disk, an output folder) keep their defaults, and the
-    results go to the folder this report reads."""
-    command = re.sub(r" --(?!results-dir\b)[\w-]+[ =]/\S*", "", command)
-    return re.sub(r"--results-dir[ =]\S+", f"--results-dir {results_dir}", command)
+    """`command` as a user types it in the repository root: a path of the machine that ran it
+    (absolute: a RAM disk, an output folder) becomes a placeholder named by its option
+    (`--out OUT`), and the results go to the folder this report reads."""
+    command = re.sub(r"--results-dir[ =]\S+", f"--results-dir {results_dir}", command)
+    return re.sub(r"--(?!results-dir\b)([\w-]+)[ =]/\S*", lambda m: f"--{m[1]} {m[1].replace('-', '_').upper()}",
+                  command)
 
 
 def holds_checkpoints(folder: Path) -> bool:
@@ -389,9 +392,12 @@ def reproduce_block(rep: Report) -> str:
                   typed_command(command, rep.results_dir)) for command in recorded]
                 or [("# the runs (a finished run is loaded, an interrupted one resumes)", planned_command(rep))])
     commands += [("# the figures, from the results files",
-                 f"python -m kdlab figures {folder_option(rep)} --out {rep.figures_dir}"),
+                 f"python -m kdlab figures {folder_option(rep)} --out {rep.figures_dir}"
+                 + (f" --budget-baselines {rep.budget_dir}" if rep.budget_dir else "")),
                 ("# this report", f"python -m kdlab report --results {rep.results_dir} --figures {rep.figures_dir} "
-                                  f"--report-dir {rep.report_dir}" + (" --draft" if rep.draft_reason() else ""))]
+                                  f"--report-dir {rep.report_dir}"
+                                  + (f" --budget-baselines {rep.budget_dir}" if rep.budget_dir else "")
+                                  + (" --draft" if rep.draft_reason() else ""))]
     lines, said = [], None
     for comment, line in commands:
         if comment != said:   # once above the commands it covers
@@ -431,7 +437,11 @@ def seeds_text(rep: Report, run: str) -> str:
 
 def paired_text(rep: Report, better: str, other: str) -> str:
     """The paired difference of two runs on the same test images and seeds, with its 95% interval."""
-    d = paired_difference(rep.seeds[better], rep.seeds[other])
+    return difference_text(paired_difference(rep.seeds[better], rep.seeds[other]))
+
+
+def difference_text(d: dict) -> str:
+    """A paired difference (kdlab.stats.paired_difference) and its 95% interval, in words."""
     seeds = f"{len(d['seeds'])} seed{'s' if len(d['seeds']) > 1 else ''} paired"
     verdict = ("excludes zero: the difference is beyond what the seeds and the test sample explain"
                if d["excludes_zero"] else "includes zero: no evidence of a difference either way")
@@ -609,6 +619,50 @@ def soft_target_sentences(rep: Report) -> str:
             rf"and {probability_text(warm)} at $T={num(temperature)}$: the similarity a one-hot label cannot carry.")
 
 
+def budget_sentences(rep: Report) -> str:
+    """Logit KD from scratch against its baseline at each budget: equal epochs, equal training time,
+    equal total epochs with the teacher's (kdlab.results.budget_comparisons)."""
+    kd = run_of("kd_logits", "scratch")
+    if kd not in rep.results or baseline_of(kd) not in rep.results:
+        return ""
+    comparisons = budget_comparisons(rep.seeds, rep.budget)
+    measured = [c for c in comparisons if c["difference"] is not None]
+    pending = [c["label"] for c in comparisons if c["difference"] is None]
+    out = ["Given the baseline the same budget, " + run_name(kd, rep.results) + " against it: " + "; ".join(
+        rf"{c['label']} (the baseline trained {count(c['epochs'], 'epoch')}), {difference_text(c['difference'])}"
+        for c in measured) + "."]
+    if pending:
+        where = tt(rep.budget_dir) if rep.budget_dir else "no folder given (\texttt{-{}-budget-baselines})"
+        out.append(rf"{sentence_start(enumerate_text(pending))}: pending, the budget-matched baselines have "
+                   rf"no results yet ({where}; the GPU plan trains them).")
+    return " ".join(out)
+
+
+def distillation_verdict(rep: Report) -> str:
+    """The lab's conclusion on logit KD from scratch, whichever way the budget comparisons go."""
+    kd = run_of("kd_logits", "scratch")
+    if kd not in rep.results or baseline_of(kd) not in rep.results:
+        return ""
+    comparisons = budget_comparisons(rep.seeds, rep.budget)
+    d = {c["label"]: c["difference"] for c in comparisons if c["difference"] is not None}
+    wins = [label for label, x in d.items() if x["excludes_zero"] and x["mean_difference"] > 0]
+    losses = [label for label, x in d.items() if x["excludes_zero"] and x["mean_difference"] < 0]
+    ties = [label for label, x in d.items() if not x["excludes_zero"]]
+    parts = ([f"beats its baseline {enumerate_text(wins)}"] if wins else []) + (
+        [f"is level with it within the noise {enumerate_text(ties)}"] if ties else []) + (
+        [f"loses to it {enumerate_text(losses)}"] if losses else [])
+    text = rf"Logit KD from scratch {'; it '.join(parts)}."
+    pending = [c["label"] for c in comparisons if c["difference"] is None]
+    if pending:
+        return text + (r" Whether that gain is what the teacher knows or the compute it adds is still open: "
+                       rf"the baseline has not been trained yet {enumerate_text(pending)}.")
+    if wins == list(d):
+        return text + r" The gain survives the teacher's compute: it is more than extra training."
+    if not wins:
+        return text + r" The gain at equal epochs is not one of knowledge here: it goes with the compute."
+    return text
+
+
 def best_epoch_sentence(rep: Report) -> str:
     last = [run for run, r in rep.results.items() if r["best_epoch"] == r["epochs"]]
     earlier = [run for run in rep.results if run not in last]
@@ -757,6 +811,8 @@ def macros(rep: Report) -> dict[str, str]:
         "AbstractResults": abstract_results(rep),
         "KDGainSentences": kd_gain_sentences(rep),
         "KDCostSentences": kd_cost_sentences(rep),
+        "BudgetSentences": budget_sentences(rep),
+        "DistillationVerdict": distillation_verdict(rep),
         "LogitsVsFeaturesSentences": logits_vs_features_sentences(rep),
         "PretrainedVsScratchSentences": pretrained_vs_scratch_sentences(rep),
         "StudentVsTeacherSentences": student_vs_teacher_sentences(rep),
@@ -793,9 +849,11 @@ def figures_path_for_latex(figures_dir: Path, report_dir: Path) -> str:
     return path
 
 
-def collect(results_dir, figures_dir, report_dir, expected=None, benchmark=None) -> Report:
-    """What the report reads; `expected`: the runs it expects (default: kdlab.config.expected_runs)."""
+def collect(results_dir, figures_dir, report_dir, expected=None, benchmark=None, budget_dir=None) -> Report:
+    """What the report reads; `expected`: the runs it expects (default: kdlab.config.expected_runs);
+    `budget_dir`: the budget-matched baselines of the results (kdlab.results.BUDGET_DIR for the reference)."""
     results_dir, figures_dir, report_dir = Path(results_dir), Path(figures_dir), Path(report_dir)
+    budget_dir = Path(budget_dir) if budget_dir else None
     benchmark = Path(benchmark) if benchmark else None
     unknown = [run for run in expected or () if run not in RUNS]
     if unknown:
@@ -811,8 +869,8 @@ def collect(results_dir, figures_dir, report_dir, expected=None, benchmark=None)
     results = default_seed_results(seeds)
     expected = list(expected) if expected else expected_runs(results)
     return Report(results, seeds, expected, load_efficiency(figures_dir), load_manifest(results_dir),
-                  load_benchmark(benchmark), benchmark, results_dir, figures_dir, report_dir,
-                  figures_path_for_latex(figures_dir, report_dir))
+                  load_benchmark(benchmark), benchmark, load_budget_baselines(budget_dir), budget_dir, results_dir,
+                  figures_dir, report_dir, figures_path_for_latex(figures_dir, report_dir))
 
 
 def write_generated(rep: Report, out_dir: Path) -> list[Path]:
@@ -852,13 +910,13 @@ def place_template(report_dir: Path) -> None:
 
 def make_report(results_dir="results/reference", figures_dir="figures", report_dir="report",
                 expected=None, draft=False, pdf=True, pdf_required=False,
-                benchmark=DEFAULT_BENCHMARK, log=print) -> Report:
+                benchmark=DEFAULT_BENCHMARK, budget_dir=None, log=print) -> Report:
     """Generate report_dir/generated/*.tex from the results, then build the PDF if latexmk is here.
 
     `expected`: the runs the report expects (default: those the results imply, kdlab.config.expected_runs).
     """
     report_dir = Path(report_dir)
-    rep = collect(results_dir, figures_dir, report_dir, expected, benchmark)
+    rep = collect(results_dir, figures_dir, report_dir, expected, benchmark, budget_dir)
     reason = rep.draft_reason()
     if reason and not draft:
         which = [run for run, r in rep.results.items()

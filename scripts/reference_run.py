@@ -45,7 +45,9 @@ processes engine packs trials on a GPU as Ray's `--gpus-per-trial 0.25` does.
 The reference teacher's checkpoint is not committed (94 MB, more than a call brings back), so a
 machine without it retrains it (seed 42, the same recipe) before the first task that needs it,
 and that task's estimate includes it; tasks that need no teacher never wait for it. The manifest
-records the retrained teacher's accuracy beside the committed one's.
+records the retrained teacher's accuracy beside the committed one's; while the checkout has no
+figures/soft_targets.png, the plan draws it from this teacher (its results file, which keeps the
+logits of the figure's test images, comes back in results/plan/teacher/).
 
 Estimates: the seconds per epoch of each step kind and per run on top (test, checkpoints), from
 the committed reference's results files and manifest (results/reference/), each replaced by what
@@ -777,6 +779,24 @@ class Plan:
                            agreement_with_committed=round(agreement(results, committed), 4))
         self.call["teacher"] = teacher
         self.log(f"reference teacher retrained: {json.dumps(teacher)}")
+        self.draw_soft_targets(results)
+
+    def draw_soft_targets(self, teacher: dict) -> None:
+        """figures/soft_targets.png, what the teacher knows, from the teacher retrained here while the
+        checkout has none: the committed teacher's results file predates the test images' logits it
+        is drawn from (kdlab.checkpoints.soft_target_examples). Its results file comes back beside it,
+        in results/plan/teacher/, and the figure says where it came from."""
+        if self.tree.find("figures/soft_targets.png") is not None:
+            return
+        from kdlab.figures import plot_soft_targets
+        from kdlab.results import default_seed_results, distillation_temperature
+
+        folder = self.staging / PLAN_DIR / "teacher"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{TEACHER_RUN}_results.json").write_text(json.dumps(teacher))
+        temperature = distillation_temperature(default_seed_results(self.tree.seed_results("results/reference")))
+        plot_soft_targets(teacher, temperature, self.staging / "figures",
+                          origin=f"{PLAN_DIR}/teacher, the reference teacher retrained by the GPU plan (same recipe, seed)")
 
     def command(self, work: Command) -> dict:
         if work.teacher_into:

@@ -109,7 +109,8 @@ def test_the_budget_matched_baselines_train_the_epochs_the_reference_files_give(
 def test_a_second_session_skips_what_is_committed_and_retrains_only_the_teacher(first_session):
     """A fresh machine with the first session's results committed: nothing done trains again; the
     sweep needs the reference teacher, which the machine lacks, so it is retrained first (the same
-    seed on the CPU: the committed predictions exactly) and copied into the sweep, which loads it.
+    seed on the CPU: the committed predictions exactly), draws the soft-targets figure the checkout
+    lacks, and is copied into the sweep, which loads it.
     A longer teacher is ranked on validation beside the reference's."""
     tmp, first, committed = first_session
     manifest, back = session(tmp, "second", committed, "--only", "reference", "dkd-at", "budget-baselines", "sweep",
@@ -124,6 +125,9 @@ def test_a_second_session_skips_what_is_committed_and_retrains_only_the_teacher(
     teacher = call["teacher"]
     assert teacher["status"] == "retrained" and teacher["agreement_with_committed"] == 1.0
     assert teacher["test_acc"] == teacher["committed_test_acc"]
+    # what the teacher knows, drawn from the retrained teacher while the checkout has no such figure
+    assert (back / "figures/soft_targets.png").is_file()
+    assert read_json(back / "results/plan/teacher/teacher_resnet50_results.json", "")["soft_target_examples"]
     sweep = read_json(back / "results/sweep-temperature-alpha/sweep.json", "")
     assert sweep["teacher"]["status"] == "loaded" and sweep["engine"] == "processes"
     assert [(t["run"], t["status"]) for t in sweep["trials"]] == [

@@ -21,7 +21,7 @@ from kdlab.results import STEP_DESCRIPTIONS, load_benchmark
 from kdlab.stats import paired_difference
 from kdlab.checkpoints import TrainedRun, _results
 from kdlab.cli import main
-from kdlab.config import LAB_RUNS, RUNS, START_OF_WEIGHTS, STARTS, TEACHER_RUN, expected_runs, make_config
+from kdlab.config import LAB_RUNS, RUNS, START_OF_WEIGHTS, STARTS, TEACHER_RUN, SpeedLevers, expected_runs, make_config
 from kdlab.data import make_splits, make_synthetic_cifar
 from kdlab.errors import KdlabError
 from kdlab.methods import build_method
@@ -51,7 +51,7 @@ def results_of(run, splits, teacher=None, smoke=False):
                     val_acc=best_val if e == best_epoch else best_val - 0.01 * e, lr=cfg.lr,
                     seconds=seconds) for e in range(1, EPOCHS + 1)]
     best_modules = {name: m.state_dict() for name, m in method.trained_modules().items()}
-    r = _results(cfg, method, splits, CPU, history, best_modules, teacher)
+    r = _results(cfg, method, splits, CPU, "fp32", SpeedLevers(), history, best_modules, teacher)
     r.update(test_acc=test_acc)
     if not smoke:
         r.update(smoke=False, device="cuda", device_name="Test GPU", data="CIFAR-10 test copy")
@@ -236,7 +236,7 @@ def test_reproduce_block_and_provenance_read_as_typed_not_as_logged(tmp_path, re
     commands = " ".join(line.strip(" \\") for line in block.splitlines()[1:-1]).split("# ")[1:]
     assert [c.split(maxsplit=1)[1] if c.startswith("python") else c for c in commands] == [
         f"the runs, as their manifest.json records the command python -m kdlab run teacher_resnet50 "
-        f"--weights none --data-dir data --results-dir {results_dir} --epochs 20 ",
+        f"--weights none --data-dir data --ckpt-dir CKPT_DIR --results-dir {results_dir} --epochs 20 ",
         f"the figures, from the results files python -m kdlab figures --results-dir {results_dir} "
         f"--out {tmp_path / 'figures'} ",
         f"this report python -m kdlab report --results {results_dir} --figures {tmp_path / 'figures'} "
@@ -359,3 +359,47 @@ def test_draft_pdf_builds_and_says_draft_on_every_page(tmp_path, reference):
     pages = [page for page in pages if page.strip()]
     assert len(pages) >= 4
     assert all("DRAFT - smoke run, not results" in page for page in pages)
+
+
+def budget_variant(baseline: dict, epochs: int, right: bool) -> dict:
+    """A budget-matched variant of the baseline: its epochs, and every test image right or wrong."""
+    labels = baseline["test_labels"]
+    predictions = labels if right else [(y + 1) % 10 for y in labels]
+    return dict(baseline, epochs=epochs, config=dict(baseline["config"], epochs=epochs),
+                test_predictions=predictions, test_acc=float(right))
+
+
+@pytest.mark.parametrize("variants, verdict", [
+    ({}, "Logit KD from scratch beats its baseline at equal epochs. Whether that gain is what the teacher knows "
+         "or the compute it adds is still open: the baseline has not been trained yet at equal training time and "
+         "at equal total epochs, the teacher's included."),
+    ({"equal-training-time": (34, False), "teacher-plus-student-epochs": (60, False)},
+     "Logit KD from scratch beats its baseline at equal epochs, at equal training time and at equal total "
+     "epochs, the teacher's included. The gain survives the teacher's compute: it is more than extra training."),
+    ({"equal-training-time": (34, True), "teacher-plus-student-epochs": (60, False)},
+     "Logit KD from scratch beats its baseline at equal epochs and at equal total epochs, the teacher's "
+     "included; it is level with it within the noise at equal training time."),
+], ids=["pending", "knowledge", "mixed"])
+def test_the_budget_comparisons_and_the_conclusion_follow_the_numbers(tmp_path, reference, variants, verdict):
+    results, _ = reference
+    base = results["student_scratch_baseline"]
+    kd = budget_variant(results["student_scratch_kd_scores"], EPOCHS, right=True)   # every image right
+    results = dict(results, student_scratch_kd_scores=kd)
+    budget = tmp_path / "ablation-budget"
+    for variant, (epochs, right) in variants.items():
+        write_results(budget / variant, {"student_scratch_baseline": budget_variant(base, epochs, right)})
+    out = report_dir(tmp_path)
+    report.make_report(write_results(tmp_path / "results", results), tmp_path / "figures", out, pdf=False,
+                       budget_dir=budget, log=lambda *_: None)
+    macros = generated_macros(out)
+    assert macros["DistillationVerdict"] == verdict
+    d = paired_difference([kd], [base])
+    assert (f"at equal epochs (the baseline trained {EPOCHS} epochs), a paired difference of "
+            f"{100 * d['mean_difference']:+.2f} points") in macros["BudgetSentences"]
+    for variant, (epochs, right) in variants.items():
+        d = paired_difference([kd], [budget_variant(base, epochs, right)])
+        assert f"(the baseline trained {epochs} epochs), a paired difference of {100 * d['mean_difference']:+.2f}" \
+            in macros["BudgetSentences"]
+    assert ("pending" in macros["BudgetSentences"]) == (not variants)
+    assert (f"--budget-baselines {budget}" in
+            " ".join((out / "generated" / "reproduce.tex").read_text().replace("\\\n", " ").split()))
