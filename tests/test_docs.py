@@ -105,3 +105,13 @@ def test_the_readme_is_one_screen_to_the_two_commands_and_at_most_150_lines():
         assert step in first_screen
     linked = set(re.findall(r"\]\(docs/([\w-]+\.md)\)", TEXTS["README.md"]))
     assert linked == {page.name for page in (REPO / "docs").glob("*.md")}, "every docs page linked from the README"
+
+
+def test_every_flag_the_prose_names_is_an_option_of_the_command_line_or_the_scripts():
+    """A flag named in backticks (`--lr`) is one that kdlab's parser or a script of the repository
+    declares: a renamed or removed option cannot live on in the docs."""
+    declared = {flag for sub in subcommands().values() for action in sub._actions for flag in action.option_strings}
+    for script in ("scripts/reference_run.py", "benchmarks/throughput.py"):
+        declared |= set(re.findall(r'add_argument\("(--[a-z][a-z0-9-]*)', (REPO / script).read_text()))
+    named = {page: set(re.findall(r"`(--[a-z][a-z0-9-]*)", text)) for page, text in TEXTS.items()}
+    assert {page: flags - declared for page, flags in named.items() if flags - declared} == {}

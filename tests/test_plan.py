@@ -193,3 +193,19 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     result = plan(*args, block_torch=True)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith(f"reference_run: error: {message}") and result.stderr.count("\n") == 1
+
+
+def test_the_report_of_the_trial_compares_logit_kd_with_the_budget_matched_baselines(first_session, tmp_path):
+    """The trial's results, as a session brings them back, give the report its three comparisons."""
+    from conftest import generated_macros
+    from kdlab.report import make_report
+
+    _, _, back = first_session
+    make_report(back / "results" / "reference", tmp_path / "figures", tmp_path / "report", draft=True, pdf=False,
+                budget_dir=back / "results" / "ablation-budget", log=lambda _: None)
+    macros = generated_macros(tmp_path / "report")
+    budget = macros["BudgetSentences"]
+    assert "pending" not in budget and budget.count("a paired difference of") == 3
+    for label in ("at equal epochs", "at equal training time", "at equal total epochs, the teacher's included"):
+        assert label in budget
+    assert "still open" not in macros["DistillationVerdict"]
