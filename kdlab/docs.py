@@ -169,9 +169,9 @@ def findings(seeds: dict[str, list[dict]]) -> str:
     if scratch_kd in seeds and baseline_of(scratch_kd) in seeds:
         for c in budget_comparisons(seeds, load_budget_baselines(REPO / BUDGET_DIR))[1:]:
             d = c["difference"]
-            lines.append(f"- **Logit KD from scratch against the baseline {c['label']}** "
-                         + (f"(the baseline trained {c['epochs']} epochs): {interval(d)}." if d else
-                            "pending: the GPU plan has not trained that baseline yet."))
+            lines.append(f"- **Logit KD from scratch against the baseline {c['label']}**"
+                         + (f" (the baseline trained {c['epochs']} epochs): {interval(d)}." if d else
+                            ": pending, the GPU plan has not trained that baseline yet."))
     best = best_student(results)
     if best and TEACHER_RUN in seeds:
         lines.append(f"- **The best student, {run_label(best, results)}**, against its teacher: "
