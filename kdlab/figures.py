@@ -32,7 +32,7 @@ from kdlab.folders import writable_folder
 from kdlab.registry import METHODS
 from kdlab.results import (BUDGETS, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
                            default_seed_results, distillation_temperature, load_budget_baselines, load_efficiency,
-                           load_seed_results)
+                           load_seed_results, softened)
 from kdlab.stats import correct_images, paired_difference, paired_difference_by_class, summarise
 from kdlab.lab import resolve_device
 from kdlab.measure import measure_efficiency
@@ -370,13 +370,6 @@ def plot_agreement(results: dict[str, dict], missing: list[str], out_dir: Path,
     ax.set(ylabel=f"same class as the teacher (% of {_count(results, 'n_test')} test images)",
            ylim=(0, 108))
     return _save(fig, out_dir / "agreement.png")
-
-
-def softened(logits, temperature: float) -> np.ndarray:
-    """The softmax of `logits` at `temperature`: p_i = exp(z_i / T) / sum_j exp(z_j / T)."""
-    z = np.asarray(logits, dtype=float) / temperature
-    e = np.exp(z - z.max())
-    return e / e.sum()
 
 
 def plot_soft_targets(teacher: dict, temperature: float, out_dir: str | Path, origin: str = "") -> Path:

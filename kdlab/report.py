@@ -28,8 +28,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from kdlab.config import (CLASSES, DEFAULT_SEED, LAB_RUNS, RUNS, START_OF_WEIGHTS, STARTS, STUDENT_STEP,
                           TEACHER_RUN, TEACHER_STEP, baseline_of, config_dict, expected_runs, kd_pairs, make_config,
                           run_label, run_of)
@@ -40,7 +38,8 @@ from kdlab.latex import (acc_text, compare, count, enumerate_text, minutes, num,
 from kdlab.registry import METHODS, setting_fields
 from kdlab.results import (DEFAULT_BENCHMARK, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
                            budget_comparisons, default_seed_results, distillation_temperature, load_benchmark,
-                           load_budget_baselines, load_efficiency, load_seed_results, read_json, run_order)
+                           load_budget_baselines, load_efficiency, load_seed_results, read_json, run_order,
+                           softened)
 from kdlab.stats import paired_difference, paired_difference_by_class, summarise
 
 # The report's template; `make_report` copies it into the report folder it is given.
@@ -602,18 +601,13 @@ def soft_target_sentences(rep: Report) -> str:
         return ""
     temperature = distillation_temperature(rep.results)
 
-    def probabilities(logits, t):
-        z = np.asarray(logits) / t
-        e = np.exp(z - z.max())
-        return e / e.sum()
-
     def runner_up(example):
-        p = probabilities(example["logits"], temperature)
+        p = softened(example["logits"], temperature)
         p[example["label"]] = -1
         return int(p.argmax())
-    example = max(examples, key=lambda e: probabilities(e["logits"], temperature)[runner_up(e)])
+    example = max(examples, key=lambda e: softened(e["logits"], temperature)[runner_up(e)])
     other = runner_up(example)
-    cold, warm = (probabilities(example["logits"], t)[other] for t in (1, temperature))
+    cold, warm = (softened(example["logits"], t)[other] for t in (1, temperature))
     return (rf"For the {CLASSES[example['label']]} of \figref{{soft_targets.png}}{{fig:soft-targets}}, the "
             rf"trained teacher gives the class {CLASSES[other]} a probability of {probability_text(cold)} at $T=1$ "
             rf"and {probability_text(warm)} at $T={num(temperature)}$: the similarity a one-hot label cannot carry.")

@@ -11,6 +11,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from kdlab.config import (DEFAULT_SEED, EVALUATION_STEP, LEGACY_STEP_NAMES, RUNS, STUDENT_STEP, TEACHER_RUN,
                           TEACHER_STEP, baseline_of, run_id, run_of)
 from kdlab.errors import KdlabError
@@ -233,6 +235,13 @@ def distillation_temperature(results: dict[str, dict]) -> float:
     """The temperature the lab distils at: its logit-KD runs' (the first found), else the method's default."""
     run = next((r for r in results.values() if r["config"]["method"] == "kd_logits"), None)
     return run["config"]["temperature"] if run else METHODS["kd_logits"].settings().temperature
+
+
+def softened(logits, temperature: float) -> np.ndarray:
+    """The softmax of `logits` at `temperature`: p_i = exp(z_i / T) / sum_j exp(z_j / T)."""
+    z = np.asarray(logits, dtype=float) / temperature
+    e = np.exp(z - z.max())
+    return e / e.sum()
 
 
 def agreement(a: dict, b: dict) -> float:
