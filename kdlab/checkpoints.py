@@ -36,7 +36,7 @@ from kdlab.results import RunPaths
 from kdlab.errors import KdlabError
 from kdlab.folders import DISCONNECTED, no_empty_folders_left, storage_advice
 from kdlab.methods import build_method
-from kdlab.models import build_model, count_parameters, load_weights
+from kdlab.models import build_model, count_parameters, load_weights, tensors_sha256
 from kdlab.train import AUTOCAST_DTYPES, accuracy, predict_views, resolve_precision, train_epochs
 
 
@@ -318,7 +318,10 @@ def _results(cfg, method, splits, device, precision, speed, history, best_module
         parameters=count_parameters(method.student),
         extra_training_parameters=sum(count_parameters(m) for m in extra),
         teacher=dict(run=teacher.results["run"], seed=teacher.results.get("seed", DEFAULT_SEED),
-                     test_acc=teacher.results["test_acc"]) if teacher else None,
+                     test_acc=teacher.results["test_acc"],
+                     # which teacher: runs distilled from different teachers are told apart by it
+                     weights_sha256=teacher.results.get("weights_sha256") or tensors_sha256(teacher.model.state_dict()))
+        if teacher else None,
         test_predictions=test_logits.argmax(1).tolist(),
         test_labels=test_labels.tolist(),  # with the predictions: confusion matrices need no data
         **({"soft_target_examples": soft_target_examples(test_logits, images, test_labels)}

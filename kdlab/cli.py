@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from kdlab.config import DEFAULT_SEED, EVAL_BATCH_SIZE, LAB_RUNS, RUNS, SPLIT_SEED, SpeedLevers, run_id
+from kdlab.config import DEFAULT_SEED, EVAL_BATCH_SIZE, LAB_RUNS, RUNS, SPLIT_SEED, TEACHER_RUN, SpeedLevers, run_id
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 from kdlab.registry import METHODS, all_settings, setting_owners
@@ -30,6 +30,10 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                         help="start of the pretrained runs and the teacher (scratch runs are always 'none')" + RECIPE)
     parser.add_argument("--epochs", type=int, help="epochs of every run named (and of the teacher)" + RECIPE)
     parser.add_argument("--teacher-epochs", type=int, help="epochs of the teacher alone" + RECIPE)
+    parser.add_argument("--teacher-weights", metavar="DIR",
+                        help="distil from kept teacher weights (a folder with manifest.json, such as "
+                             "checkpoints/reference/teacher_resnet50) instead of training a teacher; they are "
+                             "checked by sha256 and against the teacher's config")
     parser.add_argument("--batch-size", type=int, help="images per optimizer step" + RECIPE)
     parser.add_argument("--lr", type=float, help="peak learning rate" + RECIPE)
     parser.add_argument("--image-size", type=int,
@@ -214,10 +218,13 @@ def command_run(args) -> None:
     check_settings_apply(method_settings(args), names)
     check_teacher_epochs(args)
     lab = Lab(args.ckpt_dir, args.data_dir, args.device, smoke=args.smoke, teacher_epochs=args.teacher_epochs,
-              precision=args.precision, speed=speed_levers(args), last_dir=args.last_dir, **training_overrides(args))
+              precision=args.precision, speed=speed_levers(args), last_dir=args.last_dir,
+              teacher_weights=args.teacher_weights, **training_overrides(args))
     trials = [(name, seed) for seed in args.seed or [DEFAULT_SEED] for name in names]
     for name, seed in trials:
         lab.config(name, seed)  # every name's settings are checked before anything trains
+    if args.teacher_weights:
+        lab.run(TEACHER_RUN)    # so are the kept teacher's parts and config
     if args.results_dir:
         writable_folder(args.results_dir, "--results-dir")
     start = time.perf_counter()
@@ -257,7 +264,8 @@ def command_sweep(args) -> None:
     # Absolute: Ray's workers do not run in this folder, nor, on a cluster, on this machine.
     options = SweepOptions(Path(args.out).resolve(), str(Path(args.data_dir).resolve()), args.device,
                            smoke=args.smoke, teacher_epochs=args.teacher_epochs, cpus_per_trial=args.cpus_per_trial,
-                           precision=args.precision, speed=speed_levers(args), overrides=training_overrides(args))
+                           precision=args.precision, speed=speed_levers(args), overrides=training_overrides(args),
+                           teacher_weights=args.teacher_weights and str(Path(args.teacher_weights).resolve()))
     engine = {"ray": lambda: RayEngine(args.address, args.gpus_per_trial, args.cpus_per_trial),
               "processes": lambda: ProcessEngine(args.gpus_per_trial, args.cpus_per_trial),
               "serial": SerialEngine}[args.engine]()

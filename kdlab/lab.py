@@ -10,6 +10,7 @@ from kdlab.checkpoints import RunFiles, TrainedRun, train_or_load
 from kdlab.config import DEFAULT_SEED, KD_SETTINGS, TEACHER_RUN, RunConfig, SpeedLevers, make_config
 from kdlab.data import Splits, load_cifar10, make_splits, make_synthetic_cifar
 from kdlab.errors import KdlabError
+from kdlab.kept import load_kept_run
 from kdlab.results import default_ckpt_dir
 from kdlab.train import check_precision
 
@@ -38,15 +39,19 @@ class Lab:
     fp16 or fp32; kdlab.train.check_precision) is how every run trains, checked against the device now;
     `speed` the speed levers (kdlab.config.SpeedLevers) every run trains with. `last_dir` (default:
     each run's checkpoint folder) holds the checkpoint rewritten after every epoch: a local disk when
-    the checkpoint folder is on a drive that fails under frequent writes.
+    the checkpoint folder is on a drive that fails under frequent writes. `teacher_weights` is a
+    folder of kept teacher weights (kdlab.kept, checkpoints/README.md): the KD runs distil from
+    them, checked against the teacher's config here, and no teacher trains.
     """
 
     def __init__(self, ckpt_dir=None, data_dir="data", device="auto", smoke=False,
                  teacher_epochs=None, teacher_seed=DEFAULT_SEED, progress=None, log=print, teacher_dir=None,
-                 precision="auto", speed: SpeedLevers | None = None, last_dir=None, **overrides):
+                 precision="auto", speed: SpeedLevers | None = None, last_dir=None, teacher_weights=None,
+                 **overrides):
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else default_ckpt_dir(smoke)
         self.teacher_dir = Path(teacher_dir) if teacher_dir is not None else self.ckpt_dir
         self.last_dir = Path(last_dir) if last_dir is not None else None
+        self.teacher_weights = Path(teacher_weights) if teacher_weights is not None else None
         self.data_dir = Path(data_dir)
         self.device = resolve_device(device)
         self.precision = check_precision(precision, self.device)
@@ -90,6 +95,9 @@ class Lab:
         ckpt_dir = self.teacher_dir if name == TEACHER_RUN else self.ckpt_dir
         key = (name, cfg.seed)
         if key in self._runs and not retrain:
+            return self._runs[key]
+        if name == TEACHER_RUN and self.teacher_weights is not None:
+            self._runs[key] = load_kept_run(self.teacher_weights, cfg, self.device, self.log)
             return self._runs[key]
         try:
             self._runs[key] = train_or_load(

@@ -5,6 +5,7 @@ CIFAR images are upsampled on the device instead (docs/recipe.md: "Input resolut
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -83,3 +84,14 @@ class StageOutput:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A digest of a state dict's names, dtypes, shapes and values, however it was serialized: the
+    identity of a teacher in its students' results files."""
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

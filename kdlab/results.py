@@ -23,6 +23,10 @@ from kdlab.stats import check_no_duplicates, paired_difference, training_seed
 # data) have their own folder: their checkpoints must never block or pass for real ones.
 CKPT_DIR = Path("checkpoints")
 SMOKE_CKPT_DIR = CKPT_DIR / "smoke"
+# Weights kept in the repository (kdlab.kept): <REFERENCE_WEIGHTS>/<run>/, a manifest and float16 parts.
+REFERENCE_WEIGHTS = CKPT_DIR / "reference"
+KEPT_MANIFEST = "manifest.json"
+KEPT_PART_PREFIX = "weights.fp16.part"
 
 # What every <run>_results.json holds (kdlab.checkpoints writes it when a run finishes).
 RESULT_KEYS = ("run", "test_acc", "best_val_acc", "best_epoch", "epochs", "config",
@@ -92,6 +96,15 @@ def read_json(path: Path, what: str):
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise KdlabError(f"{path} is not readable JSON ({err}); {what}") from None
+
+
+def read_kept_manifest(folder: Path) -> dict:
+    """The manifest of a folder of kept weights (kdlab.kept), or an error that says what is wrong."""
+    path = Path(folder) / KEPT_MANIFEST
+    if not path.is_file():
+        raise KdlabError(f"{folder} holds no kept weights ({KEPT_MANIFEST} is missing): give the folder of a "
+                         f"run's kept weights, such as {REFERENCE_WEIGHTS / TEACHER_RUN} (checkpoints/README.md).")
+    return read_json(path, "restore it from git.")
 
 
 def run_order(run: str) -> tuple[int, str]:

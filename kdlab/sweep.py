@@ -110,6 +110,7 @@ class SweepOptions:
     precision: str = "auto"                          # kdlab.train.check_precision
     speed: SpeedLevers = field(default_factory=SpeedLevers)
     overrides: dict = field(default_factory=dict)   # for every run (kdlab.config.OVERRIDABLE)
+    teacher_weights: str | None = None               # kept teacher weights: no teacher trains (kdlab.kept)
 
 
 def parse_grid(specs: list[str]) -> dict[str, list]:
@@ -183,6 +184,7 @@ def run_trial(trial: Trial, options: SweepOptions, ray_node_id: str | None = Non
         try:
             lab = Lab(folder, options.data_dir, options.device, smoke=options.smoke,
                       teacher_epochs=options.teacher_epochs, teacher_dir=options.out / "teacher",
+                      teacher_weights=options.teacher_weights,
                       progress=False, log=log, precision=options.precision, speed=options.speed,
                       **dict(options.overrides, **dict(trial.settings)))
             trained = lab.run(trial.run, seed=trial.seed)

@@ -73,7 +73,12 @@ manifest, to read at once.
 """
 from __future__ import annotations
 
+import time
+
+PROCESS_START = time.monotonic()   # the budget counts from here: the imports and data reading are in it
+
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -84,7 +89,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -95,8 +99,8 @@ sys.path.insert(0, str(REPO))
 from kdlab.config import DEFAULT_SEED, LAB_RUNS, RUNS, TEACHER_RUN, make_config, run_id, run_of  # noqa: E402
 from kdlab.errors import KdlabError  # noqa: E402
 from kdlab.registry import METHODS  # noqa: E402
-from kdlab.results import (EQUAL_TRAINING_TIME, TEACHER_PLUS_STUDENT_EPOCHS, RunPaths, agreement,  # noqa: E402
-                           budget_matched_epochs, load_efficiency, load_seed_results, read_json)
+from kdlab.results import (EQUAL_TRAINING_TIME, KEPT_MANIFEST, KEPT_PART_PREFIX, TEACHER_PLUS_STUDENT_EPOCHS,  # noqa: E402
+                           RunPaths, budget_matched_epochs, load_efficiency, load_seed_results, read_json)
 from kdlab.stats import paired_difference, training_seed  # noqa: E402
 from kdlab.sweep import SWEEP_FILE, expand_trials, failures, parse_grid  # noqa: E402
 
@@ -112,7 +116,10 @@ PLAN_DIR = "results/plan"                          # the plan's manifest and log
 # networks and passes they share.
 COST_OF = {"dkd": "kd_logits", "attention": "kd_features"}
 EFFICIENCY_FIRST_GUESS_S = 30   # what the previous reference script reserved for the figures
-RESERVE_S = 15                  # packing results.tgz and the manifest after the last task
+RESERVE_S = 25                  # stopping a command (stop(): 10 s at most), then packing results.tgz
+KEPT = "checkpoints/reference"  # kept weights in the repository: <KEPT>/<run>/ (kdlab.kept)
+WEIGHTS_OUT = "weights"         # under --out: <run>/<part>, each part a file the device brings back
+FP16_TOLERANCE = 0.0005         # the float16 copy's test accuracy within 0.05 points of the float32 weights
 T4_TOLERANCE = 0.01             # fp16 and bf16 test accuracy within 1 point
 
 
@@ -148,7 +155,8 @@ TRIAL = Scale(seeds=(42, 43), lab=dict(image_size=32, epochs=1, limit_train=100,
 @dataclass(frozen=True)
 class Training:
     """One run of the lab, train-or-load in <ckpt-dir>/<folder>, its results file copied to the
-    repository folder `results`. Students distil the reference teacher (<ckpt-dir>/reference)."""
+    repository folder `results`. Students distil the kept reference teacher (<KEPT>/teacher_resnet50).
+    `keep`: the run's best weights come back as kept weights (<KEPT>/<run>/, kdlab.kept)."""
     run: str
     seed: int
     folder: str
@@ -156,10 +164,12 @@ class Training:
     overrides: dict = field(default_factory=dict)   # the Lab's: every run of the lab plus these
     teacher_epochs: int | None = None               # None: the reference teacher's
     precision: str | None = None                    # None: the lab's choice (auto)
+    keep: bool = False
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return (f"{self.results}/{run_id(self.run, self.seed)}_results.json",)
+        kept = (f"{KEPT}/{self.run}/{KEPT_MANIFEST}",) if self.keep else ()
+        return (f"{self.results}/{run_id(self.run, self.seed)}_results.json", *kept)
 
     @property
     def needs_teacher(self) -> bool:
@@ -178,18 +188,14 @@ class Training:
 class Command:
     """A command line run from the repository root. `collect` copies the files it left under
     <ckpt-dir> (checkpoints excepted) into the repository: (file or folder under ckpt-dir, its
-    path in the repository) pairs.
-    `teacher_into` is a folder under <ckpt-dir> that gets a copy of the reference teacher first;
-    `merge` a repository folder whose committed and new files are gathered in <ckpt-dir>/view first."""
+    path in the repository) pairs. `needs_teacher`: its argv names the kept reference teacher
+    (--teacher-weights), which must exist first; `merge` a repository folder whose committed and new
+    files are gathered in <ckpt-dir>/view first."""
     argv: tuple[str, ...]
     outputs: tuple[str, ...]
     collect: tuple[tuple[str, str], ...] = ()
-    teacher_into: str | None = None
+    needs_teacher: bool = False
     merge: str | None = None
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.teacher_into is not None
 
 
 @dataclass(frozen=True)
@@ -198,8 +204,15 @@ class Task:
     name: str            # unique in the plan; the manifest's key
     work: Training | Command
     estimate: float      # seconds, without the teacher's
-    # Done when every output exists; `complete(tree)` may ask more (a sweep with no failed trial).
+    # Done when every output exists and `complete(tree)` says so (a sweep with no failed trial, a
+    # student distilled from the kept teacher); a command without one is done once the plan has
+    # written its completion marker, after the command ended well (a benchmark stopped halfway
+    # leaves a partial file, which is not done).
     complete: Callable[["Tree"], bool] | None = None
+
+    @property
+    def marker(self) -> str:
+        return f"{PLAN_DIR}/done/{self.name}"
 
 
 @dataclass
@@ -239,6 +252,16 @@ class Tree:
 
     def results(self, folder: str, run: str, seed: int = DEFAULT_SEED) -> dict | None:
         return next((r for r in self.seed_results(folder).get(run, []) if training_seed(r) == seed), None)
+
+    def kept(self, run: str) -> dict | None:
+        """The manifest of a run's kept weights, new or committed; None if there are none."""
+        path = self.find(f"{KEPT}/{run}/{KEPT_MANIFEST}")
+        return read_json(path, "restore it from git.") if path else None
+
+    def kept_folder(self, run: str) -> Path:
+        """Where a run's kept weights are: committed, or written here (or to be written here)."""
+        path = self.find(f"{KEPT}/{run}/{KEPT_MANIFEST}")
+        return path.parent if path else self.staging / KEPT / run
 
     def merge(self, folder: str, into: Path) -> Path:
         """A real folder holding the committed and new files of `folder` (new ones win)."""
@@ -292,6 +315,15 @@ def sweep_wall_seconds(sweep: dict) -> float:
     return (finished - started).total_seconds()
 
 
+def from_kept_teacher(path: str) -> Callable[[Tree], bool]:
+    """A distilled run's results count only if its teacher is the kept reference teacher."""
+    def complete(tree: Tree) -> bool:
+        kept = tree.kept(TEACHER_RUN)
+        results = read_json(tree.find(path), "delete it: its task runs again.")
+        return kept is not None and (results.get("teacher") or {}).get("weights_sha256") == kept["tensors_sha256"]
+    return complete
+
+
 def sweep_complete(path: str) -> Callable[[Tree], bool]:
     def complete(tree: Tree) -> bool:
         sweep = read_json(tree.find(path), "delete it: the sweep's task runs again.")
@@ -314,18 +346,27 @@ class PlanBuilder:
         full = f"{item}/{name}"
         return Task(item, full, work, max(estimate, self.earlier_seconds.get(full, 0.0)), complete)
 
-    def training(self, item: str, name: str, work: Training) -> Task:
-        """A run's task, with the scale's settings under its own and its recipe's epochs by default."""
+    def training(self, item: str, name: str, work: Training, from_kept_teacher_only: bool = False) -> Task:
+        """A run's task, with the scale's settings under its own and its recipe's epochs by default.
+        `from_kept_teacher_only`: a distilled run's results are done only if the kept teacher taught it."""
         overrides = dict(self.scale.lab, **work.overrides)
         overrides.setdefault("epochs", make_config(work.run, weights="none").epochs)
         work = replace(work, overrides=overrides, teacher_epochs=work.teacher_epochs or self.scale.teacher_epochs)
-        return self.task(item, name, work, self.rates.run(work.kind, work.epochs))
+        complete = from_kept_teacher(work.outputs[0]) if from_kept_teacher_only else None
+        return self.task(item, name, work, self.rates.run(work.kind, work.epochs), complete)
 
     def items(self) -> list[Item]:
+        """The plan as data: every item in priority order, each a list of tasks with their outputs,
+        done check and estimate."""
         recipe = self.student_recipe()
-        return [self.reference(recipe), self.t4(recipe), self.dkd_at(recipe), self.efficiency(),
+        return [self.teacher(), self.reference(recipe), self.t4(recipe), self.dkd_at(recipe), self.efficiency(),
                 self.budget_baselines(recipe), self.benchmark(), *self.sweeps(recipe),
-                self.stronger_teacher(), self.recipe_lr(recipe)]
+                self.stronger_teacher(), self.recipe_lr(recipe), self.one_teacher(recipe)]
+
+    def teacher(self) -> Item:
+        """The reference teacher, trained once and kept: every student of the plan distils it."""
+        work = Training(TEACHER_RUN, DEFAULT_SEED, "reference", "results/reference", keep=True)
+        return Item("teacher", [self.training("teacher", TEACHER_RUN, work)], check=kept_check)
 
     # The students' recipe: the label smoothing its ablation chose on validation.
     def student_recipe(self) -> tuple[str, dict] | None:
@@ -336,9 +377,7 @@ class PlanBuilder:
         return chosen, LABEL_SMOOTHING_VARIANTS[chosen]
 
     def reference(self, recipe) -> Item:
-        tasks = [self.training("reference", TEACHER_RUN, Training(TEACHER_RUN, DEFAULT_SEED, "reference",
-                                                                  "results/reference"))]
-        tasks += [self.training("reference", f"ablation/{variant}",
+        tasks = [self.training("reference", f"ablation/{variant}",
                                 Training(BASELINE, DEFAULT_SEED, f"ablation/{variant}",
                                          f"results/ablation-recipe/{variant}", overrides))
                   for variant, overrides in LABEL_SMOOTHING_VARIANTS.items()]
@@ -362,7 +401,7 @@ class PlanBuilder:
             return Item("t4", [], waiting="waits for the students' recipe (reference)")
         tasks = [self.training("t4", precision, Training(
             LOGIT_KD, DEFAULT_SEED, f"precision/{precision}", f"results/ablation-precision/{precision}",
-            dict(recipe[1], epochs=self.scale.t4_epochs), precision=precision))
+            dict(recipe[1], epochs=self.scale.t4_epochs), precision=precision), from_kept_teacher_only=True)
             for precision in self.scale.t4_precisions]
         return Item("t4", tasks, check=lambda tree: t4_check(tree, self.scale.t4_precisions))
 
@@ -370,7 +409,7 @@ class PlanBuilder:
         if recipe is None:
             return Item("dkd-at", [], waiting="waits for the students' recipe (reference)")
         tasks = [self.training("dkd-at", run_id(run, seed), Training(run, seed, "reference", "results/reference",
-                                                                     recipe[1]))
+                                                                     recipe[1]), from_kept_teacher_only=True)
                  for seed in self.scale.seeds for run in (DKD, ATTENTION)]
         return Item("dkd-at", tasks, check=lambda tree: paired_checks(tree, [DKD, ATTENTION]))
 
@@ -428,7 +467,7 @@ class PlanBuilder:
                 lab)])
 
     def sweep_command(self, name: str, runs: list[str], seeds, grid, gpus_per_trial: float, recipe) -> tuple:
-        """A `kdlab sweep` on this machine's GPU, its teacher copied in, and its estimate."""
+        """A `kdlab sweep` on this machine's GPU, distilling the kept teacher, and its one-by-one estimate."""
         flags = dict(self.scale.lab, **recipe[1], epochs=self.scale.sweep_epochs,
                      teacher_epochs=self.scale.teacher_epochs, weights="none")
         argv = (sys.executable, "-m", "kdlab", "sweep", *runs, "--seeds", *map(str, seeds),
@@ -437,12 +476,11 @@ class PlanBuilder:
                 *(("--smoke",) if self.scale.smoke else ()), "--device", "auto" if self.scale.device == "cuda" else "cpu",
                 "--engine", "processes", "--gpus-per-trial", str(gpus_per_trial),
                 "--cpus-per-trial", str(self.scale.cpus_per_trial), "--data-dir", str(self.data_dir),
-                "--out", str(self.ckpt / "sweeps" / name))
+                "--teacher-weights", str(self.tree.kept_folder(TEACHER_RUN)), "--out", str(self.ckpt / "sweeps" / name))
         output = f"results/{name}"
         trials = expand_trials(runs, list(seeds), parse_grid(list(grid)))
         one_by_one = sum(self.rates.run(RUNS[t.run].method, self.scale.sweep_epochs) for t in trials)
-        work = Command(argv, (f"{output}/{SWEEP_FILE}",), ((f"sweeps/{name}", output),),
-                       teacher_into=f"sweeps/{name}/teacher")
+        work = Command(argv, (f"{output}/{SWEEP_FILE}",), ((f"sweeps/{name}", output),), needs_teacher=True)
         return work, one_by_one, sweep_complete(f"{output}/{SWEEP_FILE}")
 
     def sweeps(self, recipe) -> list[Item]:
@@ -454,11 +492,13 @@ class PlanBuilder:
             work, seconds, complete = self.sweep_command(f"sweep-packing/{name}", [LOGIT_KD], [self.scale.packing_seed],
                                                          self.scale.packing_grid, gpus, recipe)
             packing_tasks.append(self.task("sweep-packing", name, work, seconds, complete))
-        gain = packing_check(self.tree).get("gain") or 1.0
+        packing = Item("sweep-packing", packing_tasks, check=packing_check)
+        gain = packing_check(self.tree).get("gain")
+        if gain is None:   # its cost is its trials one by one divided by the gain: not known before
+            return [packing, Item("sweep", [], waiting="waits for the packing gain (sweep-packing)")]
         work, seconds, complete = self.sweep_command("sweep-temperature-alpha", [BASELINE, LOGIT_KD],
                                                      self.scale.sweep_seeds, self.scale.sweep_grid, 0.25, recipe)
-        return [Item("sweep-packing", packing_tasks, check=packing_check),
-                Item("sweep", [self.task("sweep", "temperature-alpha", work, seconds / gain, complete)])]
+        return [packing, Item("sweep", [self.task("sweep", "temperature-alpha", work, seconds / gain, complete)])]
 
     def stronger_teacher(self) -> Item:
         tasks = [self.training("stronger-teacher", f"epochs-{epochs}", Training(
@@ -472,9 +512,21 @@ class PlanBuilder:
         return Item("recipe-lr", [self.training("recipe-lr", "lr-0.2", Training(
             BASELINE, DEFAULT_SEED, "ablation/lr-0.2", "results/ablation-recipe/lr-0.2", dict(recipe[1], lr=0.2)))])
 
+    def one_teacher(self, recipe) -> Item:
+        """Logit KD and FitNets at every seed distilled again from the kept teacher, so that every
+        distillation run of results/reference has one teacher; logit KD at the default seed is kept
+        (the student a user deploys)."""
+        if recipe is None:
+            return Item("one-teacher", [], waiting="waits for the students' recipe (reference)")
+        tasks = [self.training("one-teacher", run_id(run, seed), Training(
+            run, seed, "one-teacher", "results/reference", recipe[1], keep=(run, seed) == (LOGIT_KD, DEFAULT_SEED)),
+            from_kept_teacher_only=True)
+            for run in (LOGIT_KD, FEATURE_KD) for seed in self.scale.seeds]
+        return Item("one-teacher", tasks, check=one_teacher_check)
 
-ITEMS = ("reference", "t4", "dkd-at", "efficiency", "budget-baselines", "benchmark", "sweep-packing", "sweep",
-         "stronger-teacher", "recipe-lr")
+
+ITEMS = ("teacher", "reference", "t4", "dkd-at", "efficiency", "budget-baselines", "benchmark", "sweep-packing",
+         "sweep", "stronger-teacher", "recipe-lr", "one-teacher")
 
 
 # ----------------------------------------------------------------------------- what the results say
@@ -484,6 +536,25 @@ def paired_checks(tree: Tree, runs: list[str]) -> dict:
     reference = tree.seed_results("results/reference")
     return {run: summary(paired_difference(reference[run], reference[BASELINE]))
             for run in runs if reference.get(run) and reference.get(BASELINE)}
+
+
+def kept_check(tree: Tree) -> dict:
+    """The kept teacher: its accuracy as trained and as kept in float16, and its identity."""
+    kept = tree.kept(TEACHER_RUN)
+    if kept is None:
+        return {}
+    return {key: kept.get(key) for key in ("test_acc", "test_acc_float32_here", "test_acc_float16",
+                                           "float16_within_tolerance", "tensors_sha256", "bytes")}
+
+
+def one_teacher_check(tree: Tree) -> dict:
+    """The teachers of results/reference's distilled runs: one sha256 (the kept teacher's) once the
+    re-distilled runs are in."""
+    kept = tree.kept(TEACHER_RUN)
+    teachers = {run_id(run, training_seed(r)): (r.get("teacher") or {}).get("weights_sha256")
+                for run, runs in tree.seed_results("results/reference").items() for r in runs if r.get("teacher")}
+    return dict(kept_teacher=kept and kept["tensors_sha256"], teachers=teachers,
+                one_teacher=bool(kept) and set(teachers.values()) == {kept["tensors_sha256"]})
 
 
 def summary(paired: dict) -> dict:
@@ -565,17 +636,25 @@ class Plan:
         # A trial's smoke results must never pass for the checkout's, nor be paired with them.
         committed = args.committed or (self.ckpt / "nothing-committed" if scale.smoke else REPO)
         self.tree = Tree(Path(committed), self.staging)
-        self.deadline = time.perf_counter() + args.budget
+        self.deadline = PROCESS_START + args.budget
         self.rates = Rates()
         self.manifest = self.load_manifest()
         self.handled: dict[str, dict] = {}
-        self.teacher_here = RunPaths(self.ckpt / "reference", TEACHER_RUN).best.exists()
         self.teacher_failed: str | None = None
         self.labs: dict = {}
         self.log_file = None
 
     def left(self) -> float:
-        return self.deadline - time.perf_counter()
+        return self.deadline - time.monotonic()
+
+    def check_mode(self) -> None:
+        """A trial's smoke files and a GPU call's results never share a folder: the first call marks it."""
+        mode, marker = ("trial" if self.scale.smoke else "gpu"), self.ckpt / "plan-mode"
+        if marker.is_file() and marker.read_text().strip() != mode:
+            raise KdlabError(f"{self.ckpt} holds a {marker.read_text().strip()} call's files and this is a {mode} "
+                             f"call; give another --ckpt-dir (or delete that folder).")
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        marker.write_text(mode)
 
     def load_manifest(self) -> dict:
         for root in (self.staging, self.tree.committed):
@@ -603,11 +682,13 @@ class Plan:
     def done(self, task: Task) -> bool:
         if not all(self.tree.find(path) for path in task.work.outputs):
             return False
-        return task.complete is None or task.complete(self.tree)
+        if task.complete is not None:
+            return task.complete(self.tree)
+        return isinstance(task.work, Training) or self.tree.find(task.marker) is not None
 
-    def teacher_first(self, task: Task, teacher_here: bool) -> float:
+    def teacher_first(self, task: Task, teacher_kept: bool) -> float:
         """Seconds of the reference teacher's training that must come before the task."""
-        return self.rates.run("teacher", self.scale.teacher_epochs) if task.work.needs_teacher and not teacher_here else 0.0
+        return self.rates.run("teacher", self.scale.teacher_epochs) if task.work.needs_teacher and not teacher_kept else 0.0
 
     def next_task(self, items: list[Item]) -> Task | None:
         return next((task for item in items for task in item.tasks
@@ -615,36 +696,60 @@ class Plan:
 
     # --- dry run
 
+    def schedule(self, tasks: list[Task], teacher_kept: bool) -> tuple[list[Task], float]:
+        """The tasks one call of --budget would run, in order, and the seconds they take; a task that
+        needs the teacher while none is kept counts the teacher's training before it."""
+        left, chosen = self.args.budget - RESERVE_S, []
+        for task in tasks:
+            need = task.estimate + self.teacher_first(task, teacher_kept)
+            if need <= left:
+                left -= need
+                chosen.append(task)
+                teacher_kept = teacher_kept or task.work.needs_teacher or task.name == f"teacher/{TEACHER_RUN}"
+        return chosen, self.args.budget - RESERVE_S - left
+
     def print_dry_run(self) -> None:
         gpu = gpu_slug(self.rates.gpu) if not self.scale.smoke else "cpu"
         items = self.selected(self.builder(gpu).items())
-        print(f"GPU plan{' (trial)' if self.scale.smoke else ''}: --budget {self.args.budget:.0f} s; done = "
-              f"committed under {self.tree.committed} or written under {self.staging}")
+        teacher_kept = self.tree.kept(TEACHER_RUN) is not None
+        print(f"GPU plan{' (trial)' if self.scale.smoke else ''}: --budget {self.args.budget:.0f} s, counted from "
+              f"the process start; done = committed under {self.tree.committed} or written under {self.staging}")
         print(f"estimates from {ESTIMATES_FROM.relative_to(REPO)}: {self.rates.describe()}")
-        print(f"reference teacher on this machine: {'yes' if self.teacher_here else 'no'} "
-              f"(retrained before the first task that needs it: "
-              f"{self.rates.run('teacher', self.scale.teacher_epochs):.0f} s)")
-        left, teacher_here, planned = self.args.budget - RESERVE_S, self.teacher_here, 0
+        print(f"reference teacher kept ({KEPT}/{TEACHER_RUN}): "
+              + ("yes, loaded by every student" if teacher_kept else
+                 f"no: trained and kept before the first task that needs it "
+                 f"({self.rates.run('teacher', self.scale.teacher_epochs):.0f} s)"))
+        to_do = [task for item in items for task in item.tasks if not self.done(task)]
+        chosen, seconds = self.schedule(to_do, teacher_kept)
         for item in items:
             print(f"\n{item.name}" + (f": {item.waiting}" if item.waiting else ""))
             for task in item.tasks:
-                if self.done(task):
+                if task not in to_do:
                     print(f"  {task.name:78}        done")
                     continue
-                teacher = self.teacher_first(task, teacher_here)
-                if task.estimate + teacher <= left:
-                    left -= task.estimate + teacher
-                    planned += 1
-                    teacher_here = teacher_here or task.work.needs_teacher
-                    verdict = f"fits, {left:.0f} s left after it"
-                else:
-                    verdict = "does not fit what is left"
-                with_teacher = f" (+ {teacher:.0f} s: the teacher first)" if teacher else ""
-                print(f"  {task.name:78} {task.estimate:5.0f} s  to do{with_teacher}: {verdict}")
+                verdict = "runs in the next call" if task in chosen else "a later call"
+                print(f"  {task.name:78} {task.estimate:5.0f} s  {verdict}")
                 if isinstance(task.work, Command):
                     print(f"      $ {shown(task.work.argv)}")
-        print(f"\nwithin --budget {self.args.budget:.0f} s: {planned} task(s) would run, about "
-              f"{self.args.budget - RESERVE_S - left:.0f} s")
+        print(f"\nthe next call (--budget {self.args.budget:.0f} s): {len(chosen)} task(s), about {seconds:.0f} s: "
+              + ", ".join(task.name for task in chosen))
+        print(self.calls_left(to_do, teacher_kept) + "".join(
+            f"; {item.name} waits" for item in items if item.waiting))
+
+    def calls_left(self, to_do: list[Task], teacher_kept: bool) -> str:
+        """How many calls of --budget the tasks known now take, one after another."""
+        calls, total = 0, sum(task.estimate for task in to_do)
+        if not teacher_kept and any(task.work.needs_teacher for task in to_do):
+            total += self.rates.run("teacher", self.scale.teacher_epochs)
+        while to_do:
+            chosen, _ = self.schedule(to_do, teacher_kept)
+            if not chosen:
+                names = ", ".join(task.name for task in to_do)
+                return (f"calls left: {calls}, then {len(to_do)} task(s) longer than one call's budget: {names}")
+            calls += 1
+            teacher_kept = True
+            to_do = [task for task in to_do if task not in chosen]
+        return f"calls left for the tasks known now: {calls} (about {total:.0f} s of tasks)"
 
     # --- the run
 
@@ -657,6 +762,7 @@ class Plan:
     def run(self) -> int:
         import torch
 
+        self.check_mode()
         if not self.scale.smoke and not torch.cuda.is_available():
             raise KdlabError("the GPU plan needs a CUDA GPU and none is visible to PyTorch; on a CPU, --trial "
                              "checks this script end to end and --dry-run shows what it would do.")
@@ -674,17 +780,15 @@ class Plan:
                          gpu=gpu_name, estimates_from=self.rates.gpu, torch_version=str(torch.__version__),
                          python=sys.version.split()[0], tasks=self.handled)
         self.manifest["calls"].append(self.call)
-        self.started = time.perf_counter()
         self.log(f"--- {self.call['command']} on {gpu_name}, {self.call['started']}")
-        builder = self.builder(gpu_slug(gpu_name))
+        self.gpu = gpu_slug(gpu_name)
         while True:
-            items = self.selected(builder.items())
+            items = self.selected(self.builder(self.gpu).items())
             task = self.next_task(items)
             if task is None:
                 break
             self.handle(task)
-            item = next(item for item in items if item.name == task.item)
-            self.record_check(builder, item.name)
+            self.record_check(task.item)
             self.save()
         self.call["finished"] = utc_now()
         self.save()
@@ -694,56 +798,70 @@ class Plan:
               + (f"; {len(failed)} task(s) failed: {', '.join(failed)}" if failed else ""))
         return 1 if failed else 0
 
-    def record_check(self, builder: PlanBuilder, name: str) -> None:
+    def record_check(self, name: str) -> None:
         """The item's check, from the results found now (an error in it is recorded, not raised)."""
-        item = next(item for item in builder.items() if item.name == name)
-        if item.check is not None:
-            try:
+        try:
+            item = next(item for item in self.builder(self.gpu).items() if item.name == name)
+            if item.check is not None:
                 self.manifest["checks"][name] = item.check(self.tree)
-            except Exception as err:   # a check never costs the GPU time that is left
-                self.manifest["checks"][name] = dict(error=f"{type(err).__name__}: {err}"[:500])
-                self.log(f"{name}: its check failed: {type(err).__name__}: {err}")
+        except Exception as err:   # a check never costs the GPU time that is left
+            self.manifest["checks"][name] = dict(error=f"{type(err).__name__}: {err}"[:500])
+            self.log(f"{name}: its check failed: {type(err).__name__}: {err}")
 
     def handle(self, task: Task) -> None:
-        need, left = task.estimate + self.teacher_first(task, self.teacher_here), self.left() - RESERVE_S
+        need = task.estimate + self.teacher_first(task, self.tree.kept(TEACHER_RUN) is not None)
         record = self.handled.setdefault(task.name, dict(estimate=round(task.estimate, 1)))
-        if need > left:
-            record.update(status="skipped", reason=f"needs about {need:.0f}s, {left:.0f}s left")
+        if need > self.left() - RESERVE_S:
+            record.update(status="skipped", reason=f"needs about {need:.0f}s, {self.left() - RESERVE_S:.0f}s left")
+        elif task.work.needs_teacher and not self.teacher_kept():
+            record.update(status="skipped", reason=f"no kept reference teacher: {self.teacher_failed}")
+        elif task.estimate > self.left() - RESERVE_S:   # the teacher took longer than it was estimated to
+            record.update(status="skipped", reason=f"needs about {task.estimate:.0f}s, "
+                                                   f"{self.left() - RESERVE_S:.0f}s left after the teacher")
         else:
-            if task.work.needs_teacher and not self.teacher_here and not self.teacher_failed:
-                self.train_reference_teacher()
-            if task.work.needs_teacher and self.teacher_failed:
-                record.update(status="skipped", reason=f"the reference teacher failed: {self.teacher_failed}")
-            else:
-                record.update(self.execute(task.work))
+            record.update(self.execute(task.work))
+            if record["status"] == "ran" and task.complete is None:
+                self.mark_done(task)
         self.log(f"{task.name}: {record['status']}" + "".join(
             f", {key} {record[key]}" for key in ("reason", "error", "test_acc", "seconds") if key in record))
+
+    def teacher_kept(self) -> bool:
+        """The kept reference teacher: there already, or trained and kept now (its task handled here)."""
+        if self.tree.kept(TEACHER_RUN) is None and self.teacher_failed is None:
+            teacher = next(task for item in self.builder(self.gpu).items() for task in item.tasks
+                           if task.name == f"teacher/{TEACHER_RUN}")
+            self.handle(teacher)
+            self.save()
+            if self.tree.kept(TEACHER_RUN) is None:
+                record = self.handled[teacher.name]
+                self.teacher_failed = record.get("error") or record.get("reason") or record["status"]
+        return self.tree.kept(TEACHER_RUN) is not None
 
     def execute(self, work: Training | Command) -> dict:
         begin = time.perf_counter()
         try:
             outcome = self.train(work) if isinstance(work, Training) else self.command(work)
-        except (KdlabError, RuntimeError, OSError) as err:   # one failed task does not end the others
-            outcome = dict(status="failed", error=str(err)[:500])
+        except Exception as err:   # one failed task (a drawing, a results file) does not end the others
+            outcome = dict(status="failed", error=f"{type(err).__name__}: {err}"[:500])
         return dict(outcome, seconds=round(time.perf_counter() - begin, 1))
 
-    def lab(self, folder: str, overrides: dict, teacher_epochs: int, precision: str | None, teacher_dir: str | None):
+    def lab(self, folder: str, overrides: dict, teacher_epochs: int, precision: str | None,
+            teacher_weights: Path | None):
         from kdlab.lab import Lab
 
-        key = (folder, tuple(sorted(overrides.items())), teacher_epochs, precision, teacher_dir)
+        key = (folder, tuple(sorted(overrides.items())), teacher_epochs, precision, teacher_weights)
         if key not in self.labs:
             lab = Lab(self.ckpt / folder, self.args.data_dir, self.scale.device, smoke=self.scale.smoke,
                       progress=False, log=self.log, weights="none", teacher_epochs=teacher_epochs,
-                      teacher_dir=None if teacher_dir is None else self.ckpt / teacher_dir,
-                      precision=precision or "auto", **overrides)
+                      teacher_weights=teacher_weights, precision=precision or "auto", **overrides)
             if self.labs:
                 lab.share_data_with(next(iter(self.labs.values())))
             self.labs[key] = lab
         return self.labs[key]
 
     def train(self, work: Training) -> dict:
-        lab = self.lab(work.folder, work.overrides, work.teacher_epochs, work.precision,
-                       "reference" if work.needs_teacher else None)
+        teacher_weights = self.tree.kept_folder(TEACHER_RUN) if work.needs_teacher else None
+        lab = self.lab(work.folder, work.overrides, work.teacher_epochs, work.precision, teacher_weights)
         files = RunPaths(self.ckpt / work.folder, work.run, work.seed)
         finished_before = files.results.exists()   # trained by an earlier task (the ablation's winner)
         begin = time.perf_counter()
@@ -752,59 +870,48 @@ class Plan:
         results, fresh = trained.results, trained.trained and not finished_before
         if fresh and work.precision is None:
             self.rates.measured(work, results, seconds)
-        if work.folder == "reference" and work.run == TEACHER_RUN:
-            self.teacher_here = True
-        (self.staging / work.results).mkdir(parents=True, exist_ok=True)
-        shutil.copy(files.results, self.staging / work.results)
-        return dict(status="trained" if fresh else "loaded", test_acc=round(results["test_acc"], 4),
-                    best_val_acc=round(results["best_val_acc"], 4), training_seconds=round(results["wall_seconds"], 1))
+        staged = self.staging / work.outputs[0]
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(files.results, staged)
+        outcome = dict(status="trained" if fresh else "loaded", test_acc=round(results["test_acc"], 4),
+                       best_val_acc=round(results["best_val_acc"], 4), training_seconds=round(results["wall_seconds"], 1))
+        if work.keep:
+            outcome["kept"] = self.keep(work, lab, trained, staged)
+        return outcome
 
-    def train_reference_teacher(self) -> None:
-        """The reference teacher on this machine, for the students that distil it; its results
-        are compared with the committed teacher's, never written over them."""
-        lab = self.lab("reference", dict(self.scale.lab), self.scale.teacher_epochs, None, None)
-        begin = time.perf_counter()
-        try:
-            results = lab.run(TEACHER_RUN).results
-        except (KdlabError, RuntimeError, OSError) as err:
-            self.teacher_failed = str(err)[:500]
-            self.call["teacher"] = dict(status="failed", error=self.teacher_failed)
-            return
-        self.teacher_here = True
-        teacher = dict(status="retrained", seconds=round(time.perf_counter() - begin, 1),
-                       test_acc=results["test_acc"], best_val_acc=results["best_val_acc"])
-        committed = self.tree.results("results/reference", TEACHER_RUN)
-        if committed is not None and committed["test_labels"] == results["test_labels"]:
-            teacher.update(committed_test_acc=committed["test_acc"],
-                           agreement_with_committed=round(agreement(results, committed), 4))
-        self.call["teacher"] = teacher
-        self.log(f"reference teacher retrained: {json.dumps(teacher)}")
-        self.draw_soft_targets(results)
+    def keep(self, work: Training, lab, trained, staged: Path) -> dict:
+        """The run's best weights kept as float16 parts (kdlab.kept): staged with their manifest, the
+        parts also copied to --out/weights/<run>/ at once (each a file the device brings back), and the
+        staged results file told where they are. The float16 copy is tested here, on this device."""
+        from kdlab.kept import half, keep_weights
+        from kdlab.train import AUTOCAST_DTYPES, accuracy, predict_views
 
-    def draw_soft_targets(self, teacher: dict) -> None:
-        """figures/soft_targets.png, what the teacher knows, from the teacher retrained here while the
-        checkout has none: the committed teacher's results file predates the test images' logits it
-        is drawn from (kdlab.checkpoints.soft_target_examples). Its results file comes back beside it,
-        in results/plan/teacher/, and the figure says where it came from."""
-        if self.tree.find("figures/soft_targets.png") is not None:
-            return
-        from kdlab.figures import plot_soft_targets
-        from kdlab.results import default_seed_results, distillation_temperature
-
-        folder = self.staging / PLAN_DIR / "teacher"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{TEACHER_RUN}_results.json").write_text(json.dumps(teacher))
-        temperature = distillation_temperature(default_seed_results(self.tree.seed_results("results/reference")))
-        plot_soft_targets(teacher, temperature, self.staging / "figures",
-                          origin=f"{PLAN_DIR}/teacher, the reference teacher retrained by the GPU plan (same recipe, seed)")
+        cfg, results, state = lab.config(work.run, work.seed), trained.results, trained.model.state_dict()
+        images, labels = lab.splits(cfg).test
+        dtype, view = AUTOCAST_DTYPES[results["precision"]], "flip" if cfg.flip_tta else "single"
+        float32 = accuracy(predict_views(trained.model, images, cfg.image_size, dtype)[view], labels)
+        rounded = copy.deepcopy(trained.model)
+        rounded.load_state_dict({name: t.float() if t.is_floating_point() else t for name, t in half(state).items()})
+        float16 = accuracy(predict_views(rounded, images, cfg.image_size, dtype)[view], labels)
+        facts = dict(test_acc_float32_here=float32, test_acc_float16=float16,
+                     float16_within_tolerance=abs(float16 - float32) <= FP16_TOLERANCE)
+        folder = self.staging / KEPT / work.run
+        manifest = keep_weights(state, cfg, folder, test_acc=results["test_acc"], **facts,
+                                results_file=work.outputs[0], data=results["data"], trained_on=results["device_name"],
+                                kept=utc_now(), commit=os.environ.get("KDLAB_COMMIT"))
+        staged.write_text(json.dumps(dict(results, kept_weights=dict(
+            folder=f"{KEPT}/{work.run}", tensors_sha256=manifest["tensors_sha256"], **facts)), indent=1))
+        out = Path(self.args.out) / WEIGHTS_OUT / work.run
+        out.mkdir(parents=True, exist_ok=True)
+        for part in manifest["parts"]:
+            shutil.copy(folder / part["name"], out / f"{part['name']}.tmp")
+            os.replace(out / f"{part['name']}.tmp", out / part["name"])
+        self.log(f"{work.run}: kept in {KEPT}/{work.run} ({len(manifest['parts'])} parts, {manifest['bytes']} bytes, "
+                 f"sha256 {manifest['tensors_sha256'][:12]}); test accuracy {float32:.4f} here, "
+                 f"{float16:.4f} in float16")
+        return dict(facts, tensors_sha256=manifest["tensors_sha256"], parts=len(manifest["parts"]))
 
     def command(self, work: Command) -> dict:
-        if work.teacher_into:
-            into = self.ckpt / work.teacher_into
-            into.mkdir(parents=True, exist_ok=True)
-            teacher = RunPaths(self.ckpt / "reference", TEACHER_RUN)
-            for path in (teacher.best, teacher.results):
-                shutil.copy(path, into / path.name)
         if work.merge:
             self.tree.merge(work.merge, self.ckpt / "view" / Path(work.merge).name)
         self.log(f"$ {shown(work.argv)}")
@@ -824,15 +931,26 @@ class Plan:
             return dict(status="failed", error=f"exit code {code} (its output is in {PLAN_DIR}/run.log)")
         return dict(status="ran")
 
+    def mark_done(self, task: Task) -> None:
+        marker = self.staging / task.marker
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(utc_now())
+
     def save(self) -> None:
-        self.call["wall_seconds"] = round(time.perf_counter() - self.started, 1)
+        """The manifest, and results.tgz of everything staged but the kept weights' parts (they come
+        back on their own): each written to a temporary file and renamed, so a kill at any point leaves
+        the previous complete archive."""
+        self.call["wall_seconds"] = round(time.monotonic() - PROCESS_START, 1)
         path = self.staging / PLAN_DIR / "manifest.json"
         path.write_text(json.dumps(self.manifest, indent=1, default=str))
         out = Path(self.args.out)
-        shutil.copy(path, out / "manifest.json")
-        with tarfile.open(out / "results.tgz", "w:gz") as tar:
+        shutil.copy(path, out / "manifest.json.tmp")
+        os.replace(out / "manifest.json.tmp", out / "manifest.json")
+        with tarfile.open(out / "results.tgz.tmp", "w:gz") as tar:
             for child in sorted(self.staging.iterdir()):
-                tar.add(child, arcname=child.name)
+                tar.add(child, arcname=child.name,
+                        filter=lambda member: None if Path(member.name).name.startswith(KEPT_PART_PREFIX) else member)
+        os.replace(out / "results.tgz.tmp", out / "results.tgz")
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -879,7 +997,8 @@ def utc_now() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--ckpt-dir", default="/tmp/kdlab-plan", help="checkpoints, and what this machine wrote")
+    parser.add_argument("--ckpt-dir", help="checkpoints, and what this machine wrote (default: /tmp/kdlab-plan, "
+                                           "with --trial /tmp/kdlab-plan-trial: never the same folder)")
     parser.add_argument("--out", help="where results.tgz and manifest.json go (needed unless --dry-run)")
     parser.add_argument("--budget", type=float, default=540, help="seconds for the whole call (default 540)")
     parser.add_argument("--committed", help="the checkout whose results count as done (default: this one; with "
@@ -896,6 +1015,7 @@ def main(argv=None) -> int:
         raise KdlabError(f"no item {', '.join(sorted(unknown))} in the plan; its items: {', '.join(ITEMS)}")
     if not args.dry_run and not args.out:
         raise KdlabError("--out is needed to run the plan (results.tgz goes there); --dry-run needs none.")
+    args.ckpt_dir = args.ckpt_dir or ("/tmp/kdlab-plan-trial" if args.trial else "/tmp/kdlab-plan")
     plan = Plan(args, TRIAL if args.trial else GPU_PLAN)
     if args.dry_run:
         plan.print_dry_run()
