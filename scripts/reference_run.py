@@ -1,31 +1,32 @@
-"""The GPU plan: every lent GPU minute through one command (issues 18 and 23).
+"""The GPU plan: the reference's runs and measurements, as many as fit one call of --budget seconds.
 
-The standing rule: a session lent a GPU runs this before anything else, whatever its issue
-(README "Reproduce the reference" says how the data gets there):
+    KDLAB_COMMIT=<commit> python3 scripts/reference_run.py --data-dir data --ckpt-dir /dev/shm/kd --out OUT --budget 570
 
-    KDLAB_COMMIT=<commit> python3 scripts/reference_run.py --data-dir data --ckpt-dir /dev/shm/kd --out $OUT --budget 540
-
-(KDLAB_COMMIT names the commit sent, which a copy without .git cannot tell: the manifest and the
+(KDLAB_COMMIT names the commit, which a copy without .git cannot tell: the manifest and the
 benchmark files record it.) It works through the items below in priority order within --budget
-seconds. An item is a list of tasks, each a run of the lab or a command line, with the files it
-writes in this repository and its estimated seconds. A task whose files are committed (under
---committed, by default this checkout) or were written by an earlier call with the same
---ckpt-dir is done and skipped, so consecutive sessions continue the plan instead of repeating it. A task whose estimate does not
-fit the time left is skipped and named in the manifest; the next one that fits runs.
+seconds, counted from the process start. An item is a list of tasks, each a run of the lab or a
+command line, with the files it writes in this repository, its done check and its estimated
+seconds (PlanBuilder.items() is that table). A task whose files are committed (under --committed,
+by default this checkout) or were written by an earlier call with the same --ckpt-dir is done
+and skipped, so consecutive calls continue the plan instead of repeating it. A task whose estimate
+does not fit the time left is skipped and named in the manifest; the next one that fits runs.
 
-  reference         the teacher (ResNet50 from scratch, 40 epochs, seed 42); the label-smoothing
-                    ablation that picks the students' recipe on validation (results/ablation-recipe/);
-                    the scratch baseline, logit KD and feature KD at seeds 42, 43, 44 (results/reference/)
+  teacher           the reference teacher (ResNet50 from scratch, 40 epochs, seed 42), trained once and
+                    kept: its best weights come back as float16 parts (checkpoints/reference/
+                    teacher_resnet50/, kdlab.kept), and every student of the plan distils them
+  reference         the label-smoothing ablation that picks the students' recipe on validation
+                    (results/ablation-recipe/); the scratch baseline, logit KD and feature KD at seeds
+                    42, 43, 44 (results/reference/)
   t4                a Colab T4's path: logit KD from scratch, 3 epochs, seed 42 (the same batches), at
                     fp16 with a loss scaler and at bf16 (results/ablation-precision/<precision>/);
                     checked: both finite, test accuracy within 1 point, the scaler's skipped steps
   dkd-at            decoupled KD and attention transfer from scratch at seeds 42-44, distilled from the
-                    reference teacher (results/reference/), each paired with the baseline of its seed
+                    kept teacher (results/reference/), each paired with the baseline of its seed
   efficiency        the efficiency table measured on the GPU for every run of results/reference/
                     (figures/efficiency.json: the figures are then redrawn anywhere with
                     `python -m kdlab figures --efficiency-from figures`)
-  budget-baselines  the baseline given logit KD's budget (issue 23), seeds 42-44: as many epochs as fit
-                    in logit KD's training time, and the teacher's plus the student's epochs
+  budget-baselines  the baseline given logit KD's budget, seeds 42-44: as many epochs as fit in logit
+                    KD's training time, and the teacher's plus the student's epochs
                     (results/ablation-budget/<variant>/; kdlab.results.budget_matched_epochs)
   benchmark         benchmarks/throughput.py in full on the GPU, the speed levers on and off in the same
                     run (benchmarks/results/<gpu>-full-levers.json), and the six-run lab's wall time at its
@@ -34,20 +35,23 @@ fit the time left is skipped and named in the manifest; the next one that fits r
                     epochs) one per GPU, then four per GPU: the packing gain in trials per hour
                     (results/sweep-packing/)
   sweep             temperature x alpha: the baseline and 24 logit-KD trials at seeds 42, 43, 10 epochs,
-                    four per GPU (results/sweep-temperature-alpha/)
+                    four per GPU (results/sweep-temperature-alpha/); it waits for the packing gain
   stronger-teacher  the teacher at 60 and 80 epochs, ranked on validation beside the 40-epoch one
                     (results/ablation-teacher/epochs-<N>/); augmentation waits for a switch in kdlab.data
   recipe-lr         the previous recipe's LR (0.2) as the last row of the recipe ablation
+  one-teacher       logit KD and feature KD at seeds 42-44 distilled again from the kept teacher, so that
+                    every distillation run of results/reference/ has one teacher; logit KD at seed 42 is
+                    kept too (checkpoints/reference/student_scratch_kd_scores/: the student to deploy)
 
-The sweeps run `python -m kdlab sweep --engine processes`: the GPU machine has no Ray, and the
-processes engine packs trials on a GPU as Ray's `--gpus-per-trial 0.25` does.
+The sweeps run `python -m kdlab sweep --engine processes --teacher-weights <kept teacher>`: the
+GPU machine has no Ray, and the processes engine packs trials on a GPU as Ray's
+`--gpus-per-trial 0.25` does.
 
-The reference teacher's checkpoint is not committed (94 MB, more than a call brings back), so a
-machine without it retrains it (seed 42, the same recipe) before the first task that needs it,
-and that task's estimate includes it; tasks that need no teacher never wait for it. The manifest
-records the retrained teacher's accuracy beside the committed one's; while the checkout has no
-figures/soft_targets.png, the plan draws it from this teacher (its results file, which keeps the
-logits of the figure's test images, comes back in results/plan/teacher/).
+A call that finds no kept teacher trains it first, before any task that needs it, and that task's
+estimate includes it; tasks that need no teacher never wait for it. Once kept, the teacher is
+loaded (joined and checked by sha256), never trained again; its float16 copy's test accuracy is
+measured on the GPU beside the float32 weights', and every distilled run's results file records
+the teacher's sha256. Distilling tasks count as done only when their results name the kept teacher.
 
 Estimates: the seconds per epoch of each step kind and per run on top (test, checkpoints), from
 the committed reference's results files and manifest (results/reference/), each replaced by what
@@ -55,17 +59,26 @@ this call measures once a run of its kind has trained. Decoupled KD is estimated
 attention transfer as feature KD (the same networks and passes; their losses cost little beside
 them). The benchmark costs what the longest committed full benchmark on this GPU took, the
 lab's wall time its six runs at those rates, the efficiency table what the previous script
-reserved for the figures (30 s); a packed sweep costs its trials one after another, divided by
-the packing gain once sweep-packing has measured it. A task that ran before in the plan
-(stopped by the budget, say) is estimated at no less than it took.
+reserved for the figures (30 s); the packed sweep costs its trials one after another divided by
+the packing gain sweep-packing measured. A task that ran before in the plan (stopped by the
+budget, say) is estimated at no less than it took. The fit is checked again after the teacher.
+
+Nothing finished is lost: every task's exception is logged and the task marked failed, the plan
+going on; a command's output counts as done only with the completion marker the plan writes when
+it ended well (results/plan/done/<task>: a benchmark stopped halfway leaves a partial file, which
+is not done); results.tgz is rewritten after every task to a temporary file and renamed. A trial
+and a GPU call never share a --ckpt-dir: the first call marks it, and a call of the other mode is
+refused.
 
 Written under --out: results.tgz, every file the tasks wrote at its path in this repository
 (`tar xzf OUT/results.tgz` from the repository root adds them), with results/plan/manifest.json
 (every call: the tasks it ran, loaded, skipped or saw fail, estimated and measured seconds, the
-retrained teacher; the items' checks) and results/plan/run.log; and manifest.json, the same
-manifest, to read at once.
+kept weights' accuracies; the items' checks) and results/plan/run.log; manifest.json, the same
+manifest, to read at once; and weights/<run>/weights.fp16.partNN, the parts of the weights kept in
+this call, which go into checkpoints/reference/<run>/ beside the manifest results.tgz brought.
 
-    --dry-run   the items, what is done, every task's estimate and what fits --budget: no GPU, no torch
+    --dry-run   the items, what is done, every task's estimate, what the next call runs and how many
+                calls the known tasks take: no GPU, no torch
     --trial     a CPU check of this script end to end: kdlab's synthetic smoke data at 32 px, one epoch,
                 seeds 42 and 43, sweeps of a few trials; the T4 item compares fp32 with the CPU's bf16
                 autocast (a CPU has no fp16 path). Its output is never a result.
@@ -788,8 +801,9 @@ class Plan:
             if task is None:
                 break
             self.handle(task)
-            self.record_check(task.item)
-            self.save()
+            if self.handled[task.name]["status"] != "skipped":   # a skip changes no result: nothing to pack
+                self.record_check(task.item)
+                self.save()
         self.call["finished"] = utc_now()
         self.save()
         failed = [name for name, record in self.handled.items() if record["status"] == "failed"]
