@@ -39,6 +39,7 @@ from pathlib import Path
 from kdlab.config import DEFAULT_SEED, METHOD_SETTINGS, RUNS, TEACHER_RUN, SpeedLevers, make_config, run_id
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
+from kdlab.results import read_kept_manifest
 
 # The settings a grid may sweep: those of the students alone. A setting that the teacher trains
 # with too (lr, epochs, image size) would need a teacher per value; sweep it with one --out
@@ -441,7 +442,11 @@ def run_sweep(runs: list[str], seeds: list[int], grid: dict[str, list], options:
     log(f"sweep: {len(trials)} trials of {len(dict.fromkeys(runs))} runs"
         + (" after the teacher" if uses_teacher else "") + f", in {options.out}")
     with engine:
-        if uses_teacher:
+        if uses_teacher and options.teacher_weights:   # kept weights: each trial loads them, none trains
+            kept = read_kept_manifest(Path(options.teacher_weights))
+            sweep["teacher"] = dict(trial_record(teacher), status="kept", kept_weights=options.teacher_weights,
+                                    weights_sha256=kept["tensors_sha256"], test_acc=kept["test_acc"])
+        elif uses_teacher:
             engine.run([teacher], options, finished)
             if sweep["teacher"]["status"] == "failed":
                 taught = [t for t in trials if trial_config(t, options).uses_teacher]
@@ -476,7 +481,7 @@ def describe_nodes(sweep: dict) -> str:
     """How many nodes trained the sweep's finished trials and teacher, and which: `2 nodes: vm
     (Ray node 1a2b3c4d), gpu-2 (Ray node 5e6f7a8b)`."""
     trained_on = [r.get("trained_on") or {} for r in [sweep["teacher"], *sweep["trials"]]
-                  if r is not None and r["status"] != "failed"]
+                  if r is not None and r["status"] not in ("failed", "kept")]   # kept weights trained elsewhere
     nodes = sorted({(w["host"], w["ray_node_id"] or "") for w in trained_on if w.get("host")})
     unknown = sum(not w.get("host") for w in trained_on)
     unrecorded = f"{unknown} trial(s) with no node recorded (trained by an older kdlab, or outside this sweep)"
