@@ -151,7 +151,8 @@ REFERENCE = REPO / "results" / "reference"
 def findings(seeds: dict[str, list[dict]]) -> str:
     """What the reference says, in words: each distillation run against the baseline of the same
     seeds, and the best student against its teacher, each a paired difference with its interval."""
-    from kdlab.results import BUDGET_DIR, best_student, budget_comparisons, default_seed_results, load_budget_baselines
+    from kdlab.results import (BUDGET_DIR, best_student, budget_comparisons, default_seed_results, load_budget_baselines,
+                               teacher_note)
     from kdlab.stats import paired_difference
 
     results = default_seed_results(seeds)
@@ -172,6 +173,9 @@ def findings(seeds: dict[str, list[dict]]) -> str:
             lines.append(f"- **Logit KD from scratch against the baseline {c['label']}**"
                          + (f" (the baseline trained {c['epochs']} epochs): {interval(d)}." if d else
                             ": pending, the GPU plan has not trained that baseline yet."))
+    note = teacher_note(seeds)
+    if note:
+        lines.append(f"- **Teachers**: {note}")
     best = best_student(results)
     if best and TEACHER_RUN in seeds:
         lines.append(f"- **The best student, {run_label(best, results)}**, against its teacher: "

@@ -39,7 +39,7 @@ from kdlab.registry import METHODS, setting_fields
 from kdlab.results import (DEFAULT_BENCHMARK, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
                            budget_comparisons, default_seed_results, distillation_temperature, load_benchmark,
                            load_budget_baselines, load_efficiency, load_seed_results, read_json, run_order,
-                           softened)
+                           softened, teacher_note)
 from kdlab.stats import paired_difference, paired_difference_by_class, summarise
 
 # The report's template; `make_report` copies it into the report folder it is given.
@@ -755,6 +755,7 @@ def macros(rep: Report) -> dict[str, str]:
 
     return {
         "DraftText": tex(draft_text(reason)) if reason else "",
+        "TeacherSentence": tex(teacher_note(rep.seeds) or "Every distilled student learned from the one teacher."),
         "ReportStatus": (f"{len(rep.missing)} of {len(rep.expected)} runs missing" if rep.missing else
                          "results of " + tex(rep.results_dir)),
         "ReportDate": tex(max(r["finished"] for r in results)[:10]),

@@ -238,6 +238,44 @@ def best_student(results: dict[str, dict]) -> str | None:
     return max(students, key=lambda run: results[run]["test_acc"], default=None)
 
 
+def teachers_of(seeds: dict[str, list[dict]]) -> list[dict]:
+    """The teachers the distilled runs of a results folder learned from, told apart by their weights'
+    sha256 (results files written before it was recorded: by the teacher's test accuracy): each with
+    its test accuracy, whether it is the teacher whose results the folder holds, and its runs."""
+    teacher = (seeds.get(TEACHER_RUN) or [{}])[0]
+    folders_teacher = (teacher.get("kept_weights") or {}).get("tensors_sha256") or teacher.get("weights_sha256")
+    groups: dict[tuple, dict] = {}
+    for run, runs in seeds.items():
+        for r in runs:
+            if not r.get("teacher"):
+                continue
+            sha = r["teacher"].get("weights_sha256")
+            group = groups.setdefault((sha, None if sha else r["teacher"]["test_acc"]), dict(
+                sha256=sha, test_acc=r["teacher"]["test_acc"], in_folder=sha is not None and sha == folders_teacher,
+                runs={}))
+            group["runs"].setdefault(run, []).append(training_seed(r))
+    return list(groups.values())
+
+
+def teacher_note(seeds: dict[str, list[dict]]) -> str | None:
+    """A sentence that names the teachers when the distilled runs of a folder learned from more than
+    one, or from another than the teacher whose results the folder holds; None otherwise."""
+    found = teachers_of(seeds)
+    if not found or (len(found) == 1 and found[0]["in_folder"]):
+        return None
+
+    def named(group: dict) -> str:
+        runs = [f"{RUNS[run].label if run in RUNS else run} (seed{'s' if len(s) > 1 else ''} "
+                f"{', '.join(map(str, sorted(s)))})" for run, s in group["runs"].items()]
+        runs = " and ".join([", ".join(runs[:-1]), runs[-1]] if len(runs) > 1 else runs)
+        who = ("the teacher in these results" if group["in_folder"] else
+               "another teacher" if group["sha256"] else "an earlier teacher whose weights were not kept")
+        sha = f", sha256 {group['sha256'][:8]}" if group["sha256"] else ""
+        return f"{runs} from {who} (test accuracy {group['test_acc']:.4f}{sha})"
+    return (f"The distilled runs learned from {len(found)} teacher{'s' if len(found) > 1 else ''}, so a comparison "
+            f"across these groups compares teachers as well as methods: " + "; ".join(map(named, found)) + ".")
+
+
 def best_distilled(results: dict[str, dict]) -> str | None:
     """The distillation run with the highest test accuracy among those whose baseline has results."""
     distilled = [run for run in results if (base := baseline_of(run)) is not None and base in results]

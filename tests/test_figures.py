@@ -113,3 +113,21 @@ def test_the_budget_matched_baselines_are_drawn_beside_the_test_accuracies(tmp_p
     without = make_all_figures(reference, tmp_path / "plain", efficiency_from=REPO / "figures", log=lambda _: None,
                                budget_dir=tmp_path / "nowhere")
     assert without["budget_baselines"] == []
+
+
+def test_reused_efficiency_leaves_out_a_run_it_never_measured_and_names_it(tmp_path):
+    """--efficiency-from a folder measured before a run existed: the run gets no row (never another
+    run's timing), and the table says it was not measured there."""
+    from kdlab.figures import format_efficiency_table, reuse_efficiency
+    from kdlab.results import default_seed_results, load_seed_results
+
+    results = default_seed_results(load_seed_results(REPO / "results" / "reference"))
+    measured = json.loads((REPO / "figures" / "efficiency.json").read_text())
+    dropped = next(run for run in measured["runs"] if run != "teacher_resnet50")
+    measured["runs"].pop(dropped)
+    (tmp_path / "efficiency.json").write_text(json.dumps(measured))
+    reused = reuse_efficiency(tmp_path, results)
+    assert dropped not in reused["runs"] and dropped in reused["not_measured"]
+    assert set(reused["runs"]) | set(reused["not_measured"]) == set(results)
+    assert all(reused["runs"][run]["test_acc"] == results[run]["test_acc"] for run in reused["runs"])
+    assert f"Not measured there: {', '.join(reused['not_measured'])}." in format_efficiency_table(reused)

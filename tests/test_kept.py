@@ -13,7 +13,7 @@ from kdlab import kept
 from kdlab.config import make_config
 from kdlab.errors import KdlabError
 from kdlab.models import build_model, tensors_sha256
-from kdlab.results import KEPT_MANIFEST, read_kept_manifest
+from kdlab.results import KEPT_MANIFEST, read_kept_manifest, teacher_note, teachers_of
 
 TEACHER = make_config("teacher_resnet50", smoke=True)
 # The smoke teacher as `kdlab run --smoke` builds it: CLI overrides that reach the teacher's config.
@@ -131,3 +131,42 @@ def test_bad_teacher_weights_are_one_line_exit_2_and_nothing_trained(smoke_teach
                        "--ckpt-dir", ckpt, check=False)
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert not ckpt.exists(), "nothing trained, nothing written"
+
+
+def distilled(run: str, seed: int, teacher_acc: float, sha: str | None) -> dict:
+    teacher = dict(run="teacher_resnet50", seed=42, test_acc=teacher_acc, **({"weights_sha256": sha} if sha else {}))
+    return dict(run=run, config=dict(seed=seed), teacher=teacher)
+
+
+def test_one_teacher_for_every_distilled_run_needs_no_note():
+    seeds = {"teacher_resnet50": [dict(run="teacher_resnet50", config=dict(seed=42), teacher=None,
+                                       kept_weights=dict(tensors_sha256="a" * 64))],
+             "student_scratch_kd_scores": [distilled("student_scratch_kd_scores", s, 0.9, "a" * 64) for s in (42, 43)]}
+    assert teachers_of(seeds) == [dict(sha256="a" * 64, test_acc=0.9, in_folder=True,
+                                       runs={"student_scratch_kd_scores": [42, 43]})]
+    assert teacher_note(seeds) is None
+
+
+def test_runs_distilled_from_different_teachers_are_named_with_their_teachers():
+    seeds = {"teacher_resnet50": [dict(run="teacher_resnet50", config=dict(seed=42), teacher=None,
+                                       kept_weights=dict(tensors_sha256="b" * 64))],
+             "student_scratch_kd_scores": [distilled("student_scratch_kd_scores", s, 0.9061, None) for s in (42, 43)],
+             "student_scratch_dkd": [distilled("student_scratch_dkd", 44, 0.909, "b" * 64)]}
+    note = teacher_note(seeds)
+    assert note.startswith("The distilled runs learned from 2 teachers")
+    assert ("ResNet18 from scratch + logit KD (seeds 42, 43) from an earlier teacher whose weights were not kept "
+            "(test accuracy 0.9061)") in note
+    assert "ResNet18 from scratch + decoupled KD (seed 44) from the teacher in these results (test accuracy 0.9090, " \
+           "sha256 bbbbbbbb)" in note
+
+
+def test_the_reference_results_table_names_its_two_teachers_until_the_one_teacher_item_has_run():
+    from kdlab.figures import format_results_table
+    from kdlab.results import load_seed_results
+
+    seeds = load_seed_results(REPO / "results" / "reference")
+    found = teachers_of(seeds)
+    kept_sha = read_kept_manifest(REPO / "checkpoints/reference/teacher_resnet50")["tensors_sha256"]
+    assert {g["sha256"] for g in found} <= {None, kept_sha}
+    if len(found) > 1:
+        assert teacher_note(seeds) in format_results_table(seeds)
