@@ -486,6 +486,33 @@ def plot_efficiency(efficiency: dict, results: dict[str, dict], missing: list[st
     return _save(fig, out_dir / "efficiency.png")
 
 
+# Marker of each way a run is deployed (kdlab.deploy.VARIANTS); the colour is the run's.
+VARIANT_MARKERS = {"pytorch_fp32": "o", "onnxruntime_fp32": "s", "onnxruntime_int8": "^"}
+
+
+def plot_deploy(deployment: dict, out_dir: str | Path) -> Path:
+    """deploy.png: test accuracy against CPU latency at batch 1, every run in every deployed variant
+    (PyTorch fp32, ONNX Runtime fp32 and int8), from deploy.json."""
+    cpu = deployment["cpu"]
+    source = (f"data: {deployment['data']} | measured {deployment['measured']} on {cpu['model']}, "
+              f"{cpu['threads']} thread(s), int8 instructions: {', '.join(cpu['int8_instructions']) or 'none known'}")
+    fig, axes = _figure("Deployed on a CPU: test accuracy against latency", source, deployment["smoke"], (8, 5))
+    ax = axes[0, 0]
+    for run, measured in deployment["runs"].items():
+        points = [(v["latency_ms"], _percent(v["test_acc"])) for v in measured["variants"].values()]
+        ax.plot(*zip(*points), color=run_colour(run), alpha=0.4, zorder=2)
+        for variant, v in measured["variants"].items():
+            ax.scatter(v["latency_ms"], _percent(v["test_acc"]), s=60, color=run_colour(run),
+                       marker=VARIANT_MARKERS[variant], zorder=3)
+    runs = [Patch(color=run_colour(run), label=run_label(run, deployment["runs"])) for run in deployment["runs"]]
+    variants = [ax.scatter([], [], marker=VARIANT_MARKERS[v], color="0.3", label=label)
+                for v, label in deployment["variants"].items()]
+    ax.legend(handles=runs + variants, fontsize=7)
+    ax.set(xscale="log", xlabel="latency at batch 1 (ms, log scale)", ylabel="test accuracy (%, one view)")
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, Path(out_dir) / "deploy.png")
+
+
 # ----------------------------------------------------------------------------- training speed
 
 PATH_COLOURS = {"kdlab": "#1f77b4", "naive": "#bbbbbb"}
@@ -733,4 +760,5 @@ def _count(results: dict[str, dict], key: str) -> str:
 # docstring ("<file>: <what it shows>"), which docs/figures.md lists (kdlab.docs).
 FIGURE_MAKERS = (plot_validation_accuracy, plot_test_accuracy, plot_training_losses, plot_run_curves,
                  plot_soft_targets, plot_per_class_accuracy, plot_confusion_matrix, plot_agreement,
-                 plot_efficiency, format_efficiency_table, plot_throughput, plot_sweep, save_sample_grid)
+                 plot_efficiency, format_efficiency_table, plot_deploy, plot_throughput, plot_sweep,
+                 save_sample_grid)
