@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--budget-baselines", metavar="DIR",
                         help="the budget-matched baselines of the results (results/ablation-budget for the "
                              "reference): logit KD against the baseline at equal training time and epochs")
+    report.add_argument("--deploy", metavar="JSON",
+                        help="a deploy.json of `python -m kdlab deploy` for the section on deploying the student "
+                             "(CPU latency, int8); without one the section says it was not measured")
     report.add_argument("--draft", action="store_true",
                         help="accept smoke or CPU results; every page then says DRAFT")
     report.add_argument("--no-pdf", action="store_true", help="write the generated .tex only")
@@ -201,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "(results/ablation-budget for the reference)")
     figures.add_argument("--efficiency-from", metavar="FOLDER",
                          help="reuse the efficiency.json measured in FOLDER (on a GPU, say) instead of measuring here")
+    figures.add_argument("--deploy", metavar="JSON",
+                         help="a deploy.json of `python -m kdlab deploy`: the efficiency table gains each run's "
+                              "CPU latency per deployed variant, and deploy.png is drawn")
     deploy = sub.add_parser("deploy", help="export runs to ONNX, quantize them to int8 with ONNX Runtime, and "
                                            "measure each on this CPU (needs requirements-deploy.txt)",
                             epilog="What is written and how it is measured: docs/deploy.md.")
@@ -319,7 +325,7 @@ def command_report(args) -> None:
 
     make_report(args.results, args.figures, args.report_dir, args.runs, draft=args.draft,
                 pdf=not args.no_pdf, pdf_required=args.pdf_required, benchmark=args.benchmark,
-                budget_dir=args.budget_baselines)
+                budget_dir=args.budget_baselines, deploy=args.deploy)
 
 
 def command_figures(args) -> None:
@@ -332,7 +338,8 @@ def command_figures(args) -> None:
         print(f"wrote {path}; the sweep was trained on {describe_nodes(read_sweep(args.sweep))}")
     else:
         make_all_figures(args.results_dir or args.ckpt_dir, args.out, ckpt_dir=args.ckpt_dir, device=args.device,
-                         efficiency_from=args.efficiency_from, budget_dir=args.budget_baselines)
+                         efficiency_from=args.efficiency_from, budget_dir=args.budget_baselines,
+                         deploy=args.deploy)
     print(f"done in {time.perf_counter() - start:.1f}s")
 
 

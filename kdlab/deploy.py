@@ -286,8 +286,9 @@ def measure_run(w: BestWeights, data, work: Path, threads: int, budget: TimingBu
         variants[variant] = dict(file=files[variant], size_mb=sizes[variant] / 1e6, latency_ms=latency_ms,
                                  throughput_img_s=throughput, test_acc=float((predictions == labels).mean()),
                                  agreement_with_pytorch=float((predictions == reference).mean()))
-    return dict(arch=w.config["arch"], weights=w.config["weights"], image_size=size, checkpoint=str(w.checkpoint), sha256=sha256(w.checkpoint),
-                smoke=bool(w.config["smoke"]), seed=w.config.get("seed", DEFAULT_SEED), results_test_acc=w.test_acc,
+    return dict(arch=w.config["arch"], weights=w.config["weights"], image_size=size, checkpoint=str(w.checkpoint),
+                sha256=sha256(w.checkpoint), smoke=bool(w.config["smoke"]), seed=w.config.get("seed", DEFAULT_SEED),
+                results_test_acc=w.test_acc,
                 export_check=dict(images=f"the first {CHECK_IMAGES} test images", max_abs_difference=difference,
                                   tolerance=allowed),
                 calibration_indices=calibration.tolist(), variants=variants)

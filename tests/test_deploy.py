@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, generated_macros
 from kdlab.cli import main
+from kdlab.errors import KdlabError
 from kdlab.data import limit_stratified, make_synthetic_cifar, split_train_val
 from kdlab.results import RunPaths
 
@@ -55,7 +56,8 @@ def test_deploy_json_holds_every_field_and_labels_smoke_weights(deployed):
                 <= set(variant)
             assert variant["latency_ms"] > 0 and variant["throughput_img_s"] > 0 and 0 <= variant["test_acc"] <= 1
         assert measured["variants"]["pytorch_fp32"]["agreement_with_pytorch"] == 1
-        assert measured["variants"]["onnxruntime_int8"]["size_mb"] < measured["variants"]["onnxruntime_fp32"]["size_mb"] / 3
+        sizes = {variant: v["size_mb"] for variant, v in measured["variants"].items()}
+        assert sizes["onnxruntime_int8"] < sizes["onnxruntime_fp32"] / 3   # int8 weights: a quarter of fp32's
 
 
 def test_the_onnx_export_gives_pytorchs_logits_at_any_batch_size(deployed):
@@ -116,6 +118,48 @@ def test_runs_with_a_best_checkpoint_are_the_default(smoke_lab, tmp_path):
     assert deploy_module.runs_with_weights(tmp_path) == ["student_scratch_baseline"]
 
 
+# ----------------------------------------------------------------------------- shown: efficiency table, report
+
+def test_the_efficiency_table_gains_cpu_columns_from_deploy_json_only(deployed):
+    from kdlab.figures import format_efficiency_table, with_cpu_latency
+
+    _, out, deployment = deployed
+    reference = json.loads((REPO / "figures" / "efficiency.json").read_text())
+    assert "CPU" not in format_efficiency_table(reference)
+    runs = RUNS + ["student_scratch_baseline"]
+    smoke = dict(reference, smoke=True, runs={run: reference["runs"][run] for run in runs})
+    lines = format_efficiency_table(with_cpu_latency(smoke, deployment, str(out / "deploy.json"))).splitlines()
+    assert lines[0].endswith(" | ".join(f"{label}, CPU (ms)" for label in deployment["variants"].values()) + " |")
+    int8 = deployment["runs"]["teacher_resnet50"]["variants"]["onnxruntime_int8"]["latency_ms"]
+    assert lines[2].startswith("| teacher_resnet50 |") and lines[2].endswith(f"| {int8:.2f} |")
+    assert lines[4].startswith("| student_scratch_baseline |") and lines[4].endswith("| not measured |")
+    # Smoke weights' latencies are never shown beside results.
+    with pytest.raises(KdlabError, match="smoke weights"):
+        with_cpu_latency(reference, deployment, "deploy.json")
+
+
+def test_the_report_deploys_the_student_from_deploy_json_and_says_not_measured_without(deployed, tmp_path):
+    from kdlab.report import make_report
+
+    ckpt_dir, out, deployment = deployed
+    rep = make_report(ckpt_dir, tmp_path / "figures", tmp_path / "report", draft=True, pdf=False,
+                      deploy=out / "deploy.json", log=lambda _: None)
+    sentences = generated_macros(tmp_path / "report")["DeploySentences"]
+    int8 = deployment["runs"]["student_scratch_kd_scores"]["variants"]["onnxruntime_int8"]
+    assert f"{int8['latency_ms']:.2f}~ms in int8" in sentences and "The teacher in PyTorch takes" in sentences
+    table = (tmp_path / "report" / "generated" / "deploy_table.tex").read_text()
+    assert [table.count(f"& {label} &") for label in deployment["variants"].values()] == [len(RUNS)] * 3
+    assert rep.deployment == deployment
+    make_report(ckpt_dir, tmp_path / "figures", tmp_path / "report", draft=True, pdf=False,
+                deploy=tmp_path / "none.json", log=lambda _: None)
+    assert "not measured" in generated_macros(tmp_path / "report")["DeploySentences"]
+    assert (tmp_path / "report" / "generated" / "deploy_table.tex").read_text() == ""
+    # Smoke weights' deploy.json beside the reference's results: refused, not presented as a result.
+    with pytest.raises(KdlabError, match="measured smoke weights"):
+        make_report(REPO / "results" / "reference", REPO / "figures", tmp_path / "reference", pdf=False,
+                    deploy=out / "deploy.json", log=lambda _: None)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def deploy_fails(capsys, *args) -> str:
@@ -160,7 +204,8 @@ def test_onnxruntime_missing(smoke_lab, tmp_path, capsys, monkeypatch):
 def test_an_output_folder_that_cannot_be_written(smoke_lab, tmp_path, capsys):
     ckpt_dir, _ = smoke_lab
     (tmp_path / "a_file").write_text("")
-    err = deploy_fails(capsys, "student_scratch_baseline", "--ckpt-dir", ckpt_dir, "--out", tmp_path / "a_file" / "out")
+    err = deploy_fails(capsys, "student_scratch_baseline", "--ckpt-dir", ckpt_dir,
+                       "--out", tmp_path / "a_file" / "out")
     assert "cannot write to" in err and "--out" in err
 
 
