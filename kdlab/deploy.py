@@ -211,15 +211,15 @@ def deploy(runs: list[str] | None, ckpt_dir: str | Path, out_dir: str | Path, da
         raise KdlabError(f"{', '.join(w.run for w in weights if w.config['smoke'])} are smoke runs and the "
                          f"others are not; one deploy.json measures either, not both. Deploy them apart.")
     smoke = smoke.pop()
-    threads = threads or torch.get_num_threads()
+    threads = torch.get_num_threads() if threads is None else threads
     if threads < 1:
         raise KdlabError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
-    data = Lab(data_dir=data_dir, device="cpu", smoke=smoke, log=log).data()
     budget = TIMING["smoke" if smoke else "cpu"]
 
     with no_empty_folders_left(out_dir):
-        writable_folder(out_dir, "--out")
+        writable_folder(out_dir, "--out")   # before the data is read: a wrong --out costs no wait
+        data = Lab(data_dir=data_dir, device="cpu", smoke=smoke, log=log).data()
         work = Path(tempfile.mkdtemp(prefix=".deploy-", dir=out_dir))
         try:
             measured = {w.run: measure_run(w, data, work, threads, budget, log) for w in weights}
