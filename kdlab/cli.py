@@ -15,6 +15,8 @@ from kdlab.results import (CKPT_DIR, DEFAULT_BENCHMARK, SMOKE_CKPT_DIR, RunPaths
 from kdlab.sweep import GRID_HELP
 
 RECIPE = " (default: the run's recipe, kdlab/config.py)"
+# The optional packages of `deploy` (requirements-deploy.txt); the rest of the lab runs without them.
+DEPLOY_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -185,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--budget-baselines", metavar="DIR",
                         help="the budget-matched baselines of the results (results/ablation-budget for the "
                              "reference): logit KD against the baseline at equal training time and epochs")
+    report.add_argument("--deploy", metavar="JSON",
+                        help="a deploy.json of `python -m kdlab deploy` for the section on deploying the student "
+                             "(CPU latency, int8); without one the section says it was not measured")
     report.add_argument("--draft", action="store_true",
                         help="accept smoke or CPU results; every page then says DRAFT")
     report.add_argument("--no-pdf", action="store_true", help="write the generated .tex only")
@@ -203,6 +208,25 @@ def build_parser() -> argparse.ArgumentParser:
                               "(results/ablation-budget for the reference)")
     figures.add_argument("--efficiency-from", metavar="FOLDER",
                          help="reuse the efficiency.json measured in FOLDER (on a GPU, say) instead of measuring here")
+    figures.add_argument("--deploy", metavar="JSON",
+                         help="a deploy.json of `python -m kdlab deploy`: the efficiency table gains each run's "
+                              "CPU latency per deployed variant, and deploy.png is drawn")
+    deploy = sub.add_parser("deploy", help="export runs to ONNX, quantize them to int8 with ONNX Runtime, and "
+                                           "measure each on this CPU (needs requirements-deploy.txt)",
+                            epilog="What is written and how it is measured: docs/deploy.md.")
+    deploy.add_argument("runs", nargs="*", metavar="RUN",
+                        help="runs to deploy (default: every run with a best checkpoint in --ckpt-dir)")
+    deploy.add_argument("--ckpt-dir", help=f"the runs' checkpoint folder (default: {CKPT_DIR}, or "
+                                           f"{SMOKE_CKPT_DIR} with --smoke)")
+    deploy.add_argument("--smoke", action="store_true", help="the smoke runs' default folder; their numbers "
+                                                             "are a pipeline check, never results")
+    deploy.add_argument("--out", required=True,
+                        help="folder of <run>.onnx, <run>_int8.onnx, deploy.json and deploy.png, made if missing")
+    deploy.add_argument("--data-dir", default="data",
+                        help="folder holding cifar-10-batches-py/, for the test accuracy and the calibration "
+                             "images (default: data; smoke runs use their synthetic data)")
+    deploy.add_argument("--threads", type=int,
+                        help="CPU threads of PyTorch and ONNX Runtime alike (default: PyTorch's, one per core)")
     docs = sub.add_parser("docs", help="rewrite the generated tables of README.md and docs/*.md from the code "
                                        "and the committed results")
     docs.add_argument("--check", action="store_true",
@@ -309,7 +333,7 @@ def command_report(args) -> None:
 
     make_report(args.results, args.figures, args.report_dir, args.runs, draft=args.draft,
                 pdf=not args.no_pdf, pdf_required=args.pdf_required, benchmark=args.benchmark,
-                budget_dir=args.budget_baselines)
+                budget_dir=args.budget_baselines, deploy=args.deploy)
 
 
 def command_figures(args) -> None:
@@ -322,8 +346,30 @@ def command_figures(args) -> None:
         print(f"wrote {path}; the sweep was trained on {describe_nodes(read_sweep(args.sweep))}")
     else:
         make_all_figures(args.results_dir or args.ckpt_dir, args.out, ckpt_dir=args.ckpt_dir, device=args.device,
-                         efficiency_from=args.efficiency_from, budget_dir=args.budget_baselines)
+                         efficiency_from=args.efficiency_from, budget_dir=args.budget_baselines,
+                         deploy=args.deploy)
     print(f"done in {time.perf_counter() - start:.1f}s")
+
+
+def command_deploy(args) -> None:
+    try:
+        from kdlab.deploy import deploy
+    except ImportError as err:
+        if err.name not in DEPLOY_PACKAGES:
+            raise
+        raise KdlabError(f"deploy needs {err.name}, which is not installed: pip install -r "
+                         f"requirements-deploy.txt (onnx, onnxscript, onnxruntime), then run it again.") from None
+    ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else default_ckpt_dir(args.smoke)
+    deployment = deploy(args.runs, ckpt_dir, args.out, args.data_dir, args.threads)
+    print(f"\n{'run':30} {'variant':22} {'MB':>7} {'ms, batch 1':>11} {'img/s':>7} {'test acc':>8} {'agrees':>7}")
+    for run, measured in deployment["runs"].items():
+        for variant, v in measured["variants"].items():
+            print(f"{run:30} {deployment['variants'][variant]:22} {v['size_mb']:7.1f} {v['latency_ms']:11.2f} "
+                  f"{v['throughput_img_s']:7.0f} {v['test_acc']:8.4f} {v['agreement_with_pytorch']:7.4f}")
+    cpu = deployment["cpu"]
+    print(f"on {cpu['model']}, {cpu['threads']} thread(s), int8 instructions: "
+          f"{', '.join(cpu['int8_instructions']) or 'none known'}; {deployment['exporter']}")
+    print(f"wrote {Path(args.out) / 'deploy.json'}" + (f" ({deployment['note']})" if deployment["smoke"] else ""))
 
 
 def command_docs(args) -> int:
@@ -340,7 +386,7 @@ def command_docs(args) -> int:
 
 
 COMMANDS = {"run": command_run, "sweep": command_sweep, "status": command_status, "figures": command_figures,
-            "report": command_report, "docs": command_docs}
+            "report": command_report, "deploy": command_deploy, "docs": command_docs}
 
 
 def main(argv=None) -> int:

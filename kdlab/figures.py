@@ -31,8 +31,8 @@ from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 from kdlab.registry import METHODS
 from kdlab.results import (BUDGETS, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
-                           default_seed_results, distillation_temperature, load_budget_baselines, load_efficiency,
-                           load_seed_results, softened, teacher_note)
+                           default_seed_results, distillation_temperature, load_budget_baselines, load_deploy,
+                           load_efficiency, load_seed_results, softened, teacher_note)
 from kdlab.stats import correct_images, paired_difference, paired_difference_by_class, summarise
 from kdlab.lab import resolve_device
 from kdlab.measure import measure_efficiency
@@ -456,20 +456,41 @@ def plot_per_class_accuracy(seeds: dict[str, list[dict]], results: dict[str, dic
 def format_efficiency_table(efficiency: dict) -> str:
     """efficiency.md, efficiency.json: per run, parameters, FLOPs per image (a
     multiply-add counts 2), checkpoint size, batch-1 latency, throughput and test accuracy, with the
-    device and the date they were measured on."""
+    device and the date they were measured on; given a deploy.json, the batch-1 latency on its CPU of
+    each deployed variant too."""
+    cpu = efficiency.get("cpu")
+    cpu_columns = [f"{label}, CPU (ms)" for label in cpu["variants"].values()] if cpu else []
     rows = ["| run | params (M) | GFLOPs / image | checkpoint (MB) | latency, batch 1 (ms) "
-            f"| throughput, batch {efficiency['timing']['throughput_batch']} (img/s) | test acc |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+            f"| throughput, batch {efficiency['timing']['throughput_batch']} (img/s) | test acc |"
+            + "".join(f" {column} |" for column in cpu_columns),
+            "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(cpu_columns)]
     for run, e in efficiency["runs"].items():
+        cpu_cells = [f"{e['cpu_latency_ms'][v]:.2f}" if "cpu_latency_ms" in e else "not measured"
+                     for v in cpu["variants"]] if cpu else []
         rows.append(f"| {run} | {e['params'] / 1e6:.2f} | {e['flops_per_image'] / 1e9:.3f} "
                     f"| {e['checkpoint_mb']:.1f} | {e['latency_ms']:.2f} | {e['throughput_img_s']:.0f} "
-                    f"| {e['test_acc']:.4f} |")
+                    f"| {e['test_acc']:.4f} |" + "".join(f" {c} |" for c in cpu_cells))
     rows.append(f"\nMeasured {efficiency['measured']} on {efficiency['device']}, "
                 f"{efficiency['image_size']} px inputs."
                 + (f" Not measured there: {', '.join(efficiency['not_measured'])}." if efficiency.get("not_measured") else ""))
+    if cpu:
+        rows.append(f"CPU latency: {cpu['source']}, measured {cpu['measured']} on {cpu['model']}, "
+                    f"{cpu['threads']} thread(s).")
     if efficiency["smoke"]:
         rows.append(SMOKE_BANNER)
     return "\n".join(rows)
+
+
+def with_cpu_latency(efficiency: dict, deployment: dict, source: str) -> dict:
+    """The efficiency table with each deployed run's batch-1 CPU latency per variant, from deploy.json."""
+    if deployment["smoke"] and not efficiency["smoke"]:
+        raise KdlabError(f"{source} measured smoke weights; their latencies are never shown beside results. "
+                         f"Deploy the runs' own weights (`python -m kdlab deploy --ckpt-dir <their folder>`).")
+    runs = {run: dict(e, cpu_latency_ms={v: m["latency_ms"] for v, m in deployment["runs"][run]["variants"].items()})
+            if run in deployment["runs"] else e for run, e in efficiency["runs"].items()}
+    cpu = dict(source=source, measured=deployment["measured"], model=deployment["cpu"]["model"],
+               threads=deployment["cpu"]["threads"], variants=deployment["variants"])
+    return dict(efficiency, runs=runs, cpu=cpu)
 
 
 def plot_efficiency(efficiency: dict, results: dict[str, dict], missing: list[str], out_dir: Path,
@@ -489,6 +510,33 @@ def plot_efficiency(efficiency: dict, results: dict[str, dict], missing: list[st
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     return _save(fig, out_dir / "efficiency.png")
+
+
+# Marker of each way a run is deployed (kdlab.deploy.VARIANTS); the colour is the run's.
+VARIANT_MARKERS = {"pytorch_fp32": "o", "onnxruntime_fp32": "s", "onnxruntime_int8": "^"}
+
+
+def plot_deploy(deployment: dict, out_dir: str | Path) -> Path:
+    """deploy.png: test accuracy against CPU latency at batch 1, every run in every deployed variant
+    (PyTorch fp32, ONNX Runtime fp32 and int8), from deploy.json."""
+    cpu = deployment["cpu"]
+    source = (f"data: {deployment['data']} | measured {deployment['measured']} on {cpu['model']}, "
+              f"{cpu['threads']} thread(s), int8 instructions: {', '.join(cpu['int8_instructions']) or 'none known'}")
+    fig, axes = _figure("Deployed on a CPU: test accuracy against latency", source, deployment["smoke"], (8, 5))
+    ax = axes[0, 0]
+    for run, measured in deployment["runs"].items():
+        points = [(v["latency_ms"], _percent(v["test_acc"])) for v in measured["variants"].values()]
+        ax.plot(*zip(*points), color=run_colour(run), alpha=0.4, zorder=2)
+        for variant, v in measured["variants"].items():
+            ax.scatter(v["latency_ms"], _percent(v["test_acc"]), s=60, color=run_colour(run),
+                       marker=VARIANT_MARKERS[variant], zorder=3)
+    runs = [Patch(color=run_colour(run), label=run_label(run, deployment["runs"])) for run in deployment["runs"]]
+    variants = [ax.scatter([], [], marker=VARIANT_MARKERS[v], color="0.3", label=label)
+                for v, label in deployment["variants"].items()]
+    ax.legend(handles=runs + variants, fontsize=7)
+    ax.set(xscale="log", xlabel="latency at batch 1 (ms, log scale)", ylabel="test accuracy (%, one view)")
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, Path(out_dir) / "deploy.png")
 
 
 # ----------------------------------------------------------------------------- training speed
@@ -609,16 +657,19 @@ def reuse_efficiency(folder: str | Path, results: dict[str, dict]) -> dict:
     if efficiency is None:
         raise KdlabError(f"--efficiency-from {folder} holds no efficiency.json; give the folder of a "
                          f"figures run that measured one, or leave the option out to measure here.")
-    # A run the device never measured is left out and named, never given another run's timing.
-    runs = {run: dict(efficiency["runs"][run], test_acc=r["test_acc"]) for run, r in results.items()
-            if run in efficiency["runs"]}
+    # A run the device never measured is left out and named, never given another run's timing; the
+    # CPU columns of a deploy.json come with --deploy alone, never from a reused table.
+    runs = {run: dict({k: v for k, v in efficiency["runs"][run].items() if k != "cpu_latency_ms"},
+                      test_acc=r["test_acc"]) for run, r in results.items() if run in efficiency["runs"]}
     not_measured = [run for run in results if run not in efficiency["runs"]]
+    efficiency = {k: v for k, v in efficiency.items() if k != "cpu"}
     return dict(efficiency, runs=runs, not_measured=not_measured, reused_from=str(Path(folder) / "efficiency.json"))
 
 
 def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
                      ckpt_dir: str | Path | None = None, device="cpu", log=print,
-                     efficiency_from: str | Path | None = None, budget_dir: str | Path | None = None) -> dict:
+                     efficiency_from: str | Path | None = None, budget_dir: str | Path | None = None,
+                     deploy: str | Path | None = None) -> dict:
     """Every figure and the efficiency table from the results files in `results_dir`.
 
     `ckpt_dir` (default: `results_dir`) is only read for the checkpoint sizes. A missing run
@@ -676,6 +727,13 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
 
     efficiency = (reuse_efficiency(efficiency_from, results) if efficiency_from is not None
                   else measure_efficiency(results, Path(ckpt_dir or results_dir), device, log))
+    if deploy is not None:
+        deployment = load_deploy(deploy)
+        if deployment is None:
+            raise KdlabError(f"--deploy {deploy} is not there; give the deploy.json that `python -m kdlab "
+                             f"deploy` wrote, or leave --deploy out.")
+        efficiency = with_cpu_latency(efficiency, deployment, str(deploy))
+        files.append(plot_deploy(deployment, out))
     (out / "efficiency.json").write_text(json.dumps(efficiency, indent=1))
     table = format_efficiency_table(efficiency)
     (out / "efficiency.md").write_text(table + "\n")
@@ -737,4 +795,5 @@ def _count(results: dict[str, dict], key: str) -> str:
 # docstring ("<file>: <what it shows>"), which docs/figures.md lists (kdlab.docs).
 FIGURE_MAKERS = (plot_validation_accuracy, plot_test_accuracy, plot_training_losses, plot_run_curves,
                  plot_soft_targets, plot_per_class_accuracy, plot_confusion_matrix, plot_agreement,
-                 plot_efficiency, format_efficiency_table, plot_throughput, plot_sweep, save_sample_grid)
+                 plot_efficiency, format_efficiency_table, plot_deploy, plot_throughput, plot_sweep,
+                 save_sample_grid)

@@ -64,6 +64,22 @@ TIMING = {
 }
 
 
+def latency_and_throughput(forward, make_batch, budget: TimingBudget,
+                           device: torch.device = torch.device("cpu")) -> tuple[float, float]:
+    """(latency in ms at batch 1, the median of budget.latency_iters forwards; throughput in images/s
+    at budget.throughput_batch) of `forward(make_batch(n))`, after budget.warmup untimed forwards.
+    Any runtime: PyTorch here, ONNX Runtime in kdlab.deploy."""
+    def timed_forwards(batch: int, iters: int) -> list[float]:
+        x = make_batch(batch)
+        for _ in range(budget.warmup):
+            forward(x)
+        return [seconds_taken(device, lambda: forward(x)) for _ in range(iters)]
+
+    latency = statistics.median(timed_forwards(1, budget.latency_iters))
+    per_batch = sum(timed_forwards(budget.throughput_batch, budget.throughput_iters)) / budget.throughput_iters
+    return 1000 * latency, budget.throughput_batch / per_batch
+
+
 @torch.inference_mode()
 def time_inference(model: torch.nn.Module, image_size: int, device: torch.device,
                    budget: TimingBudget) -> tuple[float, float]:
@@ -73,17 +89,12 @@ def time_inference(model: torch.nn.Module, image_size: int, device: torch.device
     dtype = autocast_dtype(device)
     tune_cudnn(device)   # as the lab trains and evaluates, in this process or the notebook's
 
-    def timed_forwards(batch: int, iters: int) -> list[float]:
+    def make_batch(batch: int) -> torch.Tensor:
         x = torch.randn(batch, 3, image_size, image_size, device=device)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            for _ in range(budget.warmup):
-                model(x)
-            return [seconds_taken(device, lambda: model(x)) for _ in range(iters)]
+        return x.contiguous(memory_format=torch.channels_last)
 
-    latency = statistics.median(timed_forwards(1, budget.latency_iters))
-    per_batch = sum(timed_forwards(budget.throughput_batch, budget.throughput_iters)) / budget.throughput_iters
-    return 1000 * latency, budget.throughput_batch / per_batch
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        return latency_and_throughput(model, make_batch, budget, device)
 
 
 def device_description(device: torch.device) -> str:

@@ -38,8 +38,8 @@ from kdlab.latex import (acc_text, compare, count, enumerate_text, minutes, num,
 from kdlab.registry import METHODS, setting_fields
 from kdlab.results import (DEFAULT_BENCHMARK, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
                            budget_comparisons, default_seed_results, distillation_temperature, load_benchmark,
-                           load_budget_baselines, load_efficiency, load_seed_results, read_json, run_order,
-                           softened, teacher_note)
+                           load_budget_baselines, load_deploy, load_efficiency, load_seed_results, read_json,
+                           run_order, softened, teacher_note)
 from kdlab.stats import paired_difference, paired_difference_by_class, summarise
 
 # The report's template; `make_report` copies it into the report folder it is given.
@@ -94,6 +94,8 @@ class Report:
     figures_dir: Path
     report_dir: Path
     figures_tex_path: str             # the figures folder as LaTeX, run from the report folder
+    deployment: dict | None = None    # deploy.json of `python -m kdlab deploy`, if given and there
+    deploy_path: Path | None = None
 
     @property
     def runs(self) -> list[str]:
@@ -240,6 +242,82 @@ def speed_sentences(rep: Report) -> str:
         text += (rf" Training steps and evaluation use {100 * min(shares):.1f}\% to {100 * max(shares):.1f}\% "
                  rf"of the GPU's dense bf16/fp16 peak.")
     return text
+
+
+# ----------------------------------------------------------------------------- deploying the student
+
+def deployed_student(rep: Report) -> str | None:
+    """The student the deploy section speaks of: the best one if deploy.json measured it, else its first."""
+    students = [run for run in rep.deployment["runs"] if run != TEACHER_RUN]
+    best = best_student(rep.results)
+    return best if best in students else next(iter(students), None)
+
+
+def deploy_table(rep: Report) -> str:
+    """Each deployed run in each variant, from deploy.json; nothing without one."""
+    deployment = rep.deployment
+    if deployment is None:
+        return ""
+    rows = [rf"{tt(run)} & {tex(deployment['variants'][variant])} & {v['size_mb']:.1f} & {v['latency_ms']:.2f} & "
+            rf"{v['throughput_img_s']:,.0f} & {pct(v['test_acc'])} & {pct(v['agreement_with_pytorch'])} \\"
+            for run, measured in deployment["runs"].items() for variant, v in measured["variants"].items()]
+    cpu = deployment["cpu"]
+    caption = (rf"Each run deployed on a CPU ({tex(cpu['model'])}, {count(cpu['threads'], 'thread')}, int8 "
+               rf"instructions: {tex(', '.join(cpu['int8_instructions']) or 'none known')}): its weights in "
+               rf"PyTorch (fp32, eager), exported to ONNX and run by ONNX Runtime in fp32, and quantized to int8 "
+               rf"by ONNX Runtime (static, per-channel weights, QDQ, calibrated on training images). Latency: "
+               rf"the median at batch 1; throughput: at batch {deployment['timing']['throughput_batch']}; test "
+               rf"accuracy: one view of each of the {deployment['n_test']:,} test images; agreement: with the "
+               rf"PyTorch model's predictions. Source: {tt(rep.deploy_path)}, measured "
+               rf"{tex(deployment['measured'][:10])}.")
+    return table("tab:deploy", caption, "llrrrrr", [
+        r"Run & Variant & Size & Latency & Throughput & Test acc. & Agreement \\",
+        r" & & (MB) & (ms) & (images/s) & \% & \% \\"], rows)
+
+
+def deploy_sentences(rep: Report) -> str:
+    """The deployed student's speed-up and accuracy change, and the teacher-to-int8-student latency ratio."""
+    deployment = rep.deployment
+    if deployment is None:
+        where = f"{tt(rep.deploy_path)} is not there" if rep.deploy_path else "none given"
+        return (rf"Deployment on a CPU: not measured for this report (its {tt('deploy.json')}: {where}); "
+                rf"\texttt{{python -m kdlab deploy}} measures it.")
+    student = deployed_student(rep)
+    if student is None:
+        return rf"Deployment on a CPU: {tt(rep.deploy_path)} measured no student."
+    variants = deployment["runs"][student]["variants"]
+    eager, fp32, int8 = (variants[v] for v in ("pytorch_fp32", "onnxruntime_fp32", "onnxruntime_int8"))
+    cpu = deployment["cpu"]
+    out = [rf"On {tex(cpu['model'])} with {count(cpu['threads'], 'thread')}, {run_name(student, rep.results)} "
+           rf"answers one image in {eager['latency_ms']:.2f}~ms in PyTorch, {fp32['latency_ms']:.2f}~ms in ONNX "
+           rf"Runtime ({times(eager['latency_ms'], fp32['latency_ms'], 'faster', 'slower')}) and "
+           rf"{int8['latency_ms']:.2f}~ms in int8 ({times(fp32['latency_ms'], int8['latency_ms'], 'faster', 'slower')} "
+           rf"than in fp32; Table~\ref{{tab:deploy}}).",
+           rf"In int8 its test accuracy is {acc_text(int8['test_acc'])}, {compare(int8['test_acc'], fp32['test_acc'])} "
+           rf"the fp32 model's {acc_text(fp32['test_acc'])} (one view per image), and it predicts the PyTorch "
+           rf"model's class on {pct(int8['agreement_with_pytorch'])}\% of the test images."]
+    if TEACHER_RUN in deployment["runs"]:
+        teacher = deployment["runs"][TEACHER_RUN]["variants"]["pytorch_fp32"]
+        out.append(rf"The teacher in PyTorch takes {teacher['latency_ms']:.2f}~ms: the int8 student answers "
+                   rf"{times(teacher['latency_ms'], int8['latency_ms'], 'faster', 'slower')}.")
+    return " ".join(out)
+
+
+def check_deployment(rep: Report) -> None:
+    """deploy.json measured the weights of these results, and smoke weights only for a draft."""
+    deployment = rep.deployment
+    if deployment is None:
+        return
+    if deployment["smoke"] and not rep.draft_reason():
+        raise KdlabError(f"{rep.deploy_path} measured smoke weights, which are never results; deploy the "
+                         f"runs' own weights (`python -m kdlab deploy --ckpt-dir <their folder> --out <folder>`) "
+                         f"and pass its deploy.json with --deploy.")
+    other = [run for run, measured in deployment["runs"].items()
+             if run in rep.results and measured.get("results_test_acc") != rep.results[run]["test_acc"]]
+    if other:
+        raise KdlabError(f"{rep.deploy_path} measured other weights of {', '.join(other)} than those of the "
+                         f"results in {rep.results_dir} (their test accuracies differ); deploy the weights of "
+                         f"these results, or pass their own --deploy.")
 
 
 def distillation_settings(cfg: dict) -> str:
@@ -816,6 +894,7 @@ def macros(rep: Report) -> dict[str, str]:
         "SoftTargetSentences": soft_target_sentences(rep),
         "BestEpochSentence": best_epoch_sentence(rep),
         "SpeedSentences": speed_sentences(rep),
+        "DeploySentences": deploy_sentences(rep),
     }
 
 
@@ -844,7 +923,8 @@ def figures_path_for_latex(figures_dir: Path, report_dir: Path) -> str:
     return path
 
 
-def collect(results_dir, figures_dir, report_dir, expected=None, benchmark=None, budget_dir=None) -> Report:
+def collect(results_dir, figures_dir, report_dir, expected=None, benchmark=None, budget_dir=None,
+            deploy=None) -> Report:
     """What the report reads; `expected`: the runs it expects (default: kdlab.config.expected_runs);
     `budget_dir`: the budget-matched baselines of the results (kdlab.results.BUDGET_DIR for the reference)."""
     results_dir, figures_dir, report_dir = Path(results_dir), Path(figures_dir), Path(report_dir)
@@ -865,14 +945,16 @@ def collect(results_dir, figures_dir, report_dir, expected=None, benchmark=None,
     expected = list(expected) if expected else expected_runs(results)
     return Report(results, seeds, expected, load_efficiency(figures_dir), load_manifest(results_dir),
                   load_benchmark(benchmark), benchmark, load_budget_baselines(budget_dir), budget_dir, results_dir,
-                  figures_dir, report_dir, figures_path_for_latex(figures_dir, report_dir))
+                  figures_dir, report_dir, figures_path_for_latex(figures_dir, report_dir), load_deploy(deploy),
+                  Path(deploy) if deploy else None)
 
 
 def write_generated(rep: Report, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"macros.tex": macros_tex(rep), "results_table.tex": results_table(rep),
              "config_table.tex": config_table(rep), "provenance.tex": provenance(rep) + "\n",
-             "reproduce.tex": reproduce_block(rep), "speed_table.tex": speed_table(rep)}
+             "reproduce.tex": reproduce_block(rep), "speed_table.tex": speed_table(rep),
+             "deploy_table.tex": deploy_table(rep)}
     for name, text in files.items():
         (out_dir / name).write_text(text)
     return [out_dir / name for name in files]
@@ -905,13 +987,13 @@ def place_template(report_dir: Path) -> None:
 
 def make_report(results_dir="results/reference", figures_dir="figures", report_dir="report",
                 expected=None, draft=False, pdf=True, pdf_required=False,
-                benchmark=DEFAULT_BENCHMARK, budget_dir=None, log=print) -> Report:
+                benchmark=DEFAULT_BENCHMARK, budget_dir=None, deploy=None, log=print) -> Report:
     """Generate report_dir/generated/*.tex from the results, then build the PDF if latexmk is here.
 
     `expected`: the runs the report expects (default: those the results imply, kdlab.config.expected_runs).
     """
     report_dir = Path(report_dir)
-    rep = collect(results_dir, figures_dir, report_dir, expected, benchmark, budget_dir)
+    rep = collect(results_dir, figures_dir, report_dir, expected, benchmark, budget_dir, deploy)
     reason = rep.draft_reason()
     if reason and not draft:
         which = [run for run, r in rep.results.items()
@@ -919,6 +1001,7 @@ def make_report(results_dir="results/reference", figures_dir="figures", report_d
         raise KdlabError(f"the results of {', '.join(which)} in {rep.results_dir} come from a "
                          f"{reason}, not the lab's results. Point --results at a real run's folder, "
                          f"or pass --draft for a draft that says so on every page.")
+    check_deployment(rep)
     place_template(report_dir)
     written = write_generated(rep, report_dir / "generated")
     log(f"wrote {', '.join(str(p) for p in written)}")

@@ -229,6 +229,25 @@ def load_benchmark(path: Path | None) -> dict | None:
     return bench
 
 
+DEPLOY_VARIANT_KEYS = {"size_mb", "latency_ms", "throughput_img_s", "test_acc", "agreement_with_pytorch"}
+
+
+def load_deploy(path: str | Path | None) -> dict | None:
+    """deploy.json of `python -m kdlab deploy` (smoke, cpu, variants, runs: {run: {variants: {...}}}); or None."""
+    if path is None or not Path(path).exists():
+        return None
+    what = "run `python -m kdlab deploy` again, or pass another deploy.json."
+    deployment = read_json(Path(path), what)
+    if not (isinstance(deployment, dict) and {"smoke", "cpu", "variants", "runs"} <= set(deployment)
+            and isinstance(deployment["runs"], dict) and all(
+                isinstance(run, dict) and isinstance(run.get("variants"), dict)
+                and set(run["variants"]) == set(deployment["variants"])
+                and all(DEPLOY_VARIANT_KEYS <= set(v) for v in run["variants"].values())
+                for run in deployment["runs"].values())):
+        raise KdlabError(f"{path} does not have deploy.json's layout (smoke, cpu, variants; runs: each with "
+                         f"its variants' {', '.join(sorted(DEPLOY_VARIANT_KEYS))}); {what}")
+    return deployment
+
 
 # ----------------------------------------------------------------------------- comparisons of runs
 

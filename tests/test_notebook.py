@@ -2,6 +2,7 @@
 
 The smoke lab trains once per module (`executed`); every other test reuses its checkpoints.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -40,9 +41,14 @@ def execute(nb, env: dict, timeout: int = 900):
     return nb
 
 
+# Section 7b deploys where ONNX Runtime is installed (requirements-dev.txt installs it).
+DEPLOYS = importlib.util.find_spec("onnxruntime") is not None
+
+
 def smoke_env(folder: Path) -> dict:
     return dict(KDLAB_SMOKE="1", KDLAB_CKPT_DIR=str(folder / "ckpt"), KDLAB_DATA_DIR=str(folder / "data"),
-                KDLAB_FIGURES_DIR=str(folder / "figures"), KDLAB_REPORT_DIR=str(folder / "report"))
+                KDLAB_FIGURES_DIR=str(folder / "figures"), KDLAB_REPORT_DIR=str(folder / "report"),
+                KDLAB_DEPLOY="1" if DEPLOYS else "0")
 
 
 def outputs_text(nb) -> str:
@@ -109,6 +115,8 @@ def test_section_8_writes_the_report_of_the_notebooks_runs(executed):
     assert macros["DraftText"] == "DRAFT - smoke run, not results"
     assert macros["ReportStatus"] == f"results of {tex(folder / 'ckpt')}", "the six runs, none missing"
     assert macros["FiguresDir"] == "../figures"
+    if DEPLOYS:   # section 7b deployed the teacher and the best student: the report's section says how fast
+        assert "ms in int8" in macros["DeploySentences"] and (folder / "figures" / "deploy.png").is_file()
     text = "".join(out.get("text", "") for out in code_cell(nb, "make_report(").outputs)
     assert "kdlab: error" not in text and "wrote" in text
     if shutil.which("latexmk"):
@@ -156,13 +164,16 @@ def test_second_execution_loads_every_run_and_trains_nothing(executed):
 def test_figures_command_draws_the_notebooks_results_figures(executed, tmp_path):
     _, folder = executed
     start = time.perf_counter()
+    # Section 7b's deploy.json (in the figures folder's deploy/) gives the command its deploy.png too.
+    deploy = ["--deploy", str(folder / "figures" / "deploy" / "deploy.json")] if DEPLOYS else []
     done = subprocess.run([sys.executable, "-m", "kdlab", "figures", "--ckpt-dir", str(folder / "ckpt"),
-                           "--out", str(tmp_path), "--device", "cpu"],
+                           "--out", str(tmp_path), "--device", "cpu", *deploy],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     print(f"\n`python -m kdlab figures` on the smoke checkpoints: {time.perf_counter() - start:.1f}s")
     assert done.returncode == 0, done.stderr
-    notebook_files = {p.name for p in (folder / "figures").iterdir()} - DATA_FIGURES
-    assert {p.name for p in tmp_path.iterdir()} == notebook_files == RESULTS_FIGURES | RESULTS_TABLES
+    notebook_files = {p.name for p in (folder / "figures").iterdir()} - DATA_FIGURES - {"deploy"}
+    deployed = {"deploy.png"} if DEPLOYS else set()
+    assert {p.name for p in tmp_path.iterdir()} == notebook_files == RESULTS_FIGURES | RESULTS_TABLES | deployed
 
 
 def test_missing_runs_are_named_and_the_other_figures_still_drawn(executed, tmp_path):
