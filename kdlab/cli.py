@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            f"{SMOKE_CKPT_DIR} with --smoke)")
     deploy.add_argument("--smoke", action="store_true", help="the smoke runs' default folder; their numbers "
                                                              "are a pipeline check, never results")
+    deploy.add_argument("--kept", metavar="DIR", help="deploy the weights kept in DIR (<DIR>/<run>/manifest.json, "
+                                                      "such as checkpoints/reference) instead of --ckpt-dir's "
+                                                      "checkpoints; their parts are checked by sha256")
     deploy.add_argument("--out", required=True,
                         help="folder of <run>.onnx, <run>_int8.onnx, deploy.json and deploy.png, made if missing")
     deploy.add_argument("--data-dir", default="data",
@@ -359,8 +362,10 @@ def command_deploy(args) -> None:
             raise
         raise KdlabError(f"deploy needs {err.name}, which is not installed: pip install -r "
                          f"requirements-deploy.txt (onnx, onnxscript, onnxruntime), then run it again.") from None
-    ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else default_ckpt_dir(args.smoke)
-    deployment = deploy(args.runs, ckpt_dir, args.out, args.data_dir, args.threads)
+    if args.kept and (args.ckpt_dir or args.smoke):
+        raise KdlabError("--kept names the weights to deploy: give it without --ckpt-dir and --smoke")
+    ckpt_dir = Path(args.kept or args.ckpt_dir or default_ckpt_dir(args.smoke))
+    deployment = deploy(args.runs, ckpt_dir, args.out, args.data_dir, args.threads, kept=bool(args.kept))
     print(f"\n{'run':30} {'variant':22} {'MB':>7} {'ms, batch 1':>11} {'img/s':>7} {'test acc':>8} {'agrees':>7}")
     for run, measured in deployment["runs"].items():
         for variant, v in measured["variants"].items():

@@ -45,7 +45,8 @@ from kdlab.folders import no_empty_folders_left, writable_folder
 from kdlab.lab import Lab
 from kdlab.measure import TimingBudget, latency_and_throughput
 from kdlab.models import build_model, load_weights
-from kdlab.results import RunPaths
+from kdlab.kept import load_kept
+from kdlab.results import KEPT_MANIFEST, RunPaths
 
 OPSET = 18
 # The three ways a run is deployed, measured side by side, as deploy.json names them and as they are shown.
@@ -69,15 +70,18 @@ SMOKE_NOTE = "smoke weights (synthetic data, a tiny budget): a check of the pipe
 @dataclass
 class BestWeights:
     run: str
-    checkpoint: Path
+    checkpoint: Path         # a best checkpoint, or a folder of kept weights (kdlab.kept)
     config: dict
     model: torch.nn.Module   # fp32, eval mode, on the CPU
     test_acc: float          # as the run's results file states it (flip test-time augmentation if set)
+    sha256: str              # of the checkpoint file, or of the kept weights' joined parts
 
 
-def runs_with_weights(ckpt_dir: Path) -> list[str]:
-    """The runs of the table with a best checkpoint in `ckpt_dir`, at the default seed."""
-    return [run for run in RUNS if RunPaths(ckpt_dir, run).best.is_file()]
+def runs_with_weights(ckpt_dir: Path, kept: bool = False) -> list[str]:
+    """The runs of the table with a best checkpoint in `ckpt_dir` at the default seed, or with kept
+    weights (<ckpt_dir>/<run>/manifest.json) if `kept`."""
+    return [run for run in RUNS
+            if ((ckpt_dir / run / KEPT_MANIFEST) if kept else RunPaths(ckpt_dir, run).best).is_file()]
 
 
 def load_best(ckpt_dir: Path, run: str) -> BestWeights:
@@ -91,7 +95,17 @@ def load_best(ckpt_dir: Path, run: str) -> BestWeights:
     state = load_checkpoint(path)
     model = build_model(state["config"]["arch"], "none")
     load_weights(model, state["modules"]["student"], path)
-    return BestWeights(run, path, state["config"], model.eval(), state["results"]["test_acc"])
+    return BestWeights(run, path, state["config"], model.eval(), state["results"]["test_acc"], sha256(path))
+
+
+def load_kept_weights(kept_dir: Path, run: str) -> BestWeights:
+    """A run's kept weights (<kept_dir>/<run>/, kdlab.kept: float16 parts checked by sha256), as float32."""
+    if run not in RUNS:
+        raise KdlabError(f"unknown run {run}; valid runs: {', '.join(RUNS)}")
+    state, manifest = load_kept(kept_dir / run)
+    model = build_model(manifest["config"]["arch"], "none")
+    load_weights(model, state, kept_dir / run)
+    return BestWeights(run, kept_dir / run, manifest["config"], model.eval(), manifest["test_acc"], manifest["sha256"])
 
 
 def sha256(path: Path) -> str:
@@ -194,18 +208,20 @@ def describe_cpu(threads: int) -> dict:
 
 
 def deploy(runs: list[str] | None, ckpt_dir: str | Path, out_dir: str | Path, data_dir: str | Path = "data",
-           threads: int | None = None, log=print) -> dict:
-    """Export, quantize and measure `runs` (default: every run with a best checkpoint in `ckpt_dir`);
-    write the ONNX files, deploy.json and deploy.png into `out_dir`; return deploy.json's content."""
+           threads: int | None = None, log=print, kept: bool = False) -> dict:
+    """Export, quantize and measure `runs` (default: every run with a best checkpoint in `ckpt_dir`,
+    or with `kept`, every run kept in it: checkpoints/reference); write the ONNX files, deploy.json
+    and deploy.png into `out_dir`; return deploy.json's content."""
     from kdlab.figures import plot_deploy   # matplotlib: only once everything is measured
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    runs = runs or runs_with_weights(ckpt_dir)
+    runs = runs or runs_with_weights(ckpt_dir, kept)
     if not runs:
-        raise KdlabError(f"{ckpt_dir} holds no <run>_best.pt, so there is nothing to deploy; train the runs "
-                         f"first (`python -m kdlab run all --ckpt-dir {ckpt_dir}`), or give the --ckpt-dir "
-                         f"they were saved in.")
-    weights = [load_best(ckpt_dir, run) for run in dict.fromkeys(runs)]   # every checkpoint read before any work
+        raise KdlabError(f"{ckpt_dir} holds no {'kept weights' if kept else '<run>_best.pt'}, so there is nothing "
+                         f"to deploy; train the runs first (`python -m kdlab run all --ckpt-dir {ckpt_dir}`), or "
+                         f"give the folder they were saved in.")
+    load = load_kept_weights if kept else load_best
+    weights = [load(ckpt_dir, run) for run in dict.fromkeys(runs)]   # every checkpoint read before any work
     smoke = {bool(w.config["smoke"]) for w in weights}
     if len(smoke) > 1:
         raise KdlabError(f"{', '.join(w.run for w in weights if w.config['smoke'])} are smoke runs and the "
@@ -287,7 +303,7 @@ def measure_run(w: BestWeights, data, work: Path, threads: int, budget: TimingBu
                                  throughput_img_s=throughput, test_acc=float((predictions == labels).mean()),
                                  agreement_with_pytorch=float((predictions == reference).mean()))
     return dict(arch=w.config["arch"], weights=w.config["weights"], image_size=size, checkpoint=str(w.checkpoint),
-                sha256=sha256(w.checkpoint), smoke=bool(w.config["smoke"]), seed=w.config.get("seed", DEFAULT_SEED),
+                sha256=w.sha256, smoke=bool(w.config["smoke"]), seed=w.config.get("seed", DEFAULT_SEED),
                 results_test_acc=w.test_acc,
                 export_check=dict(images=f"the first {CHECK_IMAGES} test images", max_abs_difference=difference,
                                   tolerance=allowed),

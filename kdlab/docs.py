@@ -206,13 +206,14 @@ def budget_epochs() -> str:
 
 def results_block(name: str) -> str:
     from kdlab import figures
-    from kdlab.results import load_ablation, load_seed_results
+    from kdlab.results import load_ablation, load_deploy, load_seed_results
 
     return {"results-reference": lambda: figures.format_results_table(load_seed_results(REFERENCE)),
             "results-evaluation": lambda: figures.format_evaluation_table(load_seed_results(REFERENCE)),
             "results-findings": lambda: findings(load_seed_results(REFERENCE)),
             "results-ablation": lambda: figures.format_ablation_table(load_ablation(REPO / "results" / "ablation-recipe")),
             "results-ablation-lr-resolution": lambda: variants_table(REPO / "results" / "ablation-lr-resolution"),
+            "results-deploy": lambda: figures.format_deploy_table(load_deploy(REPO / DEPLOY_REFERENCE)),
             }[name]()
 
 
@@ -231,7 +232,9 @@ def benchmark_block(name: str) -> str:
 
 BENCHMARK_BLOCKS = ("benchmark-h200-full-compile", "benchmark-cpu-quick")
 RESULTS_BLOCKS = ("results-reference", "results-evaluation", "results-findings", "results-ablation",
-                  "results-ablation-lr-resolution")
+                  "results-ablation-lr-resolution", "results-deploy")
+# The reference weights deployed on this repository's development CPU (python -m kdlab deploy --kept).
+DEPLOY_REFERENCE = "results/deploy/deploy.json"
 GENERATORS = {"recipe": recipe_table, "runs": runs_table, "methods": methods_table, "settings": settings_table,
               "cli": cli_reference, "figures": figures_table, "budget-epochs": budget_epochs,
               **{name: (lambda name=name: results_block(name)) for name in RESULTS_BLOCKS},

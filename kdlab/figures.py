@@ -539,6 +539,29 @@ def plot_deploy(deployment: dict, out_dir: str | Path) -> Path:
     return _save(fig, Path(out_dir) / "deploy.png")
 
 
+def format_deploy_table(deployment: dict) -> str:
+    """deploy.json as a markdown table: each run in each variant, with the weights, the CPU and the
+    ratio of each variant's batch-1 latency to the run's PyTorch fp32 latency."""
+    rows = ["| run | variant | size (MB) | latency, batch 1 (ms) | speed-up over PyTorch fp32 "
+            "| throughput, batch 64 (img/s) | test acc, one view | agrees with PyTorch |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for run, measured in deployment["runs"].items():
+        eager = measured["variants"]["pytorch_fp32"]["latency_ms"]
+        for variant, v in measured["variants"].items():
+            rows.append(f"| {run} | {deployment['variants'][variant]} | {v['size_mb']:.1f} | {v['latency_ms']:.2f} "
+                        f"| {eager / v['latency_ms']:.1f}x | {v['throughput_img_s']:.0f} | {v['test_acc']:.4f} "
+                        f"| {100 * v['agreement_with_pytorch']:.2f}% |")
+    cpu = deployment["cpu"]
+    weights = "; ".join(f"{run}: {m['checkpoint']} (sha256 {m['sha256'][:12]})" for run, m in deployment["runs"].items())
+    rows.append(f"\nMeasured {deployment['measured']} on {cpu['model']}, {cpu['threads']} thread(s), int8 "
+                f"instructions {', '.join(cpu['int8_instructions']) or 'none known'}; torch "
+                f"{deployment['software']['torch']}, onnxruntime {deployment['software']['onnxruntime']}; "
+                f"{deployment['data']}; weights: {weights}.")
+    if deployment["smoke"]:
+        rows.append(SMOKE_BANNER)
+    return "\n".join(rows)
+
+
 # ----------------------------------------------------------------------------- training speed
 
 PATH_COLOURS = {"kdlab": "#1f77b4", "naive": "#bbbbbb"}

@@ -228,3 +228,25 @@ def test_a_deploy_that_stops_midway_leaves_nothing(smoke_lab, tmp_path, monkeypa
 def test_the_tests_install_the_deploy_requirements():
     """CI installs requirements-dev.txt: with the deploy requirements in it, these tests run there."""
     assert "-r requirements-deploy.txt" in (REPO / "requirements-dev.txt").read_text().splitlines()
+
+
+def test_kept_weights_deploy_as_a_checkpoint_does_and_an_altered_part_is_refused(smoke_lab, tmp_path, capsys):
+    """--kept: the weights of checkpoints/reference/<run>/ (kdlab.kept), labelled with their sha256."""
+    from kdlab.checkpoints import load_checkpoint
+    from kdlab.config import make_config
+    from kdlab.kept import keep_weights
+
+    ckpt_dir, _ = smoke_lab
+    state = load_checkpoint(RunPaths(ckpt_dir, "student_scratch_kd_scores").best)
+    manifest = keep_weights(state["modules"]["student"], make_config("student_scratch_kd_scores", smoke=True),
+                            tmp_path / "kept" / "student_scratch_kd_scores", test_acc=state["results"]["test_acc"])
+    assert main(["deploy", "--kept", str(tmp_path / "kept"), "--out", str(tmp_path / "out")]) == 0
+    deployment = json.loads((tmp_path / "out" / "deploy.json").read_text())
+    measured = deployment["runs"]["student_scratch_kd_scores"]
+    assert list(deployment["runs"]) == ["student_scratch_kd_scores"] and deployment["smoke"]
+    assert measured["sha256"] == manifest["sha256"] and measured["results_test_acc"] == manifest["test_acc"]
+    part = tmp_path / "kept" / "student_scratch_kd_scores" / "weights.fp16.part00"
+    part.write_bytes(b"altered" + part.read_bytes()[7:])
+    capsys.readouterr()
+    err = deploy_fails(capsys, "--kept", tmp_path / "kept", "--out", tmp_path / "out2")
+    assert "does not match its sha256" in err and not (tmp_path / "out2").exists()
