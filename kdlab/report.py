@@ -591,7 +591,8 @@ def per_class_sentences(rep: Report) -> str:
             rf"wide, and more so for ten classes compared at once: {tex(per_class_interval_text(by_class))}. ")
     text += (rf"The gain's interval excludes zero for {enumerate_text(helped)}" if helped
              else r"No class's gain has an interval that excludes zero")
-    text += (rf", and the loss's for {enumerate_text(hurt)}." if hurt else ".")
+    text += ("." if not hurt else rf", and the loss's for {enumerate_text(hurt)}." if helped
+             else rf"; the loss's does for {enumerate_text(hurt)}.")
     return text
 
 
