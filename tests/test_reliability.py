@@ -180,7 +180,7 @@ class ForkedKdlab:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.wait()
+            self.proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")

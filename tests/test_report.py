@@ -354,9 +354,9 @@ def test_draft_pdf_builds_and_says_draft_on_every_page(tmp_path, reference):
     pdf = out / "KD_LAB.pdf"
     assert pdf.stat().st_size > 0
     if shutil.which("pdftotext") is None:
-        return
+        pytest.skip("pdftotext (poppler-utils) is not installed: the PDF built, its pages are not read")
     pages = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True,
-                           text=True, check=True).stdout.split("\f")
+                           text=True, check=True, timeout=120).stdout.split("\f")
     pages = [page for page in pages if page.strip()]
     assert len(pages) >= 4
     assert all("DRAFT - smoke run, not results" in page for page in pages)

@@ -114,7 +114,8 @@ def test_engine_options_that_do_not_go_together_are_one_line(tmp_path, capsys, o
 def test_the_lab_never_imports_ray():
     code = ("import sys, kdlab.cli, kdlab.lab, kdlab.figures, kdlab.report, kdlab.sweep; "
             "assert 'ray' not in sys.modules, 'ray was imported'")
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                   timeout=120)
 
 
 # ----------------------------------------------------------------------------- sweeps that train
