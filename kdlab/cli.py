@@ -199,10 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
                               "(results/ablation-budget for the reference)")
     figures.add_argument("--efficiency-from", metavar="FOLDER",
                          help="reuse the efficiency.json measured in FOLDER (on a GPU, say) instead of measuring here")
-    docs = sub.add_parser("docs", help="rewrite the generated tables of README.md and docs/*.md from the code "
-                                       "and the committed results")
-    docs.add_argument("--check", action="store_true",
-                      help="write nothing; exit 1 naming each block that differs from what would be written")
     return parser
 
 
@@ -318,21 +314,8 @@ def command_figures(args) -> None:
     print(f"done in {time.perf_counter() - start:.1f}s")
 
 
-def command_docs(args) -> int:
-    from kdlab.docs import stale_blocks, write_docs
-
-    if not args.check:
-        write_docs()
-        return 0
-    stale = stale_blocks()
-    for block in stale:
-        print(f"stale: {block}")
-    print(f"{len(stale)} stale block(s); `python -m kdlab docs` rewrites them" if stale else "every generated block is up to date")
-    return 1 if stale else 0
-
-
 COMMANDS = {"run": command_run, "sweep": command_sweep, "status": command_status, "figures": command_figures,
-            "report": command_report, "docs": command_docs}
+            "report": command_report}
 
 
 def main(argv=None) -> int:
