@@ -16,8 +16,8 @@ from conftest import REPO
 from kdlab.cli import main
 from kdlab.errors import KdlabError
 from kdlab.config import RUNS, run_label
-from kdlab.figures import (confusion_counts, make_all_figures, original_lab_accuracies, plot_soft_targets, run_colour,
-                           teacher_agreement)
+from kdlab.figures import (confusion_counts, make_all_figures, original_lab_accuracies, plot_soft_targets, plot_sweep,
+                           plot_throughput, run_colour, teacher_agreement)
 from kdlab.measure import flops_per_image
 from kdlab.results import best_student
 from kdlab.stats import paired_difference_by_class
@@ -251,13 +251,11 @@ def test_agreement_confusion_and_soft_targets_are_counted_from_the_predictions(d
 
 
 
-def test_soft_targets_are_the_softmax_of_the_kept_logits_at_both_temperatures(tmp_path, monkeypatch):
+def test_soft_targets_are_the_softmax_of_the_kept_logits_at_both_temperatures(tmp_path, recorded):
     # The reference teacher was trained before its results kept examples: two made here.
     import base64
-    import kdlab.figures
 
-    figures = {}
-    monkeypatch.setattr(kdlab.figures, "_save", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    figures = recorded
     teacher = json.loads((REFERENCE / "teacher_resnet50_results.json").read_text())
     image = base64.b64encode(bytes(3 * 32 * 32)).decode()
     examples = [dict(test_index=i, label=label, logits=logits, image=image) for i, (label, logits) in
@@ -298,3 +296,55 @@ def test_efficiency_points_are_the_efficiency_table(drawn):
         points = [tuple(c.get_offsets()[0]) for c in ax.collections]
         assert points == [pytest.approx((e[key] * scale, 100 * e["test_acc"])) for e in runs.values()]
         assert {run: e["test_acc"] for run, e in runs.items()} == {run: default[run]["test_acc"] for run in runs}
+
+
+@pytest.fixture
+def recorded(monkeypatch) -> dict:
+    """The figures kdlab.figures draws from now on, by file name, recorded instead of written."""
+    import kdlab.figures
+
+    figures = {}
+    monkeypatch.setattr(kdlab.figures, "_save", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    return figures
+
+
+def test_throughput_bars_are_the_benchmark_files_numbers(recorded, tmp_path):
+    bench = json.loads((REPO / "benchmarks" / "results" / "h200-full.json").read_text())
+    plot_throughput(bench, tmp_path / "throughput.png")
+    speed_ax, share_ax = recorded["throughput.png"].axes[:2]
+    rows = bench["rows"]
+    assert [bar.get_height() for bar in bars(speed_ax)] == pytest.approx(
+        [r["kdlab"]["images_per_s"] for r in rows] + [r["naive"]["images_per_s"] for r in rows])
+    assert [bar.get_height() for bar in bars(share_ax)] == pytest.approx([100 * r["kdlab"]["peak_share"] for r in rows])
+    assert [text.get_text() for text in speed_ax.texts] == [f"{r['kdlab']['images_per_s'] / r['naive']['images_per_s']:.1f}x"
+                                                           for r in rows]
+
+
+def test_sweep_points_are_each_settings_mean_and_sd_over_seeds(recorded, tmp_path):
+    folder = REPO / "results" / "sweep-smoke-demo"
+    sweep = json.loads((folder / "sweep.json").read_text())
+    plot_sweep(folder, tmp_path)
+    accs = {}   # (run, setting, value, the other settings) -> test accuracies over seeds, from the files
+    for trial in sweep["trials"]:
+        acc = json.loads((folder / trial["results"]).read_text())["test_acc"]
+        for key in sweep["grid"]:
+            others = tuple((k, v) for k, v in trial["settings"].items() if k != key)
+            accs.setdefault((trial["run"], key, trial["settings"].get(key), others), []).append(100 * acc)
+    for ax, key in zip(recorded["sweep.png"].axes, sweep["grid"], strict=True):
+        containers = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+        assert containers, f"no run reading {key} drawn"
+        for container in containers:
+            data_line = container.lines[0]
+            [(run, others)] = {(run, others) for run, k, _, others in accs
+                               if k == key and container.get_label().startswith(run_label(run, {}) + "".join(
+                                   f", {o}={v}" for o, v in others) + " (mean")}
+            expected = [accs[(run, key, value, others)] for value in data_line.get_xdata()]
+            assert list(data_line.get_ydata()) == pytest.approx([np.mean(a) for a in expected])
+            ends = container.lines[2][0].get_segments()
+            assert [(s[0][1], s[1][1]) for s in ends] == [pytest.approx((np.mean(a) - np.std(a, ddof=1),
+                                                                         np.mean(a) + np.std(a, ddof=1))) for a in expected]
+        bands = [line for line in ax.lines if "does not read" in line.get_label()]
+        for band in bands:
+            [run] = [run for run in sweep["runs"] if band.get_label().startswith(run_label(run, {}))]
+            assert band.get_ydata()[0] == pytest.approx(np.mean(accs[(run, key, None, ())]))
+        assert bands, "the baseline reads no swept setting: a band in every panel"
