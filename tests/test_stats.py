@@ -167,9 +167,10 @@ def test_results_without_labels_say_how_to_record_them():
 
 def test_ten_thousand_replicates_of_three_seeds_of_the_full_test_set_take_under_a_second():
     kd, base = pairs((300, 250, 8_500, 950), (280, 260, 8_510, 950), (310, 240, 8_490, 960))
-    start = time.perf_counter()
+    # This process's CPU time, not the wall clock: other processes on a busy machine do not count.
+    start = time.process_time()
     paired_difference(kd, base, n_boot=10_000)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
 
 
 # ----------------------------------------------------------------------------- duplicates
