@@ -671,3 +671,23 @@ def test_every_macro_has_a_test_of_its_value(known):
     checked = set(re.findall(r'm\["([A-Za-z]+)"\]', source)) | set(re.findall(r'\("([A-Za-z]+)", "[a-z_]+"\)', source))
     checked |= set(re.findall(r'\("([A-Za-z]+)", [A-Z_]+_RECIPE, "[a-z_]+"\)', source))
     assert set(known["macros"]) - checked - CHECKED_ELSEWHERE == set()
+
+
+def test_per_class_sentence_with_losses_and_no_gain(tmp_path, reference):
+    # Logit KD loses every airplane the baseline gets right and gains no class.
+    results, _ = reference
+    labels = np.asarray(results[TEACHER_RUN]["test_labels"])
+
+    def right_on(run, classes):
+        right = np.isin(labels, classes)
+        return dict(results[run], test_predictions=np.where(right, labels, (labels + 1) % 10).tolist(),
+                    test_acc=float(right.mean()))
+    changed = dict(results, student_scratch_baseline=right_on("student_scratch_baseline", range(6)),
+                   student_scratch_kd_scores=right_on("student_scratch_kd_scores", range(1, 6)),
+                   student_scratch_kd_features=right_on("student_scratch_kd_features", range(1, 5)),
+                   student_scratch_dkd=right_on("student_scratch_dkd", range(1, 5)),
+                   student_scratch_at=right_on("student_scratch_at", range(1, 5)))
+    rep = report.collect(write_results(tmp_path / "results", changed), tmp_path / "figures", report_dir(tmp_path))
+    sentence = report.per_class_sentences(rep)
+    assert sentence.endswith("No class's gain has an interval that excludes zero; the loss's does for airplane.")
+    assert "least on airplane (-100.00 points, [-100.00, -100.00])" in sentence
