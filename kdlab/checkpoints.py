@@ -3,7 +3,8 @@
 Files of a run in the checkpoint folder:
   <run>_best.pt       written once, when the run has finished: best-on-val weights, config, results
   <run>_last.pt       the state after the last finished epoch (weights, optimiser, scaler, RNG,
-                      history, best-so-far weights); removed when the run finishes
+                      history, best-so-far weights); removed when the run finishes. In a
+                      last_dir, <run>_<folder>_last.pt, <folder> a digest of the checkpoint folder's path
   <run>_results.json  the results, for figures and the report
   <run>.lock          held while the run trains, with the owner's pid and host
 Every write goes to a temporary file first and is renamed over the final name, so a crash
@@ -16,6 +17,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import io
 import json
 import os
@@ -116,18 +118,33 @@ class RunFiles(RunPaths):
 
     @property
     def last(self) -> Path:
-        return RunPaths(self.last_dir or self.ckpt_dir, self.run, self.seed).last
+        if self.last_dir is None:
+            return self.ckpt_dir_last
+        # Checkpoint folders sharing one last_dir must not resume from, or overwrite, each other's
+        # runs. The absolute path, not the resolved one: resolving asks a drive that may be down.
+        folder = hashlib.sha1(os.path.abspath(self.ckpt_dir).encode()).hexdigest()[:8]
+        return self.last_dir / f"{self.stem}_{folder}_last.pt"
+
+    @property
+    def ckpt_dir_last(self) -> Path:
+        return RunPaths(self.ckpt_dir, self.run, self.seed).last
 
     def save_last(self, state: dict) -> None:
         state.update(config=self.config, rng=torch.get_rng_state())
         save_checkpoint(self.last, state)
 
     def take_last_from_ckpt_dir(self) -> None:
-        """Move a last checkpoint saved in ckpt_dir (before last_dir was set) to last_dir, to resume from."""
-        saved = RunPaths(self.ckpt_dir, self.run, self.seed).last
+        """Copy a last checkpoint saved in ckpt_dir (before last_dir was set) to last_dir, to resume
+        from. The copy in ckpt_dir stays until the run has finished (remove_last): a last_dir on
+        the runtime's disk does not outlive the runtime."""
+        saved = self.ckpt_dir_last
         if saved != self.last and saved.exists() and not self.last.exists():
             atomic_write(self.last, lambda tmp: shutil.copyfile(saved, tmp))
-            saved.unlink()
+
+    def remove_last(self) -> None:
+        """Once the best checkpoint is saved: the last checkpoint, and the one in ckpt_dir resumed from."""
+        for path in (self.last, self.ckpt_dir_last):
+            path.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def lock(self):
@@ -136,15 +153,21 @@ class RunFiles(RunPaths):
             self.last.parent.mkdir(parents=True, exist_ok=True)
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             fd = self._create_lock()
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(f"{os.getpid()} {socket.gethostname()}")
+                for final in (self.best, self.last, self.results):   # not another seed's files
+                    for stale in final.parent.glob(f"{final.name}.tmp*"):
+                        stale.unlink(missing_ok=True)            # left by a process killed mid-write
+            except BaseException:
+                _remove_if_possible(self.lock_file)
+                raise
         except OSError as err:
             raise KdlabError(f"cannot write to the checkpoint folder {self.ckpt_dir} ({err.strerror or err}). "
                              f"{storage_advice(err, CKPT_DIR_OPTION)}") from None
+        # Registered only now: a lock this process failed to take, left on a drive that dropped,
+        # is stale to the next run in the same kernel, not one "already being trained" by itself.
         _HELD_LOCKS.add(self.lock_file)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{os.getpid()} {socket.gethostname()}")
-        for final in (self.best, self.last, self.results):   # not another seed's files
-            for stale in final.parent.glob(f"{final.name}.tmp*"):
-                stale.unlink(missing_ok=True)            # left by a process killed mid-write
         try:
             yield
         finally:
@@ -230,7 +253,7 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
     with no_empty_folders_left(files.ckpt_dir), no_empty_folders_left(files.last.parent), files.lock():
         files.take_last_from_ckpt_dir()
         if retrain:
-            for path in (files.best, files.last, files.results):
+            for path in (files.best, files.last, files.ckpt_dir_last, files.results):
                 path.unlink(missing_ok=True)
         resume = None
         if files.last.exists():
@@ -257,7 +280,7 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
         modules = {k: m.state_dict() for k, m in method.trained_modules().items()}
         write_json(files.results, results)
         save_checkpoint(files.best, dict(modules=modules, config=config_dict(cfg), results=results))
-        files.last.unlink(missing_ok=True)
+        files.remove_last()
     log(f"{cfg.run_id}: test accuracy {results['test_acc']:.4f} (best val {results['best_val_acc']:.4f}"
         f" at epoch {results['best_epoch']}); saved {files.best}")
     return TrainedRun(student.eval(), results, trained=True)

@@ -230,10 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "images (default: data; smoke runs use their synthetic data)")
     deploy.add_argument("--threads", type=int,
                         help="CPU threads of PyTorch and ONNX Runtime alike (default: PyTorch's, one per core)")
-    docs = sub.add_parser("docs", help="rewrite the generated tables of README.md and docs/*.md from the code "
-                                       "and the committed results")
-    docs.add_argument("--check", action="store_true",
-                      help="write nothing; exit 1 naming each block that differs from what would be written")
     return parser
 
 
@@ -377,21 +373,8 @@ def command_deploy(args) -> None:
     print(f"wrote {Path(args.out) / 'deploy.json'}" + (f" ({deployment['note']})" if deployment["smoke"] else ""))
 
 
-def command_docs(args) -> int:
-    from kdlab.docs import stale_blocks, write_docs
-
-    if not args.check:
-        write_docs()
-        return 0
-    stale = stale_blocks()
-    for block in stale:
-        print(f"stale: {block}")
-    print(f"{len(stale)} stale block(s); `python -m kdlab docs` rewrites them" if stale else "every generated block is up to date")
-    return 1 if stale else 0
-
-
 COMMANDS = {"run": command_run, "sweep": command_sweep, "status": command_status, "figures": command_figures,
-            "report": command_report, "deploy": command_deploy, "docs": command_docs}
+            "report": command_report, "deploy": command_deploy}
 
 
 def main(argv=None) -> int:

@@ -1,15 +1,17 @@
 """The generated blocks of README.md and docs/*.md: tables that state what the code or the results say.
 
-A block sits between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->`; `python -m kdlab
-docs` rewrites every block of every page from its source (kdlab.config, kdlab.registry, the CLI
+A block sits between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->`; `python -m
+kdlab.docs` rewrites every block of every page from its source (kdlab.config, kdlab.registry, the CLI
 parser, the figures module's docstrings, the committed results files), and `--check` only says
 which blocks differ. tests/test_docs.py fails on any stale block, so no table restates the code
-by hand.
+by hand. A maintainer's tool, not a subcommand of `python -m kdlab`: this module reads the CLI's
+parser, and the CLI never imports it.
 """
 from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 from kdlab.config import (ARCH_NAMES, LAB_RUNS, RUNS, STARTS, TEACHER_RUN, baseline_of, kd_pairs, make_config,
@@ -279,3 +281,23 @@ def write_docs(root: Path = REPO, log=print) -> list[Path]:
     log(f"{len(made)} generated blocks in {len(pages(root))} pages; rewrote "
         + (", ".join(str(p.relative_to(root)) for p in changed) or "none (all up to date)"))
     return changed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kdlab.docs", description="rewrite the generated tables "
+                                     "of README.md and docs/*.md from the code and the committed results")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 naming each block that differs from what would be written")
+    if not parser.parse_args(argv).check:
+        write_docs()
+        return 0
+    stale = stale_blocks()
+    for block in stale:
+        print(f"stale: {block}")
+    print(f"{len(stale)} stale block(s); `python -m kdlab.docs` rewrites them" if stale
+          else "every generated block is up to date")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,7 +33,8 @@ from kdlab.registry import METHODS
 from kdlab.results import (BUDGETS, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
                            default_seed_results, distillation_temperature, load_budget_baselines, load_deploy,
                            load_efficiency, load_seed_results, softened, teacher_note)
-from kdlab.stats import correct_images, paired_difference, paired_difference_by_class, summarise
+from kdlab.stats import (correct_images, paired_difference, paired_difference_by_class, per_class_interval_text,
+                         summarise)
 from kdlab.lab import resolve_device
 from kdlab.measure import measure_efficiency
 
@@ -411,7 +412,8 @@ def plot_soft_targets(teacher: dict, temperature: float, out_dir: str | Path, or
 def plot_per_class_accuracy(seeds: dict[str, list[dict]], results: dict[str, dict], out_dir: Path,
                             origin: str = "") -> Path:
     """per_class_accuracy.png: the best distilled student against its baseline, class by class (mean
-    over their shared seeds), and its gain per class, paired, with a 95% interval."""
+    over their shared seeds), and its gain per class, paired, with intervals that hold at 95% together
+    (kdlab.stats.paired_difference_by_class)."""
     kd = best_distilled(results)
     base = baseline_of(kd)
     shared = {r["config"]["seed"] for r in seeds[kd]} & {r["config"]["seed"] for r in seeds[base]}
@@ -444,7 +446,7 @@ def plot_per_class_accuracy(seeds: dict[str, list[dict]], results: dict[str, dic
     gain_ax.bar(x, gains, 0.6, color=colours, yerr=spans, capsize=4)
     gain_ax.axhline(0, color="0.2", linewidth=0.8)
     gain_ax.set_xticks(x, CLASSES, fontsize=8)
-    gain_ax.set(ylabel="gain (points), 95% interval",
+    gain_ax.set(ylabel=f"gain (points), {per_class_interval_text(by_class)}",
                 title="paired by seed on the same test images; grey: the interval includes zero")
     gain_ax.title.set_fontsize(9)
     gain_ax.grid(axis="y", alpha=0.3)

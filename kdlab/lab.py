@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import traceback
 from pathlib import Path
 
 import torch
@@ -112,6 +113,8 @@ class Lab:
             stopped.reported_by = getattr(interrupt, "reported_by", None) or self._report_interrupt(cfg, ckpt_dir)
         except KdlabError as error:
             stopped = KdlabError(str(error))
+        except Exception as error:   # out of GPU memory, the commonest, or a fault in kdlab
+            stopped = without_frames(error)
         # Raised out here, where the caught exception is gone: its traceback held the frames of the
         # run (model, optimiser state, weight average, the loader's copy of the data, the step's
         # graph), and IPython keeps the last exception, so the cell run again would hold two runs.
@@ -124,6 +127,16 @@ class Lab:
                  f"or command) to resume" if last.exists() else "it has no finished epoch to resume from")
         self.log(f"{cfg.run_id}: interrupted; {saved}.")
         return cfg.run_id
+
+
+def without_frames(error: Exception) -> Exception:
+    """`error` with no traceback or chained exceptions, which hold the run's frames; where it was
+    raised is kept as a note, text that holds nothing (said once, by the innermost run)."""
+    if not getattr(error, "frames_released", False):
+        error.add_note("Raised in the run:\n" + "".join(traceback.format_exception(error)).rstrip())
+        error.frames_released = True
+    error.__traceback__ = error.__context__ = error.__cause__ = None
+    return error
 
 
 def release_memory() -> None:

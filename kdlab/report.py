@@ -36,11 +36,12 @@ from kdlab.folders import writable_folder
 from kdlab.latex import (acc_text, compare, count, enumerate_text, minutes, num, pct, probability_text, table, tex,
                          times, tt)
 from kdlab.registry import METHODS, setting_fields
-from kdlab.results import (DEFAULT_BENCHMARK, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
-                           budget_comparisons, default_seed_results, distillation_temperature, load_benchmark,
-                           load_budget_baselines, load_deploy, load_efficiency, load_seed_results, read_json,
-                           run_order, softened, teacher_note)
-from kdlab.stats import paired_difference, paired_difference_by_class, summarise
+from kdlab.results import (BUDGETS, DEFAULT_BENCHMARK, EQUAL_EPOCHS, STEP_DESCRIPTIONS, agreement, best_distilled,
+                           best_student, budget_comparisons, default_seed_results, distillation_temperature,
+                           load_benchmark, load_budget_baselines, load_deploy, load_efficiency, load_seed_results,
+                           read_json, run_order, softened, teacher_note)
+from kdlab.stats import (paired_difference, paired_difference_by_class, per_class_interval_text, summarise,
+                         training_seed)
 
 # The report's template; `make_report` copies it into the report folder it is given.
 TEMPLATE = Path(__file__).resolve().parents[1] / "report" / "KD_LAB.tex"
@@ -665,10 +666,11 @@ def per_class_sentences(rep: Report) -> str:
     text = (rf"Class by class (\figref{{per_class_accuracy.png}}{{fig:per-class}}), {run_name(kd, rep.results)} "
             rf"against {run_name(base, rep.results)} gains most on {gain(order[-1])} and least on "
             rf"{gain(order[0])}; with about {count(n_images, 'test image')} a class, the interval of a class is "
-            rf"wide. ")
+            rf"wide, and more so for ten classes compared at once: {tex(per_class_interval_text(by_class))}. ")
     text += (rf"The gain's interval excludes zero for {enumerate_text(helped)}" if helped
              else r"No class's gain has an interval that excludes zero")
-    text += (rf", and the loss's for {enumerate_text(hurt)}." if hurt else ".")
+    text += ("." if not hurt else rf", and the loss's for {enumerate_text(hurt)}." if helped
+             else rf"; the loss's does for {enumerate_text(hurt)}.")
     return text
 
 
@@ -704,7 +706,7 @@ def budget_sentences(rep: Report) -> str:
         rf"{c['label']} (the baseline trained {count(c['epochs'], 'epoch')}), {difference_text(c['difference'])}"
         for c in measured) + "."]
     if pending:
-        where = tt(rep.budget_dir) if rep.budget_dir else "no folder given (\texttt{-{}-budget-baselines})"
+        where = tt(rep.budget_dir) if rep.budget_dir else r"no folder given (\texttt{-{}-budget-baselines})"
         out.append(rf"{sentence_start(enumerate_text(pending))}: pending, the budget-matched baselines have "
                    rf"no results yet ({where}; the GPU plan trains them).")
     return " ".join(out)
@@ -720,19 +722,53 @@ def distillation_verdict(rep: Report) -> str:
     wins = [label for label, x in d.items() if x["excludes_zero"] and x["mean_difference"] > 0]
     losses = [label for label, x in d.items() if x["excludes_zero"] and x["mean_difference"] < 0]
     ties = [label for label, x in d.items() if not x["excludes_zero"]]
-    parts = ([f"beats its baseline {enumerate_text(wins)}"] if wins else []) + (
-        [f"is level with it within the noise {enumerate_text(ties)}"] if ties else []) + (
-        [f"loses to it {enumerate_text(losses)}"] if losses else [])
+    parts = []
+    for phrase, labels in (("beats {}", wins), ("is level with {} within the noise", ties), ("loses to {}", losses)):
+        if labels:   # the baseline named first, then "it"
+            parts.append(f"{phrase.format('it' if parts else 'its baseline')} {enumerate_text(labels)}")
     text = rf"Logit KD from scratch {'; it '.join(parts)}."
     pending = [c["label"] for c in comparisons if c["difference"] is None]
+    gained = BUDGETS[EQUAL_EPOCHS] in wins
     if pending:
+        if not gained:   # no gain to explain: the budgets can only say more of the same
+            return text + rf" The baseline has not been trained yet {enumerate_text(pending)}."
         return text + (r" Whether that gain is what the teacher knows or the compute it adds is still open: "
                        rf"the baseline has not been trained yet {enumerate_text(pending)}.")
-    if wins == list(d):
-        return text + r" The gain survives the teacher's compute: it is more than extra training."
-    if not wins:
-        return text + r" The gain at equal epochs is not one of knowledge here: it goes with the compute."
-    return text
+    if not gained:
+        return text
+    matched = [c for c in comparisons if c["budget"] != EQUAL_EPOCHS]
+    matched_wins = [c for c in matched if c["label"] in wins]
+    if len(matched_wins) == len(matched):
+        return text + teacher_compute_sentence(rep, kd, matched)
+    if not matched_wins:
+        return text + (rf" The gain at equal epochs does not hold {enumerate_text([c['label'] for c in matched])}: "
+                       r"it goes with the compute.")
+    return text   # mixed: the sentence above is the conclusion
+
+
+def mean_seconds(results: list[dict]) -> float:
+    """The mean training time (the training loop's wall_seconds) of a run over its seeds."""
+    return sum(r["wall_seconds"] for r in results) / len(results)
+
+
+def teacher_compute_sentence(rep: Report, kd: str, matched: list[dict]) -> str:
+    """Whether the longest budget-matched baseline (logit KD beat them all) trained as long as the
+    teacher and the distilled student together: only such a baseline tests the teacher's compute."""
+    teacher_seed = rep.results[kd]["teacher"]["seed"]
+    teacher = [r for r in rep.seeds.get(TEACHER_RUN, []) if training_seed(r) == teacher_seed]
+    if not teacher:
+        return r" The gain holds at every budget compared; the teacher's training time is not in the results."
+    teacher_s, kd_s = mean_seconds(teacher), mean_seconds(rep.seeds[kd])
+    longest = max(matched, key=lambda c: mean_seconds(c["baseline"]))
+    given = mean_seconds(longest["baseline"])
+    if given >= teacher_s + kd_s:
+        return (rf" The gain survives the teacher's compute: {longest['label']}, the baseline trained "
+                rf"{given:.0f}~s, no less than the teacher's {teacher_s:.0f}~s and the distilled student's "
+                rf"{kd_s:.0f}~s together.")
+    return (rf" The gain holds at every budget compared, but none gave the baseline the teacher's training "
+            rf"time too: the longest, {longest['label']}, trained {given:.0f}~s, against the teacher's "
+            rf"{teacher_s:.0f}~s and the distilled student's {kd_s:.0f}~s. Whether the gain survives the "
+            rf"teacher's compute is not measured.")
 
 
 def best_epoch_sentence(rep: Report) -> str:

@@ -15,14 +15,17 @@ from kdlab.config import make_config
 from kdlab.data import make_splits, make_synthetic_cifar
 
 REPO = Path(__file__).resolve().parents[1]
+# ci_skips: no skip under CI=true outside its list; pytester: tests/test_suite.py runs pytest itself.
+pytest_plugins = ["ci_skips", "pytester"]
 
 
-def run_kdlab(*args, check=True, env=None, timeout=None):
-    """`python -m kdlab ARGS` in a subprocess, as a user runs it; returns the CompletedProcess.
+# The limit of every subprocess a test starts: on a busy shared machine the smoke lab takes minutes,
+# and a slow machine must not turn into failed tests; a hang must.
+SUBPROCESS_TIMEOUT = 900
 
-    No timeout by default: on a busy shared machine the smoke lab can take minutes, and a slow
-    machine must not turn into failed tests.
-    """
+
+def run_kdlab(*args, check=True, env=None, timeout=SUBPROCESS_TIMEOUT):
+    """`python -m kdlab ARGS` in a subprocess, as a user runs it; returns the CompletedProcess."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
     result = subprocess.run([sys.executable, "-m", "kdlab", *map(str, args)], cwd=REPO, env=full_env,
                             capture_output=True, text=True, timeout=timeout)

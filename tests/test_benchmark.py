@@ -148,7 +148,8 @@ def assert_measured_now_at_a_commit(report: dict) -> None:
 def test_the_commit_measured_is_git_head_or_the_one_given(monkeypatch):
     bench = load_benchmark()
     monkeypatch.delenv("KDLAB_COMMIT", raising=False)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60).stdout.strip()
     assert bench.measured_commit().split("+")[0] == head
     monkeypatch.setenv("KDLAB_COMMIT", "abc123 (copied to a GPU)")   # a copy without .git is told
     assert bench.measured_commit() == "abc123 (copied to a GPU)"

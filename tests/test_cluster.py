@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SUBPROCESS_TIMEOUT
 from kdlab.cli import main
 from kdlab.config import run_id
 from kdlab.results import RunPaths, read_results_file
@@ -107,7 +108,7 @@ class RayNode:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        self.process.wait()
+        self.process.wait(60)
 
 
 class Cluster:
@@ -141,7 +142,7 @@ def clean_environment() -> dict:
 
 def kdlab(*args, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kdlab", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
-"""README.md and docs/*.md cannot drift from the code: generated blocks equal what `python -m kdlab
-docs` writes, every link and repository path resolves, every `python -m kdlab` command shown parses,
+"""README.md and docs/*.md cannot drift from the code: generated blocks equal what `python -m
+kdlab.docs` writes, every link and repository path resolves, every `python -m kdlab` command shown parses,
 and the pages speak the lab's words."""
+import ast
 import dataclasses
 import re
 import shlex
@@ -19,7 +20,7 @@ TRACKED = ("kdlab", "tests", "scripts", "benchmarks", "results", "figures", "rep
 
 
 def test_every_generated_block_is_what_the_code_and_results_say():
-    assert docs.stale_blocks() == [], "run `python -m kdlab docs`"
+    assert docs.stale_blocks() == [], "run `python -m kdlab.docs`"
 
 
 def test_the_docs_command_rewrites_a_stale_block_and_check_names_it(tmp_path, capsys):
@@ -111,7 +112,17 @@ def test_every_flag_the_prose_names_is_an_option_of_the_command_line_or_the_scri
     """A flag named in backticks (`--lr`) is one that kdlab's parser or a script of the repository
     declares: a renamed or removed option cannot live on in the docs."""
     declared = {flag for sub in subcommands().values() for action in sub._actions for flag in action.option_strings}
-    for script in ("scripts/reference_run.py", "benchmarks/throughput.py"):
+    for script in ("scripts/reference_run.py", "benchmarks/throughput.py", "kdlab/docs.py"):
         declared |= set(re.findall(r'add_argument\("(--[a-z][a-z0-9-]*)', (REPO / script).read_text()))
     named = {page: set(re.findall(r"`(--[a-z][a-z0-9-]*)", text)) for page, text in TEXTS.items()}
     assert {page: flags - declared for page, flags in named.items() if flags - declared} == {}
+
+
+def test_the_docs_generator_is_its_own_entry_point_and_the_cli_never_imports_it(capsys):
+    # kdlab.docs reads the CLI's parser for docs/cli.md: the dependency runs one way.
+    imported = {node.module if isinstance(node, ast.ImportFrom) else alias.name
+                for node in ast.walk(ast.parse((REPO / "kdlab" / "cli.py").read_text()))
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert "kdlab.docs" not in imported and "docs" not in subcommands()
+    assert docs.main(["--check"]) == 0
+    assert capsys.readouterr().out == "every generated block is up to date\n"

@@ -1,6 +1,8 @@
 """The notebook, executed headless in smoke mode, and the figures it and the CLI draw.
 
-The smoke lab trains once per module (`executed`); every other test reuses its checkpoints.
+The notebook is executed once (`executed`), on a copy of the session's smoke lab (tests/conftest.py)
+without the two runs from scratch: it loads four runs the CLI trained and trains two in its
+kernel, then draws and reports. Every other test reuses its checkpoints.
 """
 import importlib.util
 import json
@@ -31,6 +33,8 @@ RESULTS_FIGURES = {"comparaison_finale.png", "comparison_test_accuracy.png", "tr
                    *(f"curves_{run}.png" for run in RUNS)}
 RESULTS_TABLES = {"efficiency.json", "efficiency.md"}
 DATA_FIGURES = {"sample_images.png"}   # drawn from the data, so only by the notebook
+# The runs the notebook trains in its kernel, one of them distilling the teacher it loaded.
+TRAINED_IN_THE_KERNEL = ["student_scratch_baseline", "student_scratch_kd_scores"]
 
 
 def execute(nb, env: dict, timeout: int = 900):
@@ -64,12 +68,16 @@ def assert_valid_png(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
+def executed(tmp_path_factory, smoke_lab):
+    """(the executed notebook, its folder, {copied file: its mtime before the execution})."""
     folder = tmp_path_factory.mktemp("notebook_smoke")
+    shutil.copytree(smoke_lab[0], folder / "ckpt",
+                    ignore=shutil.ignore_patterns(*(f"{run}_*" for run in TRAINED_IN_THE_KERNEL)))
+    copied = {path: path.stat().st_mtime_ns for path in (folder / "ckpt").iterdir()}
     start = time.perf_counter()
     nb = execute(nbformat.read(NOTEBOOK, as_version=4), smoke_env(folder))
     print(f"\nheadless smoke execution of the notebook: {time.perf_counter() - start:.1f}s")
-    return nb, folder
+    return nb, folder, copied
 
 
 def test_committed_notebook_has_no_outputs_or_execution_counts():
@@ -84,7 +92,7 @@ def test_committed_notebook_has_no_outputs_or_execution_counts():
 
 
 def test_notebook_runs_headless_and_draws_every_figure(executed):
-    nb, folder = executed
+    nb, folder, _ = executed
     errors = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
               if out.output_type == "error"]
     assert errors == []
@@ -108,7 +116,7 @@ def code_cell(nb, text: str):
 
 
 def test_section_8_writes_the_report_of_the_notebooks_runs(executed):
-    nb, folder = executed
+    nb, folder, _ = executed
     report = folder / "report"
     assert (report / "KD_LAB.tex").is_file() and (report / "generated" / "results_table.tex").is_file()
     macros = generated_macros(report)
@@ -126,7 +134,7 @@ def test_section_8_writes_the_report_of_the_notebooks_runs(executed):
 
 
 def test_efficiency_table_comes_from_the_runs(executed):
-    _, folder = executed
+    _, folder, _ = executed
     efficiency = json.loads((folder / "figures" / "efficiency.json").read_text())
     assert {"device", "image_size", "measured", "runs"} <= set(efficiency)
     assert efficiency["smoke"] and efficiency["image_size"] == SMOKE["image_size"]
@@ -141,28 +149,21 @@ def test_efficiency_table_comes_from_the_runs(executed):
     assert teacher["flops_per_image"] > student["flops_per_image"] > 0
 
 
-def test_second_execution_loads_every_run_and_trains_nothing(executed):
-    _, folder = executed
-    checkpoints = sorted((folder / "ckpt").glob("*_best.pt"))
-    assert [p.name for p in checkpoints] == sorted(f"{run}_best.pt" for run in RUNS)
-    before = {p: p.stat().st_mtime_ns for p in checkpoints}
-    finished = {run: json.loads((folder / "ckpt" / f"{run}_results.json").read_text())["finished"]
-                for run in RUNS}
-
-    nb = execute(nbformat.read(NOTEBOOK, as_version=4), smoke_env(folder))
-
-    assert {p: p.stat().st_mtime_ns for p in checkpoints} == before
-    assert finished == {run: json.loads((folder / "ckpt" / f"{run}_results.json").read_text())["finished"]
-                        for run in RUNS}
+def test_the_notebook_loads_the_runs_it_finds_and_trains_the_others(executed):
+    # The checkpoints the CLI's `run all --smoke` wrote load in the notebook: the same configs.
+    nb, folder, copied = executed
+    assert sorted(p.name for p in (folder / "ckpt").glob("*_best.pt")) == sorted(f"{run}_best.pt" for run in RUNS)
+    assert {path: path.stat().st_mtime_ns for path in copied} == copied, "a loaded run was written again"
     assert not list((folder / "ckpt").glob("*_last.pt"))
     text = outputs_text(nb)
     for run in RUNS:
-        assert f"{run}: loaded" in text
-    assert " epoch 1/" not in text
+        trained = run in TRAINED_IN_THE_KERNEL
+        assert (f"{run}: loaded" in text) != trained and (f"{run}: training on cpu" in text) == trained, run
+        assert (f"{run}: test accuracy" in text) == trained, run
 
 
 def test_figures_command_draws_the_notebooks_results_figures(executed, tmp_path):
-    _, folder = executed
+    _, folder, _ = executed
     start = time.perf_counter()
     # Section 7b's deploy.json (in the figures folder's deploy/) gives the command its deploy.png too.
     deploy = ["--deploy", str(folder / "figures" / "deploy" / "deploy.json")] if DEPLOYS else []
@@ -179,7 +180,7 @@ def test_figures_command_draws_the_notebooks_results_figures(executed, tmp_path)
 def test_missing_runs_are_named_and_the_other_figures_still_drawn(executed, tmp_path):
     from kdlab.figures import make_all_figures
 
-    _, folder = executed
+    _, folder, _ = executed
     partial = tmp_path / "results"
     partial.mkdir()
     for run in ("student_pretrained_baseline", "student_scratch_baseline"):

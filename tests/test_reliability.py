@@ -180,7 +180,7 @@ class ForkedKdlab:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.wait()
+            self.proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +294,25 @@ def test_second_process_of_a_run_is_refused_and_its_stale_lock_taken_over(forked
     assert not files.lock_file.exists()
 
 
+def test_a_lock_the_drive_dropped_while_taking_is_not_held_by_the_kernel(tmp_path, monkeypatch):
+    # The drive drops after the lock file is made, while stale temporaries are removed: the user
+    # gets the storage advice, and the same kernel, the drive back, takes the lock over.
+    files = RunFiles(tmp_path, RUN)
+    files.last.with_name(f"{files.last.name}.tmp99999").write_bytes(b"left by a killed process")
+    monkeypatch.setattr(pathlib.Path, "unlink", lambda path, missing_ok=False: (_ for _ in ()).throw(
+        OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))))
+    with pytest.raises(KdlabError) as refused:
+        with files.lock():
+            pass
+    assert f"cannot write to the checkpoint folder {tmp_path}" in str(refused.value)
+    assert ADVICE["ENOTCONN"] in str(refused.value)
+
+    monkeypatch.undo()
+    with files.lock():
+        assert files.lock_file.read_text() == f"{os.getpid()} {socket.gethostname()}"
+    assert not files.lock_file.exists() and leftovers(tmp_path) == []
+
+
 def test_lock_from_another_machine_is_taken_over(tmp_path):
     # A Colab runtime that was disconnected leaves its lock on Drive; the new runtime's
     # processes, this one included, may have the same pids.
@@ -401,14 +420,20 @@ def raise_diverged():
     raise KdlabError("the loss became non-finite (injected)")
 
 
-@pytest.mark.parametrize("fault", [raise_keyboard_interrupt, raise_diverged], ids=["Ctrl-C", "error"])
+def raise_out_of_memory():
+    raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+
+@pytest.mark.parametrize("fault", [raise_keyboard_interrupt, raise_diverged, raise_out_of_memory],
+                         ids=["Ctrl-C", "error", "out of memory"])
 def test_a_stopped_run_releases_what_it_held_while_its_exception_is_kept(tmp_path, monkeypatch, fault):
     # IPython keeps the last exception (sys.last_value, its traceback): the frames of the run
     # must not be reachable from it, or the cell run again would hold two runs' GPU memory.
+    # Running out of GPU memory is the commonest way a run stops on a T4.
     held = {}
     fail_in_step(monkeypatch, 3, fault, held)        # epoch 2's first step: epoch 1 is saved
     lab = Lab(tmp_path, device="cpu", smoke=True, progress=False, log=lambda line: None, **TINY)
-    with pytest.raises((KeyboardInterrupt, KdlabError)) as stopped:
+    with pytest.raises((KeyboardInterrupt, KdlabError, torch.OutOfMemoryError)) as stopped:
         lab.run(RUN)
     kept = stopped.value
     gc.collect()
@@ -416,6 +441,9 @@ def test_a_stopped_run_releases_what_it_held_while_its_exception_is_kept(tmp_pat
     assert kept.__traceback__ is not None and kept.__context__ is None
     if fault is raise_diverged:
         assert str(kept) == "the loss became non-finite (injected)"
+    if fault is raise_out_of_memory:    # the same error, and where it happened, as text
+        assert type(kept) is torch.OutOfMemoryError and str(kept) == "CUDA out of memory (injected)"
+        assert any("in failing_step" in note and "raise_out_of_memory" in note for note in kept.__notes__)
 
     monkeypatch.undo()
     assert lab.run(RUN).trained and load_checkpoint(files_of(tmp_path)["best"])["results"]["epochs"] == 2
@@ -515,19 +543,39 @@ def test_last_dir_keeps_the_epoch_checkpoints_off_the_checkpoint_folder(tmp_path
     monkeypatch.setattr(kdlab.train, "evaluate", stop_at_call(1, kdlab.train.evaluate, raise_keyboard_interrupt))
     capsys.readouterr()
     assert main(tiny_args(drive) + ["--last-dir", str(local)]) == 130
-    # The drive's checkpoint moved to the local folder, and the run resumed from it.
-    assert f"every finished epoch is saved in {files_of(local)['last']}" in capsys.readouterr().out
-    assert load_checkpoint(files_of(local)["last"])["epoch"] == 1 and not files_of(drive)["last"].exists()
+    # The drive's checkpoint copied to the local folder, and the run resumed from it; the drive's
+    # copy, the only one that outlives the runtime, stays until the run's best checkpoint is saved.
+    local_last = RunFiles(drive, RUN, last_dir=local).last
+    assert f"every finished epoch is saved in {local_last}" in capsys.readouterr().out
+    assert load_checkpoint(local_last)["epoch"] == 1 and load_checkpoint(files_of(drive)["last"])["epoch"] == 1
 
     monkeypatch.undo()
     written, real_save_last = [], RunFiles.save_last
     monkeypatch.setattr(RunFiles, "save_last", lambda files, state: (written.append(files.last), real_save_last(files, state)))
     assert main(tiny_args(drive) + ["--last-dir", str(local)]) == 0
-    assert written == [files_of(local)["last"]]
+    assert written == [local_last]
     history = json.loads(files_of(drive)["results"].read_text())["history"]
     assert without_seconds(history) == without_seconds(tiny_run["results"]["history"])
     assert sorted(p.name for p in drive.iterdir()) == sorted([files_of(drive)["best"].name, files_of(drive)["results"].name])
     assert list(local.iterdir()) == []
+
+
+def test_checkpoint_folders_sharing_a_last_dir_do_not_resume_each_others_runs(tmp_path, monkeypatch):
+    local = tmp_path / "local"
+    logs = {"first": [], "second": []}
+    labs = {name: Lab(tmp_path / name, device="cpu", smoke=True, progress=False, log=log.append,
+                      last_dir=local, **TINY) for name, log in logs.items()}
+    monkeypatch.setattr(kdlab.train, "evaluate", stop_at_call(2, kdlab.train.evaluate, raise_keyboard_interrupt))
+    with pytest.raises(KeyboardInterrupt):
+        labs["first"].run(RUN)                  # epoch 1 saved in the shared folder
+    monkeypatch.setattr(kdlab.train, "evaluate", stop_at_call(1, kdlab.train.evaluate, raise_keyboard_interrupt))
+    with pytest.raises(KeyboardInterrupt):
+        labs["second"].run(RUN)                 # its first epoch, not the first folder's second
+    assert not any("resuming" in line for line in logs["second"])
+    assert logs["second"][-1] == f"{RUN}: interrupted; it has no finished epoch to resume from."
+    lasts = {name: RunFiles(tmp_path / name, RUN, last_dir=local).last for name in labs}
+    assert lasts["first"] != lasts["second"] and lasts["first"].parent == lasts["second"].parent == local
+    assert load_checkpoint(lasts["first"])["epoch"] == 1 and not lasts["second"].exists()
 
 
 def test_checkpoint_on_a_disconnected_drive_is_not_called_damaged(tmp_path, capsys, monkeypatch, tiny_run):

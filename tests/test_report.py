@@ -11,12 +11,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import generated_macros
 from kdlab import report
-from kdlab.latex import tex
+from kdlab.latex import probability_text, tex
 from kdlab.results import STEP_DESCRIPTIONS, load_benchmark
 from kdlab.stats import paired_difference
 from kdlab.checkpoints import TrainedRun, _results
@@ -353,41 +354,72 @@ def test_draft_pdf_builds_and_says_draft_on_every_page(tmp_path, reference):
     pdf = out / "KD_LAB.pdf"
     assert pdf.stat().st_size > 0
     if shutil.which("pdftotext") is None:
-        return
+        pytest.skip("pdftotext (poppler-utils) is not installed: the PDF built, its pages are not read")
     pages = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True,
-                           text=True, check=True).stdout.split("\f")
+                           text=True, check=True, timeout=120).stdout.split("\f")
     pages = [page for page in pages if page.strip()]
     assert len(pages) >= 4
     assert all("DRAFT - smoke run, not results" in page for page in pages)
 
 
-def budget_variant(baseline: dict, epochs: int, right: bool) -> dict:
-    """A budget-matched variant of the baseline: its epochs, and every test image right or wrong."""
-    labels = baseline["test_labels"]
-    predictions = labels if right else [(y + 1) % 10 for y in labels]
-    return dict(baseline, epochs=epochs, config=dict(baseline["config"], epochs=epochs),
-                test_predictions=predictions, test_acc=float(right))
+def with_outcomes(results: dict, outcome: str, epochs: int, seconds: float) -> dict:
+    """`results` with every test image right ("all"), the first half right ("half") or none ("none"),
+    and its epochs and training seconds."""
+    labels = results["test_labels"]
+    right = {"all": len(labels), "half": len(labels) // 2, "none": 0}[outcome]
+    predictions = [y if i < right else (y + 1) % 10 for i, y in enumerate(labels)]
+    return dict(results, epochs=epochs, config=dict(results["config"], epochs=epochs), wall_seconds=seconds,
+                test_predictions=predictions, test_acc=right / len(labels))
 
 
-@pytest.mark.parametrize("variants, verdict", [
-    ({}, "Logit KD from scratch beats its baseline at equal epochs. Whether that gain is what the teacher knows "
-         "or the compute it adds is still open: the baseline has not been trained yet at equal training time and "
-         "at equal total epochs, the teacher's included."),
-    ({"equal-training-time": (34, False), "teacher-plus-student-epochs": (60, False)},
+NOT_TRAINED = "at equal training time and at equal total epochs, the teacher's included."
+TEACHER_SECONDS, KD_SECONDS, BASELINE_SECONDS = (EPOCHS * NUMBERS[run][3] for run in (
+    TEACHER_RUN, "student_scratch_kd_scores", "student_scratch_baseline"))
+
+
+# The baseline at equal epochs gets half the test images right; logit KD all, half or none. The
+# teacher trained 123 s, logit KD 78 s: a baseline tests the teacher's compute from 201 s.
+@pytest.mark.parametrize("kd_outcome, variants, verdict", [
+    ("all", {}, "Logit KD from scratch beats its baseline at equal epochs. Whether that gain is what the teacher "
+                f"knows or the compute it adds is still open: the baseline has not been trained yet {NOT_TRAINED}"),
+    ("half", {}, "Logit KD from scratch is level with its baseline within the noise at equal epochs. The baseline "
+                 f"has not been trained yet {NOT_TRAINED}"),
+    ("none", {}, f"Logit KD from scratch loses to its baseline at equal epochs. The baseline has not been trained "
+                 f"yet {NOT_TRAINED}"),
+    ("all", {"equal-training-time": (34, "half", 88.0), "teacher-plus-student-epochs": (60, "half", 150.0)},
      "Logit KD from scratch beats its baseline at equal epochs, at equal training time and at equal total "
-     "epochs, the teacher's included. The gain survives the teacher's compute: it is more than extra training."),
-    ({"equal-training-time": (34, True), "teacher-plus-student-epochs": (60, False)},
+     "epochs, the teacher's included. The gain holds at every budget compared, but none gave the baseline the "
+     "teacher's training time too: the longest, at equal total epochs, the teacher's included, trained 150~s, "
+     "against the teacher's 123~s and the distilled student's 78~s. Whether the gain survives the teacher's "
+     "compute is not measured."),
+    ("all", {"equal-training-time": (34, "half", 88.0), "teacher-plus-student-epochs": (60, "half", 240.0)},
+     "Logit KD from scratch beats its baseline at equal epochs, at equal training time and at equal total "
+     "epochs, the teacher's included. The gain survives the teacher's compute: at equal total epochs, the "
+     "teacher's included, the baseline trained 240~s, no less than the teacher's 123~s and the distilled "
+     "student's 78~s together."),
+    ("all", {"equal-training-time": (34, "all", 88.0), "teacher-plus-student-epochs": (60, "half", 150.0)},
      "Logit KD from scratch beats its baseline at equal epochs and at equal total epochs, the teacher's "
      "included; it is level with it within the noise at equal training time."),
-], ids=["pending", "knowledge", "mixed"])
-def test_the_budget_comparisons_and_the_conclusion_follow_the_numbers(tmp_path, reference, variants, verdict):
+    ("all", {"equal-training-time": (34, "all", 88.0), "teacher-plus-student-epochs": (60, "all", 150.0)},
+     "Logit KD from scratch beats its baseline at equal epochs; it is level with it within the noise at equal "
+     "training time and at equal total epochs, the teacher's included. The gain at equal epochs does not hold "
+     "at equal training time and at equal total epochs, the teacher's included: it goes with the compute."),
+    ("half", {"equal-training-time": (34, "half", 88.0), "teacher-plus-student-epochs": (60, "all", 150.0)},
+     "Logit KD from scratch is level with its baseline within the noise at equal epochs and at equal training "
+     "time; it loses to it at equal total epochs, the teacher's included."),
+], ids=["pending", "pending, level", "pending, loss", "every budget, not the teacher's compute",
+        "the teacher's compute", "mixed", "the compute", "level, then a loss"])
+def test_the_budget_comparisons_and_the_conclusion_follow_the_numbers(tmp_path, reference, kd_outcome, variants,
+                                                                      verdict):
     results, _ = reference
-    base = results["student_scratch_baseline"]
-    kd = budget_variant(results["student_scratch_kd_scores"], EPOCHS, right=True)   # every image right
-    results = dict(results, student_scratch_kd_scores=kd)
+    assert (results[TEACHER_RUN]["wall_seconds"], results["student_scratch_kd_scores"]["wall_seconds"]) == (
+        TEACHER_SECONDS, KD_SECONDS) == (123.0, 78.0)
+    base = with_outcomes(results["student_scratch_baseline"], "half", EPOCHS, BASELINE_SECONDS)
+    kd = with_outcomes(results["student_scratch_kd_scores"], kd_outcome, EPOCHS, KD_SECONDS)
+    results = dict(results, student_scratch_kd_scores=kd, student_scratch_baseline=base)
     budget = tmp_path / "ablation-budget"
-    for variant, (epochs, right) in variants.items():
-        write_results(budget / variant, {"student_scratch_baseline": budget_variant(base, epochs, right)})
+    for variant, (epochs, outcome, seconds) in variants.items():
+        write_results(budget / variant, {"student_scratch_baseline": with_outcomes(base, outcome, epochs, seconds)})
     out = report_dir(tmp_path)
     report.make_report(write_results(tmp_path / "results", results), tmp_path / "figures", out, pdf=False,
                        budget_dir=budget, log=lambda *_: None)
@@ -396,10 +428,266 @@ def test_the_budget_comparisons_and_the_conclusion_follow_the_numbers(tmp_path, 
     d = paired_difference([kd], [base])
     assert (f"at equal epochs (the baseline trained {EPOCHS} epochs), a paired difference of "
             f"{100 * d['mean_difference']:+.2f} points") in macros["BudgetSentences"]
-    for variant, (epochs, right) in variants.items():
-        d = paired_difference([kd], [budget_variant(base, epochs, right)])
+    for variant, (epochs, outcome, seconds) in variants.items():
+        d = paired_difference([kd], [with_outcomes(base, outcome, epochs, seconds)])
         assert f"(the baseline trained {epochs} epochs), a paired difference of {100 * d['mean_difference']:+.2f}" \
             in macros["BudgetSentences"]
     assert ("pending" in macros["BudgetSentences"]) == (not variants)
     assert (f"--budget-baselines {budget}" in
             " ".join((out / "generated" / "reproduce.tex").read_text().replace("\\\n", " ").split()))
+
+
+def test_pending_budget_sentence_without_a_folder_names_the_option(tmp_path, reference):
+    # A non-raw "\texttt" is a TAB and "exttt": what every notebook report printed here.
+    results, _ = reference
+    rep = report.collect(write_results(tmp_path / "results", results), tmp_path / "figures", report_dir(tmp_path))
+    sentences = report.budget_sentences(rep)
+    assert r"(no folder given (\texttt{-{}-budget-baselines}); the GPU plan trains them)" in sentences
+    assert "\t" not in sentences and "exttt" not in sentences.replace(r"\texttt", "")
+
+
+# ----------------------------------------------------------------------------- every macro, by value
+
+# The classes each run gets right (every test image of them; the others wrong, predicted as the next
+# class): accuracies 90, 60, 70, 50, 60 and 50%. Logit KD against its baseline loses every image of
+# airplane and gains every image of frog and horse, so those three classes' intervals are a single
+# point; decoupled KD predicts as the baseline does, a difference of exactly zero.
+RIGHT_CLASSES = {
+    TEACHER_RUN: range(9),
+    "student_scratch_baseline": range(6),
+    "student_scratch_kd_scores": range(1, 8),
+    "student_scratch_kd_features": range(5),
+    "student_scratch_dkd": range(6),
+    "student_scratch_at": (0, 1, 2, 3, 6),
+}
+# The recipe the runs record, none of it kdlab.config's defaults: the report must read it from them.
+SHARED_RECIPE = dict(batch_size=96, momentum=0.85, warmup_epochs=0.75, split_seed=7, ema_decay=0.995,
+                     val_per_class=20, image_size=128, flip_tta=False)
+TEACHER_RECIPE = dict(lr=0.123, weight_decay=2e-4, label_smoothing=0.0)
+STUDENT_RECIPE = dict(lr=0.456, weight_decay=5e-4, label_smoothing=0.05)
+LOGIT_RECIPE = dict(temperature=3.5, alpha=0.7)
+FEATURE_RECIPE = dict(hint_layer="layer2", hint_weight=2.5)
+# (raw weights one view, raw flip, average one view, average flip) for each run.
+EVALUATIONS = {run: (0.50 + 0.01 * i, 0.51 + 0.01 * i, 0.52 + 0.02 * i, 0.50 + 0.03 * i)
+               for i, run in enumerate(NUMBERS)}
+# Two of the teacher's soft-target examples: a cat with a dog runner-up, a truck with an automobile one.
+SOFT_LOGITS = {3: [0, 0, 0, 5, 0, 3, 0, 0, 0, 0], 9: [0, 1, 0, 0, 0, 0, 0, 0, 0, 6]}
+
+
+@pytest.fixture
+def known(tmp_path, reference):
+    """Results files with known predictions, evaluations, soft targets and recipes, their figures
+    folder (two of the figures in it, and efficiency.json) and the report's macros."""
+    results, _ = reference
+    labels = np.asarray(results[TEACHER_RUN]["test_labels"])
+    known = {}
+    for i, (run, classes) in enumerate(RIGHT_CLASSES.items()):
+        right = np.isin(labels, list(classes))
+        recipe = dict(SHARED_RECIPE, **(TEACHER_RECIPE if run == TEACHER_RUN else STUDENT_RECIPE),
+                      **(LOGIT_RECIPE if RUNS[run].method == "kd_logits" else {}),
+                      **(FEATURE_RECIPE if RUNS[run].method == "kd_features" else {}))
+        known[run] = dict(results[run], test_predictions=np.where(right, labels, (labels + 1) % 10).tolist(),
+                          test_acc=float(right.mean()), config=dict(results[run]["config"], **recipe),
+                          test_acc_by_evaluation=dict(zip(("raw_single", "raw_flip", "average_single", "average_flip"),
+                                                          EVALUATIONS[run])),
+                          torch_version="2.9.9+test", finished=f"2026-11-{10 + i}T12:00:00+00:00")
+    image = results[TEACHER_RUN]["soft_target_examples"][0]["image"]
+    known[TEACHER_RUN]["soft_target_examples"] = [dict(test_index=i, label=label, logits=logits, image=image)
+                                                  for i, (label, logits) in enumerate(SOFT_LOGITS.items())]
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    for name in report.EXPECTED_FIGURES[:2]:
+        (figures / name).write_bytes(b"")
+    (figures / "efficiency.json").write_text(json.dumps(efficiency(known)))
+    out = report_dir(tmp_path)
+    results_dir = write_results(tmp_path / "results", known)
+    report.make_report(results_dir, figures, out, pdf=False, log=lambda *_: None)
+    return dict(results=known, labels=labels, figures=figures, results_dir=results_dir,
+                efficiency=efficiency(known), macros=generated_macros(out))
+
+
+def right_of(r: dict) -> np.ndarray:
+    return np.equal(r["test_predictions"], r["test_labels"])
+
+
+def interval_text(kd: dict, base: dict) -> str:
+    """The prose of a paired difference: its mean counted here, its interval kdlab.stats's bootstrap
+    (tests/test_stats.py checks it against hand-computed ones)."""
+    mean = 100 * (right_of(kd).mean() - right_of(base).mean())
+    d = paired_difference([kd], [base])
+    verdict = ("excludes zero: the difference is beyond what the seeds and the test sample explain"
+               if d["ci_low"] > 0 or d["ci_high"] < 0 else "includes zero: no evidence of a difference either way")
+    return (f"a paired difference of {mean:+.2f} points (1 seed paired), whose 95\\% interval "
+            f"[{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] (bootstrap over seeds and test images) {verdict}")
+
+
+def name(run: str, results: dict) -> str:
+    return report.run_name(run, results)
+
+
+def test_the_recipe_the_report_states_is_the_one_the_runs_recorded(known):
+    m, results = known["macros"], known["results"]
+    for macro, key in (("BatchSize", "batch_size"), ("Momentum", "momentum"), ("WarmupEpochs", "warmup_epochs"),
+                       ("SplitSeed", "split_seed"), ("EmaDecay", "ema_decay"), ("ValPerClass", "val_per_class")):
+        assert number(m[macro]) == SHARED_RECIPE[key], macro
+    for macro, recipe, key in (("TeacherPeakLR", TEACHER_RECIPE, "lr"), ("TeacherWeightDecay", TEACHER_RECIPE, "weight_decay"),
+                               ("TeacherLabelSmoothing", TEACHER_RECIPE, "label_smoothing"),
+                               ("StudentPeakLR", STUDENT_RECIPE, "lr"), ("StudentWeightDecay", STUDENT_RECIPE, "weight_decay"),
+                               ("StudentLabelSmoothing", STUDENT_RECIPE, "label_smoothing"),
+                               ("Temperature", LOGIT_RECIPE, "temperature"), ("Alpha", LOGIT_RECIPE, "alpha"),
+                               ("HintWeight", FEATURE_RECIPE, "hint_weight")):
+        assert number(m[macro]) == recipe[key], macro
+    assert m["HintLayer"] == r"\texttt{layer2}"
+    assert int(m["TeacherEpochs"]) == results[TEACHER_RUN]["config"]["epochs"] == EPOCHS
+    assert int(m["StudentEpochs"]) == EPOCHS
+    assert m["TeacherStart"] == "random weights" and results[TEACHER_RUN]["config"]["weights"] == "none"
+    assert (number(m["FinetuneEpochs"]), number(m["FinetunePeakLR"]), number(m["FinetuneWeightDecay"])) == (
+        report.FINETUNE_RECIPE.epochs, report.FINETUNE_RECIPE.lr, report.FINETUNE_RECIPE.weight_decay)
+    assert m["EvaluationViews"] == "the image alone"                 # flip_tta False in every run
+    assert m["TrainingSeeds"] == "42"
+    r = results[TEACHER_RUN]
+    assert (m["NTrain"], m["NVal"], m["NTest"]) == (f"{r['n_train']:,}", f"{r['n_val']:,}", f"{r['n_test']:,}")
+    assert m["RegressorParams"] == f"{results['student_scratch_kd_features']['extra_training_parameters']:,} parameters"
+    # 128 px: the ImageNet stem's /4, then /2 a stage: 32, 16, 8, 4, a CIFAR ResNet's maps at 32 px.
+    assert m["ImageSize"] == "128~px"
+    assert m["StageSentence"].startswith("At 128~px the four stages see maps of 32, 16, 8 and 4~px, the sizes")
+    assert m["ResolutionCost"] == "16 times the pixels of a native 32~px input"
+    assert (m["TrainingDevice"], m["TorchVersion"], m["DataSource"]) == ("Test GPU", "2.9.9+test", "CIFAR-10 test copy")
+    assert m["ReportDate"] == "2026-11-15"                           # the last run to finish
+    assert m["DraftText"] == ""
+
+
+def test_every_number_in_the_reports_sentences_is_computed_here(known):
+    m, results, labels = known["macros"], known["results"], known["labels"]
+    base, kd = results["student_scratch_baseline"], results["student_scratch_kd_scores"]
+    accs = {run: f"{100 * right_of(r).mean():.2f}\\%" for run, r in results.items()}
+    assert accs == {TEACHER_RUN: "90.00\\%", "student_scratch_baseline": "60.00\\%",
+                    "student_scratch_kd_scores": "70.00\\%", "student_scratch_kd_features": "50.00\\%",
+                    "student_scratch_dkd": "60.00\\%", "student_scratch_at": "50.00\\%"}
+    assert m["AbstractResults"] == ("Test accuracies: " + ", ".join(
+        f"{name(run, results)} {accs[run]}" for run in list(results)[:-1]) + f" and {name('student_scratch_at', results)} "
+        f"{accs['student_scratch_at']}. The best student is {name('student_scratch_kd_scores', results)}.")
+
+    gains = m["KDGainSentences"]
+    for run in ("student_scratch_kd_scores", "student_scratch_kd_features", "student_scratch_dkd", "student_scratch_at"):
+        assert (f"({name(run, results)}) reached {accs[run]} test accuracy against {accs['student_scratch_baseline']} for "
+                f"the cross-entropy student: {interval_text(results[run], base)}") in gains
+    # Decoupled KD predicts as the baseline: every bootstrap replicate is zero.
+    assert "a paired difference of +0.00 points (1 seed paired), whose 95\\% interval [+0.00, +0.00]" in gains
+    assert m["LogitsVsFeaturesSentences"] == (f"From scratch, logit KD at 70.00\\% against feature KD at 50.00\\%: "
+                                              f"{interval_text(kd, results['student_scratch_kd_features'])}.")
+
+    cost = m["KDCostSentences"]
+    for method, run in (("logit KD", "student_scratch_kd_scores"), ("feature KD", "student_scratch_kd_features"),
+                        ("decoupled KD", "student_scratch_dkd"), ("attention transfer", "student_scratch_at")):
+        seconds = NUMBERS[run][3]
+        assert (f"An epoch of {method} from scratch took {seconds:.1f} s against 20.0 s for cross-entropy alone "
+                f"({seconds / 20.0:.2f} times as long)") in cost
+    assert "(1.48 times as long), and trains 264,192 regressor parameters" in cost
+    assert f"cost {EPOCHS * 41.0 / 60:.1f} min of training (3 epochs)" in cost
+
+    teacher_params, kd_params = results[TEACHER_RUN]["parameters"], kd["parameters"]
+    eff = known["efficiency"]["runs"]
+    flops = eff["student_scratch_kd_scores"]["flops_per_image"] / eff[TEACHER_RUN]["flops_per_image"]
+    latency = (eff["student_scratch_kd_scores"]["latency_ms"], eff[TEACHER_RUN]["latency_ms"])
+    assert m["StudentVsTeacherSentences"] == (
+        f"The best student, {name('student_scratch_kd_scores', results)} at 70.00\\%, against its teacher at "
+        f"90.00\\%: {interval_text(kd, results[TEACHER_RUN])}. It has {teacher_params / kd_params:.2f} times fewer parameters ({kd_params / 1e6:.2f} M "
+        f"against {teacher_params / 1e6:.2f} M). It needs {flops:.2f} times more FLOPs per image. On Test GPU its "
+        f"latency is {latency[0]:.2f} ms against the teacher's {latency[1]:.2f} ms "
+        f"({latency[0] / latency[1]:.2f} times slower).")
+
+    teacher_predictions = np.asarray(results[TEACHER_RUN]["test_predictions"])
+    shares = {run: float(np.mean(np.asarray(r["test_predictions"]) == teacher_predictions))
+              for run, r in results.items() if run != TEACHER_RUN}
+    assert shares["student_scratch_baseline"] == 0.7        # classes 0-5 right, and class 9 wrong as the teacher
+    assert m["AgreementSentences"].startswith("On the test set, the students predict the same class as the teacher "
+                                              f"for {100 * shares['student_scratch_baseline']:.2f}\\% of the images")
+    for method, run in (("logit KD", "student_scratch_kd_scores"), ("feature KD", "student_scratch_kd_features")):
+        diff = 100 * (shares[run] - shares["student_scratch_baseline"])
+        assert (f"the agreement of {method} with the teacher is {abs(diff):.2f} points "
+                f"{'above' if diff > 0 else 'below'} the cross-entropy student's") in m["AgreementSentences"]
+    assert "the agreement of decoupled KD with the teacher is level with the cross-entropy student's" \
+        in m["AgreementSentences"]
+
+    n_a_class = int(np.sum(labels == 0))
+    assert m["PerClassSentences"] == (
+        f"Class by class (\\figref{{per_class_accuracy.png}}{{fig:per-class}}), {name('student_scratch_kd_scores', results)} "
+        f"against {name('student_scratch_baseline', results)} gains most on horse (+100.00 points, [+100.00, +100.00]) "
+        f"and least on airplane (-100.00 points, [-100.00, -100.00]); with about {n_a_class} test images a class, the "
+        f"interval of a class is wide, and more so for ten classes compared at once: 99.5\\% interval each, 95\\% for "
+        f"the 10 classes together (Bonferroni). The gain's interval excludes zero for frog and horse, and the loss's "
+        f"for airplane.")
+
+    temperature = LOGIT_RECIPE["temperature"]
+    softmax = lambda logits, t: np.exp(np.asarray(logits) / t) / np.exp(np.asarray(logits) / t).sum()
+    runner_up = {label: max((c for c in range(10) if c != label), key=lambda c: logits[c])
+                 for label, logits in SOFT_LOGITS.items()}
+    label = max(SOFT_LOGITS, key=lambda y: softmax(SOFT_LOGITS[y], temperature)[runner_up[y]])
+    cold, warm = (softmax(SOFT_LOGITS[label], t)[runner_up[label]] for t in (1, temperature))
+    assert (label, runner_up[label]) == (3, 5)                       # the cat, whose runner-up is the dog
+    assert m["SoftTargetSentences"] == (
+        f"For the cat of \\figref{{soft_targets.png}}{{fig:soft-targets}}, the trained teacher gives the class dog a "
+        f"probability of {probability_text(cold)} at $T=1$ and {probability_text(warm)} at $T=3.5$: the similarity a "
+        f"one-hot label cannot carry.")
+
+    last = [run for run, r in results.items() if r["best_epoch"] == r["epochs"]]
+    assert last == [TEACHER_RUN, "student_scratch_kd_scores", "student_scratch_kd_features", "student_scratch_dkd"]
+    assert m["BestEpochSentence"] == (
+        f"{', '.join(name(run, results) for run in last[:-1])} and {name(last[-1], results)} were best on validation "
+        f"at their last epoch, as a cosine schedule that ends at zero makes likely. Peaked before the end: "
+        f"{name('student_scratch_baseline', results)} (epoch 2 of 3) and {name('student_scratch_at', results)} "
+        f"(epoch 2 of 3).")
+
+    rows = np.array(list(EVALUATIONS.values()))
+    gain = 100 * (rows[:, 1:] - rows[:, :1]).mean(axis=0)
+    wins = int(np.sum(rows[:, 3] > rows[:, 0]))
+    assert m["EvaluationSentences"] == (
+        f"Over the 6 trained runs and seeds of this report, against the raw weights of the last epoch on one view, "
+        f"the flip alone changed test accuracy by {gain[0]:+.2f} points on average, the weight average alone by "
+        f"{gain[1]:+.2f}, and both together by {gain[2]:+.2f} (higher in {wins} of 6 runs).")
+
+
+def test_the_reports_folders_and_missing_figures_are_named(known):
+    m, figures = known["macros"], known["figures"]
+    assert m["ReportStatus"] == f"results of {tex(known['results_dir'])}"
+    assert m["FiguresDir"] == "../figures" and m["FiguresDirText"] == rf"\texttt{{{tex(figures)}}}".replace(
+        r"\_", r"\_\allowbreak{}")
+    assert m["MissingRunsSentence"].startswith("Every expected run has its results file in")
+    missing = report.EXPECTED_FIGURES[2:]
+    sentence = m["MissingFiguresSentence"]
+    assert sentence.startswith(r"\textbf{Missing figures:}") and f"are not in" in sentence
+    for figure in report.EXPECTED_FIGURES:
+        assert (tex(figure).replace(r"\_", r"\_\allowbreak{}") in sentence) == (figure in missing), figure
+
+
+# The macros whose values other tests check: the budgets and the verdict (above), the speed
+# (test_speed_table_equals_the_benchmark_file), ImageNet against scratch (tests/test_pretrained_lab.py).
+CHECKED_ELSEWHERE = {"BudgetSentences", "DistillationVerdict", "SpeedSentences", "PretrainedVsScratchSentences"}
+
+
+def test_every_macro_has_a_test_of_its_value(known):
+    source = Path(__file__).read_text()
+    checked = set(re.findall(r'm\["([A-Za-z]+)"\]', source)) | set(re.findall(r'\("([A-Za-z]+)", "[a-z_]+"\)', source))
+    checked |= set(re.findall(r'\("([A-Za-z]+)", [A-Z_]+_RECIPE, "[a-z_]+"\)', source))
+    assert set(known["macros"]) - checked - CHECKED_ELSEWHERE == set()
+
+
+def test_per_class_sentence_with_losses_and_no_gain(tmp_path, reference):
+    # Logit KD loses every airplane the baseline gets right and gains no class.
+    results, _ = reference
+    labels = np.asarray(results[TEACHER_RUN]["test_labels"])
+
+    def right_on(run, classes):
+        right = np.isin(labels, classes)
+        return dict(results[run], test_predictions=np.where(right, labels, (labels + 1) % 10).tolist(),
+                    test_acc=float(right.mean()))
+    changed = dict(results, student_scratch_baseline=right_on("student_scratch_baseline", range(6)),
+                   student_scratch_kd_scores=right_on("student_scratch_kd_scores", range(1, 6)),
+                   student_scratch_kd_features=right_on("student_scratch_kd_features", range(1, 5)),
+                   student_scratch_dkd=right_on("student_scratch_dkd", range(1, 5)),
+                   student_scratch_at=right_on("student_scratch_at", range(1, 5)))
+    rep = report.collect(write_results(tmp_path / "results", changed), tmp_path / "figures", report_dir(tmp_path))
+    sentence = report.per_class_sentences(rep)
+    assert sentence.endswith("No class's gain has an interval that excludes zero; the loss's does for airplane.")
+    assert "least on airplane (-100.00 points, [-100.00, -100.00])" in sentence

@@ -110,7 +110,7 @@ def test_seeds_have_their_own_files_and_load_together_in_seed_order(tmp_path):
     assert [r["test_acc"] for r in load_seed_results(tmp_path)[RUN]] == [0.03, 0.07, 0.42]
     assert list(load_results(tmp_path)) == [RUN] and load_results(tmp_path)[RUN]["test_acc"] == 0.42
     out = subprocess.run([sys.executable, "-m", "kdlab", "status", "--ckpt-dir", tmp_path], cwd=REPO,
-                         capture_output=True, text=True).stdout
+                         capture_output=True, text=True, timeout=120).stdout
     assert f"{RUN}_seed9 " in out and "resumable" in out and f"{RUN}_seed3 " in out
 
 
