@@ -339,6 +339,7 @@ def _results(cfg, method, splits, device, precision, speed, history, best_module
         data=splits.source, n_train=len(splits.train[1]), n_val=len(splits.val[1]),
         n_test=len(test_labels),
         parameters=count_parameters(method.student),
+        weights_sha256=tensors_sha256(method.student.state_dict()),   # its students record the same: one teacher
         extra_training_parameters=sum(count_parameters(m) for m in extra),
         teacher=dict(run=teacher.results["run"], seed=teacher.results.get("seed", DEFAULT_SEED),
                      test_acc=teacher.results["test_acc"],

@@ -268,10 +268,10 @@ def teachers_of(seeds: dict[str, list[dict]]) -> list[dict]:
         for r in runs:
             if not r.get("teacher"):
                 continue
-            sha = r["teacher"].get("weights_sha256")
-            group = groups.setdefault((sha, None if sha else r["teacher"]["test_acc"]), dict(
-                sha256=sha, test_acc=r["teacher"]["test_acc"], in_folder=sha is not None and sha == folders_teacher,
-                runs={}))
+            sha, test_acc = r["teacher"].get("weights_sha256"), r["teacher"]["test_acc"]
+            in_folder = sha == folders_teacher if sha else test_acc == teacher.get("test_acc")
+            group = groups.setdefault((sha, None if sha else test_acc), dict(
+                sha256=sha, test_acc=test_acc, in_folder=in_folder, runs={}))
             group["runs"].setdefault(run, []).append(training_seed(r))
     return list(groups.values())
 

@@ -145,8 +145,13 @@ def test_the_report_deploys_the_student_from_deploy_json_and_says_not_measured_w
     rep = make_report(ckpt_dir, tmp_path / "figures", tmp_path / "report", draft=True, pdf=False,
                       deploy=out / "deploy.json", log=lambda _: None)
     sentences = generated_macros(tmp_path / "report")["DeploySentences"]
-    int8 = deployment["runs"]["student_scratch_kd_scores"]["variants"]["onnxruntime_int8"]
-    assert f"{int8['latency_ms']:.2f}~ms in int8" in sentences and "The teacher in PyTorch takes" in sentences
+    variants = deployment["runs"]["student_scratch_kd_scores"]["variants"]
+    eager, fp32, int8 = (variants[v] for v in ("pytorch_fp32", "onnxruntime_fp32", "onnxruntime_int8"))
+    teacher = deployment["runs"]["teacher_resnet50"]["variants"]["pytorch_fp32"]
+    assert (f"answers one image in {eager['latency_ms']:.2f}~ms in PyTorch, {fp32['latency_ms']:.2f}~ms in ONNX "
+            f"Runtime") in sentences and f"{int8['latency_ms']:.2f}~ms in int8" in sentences
+    assert f"class on {100 * int8['agreement_with_pytorch']:.2f}\\% of the test images" in sentences
+    assert f"The teacher in PyTorch takes {teacher['latency_ms']:.2f}~ms" in sentences
     table = (tmp_path / "report" / "generated" / "deploy_table.tex").read_text()
     assert [table.count(f"& {label} &") for label in deployment["variants"].values()] == [len(RUNS)] * 3
     assert rep.deployment == deployment

@@ -662,8 +662,17 @@ def test_the_reports_folders_and_missing_figures_are_named(known):
 
 
 # The macros whose values other tests check: the budgets and the verdict (above), the speed
-# (test_speed_table_equals_the_benchmark_file), ImageNet against scratch (tests/test_pretrained_lab.py).
-CHECKED_ELSEWHERE = {"BudgetSentences", "DistillationVerdict", "SpeedSentences", "PretrainedVsScratchSentences"}
+# (test_speed_table_equals_the_benchmark_file), ImageNet against scratch (tests/test_pretrained_lab.py),
+# deployment (tests/test_deploy.py).
+CHECKED_ELSEWHERE = {"BudgetSentences", "DistillationVerdict", "SpeedSentences", "PretrainedVsScratchSentences",
+                     "DeploySentences"}   # tests/test_deploy.py, from a deploy.json and without one
+
+
+def test_the_teacher_sentence_says_every_student_distilled_the_one_teacher(known):
+    """Every distilled run of the fixture distilled the teacher whose results the folder holds (one
+    model, so one weights sha256); tests/test_kept.py covers runs of several teachers."""
+    m = known["macros"]
+    assert m["TeacherSentence"] == "Every distilled student learned from the one teacher."
 
 
 def test_every_macro_has_a_test_of_its_value(known):
