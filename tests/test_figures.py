@@ -173,7 +173,7 @@ def drawn(tmp_path_factory):
 
 def tick_label(run: str, results: dict) -> str:
     """A run's tick on a bar chart's x axis, broken over lines as kdlab.figures breaks it."""
-    return run_label(run, results).replace(" + ", "\n+ ").replace(" (", "\n(")
+    return run_label(run, results).replace(" from ", "\nfrom ").replace(" + ", "\n+ ").replace(" (", "\n(")
 
 
 def line(ax, label: str):
