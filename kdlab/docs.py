@@ -220,16 +220,12 @@ def results_block(name: str) -> str:
 
 
 def benchmark_block(name: str) -> str:
-    """The tables of a committed benchmarks/throughput.py results file, as the script writes them."""
-    import importlib.util
-    import sys
+    """The tables of a committed benchmarks/throughput.py results file (kdlab.benchmark_tables)."""
+    from kdlab.benchmark_tables import markdown
+    from kdlab.results import load_benchmark
 
-    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
-    throughput = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = throughput   # its dataclasses look their module up while it runs
-    spec.loader.exec_module(throughput)
     path = REPO / "benchmarks" / "results" / f"{name.removeprefix('benchmark-')}.json"
-    return throughput.markdown(throughput.load_benchmark(path), path.relative_to(REPO).as_posix())
+    return markdown(load_benchmark(path), path.relative_to(REPO).as_posix())
 
 
 BENCHMARK_BLOCKS = ("benchmark-h200-full-compile", "benchmark-cpu-quick")
