@@ -27,12 +27,13 @@ from matplotlib.ticker import MaxNLocator
 
 from kdlab.config import CLASSES, NUM_CLASSES, RUNS, TEACHER_RUN, baseline_of, expected_runs, run_label, run_of
 from kdlab.errors import KdlabError
+from kdlab.findings import Findings
 from kdlab.folders import writable_folder
 from kdlab.registry import METHODS
 from kdlab.results import (BUDGETS, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
                            default_seed_results, distillation_temperature, load_budget_baselines, load_deploy,
                            load_efficiency, load_seed_results, softened, teacher_note)
-from kdlab.stats import (correct_images, paired_difference, paired_difference_by_class, per_class_interval_text,
+from kdlab.stats import (correct_images, paired_difference_by_class, per_class_interval_text,
                          summarise)
 
 ORIGINAL_LAB_LABEL = "original lab (reference)"   # beside kdlab.config.Run.original_lab_test_acc
@@ -68,14 +69,16 @@ def format_config_table(configs) -> str:
     return "\n".join(rows)
 
 
-def format_results_table(seeds: dict[str, list[dict]]) -> str:
+def format_results_table(seeds: dict[str, list[dict]], findings: Findings | None = None) -> str:
     """The runs' accuracies and budgets as a markdown table, the original lab's figures beside them.
 
     `seeds`: every seed's results by run (kdlab.results.load_seed_results). Test accuracy is the
     mean and standard deviation over the seeds; each distillation run is compared with the
-    cross-entropy run of the same start, paired by seed on the same test images. The other
-    columns are those of the default seed (or the first one).
+    cross-entropy run of the same start, paired by seed on the same test images (`findings`: the
+    comparisons of `seeds`, if computed already). The other columns are those of the default seed
+    (or the first one).
     """
+    findings = findings or Findings(seeds)
     rows = ["| run | start | seeds | test acc, mean ± sd | paired gain over its baseline [95% interval] "
             "| best val acc (epoch) | epochs | train time (s) | trained on |",
             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -83,10 +86,9 @@ def format_results_table(seeds: dict[str, list[dict]]) -> str:
         r, summary = runs[0], summarise(runs)
         start = "ImageNet" if r["weights"] == "imagenet" else "scratch"
         spread = "" if summary["std"] is None else f" ± {summary['std']:.4f}"
-        baseline = baseline_of(run)
         gain = ""
-        if baseline in seeds:
-            d = paired_difference(runs, seeds[baseline])
+        d = findings.gain(run)
+        if d:
             gain = f"{100 * d['mean_difference']:+.2f} pts [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]"
         rows.append(f"| {run} | {start} | {summary['n_seeds']} | {summary['mean']:.4f}{spread} | {gain} "
                     f"| {r['best_val_acc']:.4f} ({r['best_epoch']}) | {r['epochs']} | {r['wall_seconds']:.0f} "

@@ -26,22 +26,22 @@ import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from kdlab.config import (CLASSES, DEFAULT_SEED, LAB_RUNS, RUNS, START_OF_WEIGHTS, STARTS, STUDENT_STEP,
-                          TEACHER_RUN, TEACHER_STEP, baseline_of, config_dict, expected_runs, kd_pairs, make_config,
+                          TEACHER_RUN, TEACHER_STEP, config_dict, expected_runs, kd_pairs, make_config,
                           run_label, run_of)
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 from kdlab.latex import (acc_text, compare, count, enumerate_text, minutes, num, pct, probability_text, table, tex,
                          times, tt)
 from kdlab.registry import METHODS, setting_fields
-from kdlab.results import (BUDGETS, DEFAULT_BENCHMARK, EQUAL_EPOCHS, STEP_DESCRIPTIONS, agreement, best_distilled,
-                           best_student, budget_comparisons, default_seed_results, distillation_temperature,
-                           load_benchmark, load_budget_baselines, load_deploy, load_efficiency, load_seed_results,
-                           read_json, run_order, softened, teacher_note)
-from kdlab.stats import (paired_difference, paired_difference_by_class, per_class_interval_text, summarise,
-                         training_seed)
+from kdlab.findings import LOGIT_KD_FROM_SCRATCH, Findings
+from kdlab.results import (DEFAULT_BENCHMARK, STEP_DESCRIPTIONS, agreement, default_seed_results,
+                           distillation_temperature, load_benchmark, load_budget_baselines, load_deploy,
+                           load_efficiency, load_seed_results, read_json, run_order, softened, teacher_note)
+from kdlab.stats import per_class_interval_text, summarise
 
 # The report's template; `make_report` copies it into the report folder it is given.
 TEMPLATE = Path(__file__).resolve().parents[1] / "report" / "KD_LAB.tex"
@@ -97,6 +97,11 @@ class Report:
     figures_tex_path: str             # the figures folder as LaTeX, run from the report folder
     deployment: dict | None = None    # deploy.json of `python -m kdlab deploy`, if given and there
     deploy_path: Path | None = None
+
+    @cached_property
+    def findings(self) -> Findings:
+        """The comparisons every sentence words, each computed once (kdlab.findings)."""
+        return Findings(self.seeds, self.budget)
 
     @property
     def runs(self) -> list[str]:
@@ -250,7 +255,7 @@ def speed_sentences(rep: Report) -> str:
 def deployed_student(rep: Report) -> str | None:
     """The student the deploy section speaks of: the best one if deploy.json measured it, else its first."""
     students = [run for run in rep.deployment["runs"] if run != TEACHER_RUN]
-    best = best_student(rep.results)
+    best = rep.findings.best_student
     return best if best in students else next(iter(students), None)
 
 
@@ -515,7 +520,7 @@ def seeds_text(rep: Report, run: str) -> str:
 
 def paired_text(rep: Report, better: str, other: str) -> str:
     """The paired difference of two runs on the same test images and seeds, with its 95% interval."""
-    return difference_text(paired_difference(rep.seeds[better], rep.seeds[other]))
+    return difference_text(rep.findings.difference(better, other))
 
 
 def difference_text(d: dict) -> str:
@@ -602,7 +607,7 @@ def pretrained_vs_scratch_sentences(rep: Report) -> str:
 
 
 def student_vs_teacher_sentences(rep: Report) -> str:
-    best = best_student(rep.results)
+    best = rep.findings.best_student
     lacking = [TEACHER_RUN] if TEACHER_RUN not in rep.results else []
     if best is None:
         lacking += [run for run in rep.missing if run != TEACHER_RUN]
@@ -649,11 +654,9 @@ def agreement_sentences(rep: Report) -> str:
 
 def per_class_sentences(rep: Report) -> str:
     """Which classes the best distilled student gains on against its baseline, paired per class."""
-    kd = best_distilled(rep.results)
-    if kd is None:
+    if rep.findings.per_class is None:
         return ""
-    base = baseline_of(kd)
-    by_class = paired_difference_by_class(rep.seeds[kd], rep.seeds[base], len(CLASSES))
+    kd, base, by_class = rep.findings.per_class
     order = sorted(range(len(CLASSES)), key=lambda c: by_class[c]["mean_difference"])
     helped = [CLASSES[c] for c in order if by_class[c]["excludes_zero"] and by_class[c]["mean_difference"] > 0]
     hurt = [CLASSES[c] for c in order if by_class[c]["excludes_zero"] and by_class[c]["mean_difference"] < 0]
@@ -695,16 +698,15 @@ def soft_target_sentences(rep: Report) -> str:
 
 def budget_sentences(rep: Report) -> str:
     """Logit KD from scratch against its baseline at each budget: equal epochs, equal training time,
-    equal total epochs with the teacher's (kdlab.results.budget_comparisons)."""
-    kd = run_of("kd_logits", "scratch")
-    if kd not in rep.results or baseline_of(kd) not in rep.results:
+    equal total epochs with the teacher's (kdlab.findings.Findings.budgets)."""
+    if not rep.findings.compares_budgets:
         return ""
-    comparisons = budget_comparisons(rep.seeds, rep.budget)
+    comparisons = rep.findings.budgets
     measured = [c for c in comparisons if c["difference"] is not None]
     pending = [c["label"] for c in comparisons if c["difference"] is None]
-    out = ["Given the baseline the same budget, " + run_name(kd, rep.results) + " against it: " + "; ".join(
-        rf"{c['label']} (the baseline trained {count(c['epochs'], 'epoch')}), {difference_text(c['difference'])}"
-        for c in measured) + "."]
+    out = ["Given the baseline the same budget, " + run_name(LOGIT_KD_FROM_SCRATCH, rep.results) + " against it: "
+           + "; ".join(rf"{c['label']} (the baseline trained {count(c['epochs'], 'epoch')}), "
+                       rf"{difference_text(c['difference'])}" for c in measured) + "."]
     if pending:
         where = tt(rep.budget_dir) if rep.budget_dir else r"no folder given (\texttt{-{}-budget-baselines})"
         out.append(rf"{sentence_start(enumerate_text(pending))}: pending, the budget-matched baselines have "
@@ -713,60 +715,41 @@ def budget_sentences(rep: Report) -> str:
 
 
 def distillation_verdict(rep: Report) -> str:
-    """The lab's conclusion on logit KD from scratch, whichever way the budget comparisons go."""
-    kd = run_of("kd_logits", "scratch")
-    if kd not in rep.results or baseline_of(kd) not in rep.results:
+    """The lab's conclusion on logit KD from scratch (kdlab.findings.Verdict), in words."""
+    if not rep.findings.compares_budgets:
         return ""
-    comparisons = budget_comparisons(rep.seeds, rep.budget)
-    d = {c["label"]: c["difference"] for c in comparisons if c["difference"] is not None}
-    wins = [label for label, x in d.items() if x["excludes_zero"] and x["mean_difference"] > 0]
-    losses = [label for label, x in d.items() if x["excludes_zero"] and x["mean_difference"] < 0]
-    ties = [label for label, x in d.items() if not x["excludes_zero"]]
+    v = rep.findings.verdict
     parts = []
-    for phrase, labels in (("beats {}", wins), ("is level with {} within the noise", ties), ("loses to {}", losses)):
+    for phrase, labels in (("beats {}", v.wins), ("is level with {} within the noise", v.ties),
+                           ("loses to {}", v.losses)):
         if labels:   # the baseline named first, then "it"
             parts.append(f"{phrase.format('it' if parts else 'its baseline')} {enumerate_text(labels)}")
     text = rf"Logit KD from scratch {'; it '.join(parts)}."
-    pending = [c["label"] for c in comparisons if c["difference"] is None]
-    gained = BUDGETS[EQUAL_EPOCHS] in wins
-    if pending:
-        if not gained:   # no gain to explain: the budgets can only say more of the same
-            return text + rf" The baseline has not been trained yet {enumerate_text(pending)}."
+    if v.conclusion == "pending":   # no gain to explain: the budgets can only say more of the same
+        return text + rf" The baseline has not been trained yet {enumerate_text(v.pending)}."
+    if v.conclusion == "open":
         return text + (r" Whether that gain is what the teacher knows or the compute it adds is still open: "
-                       rf"the baseline has not been trained yet {enumerate_text(pending)}.")
-    if not gained:
-        return text
-    matched = [c for c in comparisons if c["budget"] != EQUAL_EPOCHS]
-    matched_wins = [c for c in matched if c["label"] in wins]
-    if len(matched_wins) == len(matched):
-        return text + teacher_compute_sentence(rep, kd, matched)
-    if not matched_wins:
-        return text + (rf" The gain at equal epochs does not hold {enumerate_text([c['label'] for c in matched])}: "
+                       rf"the baseline has not been trained yet {enumerate_text(v.pending)}.")
+    if v.conclusion == "every budget":
+        return text + teacher_compute_sentence(v.compute)
+    if v.conclusion == "the compute":
+        return text + (rf" The gain at equal epochs does not hold {enumerate_text(v.matched)}: "
                        r"it goes with the compute.")
-    return text   # mixed: the sentence above is the conclusion
+    return text   # no gain, or mixed: the sentence above is the conclusion
 
 
-def mean_seconds(results: list[dict]) -> float:
-    """The mean training time (the training loop's wall_seconds) of a run over its seeds."""
-    return sum(r["wall_seconds"] for r in results) / len(results)
-
-
-def teacher_compute_sentence(rep: Report, kd: str, matched: list[dict]) -> str:
+def teacher_compute_sentence(compute: dict | None) -> str:
     """Whether the longest budget-matched baseline (logit KD beat them all) trained as long as the
-    teacher and the distilled student together: only such a baseline tests the teacher's compute."""
-    teacher_seed = rep.results[kd]["teacher"]["seed"]
-    teacher = [r for r in rep.seeds.get(TEACHER_RUN, []) if training_seed(r) == teacher_seed]
-    if not teacher:
+    teacher and the distilled student together (kdlab.findings.Findings.teacher_compute)."""
+    if compute is None:
         return r" The gain holds at every budget compared; the teacher's training time is not in the results."
-    teacher_s, kd_s = mean_seconds(teacher), mean_seconds(rep.seeds[kd])
-    longest = max(matched, key=lambda c: mean_seconds(c["baseline"]))
-    given = mean_seconds(longest["baseline"])
+    teacher_s, kd_s, given = compute["teacher_seconds"], compute["kd_seconds"], compute["longest_seconds"]
     if given >= teacher_s + kd_s:
-        return (rf" The gain survives the teacher's compute: {longest['label']}, the baseline trained "
+        return (rf" The gain survives the teacher's compute: {compute['longest']}, the baseline trained "
                 rf"{given:.0f}~s, no less than the teacher's {teacher_s:.0f}~s and the distilled student's "
                 rf"{kd_s:.0f}~s together.")
     return (rf" The gain holds at every budget compared, but none gave the baseline the teacher's training "
-            rf"time too: the longest, {longest['label']}, trained {given:.0f}~s, against the teacher's "
+            rf"time too: the longest, {compute['longest']}, trained {given:.0f}~s, against the teacher's "
             rf"{teacher_s:.0f}~s and the distilled student's {kd_s:.0f}~s. Whether the gain survives the "
             rf"teacher's compute is not measured.")
 
@@ -789,7 +772,7 @@ def best_epoch_sentence(rep: Report) -> str:
 def abstract_results(rep: Report) -> str:
     accs = enumerate_text([rf"{run_name(run, rep.results)} {seeds_text(rep, run)}" for run in rep.results])
     missing = (rf" Still missing: {runs_text(rep.missing, {})}." if rep.missing else "")
-    best = best_student(rep.results)
+    best = rep.findings.best_student
     lead = (rf" The best student is {run_name(best, rep.results)}." if best else "")
     return rf"Test accuracies: {accs}.{lead}{missing}"
 
