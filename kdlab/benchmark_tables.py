@@ -180,9 +180,10 @@ def lab_time_table(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdlab.benchmark_tables",
-                                     description="print the tables of a benchmarks/throughput.py results file as "
-                                                 "Markdown (for docs/performance.md), or draw its chart; measures nothing")
+    parser = argparse.ArgumentParser(
+        prog="python -m kdlab.benchmark_tables",
+        description="print the tables of a benchmarks/throughput.py results file as Markdown (for "
+                    "docs/performance.md), or draw its chart; measures nothing")
     parser.add_argument("results", help="a results JSON of benchmarks/throughput.py")
     parser.add_argument("--plot", metavar="PNG", help="draw the throughput chart (kdlab.figures.plot_throughput) here "
                                                       "instead")

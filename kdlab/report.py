@@ -144,7 +144,7 @@ def draft_text(reason: str) -> str:
     return f"DRAFT - {reason}, not results"
 
 
-# ----------------------------------------------------------------------------- run names in prose
+# ----------------------------------------------------------------------------- runs and comparisons in prose
 
 def run_name(run: str, results: dict[str, dict]) -> str:
     """A run as the prose names it: its label, true to the weights its results record (a run
@@ -166,164 +166,112 @@ def sentence_start(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def results_table(rep: Report) -> str:
-    eff = rep.efficiency
-    rows = []
-    for run in rep.runs:
-        if run not in rep.results:
-            rows.append(rf"{tt(run)} & \multicolumn{{7}}{{c}}{{\textit{{missing: no results file}}}} \\")
-            continue
-        r, m = rep.results[run], rep.measured(run)
-        flops = f"{m['flops_per_image'] / 1e9:.2f}" if "flops_per_image" in m else "--"
-        latency = f"{m['latency_ms']:.2f}" if "latency_ms" in m else "--"
-        rows.append(rf"{tt(run)} & {r['epochs']} & {pct(r['best_val_acc'])} ({r['best_epoch']}) & "
-                    rf"{test_acc_cell(rep, run)} & {r['parameters'] / 1e6:.2f} & {flops} & {latency} & "
-                    rf"{minutes(r['wall_seconds'])} \\")
-    if eff:
-        where = (f"FLOPs per image and latency from {tt(rep.figures_dir / 'efficiency.json')}, "
-                 f"measured on {tex(eff.get('device', 'an unnamed device'))} at "
-                 f"{tex(eff.get('image_size', '?'))} px.")
-    else:
-        where = (f"FLOPs and latency: -- (no {tt('efficiency.json')} in {tt(rep.figures_dir)}; "
-                 f"the figures module writes it).")
-    caption = (rf"Every run. Validation accuracy: the best epoch's (that epoch in brackets), "
-               rf"whose weights are kept; test accuracy: those weights, once, on the "
-               rf"test set; for a run trained with several seeds, the mean $\pm$ the standard "
-               rf"deviation over its seeds (their number in brackets), the other columns being "
-               rf"those of seed {DEFAULT_SEED}. Parameters: the deployed network (a regressor used only in training "
-               rf"is not counted). Train: wall time of all epochs, validation included. {where} "
-               rf"Source: {tt(rep.results_dir)}.")
-    return table("tab:results", caption, "lrrrrrrr", [
-        r"Run & Epochs & Val.\ acc. & Test acc. & Params & GFLOPs & Latency & Train \\",
-        r" & & \% (epoch) & \% & (M) & & (ms) & (min) \\"], rows)
+def absent(rep: Report, runs: tuple[str, ...]) -> list[str]:
+    return [run for run in runs if run not in rep.results]
 
 
-def test_acc_cell(rep: Report, run: str) -> str:
-    """The test accuracy of `run`: one seed's, or the mean and spread of several."""
+def cannot_yet(what: str, lacking: list[str]) -> str:
+    verb = "has" if len(lacking) == 1 else "have"
+    return f"{what} cannot be measured yet: {runs_text(lacking, {})} {verb} no results file."
+
+
+def compared_pairs(rep: Report):
+    """(start, method name, cross-entropy run, distilled run) for each distilled run the report
+    has or expects, against the cross-entropy student of the same start (kdlab.config.kd_pairs)."""
+    for base, kd in kd_pairs():
+        if kd in rep.runs:
+            yield STARTS[RUNS[kd].start], METHODS[RUNS[kd].method].name, base, kd
+
+
+def seeds_text(rep: Report, run: str) -> str:
+    """`run`'s test accuracy for the prose: '92.10%' for one seed, '92.10% (mean of 3 seeds, sd 0.12)'."""
     summary = summarise(rep.seeds[run])
     if summary["std"] is None:
-        return pct(summary["mean"])
-    return rf"{pct(summary['mean'])} $\pm$ {pct(summary['std'])} ({summary['n_seeds']})"
+        return acc_text(summary["mean"])
+    return rf"{acc_text(summary['mean'])} (mean of {summary['n_seeds']} seeds, sd {pct(summary['std'])})"
 
 
-def speed_table(rep: Report) -> str:
-    """Images/s of kdlab's path and the naive one per step kind, from the benchmark file."""
-    bench = rep.benchmark
-    if bench is None:
-        return ""
-    rows = []
-    for row in bench["rows"]:
-        k, n = row["kdlab"], row["naive"]
-        share = f"{100 * k['peak_share']:.1f}" if k.get("peak_share") else "--"
-        rows.append(rf"{tex(STEP_DESCRIPTIONS.get(row['step'], row['step']))} & {k['images_per_s']:,.0f} & "
-                    rf"{n['images_per_s']:,.0f} & {row['speedup']:.1f} & {k['tflops']:.3g} & {share} \\")
-    caption = (rf"Training speed on {tex(bench['device_name'])} (torch {tex(bench['torch_version'])}), "
-               rf"{bench['image_size']}~px, batch {bench['batch_size']}, synthetic images and random weights "
-               rf"(a step's cost depends on shapes only). kdlab: the package's own loader and step "
-               rf"functions; naive: per-image PIL transforms in a two-worker DataLoader, fp32. "
-               rf"TFLOP/s: model FLOPs per second (a training step: forward and backward of the trained "
-               rf"network and forward of a teacher; evaluation: forward only); peak: the device's dense "
-               rf"bf16/fp16 peak (-- where unknown, as on a CPU). Source: {tt(rep.benchmark_path)}.")
-    return table("tab:speed", caption, "lrrrrr", [
-        r"Step & kdlab & naive & Speed-up & TFLOP/s & Peak \\",
-        r" & (images/s) & (images/s) & ($\times$) & (kdlab) & (\%) \\"], rows)
+def paired_text(rep: Report, better: str, other: str) -> str:
+    """The paired difference of two runs on the same test images and seeds, with its 95% interval."""
+    return difference_text(rep.findings.difference(better, other))
 
 
-def speed_sentences(rep: Report) -> str:
-    bench = rep.benchmark
-    if bench is None:
-        where = tt(rep.benchmark_path) if rep.benchmark_path else "no file given"
-        return rf"Training speed: not measured for this report (no benchmark file: {where})."
-    train = [r for r in bench["rows"] if r["step"] != "evaluation"]
-    evaluation = [r for r in bench["rows"] if r["step"] == "evaluation"]
-    low, high = min(train, key=lambda r: r["speedup"]), max(train, key=lambda r: r["speedup"])
-    text = (rf"On the {tex(bench['device_name'])}, kdlab's training steps process from {low['speedup']:.1f} "
-            rf"times ({STEP_PHRASES.get(low['step'], tex(low['step']))}) to {high['speedup']:.1f} times "
-            rf"({STEP_PHRASES.get(high['step'], tex(high['step']))}) as many images per second as the naive "
-            rf"path measured in the same run")
-    text += (rf", and evaluation {evaluation[0]['speedup']:.1f} times (Table~\ref{{tab:speed}})."
-             if evaluation else r" (Table~\ref{tab:speed}).")
-    shares = [r["kdlab"]["peak_share"] for r in bench["rows"] if r["kdlab"].get("peak_share")]
-    if shares:
-        text += (rf" Training steps and evaluation use {100 * min(shares):.1f}\% to {100 * max(shares):.1f}\% "
-                 rf"of the GPU's dense bf16/fp16 peak.")
-    return text
+def difference_text(d: dict) -> str:
+    """A paired difference (kdlab.stats.paired_difference) and its 95% interval, in words."""
+    seeds = f"{len(d['seeds'])} seed{'s' if len(d['seeds']) > 1 else ''} paired"
+    verdict = ("excludes zero: the difference is beyond what the seeds and the test sample explain"
+               if d["excludes_zero"] else "includes zero: no evidence of a difference either way")
+    return (rf"a paired difference of {100 * d['mean_difference']:+.2f} points ({seeds}), whose 95\% "
+            rf"interval [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] (bootstrap over seeds and "
+            rf"test images) {verdict}")
 
 
-# ----------------------------------------------------------------------------- deploying the student
+def setting(rep: Report, runs: list[str], key: str, fmt=num) -> str:
+    """One config value for the prose: shared by `runs`, or a pointer to the config table."""
+    values = list(dict.fromkeys(rep.config(run)[key] for run in runs))
+    if len(values) == 1:
+        return fmt(values[0])
+    return r"per run (Table~\ref{tab:config})"
 
-def deployed_student(rep: Report) -> str | None:
-    """The student the deploy section speaks of: the best one if deploy.json measured it, else its first."""
-    students = [run for run in rep.deployment["runs"] if run != TEACHER_RUN]
+
+# ----------------------------------------------------------------------------- the abstract
+
+def abstract_results(rep: Report) -> str:
+    accs = enumerate_text([rf"{run_name(run, rep.results)} {seeds_text(rep, run)}" for run in rep.results])
+    missing = (rf" Still missing: {runs_text(rep.missing, {})}." if rep.missing else "")
     best = rep.findings.best_student
-    return best if best in students else next(iter(students), None)
+    lead = (rf" The best student is {run_name(best, rep.results)}." if best else "")
+    return rf"Test accuracies: {accs}.{lead}{missing}"
 
 
-def deploy_table(rep: Report) -> str:
-    """Each deployed run in each variant, from deploy.json; nothing without one."""
-    deployment = rep.deployment
-    if deployment is None:
+# ----------------------------------------------------------------------------- method
+
+def soft_target_sentences(rep: Report) -> str:
+    """What the teacher's softened outputs show, read from the examples its results file keeps."""
+    examples = rep.results.get(TEACHER_RUN, {}).get("soft_target_examples")
+    if not examples:
         return ""
-    rows = [rf"{tt(run)} & {tex(deployment['variants'][variant])} & {v['size_mb']:.1f} & {v['latency_ms']:.2f} & "
-            rf"{v['throughput_img_s']:,.0f} & {pct(v['test_acc'])} & {pct(v['agreement_with_pytorch'])} \\"
-            for run, measured in deployment["runs"].items() for variant, v in measured["variants"].items()]
-    cpu = deployment["cpu"]
-    caption = (rf"Each run deployed on a CPU ({tex(cpu['model'])}, {count(cpu['threads'], 'thread')}, int8 "
-               rf"instructions: {tex(', '.join(cpu['int8_instructions']) or 'none known')}): its weights in "
-               rf"PyTorch (fp32, eager), exported to ONNX and run by ONNX Runtime in fp32, and quantized to int8 "
-               rf"by ONNX Runtime (static, per-channel weights, QDQ, calibrated on training images). Latency: "
-               rf"the median at batch 1; throughput: at batch {deployment['timing']['throughput_batch']}; test "
-               rf"accuracy: one view of each of the {deployment['n_test']:,} test images; agreement: with the "
-               rf"PyTorch model's predictions. Source: {tt(rep.deploy_path)}, measured "
-               rf"{tex(deployment['measured'][:10])}.")
-    return table("tab:deploy", caption, "llrrrrr", [
-        r"Run & Variant & Size & Latency & Throughput & Test acc. & Agreement \\",
-        r" & & (MB) & (ms) & (images/s) & \% & \% \\"], rows)
+    temperature = distillation_temperature(rep.results)
+
+    def runner_up(example):
+        p = softened(example["logits"], temperature)
+        p[example["label"]] = -1
+        return int(p.argmax())
+    example = max(examples, key=lambda e: softened(e["logits"], temperature)[runner_up(e)])
+    other = runner_up(example)
+    cold, warm = (softened(example["logits"], t)[other] for t in (1, temperature))
+    return (rf"For the {CLASSES[example['label']]} of \figref{{soft_targets.png}}{{fig:soft-targets}}, the "
+            rf"trained teacher gives the class {CLASSES[other]} a probability of {probability_text(cold)} at $T=1$ "
+            rf"and {probability_text(warm)} at $T={num(temperature)}$: the similarity a one-hot label cannot carry.")
 
 
-def deploy_sentences(rep: Report) -> str:
-    """The deployed student's speed-up and accuracy change, and the teacher-to-int8-student latency ratio."""
-    deployment = rep.deployment
-    if deployment is None:
-        where = f"{tt(rep.deploy_path)} is not there" if rep.deploy_path else "none given"
-        return (rf"Deployment on a CPU: not measured for this report (its {tt('deploy.json')}: {where}); "
-                rf"\texttt{{python -m kdlab deploy}} measures it.")
-    student = deployed_student(rep)
-    if student is None:
-        return rf"Deployment on a CPU: {tt(rep.deploy_path)} measured no student."
-    variants = deployment["runs"][student]["variants"]
-    eager, fp32, int8 = (variants[v] for v in ("pytorch_fp32", "onnxruntime_fp32", "onnxruntime_int8"))
-    cpu = deployment["cpu"]
-    out = [rf"On {tex(cpu['model'])} with {count(cpu['threads'], 'thread')}, {run_name(student, rep.results)} "
-           rf"answers one image in {eager['latency_ms']:.2f}~ms in PyTorch, {fp32['latency_ms']:.2f}~ms in ONNX "
-           rf"Runtime ({times(eager['latency_ms'], fp32['latency_ms'], 'faster', 'slower')}) and "
-           rf"{int8['latency_ms']:.2f}~ms in int8 ({times(fp32['latency_ms'], int8['latency_ms'], 'faster', 'slower')} "
-           rf"than in fp32; Table~\ref{{tab:deploy}}).",
-           rf"In int8 its test accuracy is {acc_text(int8['test_acc'])}, {compare(int8['test_acc'], fp32['test_acc'])} "
-           rf"the fp32 model's {acc_text(fp32['test_acc'])} (one view per image), and it predicts the PyTorch "
-           rf"model's class on {pct(int8['agreement_with_pytorch'])}\% of the test images."]
-    if TEACHER_RUN in deployment["runs"]:
-        teacher = deployment["runs"][TEACHER_RUN]["variants"]["pytorch_fp32"]
-        out.append(rf"The teacher in PyTorch takes {teacher['latency_ms']:.2f}~ms: the int8 student answers "
-                   rf"{times(teacher['latency_ms'], int8['latency_ms'], 'faster', 'slower')}.")
-    return " ".join(out)
+# ----------------------------------------------------------------------------- setup
+
+def stage_sentence(size: int | None) -> str:
+    """The map sizes the four ResNet stages see at the input size, against a CIFAR ResNet's."""
+    if size is None:
+        return r"The input size differs between runs (Table~\ref{tab:config})."
+    # ImageNet stem: stride-2 conv and stride-2 max-pool (/4), then each stage after the first /2.
+    stages = tuple(size // 4 // 2 ** i for i in range(4))
+    maps = enumerate_text([str(n) for n in stages])
+    cifar = r"a CIFAR ResNet (a $3\times3$ stride-1 stem and no pooling)"
+    if stages == CIFAR_RESNET_STAGES:
+        return rf"At {size}~px the four stages see maps of {maps}~px, the sizes {cifar} sees at {CIFAR_PX}~px."
+    return (rf"At {size}~px the four stages see maps of {maps}~px, where {cifar} sees "
+            rf"{enumerate_text([str(n) for n in CIFAR_RESNET_STAGES])}~px at {CIFAR_PX}~px.")
 
 
-def check_deployment(rep: Report) -> None:
-    """deploy.json measured the weights of these results, and smoke weights only for a draft."""
-    deployment = rep.deployment
-    if deployment is None:
-        return
-    if deployment["smoke"] and not rep.draft_reason():
-        raise KdlabError(f"{rep.deploy_path} measured smoke weights, which are never results; deploy the "
-                         f"runs' own weights (`python -m kdlab deploy --ckpt-dir <their folder> --out <folder>`) "
-                         f"and pass its deploy.json with --deploy.")
-    other = [run for run, measured in deployment["runs"].items()
-             if run in rep.results and measured.get("results_test_acc") != rep.results[run]["test_acc"]]
-    if other:
-        raise KdlabError(f"{rep.deploy_path} measured other weights of {', '.join(other)} than those of the "
-                         f"results in {rep.results_dir} (their test accuracies differ); deploy the weights of "
-                         f"these results, or pass their own --deploy.")
+def split_sizes(rep: Report) -> tuple[str, str, str]:
+    """Training, validation and test images, as the results files record them."""
+    sizes = {(r["n_train"], r["n_val"], r["n_test"]) for r in rep.results.values()}
+    if len(sizes) == 1:
+        return tuple(f"{n:,}" for n in sizes.pop())
+    return (r"(differs between runs)",) * 3
+
+
+def training_seeds_text(rep: Report) -> str:
+    seeds = sorted({r["config"]["seed"] for runs in rep.seeds.values() for r in runs})
+    return enumerate_text([str(seed) for seed in seeds])
 
 
 def distillation_settings(cfg: dict) -> str:
@@ -363,7 +311,7 @@ def config_table(rep: Report) -> str:
         r" & & & & & LR & decay & \\"], rows)
 
 
-# ----------------------------------------------------------------------------- provenance
+# ----------------------------------------------------------------------------- results
 
 def provenance(rep: Report) -> str:
     """Where the numbers come from: the paragraph at the head of the results section."""
@@ -430,108 +378,106 @@ def missing_figures_sentence(rep: Report) -> str:
             rf"the figures module makes them from the results files.")
 
 
-def manifest_commands(manifest: dict) -> list[str]:
-    """The command lines that made the results, from their manifest: its `command`, the reference
-    script's lab step, or each call of the reference script, in order."""
-    calls = manifest.get("calls")
-    commands = ([manifest.get("command") or manifest.get("steps", {}).get("lab", {}).get("command")]
-                + [call.get("command") for call in (calls if isinstance(calls, list) else []) if isinstance(call, dict)])
-    # the interpreter's path on that machine is the user's `python`
-    return [re.sub(r"^\S*python3?\b", "python", c) for c in commands if isinstance(c, str)]
+def results_table(rep: Report) -> str:
+    eff = rep.efficiency
+    rows = []
+    for run in rep.runs:
+        if run not in rep.results:
+            rows.append(rf"{tt(run)} & \multicolumn{{7}}{{c}}{{\textit{{missing: no results file}}}} \\")
+            continue
+        r, m = rep.results[run], rep.measured(run)
+        flops = f"{m['flops_per_image'] / 1e9:.2f}" if "flops_per_image" in m else "--"
+        latency = f"{m['latency_ms']:.2f}" if "latency_ms" in m else "--"
+        rows.append(rf"{tt(run)} & {r['epochs']} & {pct(r['best_val_acc'])} ({r['best_epoch']}) & "
+                    rf"{test_acc_cell(rep, run)} & {r['parameters'] / 1e6:.2f} & {flops} & {latency} & "
+                    rf"{minutes(r['wall_seconds'])} \\")
+    if eff:
+        where = (f"FLOPs per image and latency from {tt(rep.figures_dir / 'efficiency.json')}, "
+                 f"measured on {tex(eff.get('device', 'an unnamed device'))} at "
+                 f"{tex(eff.get('image_size', '?'))} px.")
+    else:
+        where = (f"FLOPs and latency: -- (no {tt('efficiency.json')} in {tt(rep.figures_dir)}; "
+                 f"the figures module writes it).")
+    caption = (rf"Every run. Validation accuracy: the best epoch's (that epoch in brackets), "
+               rf"whose weights are kept; test accuracy: those weights, once, on the "
+               rf"test set; for a run trained with several seeds, the mean $\pm$ the standard "
+               rf"deviation over its seeds (their number in brackets), the other columns being "
+               rf"those of seed {DEFAULT_SEED}. Parameters: the deployed network (a regressor used only in training "
+               rf"is not counted). Train: wall time of all epochs, validation included. {where} "
+               rf"Source: {tt(rep.results_dir)}.")
+    return table("tab:results", caption, "lrrrrrrr", [
+        r"Run & Epochs & Val.\ acc. & Test acc. & Params & GFLOPs & Latency & Train \\",
+        r" & & \% (epoch) & \% & (M) & & (ms) & (min) \\"], rows)
 
 
-def typed_command(command: str, results_dir: Path) -> str:
-    """`command` as a user types it in the repository root: a path of the machine that ran it
-    (absolute: a RAM disk, an output folder) becomes a placeholder named by its option
-    (`--out OUT`), and the results go to the folder this report reads."""
-    command = re.sub(r"--results-dir[ =]\S+", f"--results-dir {results_dir}", command)
-    return re.sub(r"--(?!results-dir\b)([\w-]+)[ =]/\S*", lambda m: f"--{m[1]} {m[1].replace('-', '_').upper()}",
-                  command)
-
-
-def holds_checkpoints(folder: Path) -> bool:
-    """A checkpoint folder (the runs' `_best.pt` beside their results), not a folder of results alone."""
-    return any(folder.glob("*_best.pt"))
-
-
-def folder_option(rep: Report) -> str:
-    return f"--{'ckpt' if holds_checkpoints(rep.results_dir) else 'results'}-dir {rep.results_dir}"
-
-
-def planned_command(rep: Report) -> str:
-    """The `run` command that trains the report's runs, at the seeds it has results for."""
-    runs = ["all"] if set(rep.runs) == set(LAB_RUNS) else rep.runs
-    seeds = sorted({r["config"]["seed"] for by_seed in rep.seeds.values() for r in by_seed})
-    weights = " --weights none" if rep.planned_weights == "none" and TEACHER_RUN in rep.runs else ""
-    seed = f" --seed {' '.join(map(str, seeds))}" if seeds != [DEFAULT_SEED] else ""
-    return f"python -m kdlab run {' '.join(runs)}{weights}{seed} {folder_option(rep)}"
-
-
-def reproduce_block(rep: Report) -> str:
-    """The commands of the results, the figures and this report, as a verbatim block typed in the
-    repository root: the run's own command line (from its manifest) or the one that trains them."""
-    recorded = manifest_commands(rep.manifest) if rep.manifest else []
-    commands = ([("# the runs, as their manifest.json records the command" + ("s" if len(recorded) > 1 else ""),
-                  typed_command(command, rep.results_dir)) for command in recorded]
-                or [("# the runs (a finished run is loaded, an interrupted one resumes)", planned_command(rep))])
-    commands += [("# the figures, from the results files",
-                 f"python -m kdlab figures {folder_option(rep)} --out {rep.figures_dir}"
-                 + (f" --budget-baselines {rep.budget_dir}" if rep.budget_dir else "")),
-                ("# this report", f"python -m kdlab report --results {rep.results_dir} --figures {rep.figures_dir} "
-                                  f"--report-dir {rep.report_dir}"
-                                  + (f" --budget-baselines {rep.budget_dir}" if rep.budget_dir else "")
-                                  + (" --draft" if rep.draft_reason() else ""))]
-    lines, said = [], None
-    for comment, line in commands:
-        if comment != said:   # once above the commands it covers
-            lines.append(comment)
-            said = comment
-        # Shell continuation lines, so that a long command fits the page and still runs pasted.
-        lines.append(" \\\n    ".join(textwrap.wrap(line, 72, break_long_words=False, break_on_hyphens=False)))
-    return "\n".join([r"\begin{verbatim}", *lines, r"\end{verbatim}", ""])
-
-
-# ----------------------------------------------------------------------------- sentences
-
-def absent(rep: Report, runs: tuple[str, ...]) -> list[str]:
-    return [run for run in runs if run not in rep.results]
-
-
-def cannot_yet(what: str, lacking: list[str]) -> str:
-    verb = "has" if len(lacking) == 1 else "have"
-    return f"{what} cannot be measured yet: {runs_text(lacking, {})} {verb} no results file."
-
-
-def compared_pairs(rep: Report):
-    """(start, method name, cross-entropy run, distilled run) for each distilled run the report
-    has or expects, against the cross-entropy student of the same start (kdlab.config.kd_pairs)."""
-    for base, kd in kd_pairs():
-        if kd in rep.runs:
-            yield STARTS[RUNS[kd].start], METHODS[RUNS[kd].method].name, base, kd
-
-
-def seeds_text(rep: Report, run: str) -> str:
-    """`run`'s test accuracy for the prose: '92.10%' for one seed, '92.10% (mean of 3 seeds, sd 0.12)'."""
+def test_acc_cell(rep: Report, run: str) -> str:
+    """The test accuracy of `run`: one seed's, or the mean and spread of several."""
     summary = summarise(rep.seeds[run])
     if summary["std"] is None:
-        return acc_text(summary["mean"])
-    return rf"{acc_text(summary['mean'])} (mean of {summary['n_seeds']} seeds, sd {pct(summary['std'])})"
+        return pct(summary["mean"])
+    return rf"{pct(summary['mean'])} $\pm$ {pct(summary['std'])} ({summary['n_seeds']})"
 
 
-def paired_text(rep: Report, better: str, other: str) -> str:
-    """The paired difference of two runs on the same test images and seeds, with its 95% interval."""
-    return difference_text(rep.findings.difference(better, other))
+def best_epoch_sentence(rep: Report) -> str:
+    last = [run for run, r in rep.results.items() if r["best_epoch"] == r["epochs"]]
+    earlier = [run for run in rep.results if run not in last]
+    out = []
+    if last:
+        out.append(rf"{runs_text(last, rep.results)} {'was' if len(last) == 1 else 'were'} best on validation "
+                   rf"at {'its' if len(last) == 1 else 'their'} last epoch, as a cosine schedule "
+                   rf"that ends at zero makes likely.")
+    if earlier:
+        out.append("Peaked before the end: " + enumerate_text(
+            [rf"{run_name(run, rep.results)} (epoch {rep.results[run]['best_epoch']} of {rep.results[run]['epochs']})"
+             for run in earlier]) + ".")
+    return " ".join(out)
 
 
-def difference_text(d: dict) -> str:
-    """A paired difference (kdlab.stats.paired_difference) and its 95% interval, in words."""
-    seeds = f"{len(d['seeds'])} seed{'s' if len(d['seeds']) > 1 else ''} paired"
-    verdict = ("excludes zero: the difference is beyond what the seeds and the test sample explain"
-               if d["excludes_zero"] else "includes zero: no evidence of a difference either way")
-    return (rf"a paired difference of {100 * d['mean_difference']:+.2f} points ({seeds}), whose 95\% "
-            rf"interval [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] (bootstrap over seeds and "
-            rf"test images) {verdict}")
+def speed_table(rep: Report) -> str:
+    """Images/s of kdlab's path and the naive one per step kind, from the benchmark file."""
+    bench = rep.benchmark
+    if bench is None:
+        return ""
+    rows = []
+    for row in bench["rows"]:
+        k, n = row["kdlab"], row["naive"]
+        share = f"{100 * k['peak_share']:.1f}" if k.get("peak_share") else "--"
+        rows.append(rf"{tex(STEP_DESCRIPTIONS.get(row['step'], row['step']))} & {k['images_per_s']:,.0f} & "
+                    rf"{n['images_per_s']:,.0f} & {row['speedup']:.1f} & {k['tflops']:.3g} & {share} \\")
+    caption = (rf"Training speed on {tex(bench['device_name'])} (torch {tex(bench['torch_version'])}), "
+               rf"{bench['image_size']}~px, batch {bench['batch_size']}, synthetic images and random weights "
+               rf"(a step's cost depends on shapes only). kdlab: the package's own loader and step "
+               rf"functions; naive: per-image PIL transforms in a two-worker DataLoader, fp32. "
+               rf"TFLOP/s: model FLOPs per second (a training step: forward and backward of the trained "
+               rf"network and forward of a teacher; evaluation: forward only); peak: the device's dense "
+               rf"bf16/fp16 peak (-- where unknown, as on a CPU). Source: {tt(rep.benchmark_path)}.")
+    return table("tab:speed", caption, "lrrrrr", [
+        r"Step & kdlab & naive & Speed-up & TFLOP/s & Peak \\",
+        r" & (images/s) & (images/s) & ($\times$) & (kdlab) & (\%) \\"], rows)
 
+
+def speed_sentences(rep: Report) -> str:
+    bench = rep.benchmark
+    if bench is None:
+        where = tt(rep.benchmark_path) if rep.benchmark_path else "no file given"
+        return rf"Training speed: not measured for this report (no benchmark file: {where})."
+    train = [r for r in bench["rows"] if r["step"] != "evaluation"]
+    evaluation = [r for r in bench["rows"] if r["step"] == "evaluation"]
+    low, high = min(train, key=lambda r: r["speedup"]), max(train, key=lambda r: r["speedup"])
+    text = (rf"On the {tex(bench['device_name'])}, kdlab's training steps process from {low['speedup']:.1f} "
+            rf"times ({STEP_PHRASES.get(low['step'], tex(low['step']))}) to {high['speedup']:.1f} times "
+            rf"({STEP_PHRASES.get(high['step'], tex(high['step']))}) as many images per second as the naive "
+            rf"path measured in the same run")
+    text += (rf", and evaluation {evaluation[0]['speedup']:.1f} times (Table~\ref{{tab:speed}})."
+             if evaluation else r" (Table~\ref{tab:speed}).")
+    shares = [r["kdlab"]["peak_share"] for r in bench["rows"] if r["kdlab"].get("peak_share")]
+    if shares:
+        text += (rf" Training steps and evaluation use {100 * min(shares):.1f}\% to {100 * max(shares):.1f}\% "
+                 rf"of the GPU's dense bf16/fp16 peak.")
+    return text
+
+
+# ----------------------------------------------------------------------------- discussion: what KD bought
 
 def kd_gain_sentences(rep: Report) -> str:
     out = []
@@ -544,6 +490,23 @@ def kd_gain_sentences(rep: Report) -> str:
                    rf"accuracy against {seeds_text(rep, base)} for the cross-entropy student: "
                    rf"{paired_text(rep, kd, base)}.")
     return " ".join(out)
+
+
+def evaluation_sentences(rep: Report) -> str:
+    """What the weight average and the flip bought, over every run and seed of the results folder."""
+    rows = [r["test_acc_by_evaluation"] for runs in rep.seeds.values() for r in runs
+            if "test_acc_by_evaluation" in r]
+    if not rows:
+        return (r"The results files hold no per-evaluation figures yet (written by an older kdlab), "
+                r"so what the weight average and the flip buy is not measured here.")
+    gain = {key: sum(row[key] - row["raw_single"] for row in rows) / len(rows)
+            for key in ("raw_flip", "average_single", "average_flip")}
+    wins = sum(row["average_flip"] > row["raw_single"] for row in rows)
+    return (rf"Over the {len(rows)} trained runs and seeds of this report, against the raw weights "
+            rf"of the last epoch on one view, the flip alone changed test accuracy by "
+            rf"{100 * gain['raw_flip']:+.2f} points on average, the weight average alone by "
+            rf"{100 * gain['average_single']:+.2f}, and both together by {100 * gain['average_flip']:+.2f} "
+            rf"(higher in {wins} of {len(rows)} runs).")
 
 
 def kd_cost_sentences(rep: Report) -> str:
@@ -568,6 +531,91 @@ def kd_cost_sentences(rep: Report) -> str:
         out.append(cannot_yet("The teacher's training cost", [TEACHER_RUN]))
     return " ".join(out)
 
+
+def budget_sentences(rep: Report) -> str:
+    """Logit KD from scratch against its baseline at each budget: equal epochs, equal training time,
+    equal total epochs with the teacher's (kdlab.findings.Findings.budgets)."""
+    if not rep.findings.compares_budgets:
+        return ""
+    comparisons = rep.findings.budgets
+    measured = [c for c in comparisons if c["difference"] is not None]
+    pending = [c["label"] for c in comparisons if c["difference"] is None]
+    out = ["Given the baseline the same budget, " + run_name(LOGIT_KD_FROM_SCRATCH, rep.results) + " against it: "
+           + "; ".join(rf"{c['label']} (the baseline trained {count(c['epochs'], 'epoch')}), "
+                       rf"{difference_text(c['difference'])}" for c in measured) + "."]
+    if pending:
+        where = tt(rep.budget_dir) if rep.budget_dir else r"no folder given (\texttt{-{}-budget-baselines})"
+        out.append(rf"{sentence_start(enumerate_text(pending))}: pending, the budget-matched baselines have "
+                   rf"no results yet ({where}; the GPU plan trains them).")
+    return " ".join(out)
+
+
+def distillation_verdict(rep: Report) -> str:
+    """The lab's conclusion on logit KD from scratch (kdlab.findings.Verdict), in words."""
+    if not rep.findings.compares_budgets:
+        return ""
+    v = rep.findings.verdict
+    parts = []
+    for phrase, labels in (("beats {}", v.wins), ("is level with {} within the noise", v.ties),
+                           ("loses to {}", v.losses)):
+        if labels:   # the baseline named first, then "it"
+            parts.append(f"{phrase.format('it' if parts else 'its baseline')} {enumerate_text(labels)}")
+    text = rf"Logit KD from scratch {'; it '.join(parts)}."
+    if v.conclusion == "pending":   # no gain to explain: the budgets can only say more of the same
+        return text + rf" The baseline has not been trained yet {enumerate_text(v.pending)}."
+    if v.conclusion == "open":
+        return text + (r" Whether that gain is what the teacher knows or the compute it adds is still open: "
+                       rf"the baseline has not been trained yet {enumerate_text(v.pending)}.")
+    if v.conclusion == "every budget":
+        return text + teacher_compute_sentence(v.compute)
+    if v.conclusion == "the compute":
+        return text + (rf" The gain at equal epochs does not hold {enumerate_text(v.matched)}: "
+                       r"it goes with the compute.")
+    return text   # no gain, or mixed: the sentence above is the conclusion
+
+
+def teacher_compute_sentence(compute: dict | None) -> str:
+    """Whether the longest budget-matched baseline (logit KD beat them all) trained as long as the
+    teacher and the distilled student together (kdlab.findings.Findings.teacher_compute)."""
+    if compute is None:
+        return r" The gain holds at every budget compared; the teacher's training time is not in the results."
+    teacher_s, kd_s, given = compute["teacher_seconds"], compute["kd_seconds"], compute["longest_seconds"]
+    if given >= teacher_s + kd_s:
+        return (rf" The gain survives the teacher's compute: {compute['longest']}, the baseline trained "
+                rf"{given:.0f}~s, no less than the teacher's {teacher_s:.0f}~s and the distilled student's "
+                rf"{kd_s:.0f}~s together.")
+    return (rf" The gain holds at every budget compared, but none gave the baseline the teacher's training "
+            rf"time too: the longest, {compute['longest']}, trained {given:.0f}~s, against the teacher's "
+            rf"{teacher_s:.0f}~s and the distilled student's {kd_s:.0f}~s. Whether the gain survives the "
+            rf"teacher's compute is not measured.")
+
+
+def per_class_sentences(rep: Report) -> str:
+    """Which classes the best distilled student gains on against its baseline, paired per class."""
+    if rep.findings.per_class is None:
+        return ""
+    kd, base, by_class = rep.findings.per_class
+    order = sorted(range(len(CLASSES)), key=lambda c: by_class[c]["mean_difference"])
+    helped = [CLASSES[c] for c in order if by_class[c]["excludes_zero"] and by_class[c]["mean_difference"] > 0]
+    hurt = [CLASSES[c] for c in order if by_class[c]["excludes_zero"] and by_class[c]["mean_difference"] < 0]
+
+    def gain(c):
+        d = by_class[c]
+        return (rf"{CLASSES[c]} ({100 * d['mean_difference']:+.2f} points, "
+                rf"[{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}])")
+    n_images = len(rep.seeds[kd][0]["test_labels"]) // len(CLASSES)
+    text = (rf"Class by class (\figref{{per_class_accuracy.png}}{{fig:per-class}}), {run_name(kd, rep.results)} "
+            rf"against {run_name(base, rep.results)} gains most on {gain(order[-1])} and least on "
+            rf"{gain(order[0])}; with about {count(n_images, 'test image')} a class, the interval of a class is "
+            rf"wide, and more so for ten classes compared at once: {tex(per_class_interval_text(by_class))}. ")
+    text += (rf"The gain's interval excludes zero for {enumerate_text(helped)}" if helped
+             else r"No class's gain has an interval that excludes zero")
+    text += ("." if not hurt else rf", and the loss's for {enumerate_text(hurt)}." if helped
+             else rf"; the loss's does for {enumerate_text(hurt)}.")
+    return text
+
+
+# ----------------------------------------------------------------------------- discussion: the other questions
 
 def logits_vs_features_sentences(rep: Report) -> str:
     out = []
@@ -652,184 +700,146 @@ def agreement_sentences(rep: Report) -> str:
     return " ".join(out)
 
 
-def per_class_sentences(rep: Report) -> str:
-    """Which classes the best distilled student gains on against its baseline, paired per class."""
-    if rep.findings.per_class is None:
-        return ""
-    kd, base, by_class = rep.findings.per_class
-    order = sorted(range(len(CLASSES)), key=lambda c: by_class[c]["mean_difference"])
-    helped = [CLASSES[c] for c in order if by_class[c]["excludes_zero"] and by_class[c]["mean_difference"] > 0]
-    hurt = [CLASSES[c] for c in order if by_class[c]["excludes_zero"] and by_class[c]["mean_difference"] < 0]
+# ----------------------------------------------------------------------------- deploying the student
 
-    def gain(c):
-        d = by_class[c]
-        return (rf"{CLASSES[c]} ({100 * d['mean_difference']:+.2f} points, "
-                rf"[{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}])")
-    n_images = len(rep.seeds[kd][0]["test_labels"]) // len(CLASSES)
-    text = (rf"Class by class (\figref{{per_class_accuracy.png}}{{fig:per-class}}), {run_name(kd, rep.results)} "
-            rf"against {run_name(base, rep.results)} gains most on {gain(order[-1])} and least on "
-            rf"{gain(order[0])}; with about {count(n_images, 'test image')} a class, the interval of a class is "
-            rf"wide, and more so for ten classes compared at once: {tex(per_class_interval_text(by_class))}. ")
-    text += (rf"The gain's interval excludes zero for {enumerate_text(helped)}" if helped
-             else r"No class's gain has an interval that excludes zero")
-    text += ("." if not hurt else rf", and the loss's for {enumerate_text(hurt)}." if helped
-             else rf"; the loss's does for {enumerate_text(hurt)}.")
-    return text
-
-
-def soft_target_sentences(rep: Report) -> str:
-    """What the teacher's softened outputs show, read from the examples its results file keeps."""
-    examples = rep.results.get(TEACHER_RUN, {}).get("soft_target_examples")
-    if not examples:
-        return ""
-    temperature = distillation_temperature(rep.results)
-
-    def runner_up(example):
-        p = softened(example["logits"], temperature)
-        p[example["label"]] = -1
-        return int(p.argmax())
-    example = max(examples, key=lambda e: softened(e["logits"], temperature)[runner_up(e)])
-    other = runner_up(example)
-    cold, warm = (softened(example["logits"], t)[other] for t in (1, temperature))
-    return (rf"For the {CLASSES[example['label']]} of \figref{{soft_targets.png}}{{fig:soft-targets}}, the "
-            rf"trained teacher gives the class {CLASSES[other]} a probability of {probability_text(cold)} at $T=1$ "
-            rf"and {probability_text(warm)} at $T={num(temperature)}$: the similarity a one-hot label cannot carry.")
-
-
-def budget_sentences(rep: Report) -> str:
-    """Logit KD from scratch against its baseline at each budget: equal epochs, equal training time,
-    equal total epochs with the teacher's (kdlab.findings.Findings.budgets)."""
-    if not rep.findings.compares_budgets:
-        return ""
-    comparisons = rep.findings.budgets
-    measured = [c for c in comparisons if c["difference"] is not None]
-    pending = [c["label"] for c in comparisons if c["difference"] is None]
-    out = ["Given the baseline the same budget, " + run_name(LOGIT_KD_FROM_SCRATCH, rep.results) + " against it: "
-           + "; ".join(rf"{c['label']} (the baseline trained {count(c['epochs'], 'epoch')}), "
-                       rf"{difference_text(c['difference'])}" for c in measured) + "."]
-    if pending:
-        where = tt(rep.budget_dir) if rep.budget_dir else r"no folder given (\texttt{-{}-budget-baselines})"
-        out.append(rf"{sentence_start(enumerate_text(pending))}: pending, the budget-matched baselines have "
-                   rf"no results yet ({where}; the GPU plan trains them).")
-    return " ".join(out)
-
-
-def distillation_verdict(rep: Report) -> str:
-    """The lab's conclusion on logit KD from scratch (kdlab.findings.Verdict), in words."""
-    if not rep.findings.compares_budgets:
-        return ""
-    v = rep.findings.verdict
-    parts = []
-    for phrase, labels in (("beats {}", v.wins), ("is level with {} within the noise", v.ties),
-                           ("loses to {}", v.losses)):
-        if labels:   # the baseline named first, then "it"
-            parts.append(f"{phrase.format('it' if parts else 'its baseline')} {enumerate_text(labels)}")
-    text = rf"Logit KD from scratch {'; it '.join(parts)}."
-    if v.conclusion == "pending":   # no gain to explain: the budgets can only say more of the same
-        return text + rf" The baseline has not been trained yet {enumerate_text(v.pending)}."
-    if v.conclusion == "open":
-        return text + (r" Whether that gain is what the teacher knows or the compute it adds is still open: "
-                       rf"the baseline has not been trained yet {enumerate_text(v.pending)}.")
-    if v.conclusion == "every budget":
-        return text + teacher_compute_sentence(v.compute)
-    if v.conclusion == "the compute":
-        return text + (rf" The gain at equal epochs does not hold {enumerate_text(v.matched)}: "
-                       r"it goes with the compute.")
-    return text   # no gain, or mixed: the sentence above is the conclusion
-
-
-def teacher_compute_sentence(compute: dict | None) -> str:
-    """Whether the longest budget-matched baseline (logit KD beat them all) trained as long as the
-    teacher and the distilled student together (kdlab.findings.Findings.teacher_compute)."""
-    if compute is None:
-        return r" The gain holds at every budget compared; the teacher's training time is not in the results."
-    teacher_s, kd_s, given = compute["teacher_seconds"], compute["kd_seconds"], compute["longest_seconds"]
-    if given >= teacher_s + kd_s:
-        return (rf" The gain survives the teacher's compute: {compute['longest']}, the baseline trained "
-                rf"{given:.0f}~s, no less than the teacher's {teacher_s:.0f}~s and the distilled student's "
-                rf"{kd_s:.0f}~s together.")
-    return (rf" The gain holds at every budget compared, but none gave the baseline the teacher's training "
-            rf"time too: the longest, {compute['longest']}, trained {given:.0f}~s, against the teacher's "
-            rf"{teacher_s:.0f}~s and the distilled student's {kd_s:.0f}~s. Whether the gain survives the "
-            rf"teacher's compute is not measured.")
-
-
-def best_epoch_sentence(rep: Report) -> str:
-    last = [run for run, r in rep.results.items() if r["best_epoch"] == r["epochs"]]
-    earlier = [run for run in rep.results if run not in last]
-    out = []
-    if last:
-        out.append(rf"{runs_text(last, rep.results)} {'was' if len(last) == 1 else 'were'} best on validation "
-                   rf"at {'its' if len(last) == 1 else 'their'} last epoch, as a cosine schedule "
-                   rf"that ends at zero makes likely.")
-    if earlier:
-        out.append("Peaked before the end: " + enumerate_text(
-            [rf"{run_name(run, rep.results)} (epoch {rep.results[run]['best_epoch']} of {rep.results[run]['epochs']})"
-             for run in earlier]) + ".")
-    return " ".join(out)
-
-
-def abstract_results(rep: Report) -> str:
-    accs = enumerate_text([rf"{run_name(run, rep.results)} {seeds_text(rep, run)}" for run in rep.results])
-    missing = (rf" Still missing: {runs_text(rep.missing, {})}." if rep.missing else "")
+def deployed_student(rep: Report) -> str | None:
+    """The student the deploy section speaks of: the best one if deploy.json measured it, else its first."""
+    students = [run for run in rep.deployment["runs"] if run != TEACHER_RUN]
     best = rep.findings.best_student
-    lead = (rf" The best student is {run_name(best, rep.results)}." if best else "")
-    return rf"Test accuracies: {accs}.{lead}{missing}"
+    return best if best in students else next(iter(students), None)
+
+
+def deploy_table(rep: Report) -> str:
+    """Each deployed run in each variant, from deploy.json; nothing without one."""
+    deployment = rep.deployment
+    if deployment is None:
+        return ""
+    rows = [rf"{tt(run)} & {tex(deployment['variants'][variant])} & {v['size_mb']:.1f} & {v['latency_ms']:.2f} & "
+            rf"{v['throughput_img_s']:,.0f} & {pct(v['test_acc'])} & {pct(v['agreement_with_pytorch'])} \\"
+            for run, measured in deployment["runs"].items() for variant, v in measured["variants"].items()]
+    cpu = deployment["cpu"]
+    caption = (rf"Each run deployed on a CPU ({tex(cpu['model'])}, {count(cpu['threads'], 'thread')}, int8 "
+               rf"instructions: {tex(', '.join(cpu['int8_instructions']) or 'none known')}): its weights in "
+               rf"PyTorch (fp32, eager), exported to ONNX and run by ONNX Runtime in fp32, and quantized to int8 "
+               rf"by ONNX Runtime (static, per-channel weights, QDQ, calibrated on training images). Latency: "
+               rf"the median at batch 1; throughput: at batch {deployment['timing']['throughput_batch']}; test "
+               rf"accuracy: one view of each of the {deployment['n_test']:,} test images; agreement: with the "
+               rf"PyTorch model's predictions. Source: {tt(rep.deploy_path)}, measured "
+               rf"{tex(deployment['measured'][:10])}.")
+    return table("tab:deploy", caption, "llrrrrr", [
+        r"Run & Variant & Size & Latency & Throughput & Test acc. & Agreement \\",
+        r" & & (MB) & (ms) & (images/s) & \% & \% \\"], rows)
+
+
+def deploy_sentences(rep: Report) -> str:
+    """The deployed student's speed-up and accuracy change, and the teacher-to-int8-student latency ratio."""
+    deployment = rep.deployment
+    if deployment is None:
+        where = f"{tt(rep.deploy_path)} is not there" if rep.deploy_path else "none given"
+        return (rf"Deployment on a CPU: not measured for this report (its {tt('deploy.json')}: {where}); "
+                rf"\texttt{{python -m kdlab deploy}} measures it.")
+    student = deployed_student(rep)
+    if student is None:
+        return rf"Deployment on a CPU: {tt(rep.deploy_path)} measured no student."
+    variants = deployment["runs"][student]["variants"]
+    eager, fp32, int8 = (variants[v] for v in ("pytorch_fp32", "onnxruntime_fp32", "onnxruntime_int8"))
+    cpu = deployment["cpu"]
+    out = [rf"On {tex(cpu['model'])} with {count(cpu['threads'], 'thread')}, {run_name(student, rep.results)} "
+           rf"answers one image in {eager['latency_ms']:.2f}~ms in PyTorch, {fp32['latency_ms']:.2f}~ms in ONNX "
+           rf"Runtime ({times(eager['latency_ms'], fp32['latency_ms'], 'faster', 'slower')}) and "
+           rf"{int8['latency_ms']:.2f}~ms in int8 ({times(fp32['latency_ms'], int8['latency_ms'], 'faster', 'slower')} "
+           rf"than in fp32; Table~\ref{{tab:deploy}}).",
+           rf"In int8 its test accuracy is {acc_text(int8['test_acc'])}, {compare(int8['test_acc'], fp32['test_acc'])} "
+           rf"the fp32 model's {acc_text(fp32['test_acc'])} (one view per image), and it predicts the PyTorch "
+           rf"model's class on {pct(int8['agreement_with_pytorch'])}\% of the test images."]
+    if TEACHER_RUN in deployment["runs"]:
+        teacher = deployment["runs"][TEACHER_RUN]["variants"]["pytorch_fp32"]
+        out.append(rf"The teacher in PyTorch takes {teacher['latency_ms']:.2f}~ms: the int8 student answers "
+                   rf"{times(teacher['latency_ms'], int8['latency_ms'], 'faster', 'slower')}.")
+    return " ".join(out)
+
+
+def check_deployment(rep: Report) -> None:
+    """deploy.json measured the weights of these results, and smoke weights only for a draft."""
+    deployment = rep.deployment
+    if deployment is None:
+        return
+    if deployment["smoke"] and not rep.draft_reason():
+        raise KdlabError(f"{rep.deploy_path} measured smoke weights, which are never results; deploy the "
+                         f"runs' own weights (`python -m kdlab deploy --ckpt-dir <their folder> --out <folder>`) "
+                         f"and pass its deploy.json with --deploy.")
+    other = [run for run, measured in deployment["runs"].items()
+             if run in rep.results and measured.get("results_test_acc") != rep.results[run]["test_acc"]]
+    if other:
+        raise KdlabError(f"{rep.deploy_path} measured other weights of {', '.join(other)} than those of the "
+                         f"results in {rep.results_dir} (their test accuracies differ); deploy the weights of "
+                         f"these results, or pass their own --deploy.")
+
+
+# ----------------------------------------------------------------------------- how to reproduce
+
+def manifest_commands(manifest: dict) -> list[str]:
+    """The command lines that made the results, from their manifest: its `command`, the reference
+    script's lab step, or each call of the reference script, in order."""
+    calls = manifest.get("calls")
+    commands = ([manifest.get("command") or manifest.get("steps", {}).get("lab", {}).get("command")]
+                + [call.get("command") for call in (calls if isinstance(calls, list) else []) if isinstance(call, dict)])
+    # the interpreter's path on that machine is the user's `python`
+    return [re.sub(r"^\S*python3?\b", "python", c) for c in commands if isinstance(c, str)]
+
+
+def typed_command(command: str, results_dir: Path) -> str:
+    """`command` as a user types it in the repository root: a path of the machine that ran it
+    (absolute: a RAM disk, an output folder) becomes a placeholder named by its option
+    (`--out OUT`), and the results go to the folder this report reads."""
+    command = re.sub(r"--results-dir[ =]\S+", f"--results-dir {results_dir}", command)
+    return re.sub(r"--(?!results-dir\b)([\w-]+)[ =]/\S*", lambda m: f"--{m[1]} {m[1].replace('-', '_').upper()}",
+                  command)
+
+
+def holds_checkpoints(folder: Path) -> bool:
+    """A checkpoint folder (the runs' `_best.pt` beside their results), not a folder of results alone."""
+    return any(folder.glob("*_best.pt"))
+
+
+def folder_option(rep: Report) -> str:
+    return f"--{'ckpt' if holds_checkpoints(rep.results_dir) else 'results'}-dir {rep.results_dir}"
+
+
+def planned_command(rep: Report) -> str:
+    """The `run` command that trains the report's runs, at the seeds it has results for."""
+    runs = ["all"] if set(rep.runs) == set(LAB_RUNS) else rep.runs
+    seeds = sorted({r["config"]["seed"] for by_seed in rep.seeds.values() for r in by_seed})
+    weights = " --weights none" if rep.planned_weights == "none" and TEACHER_RUN in rep.runs else ""
+    seed = f" --seed {' '.join(map(str, seeds))}" if seeds != [DEFAULT_SEED] else ""
+    return f"python -m kdlab run {' '.join(runs)}{weights}{seed} {folder_option(rep)}"
+
+
+def reproduce_block(rep: Report) -> str:
+    """The commands of the results, the figures and this report, as a verbatim block typed in the
+    repository root: the run's own command line (from its manifest) or the one that trains them."""
+    recorded = manifest_commands(rep.manifest) if rep.manifest else []
+    commands = ([("# the runs, as their manifest.json records the command" + ("s" if len(recorded) > 1 else ""),
+                  typed_command(command, rep.results_dir)) for command in recorded]
+                or [("# the runs (a finished run is loaded, an interrupted one resumes)", planned_command(rep))])
+    commands += [("# the figures, from the results files",
+                 f"python -m kdlab figures {folder_option(rep)} --out {rep.figures_dir}"
+                 + (f" --budget-baselines {rep.budget_dir}" if rep.budget_dir else "")),
+                ("# this report", f"python -m kdlab report --results {rep.results_dir} --figures {rep.figures_dir} "
+                                  f"--report-dir {rep.report_dir}"
+                                  + (f" --budget-baselines {rep.budget_dir}" if rep.budget_dir else "")
+                                  + (" --draft" if rep.draft_reason() else ""))]
+    lines, said = [], None
+    for comment, line in commands:
+        if comment != said:   # once above the commands it covers
+            lines.append(comment)
+            said = comment
+        # Shell continuation lines, so that a long command fits the page and still runs pasted.
+        lines.append(" \\\n    ".join(textwrap.wrap(line, 72, break_long_words=False, break_on_hyphens=False)))
+    return "\n".join([r"\begin{verbatim}", *lines, r"\end{verbatim}", ""])
 
 
 # ----------------------------------------------------------------------------- macros
-
-def training_seeds_text(rep: Report) -> str:
-    seeds = sorted({r["config"]["seed"] for runs in rep.seeds.values() for r in runs})
-    return enumerate_text([str(seed) for seed in seeds])
-
-
-def evaluation_sentences(rep: Report) -> str:
-    """What the weight average and the flip bought, over every run and seed of the results folder."""
-    rows = [r["test_acc_by_evaluation"] for runs in rep.seeds.values() for r in runs
-            if "test_acc_by_evaluation" in r]
-    if not rows:
-        return (r"The results files hold no per-evaluation figures yet (written by an older kdlab), "
-                r"so what the weight average and the flip buy is not measured here.")
-    gain = {key: sum(row[key] - row["raw_single"] for row in rows) / len(rows)
-            for key in ("raw_flip", "average_single", "average_flip")}
-    wins = sum(row["average_flip"] > row["raw_single"] for row in rows)
-    return (rf"Over the {len(rows)} trained runs and seeds of this report, against the raw weights "
-            rf"of the last epoch on one view, the flip alone changed test accuracy by "
-            rf"{100 * gain['raw_flip']:+.2f} points on average, the weight average alone by "
-            rf"{100 * gain['average_single']:+.2f}, and both together by {100 * gain['average_flip']:+.2f} "
-            rf"(higher in {wins} of {len(rows)} runs).")
-
-
-def setting(rep: Report, runs: list[str], key: str, fmt=num) -> str:
-    """One config value for the prose: shared by `runs`, or a pointer to the config table."""
-    values = list(dict.fromkeys(rep.config(run)[key] for run in runs))
-    if len(values) == 1:
-        return fmt(values[0])
-    return r"per run (Table~\ref{tab:config})"
-
-
-def split_sizes(rep: Report) -> tuple[str, str, str]:
-    """Training, validation and test images, as the results files record them."""
-    sizes = {(r["n_train"], r["n_val"], r["n_test"]) for r in rep.results.values()}
-    if len(sizes) == 1:
-        return tuple(f"{n:,}" for n in sizes.pop())
-    return (r"(differs between runs)",) * 3
-
-
-def stage_sentence(size: int | None) -> str:
-    """The map sizes the four ResNet stages see at the input size, against a CIFAR ResNet's."""
-    if size is None:
-        return r"The input size differs between runs (Table~\ref{tab:config})."
-    # ImageNet stem: stride-2 conv and stride-2 max-pool (/4), then each stage after the first /2.
-    stages = tuple(size // 4 // 2 ** i for i in range(4))
-    maps = enumerate_text([str(n) for n in stages])
-    cifar = r"a CIFAR ResNet (a $3\times3$ stride-1 stem and no pooling)"
-    if stages == CIFAR_RESNET_STAGES:
-        return rf"At {size}~px the four stages see maps of {maps}~px, the sizes {cifar} sees at {CIFAR_PX}~px."
-    return (rf"At {size}~px the four stages see maps of {maps}~px, where {cifar} sees "
-            rf"{enumerate_text([str(n) for n in CIFAR_RESNET_STAGES])}~px at {CIFAR_PX}~px.")
-
 
 def macros(rep: Report) -> dict[str, str]:
     """Every value the prose of KD_LAB.tex uses, by macro name (letters only)."""
