@@ -16,6 +16,9 @@ cudnn.benchmark, torch.compile.
     python benchmarks/throughput.py --device cuda --json benchmarks/results/<gpu>-full.json
     python benchmarks/throughput.py --device cpu --quick --json benchmarks/results/cpu-quick.json
 
+This file measures; kdlab.benchmark_tables renders what it measured (its tables, docs blocks and
+chart come from the results file alone, without torch).
+
 Images are synthetic and CIFAR-shaped (kdlab.data.make_synthetic_cifar), weights random: a
 step's cost depends on shapes, not on pixel values or weights, so nothing is downloaded.
 """
@@ -51,16 +54,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kdlab.checkpoints import write_json  # noqa: E402
+from kdlab.benchmark_tables import DATA, FAMILY_COLUMNS, OTHER, lab_time_table, table  # noqa: E402
 from kdlab.config import (EVALUATION_STEP, LAB_RUNS, STUDENT_STEP, TEACHER_RUN, TEACHER_STEP, SpeedLevers,  # noqa: E402
                           config_dict, make_config, step_runs)
 from kdlab.data import MEAN, PAD, STD, Cifar10, DeviceLoader, make_splits, make_synthetic_cifar  # noqa: E402
 from kdlab.errors import KdlabError  # noqa: E402
-from kdlab.figures import plot_throughput  # noqa: E402
 from kdlab.lab import Lab, resolve_device  # noqa: E402
 from kdlab.measure import count_flops, seconds_taken, synchronize  # noqa: E402
 from kdlab.methods import build_method  # noqa: E402
 from kdlab.models import ARCHS, build_model, imagenet_file  # noqa: E402
-from kdlab.results import STEP_DESCRIPTIONS, load_benchmark  # noqa: E402
 from kdlab.train import (AUTOCAST_DTYPES, TrainStep, WeightAverage, autocast_dtype, make_optimizer,  # noqa: E402
                          make_scaler, predict, resolve_precision, train_step, tune_cudnn)
 
@@ -374,9 +376,8 @@ def measure_scaling(budget: Budget, data: Cifar10, device: torch.device) -> dict
 
 # Families of the time breakdown. An aten operator run inside one of REGIONS (the loader's,
 # marked above, and torch.optim's step, which marks itself) belongs to that region's family;
-# any other goes to the first family whose pattern its name matches, or to OTHER.
-DATA = "data (crop, flip, normalise, resize)"
-OTHER = "other (ReLU, residual adds, pooling, loss, casts)"
+# any other goes to the first family whose pattern its name matches, or to OTHER (the families'
+# names and columns: kdlab.benchmark_tables).
 REGIONS = {DATA_REGION: DATA, "Optimizer.step": "optimizer"}
 OP_FAMILIES = {
     "convolution and matmul": r"conv|addmm|aten::mm$|aten::bmm$|matmul|linear",
@@ -731,167 +732,6 @@ def lab_time(args, log=print) -> dict:
     return report
 
 
-def lab_time_table(report: dict) -> str:
-    lab = report["lab_time"]
-    lines = [f"the six-run lab on {report['device_name']} ({lab['precision']}"
-             + (", trial sizes: the times mean nothing)" if lab["trial"] else ", default settings)")]
-    lines += [f"  {run['run']:32} {run['epochs']:3d} epochs {run['seconds']:8.1f}s" for run in lab["runs"]]
-    lines.append(f"  {'total':32} {'':10} {lab['total_seconds']:8.1f}s ({lab['total_seconds'] / 60:.1f} min; "
-                 f"making the data took {lab['data_seconds']:.1f}s more)")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- report
-
-FAMILY_COLUMNS = {"convolution and matmul": "conv+mm", "batch norm": "BN", DATA: "data",
-                  "optimizer": "optim", OTHER: "other"}
-
-
-def breakdown_rows(report: dict) -> list[list[str]]:
-    """The time breakdown as a header and one row of cells per step kind."""
-    rows = [["step", *FAMILY_COLUMNS.values(), "busy", "conv TFLOP/s", "conv % peak"]]
-    for part in report.get("breakdown") or []:
-        if "error" in part:
-            rows.append([part["step"], f"failed: {part['error'][:60]}", *[""] * (len(rows[0]) - 2)])
-            continue
-        rows.append([part["step"], *(f"{part['shares'][family]:.0%}" for family in FAMILY_COLUMNS),
-                     f"{part['busy_share']:.0%}" if part["busy_share"] else "-",
-                     f"{part['conv_tflops']:.3g}" if part["conv_tflops"] else "-",
-                     f"{part['conv_peak_share']:.1%}" if part["conv_peak_share"] else "-"])
-    return rows
-
-
-def sweep_rows(report: dict) -> list[list[str]]:
-    """The batch sweep as a header and one row of cells per (step kind, batch size)."""
-    rows = [["step", "batch", "kdlab img/s", "TFLOP/s", "% peak", "peak GiB"]]
-    for sweep in report.get("batch_sweep") or []:
-        for point in sweep["points"]:
-            batch = f"{point['batch_size']}" + (" (lab)" if point["batch_size"] == sweep["lab_batch_size"] else "")
-            if "error" in point:
-                rows.append([sweep["step"], batch, point["error"][:60], "", "", ""])
-                continue
-            rows.append([sweep["step"], batch, f"{point['images_per_s']:,.0f}", f"{point['tflops']:.3g}",
-                         f"{point['peak_share']:.1%}" if point["peak_share"] else "-",
-                         f"{point['peak_memory_gib']:.1f}" if point["peak_memory_gib"] else "-"])
-    return rows
-
-
-def aligned(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  " + " ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-            for row in rows]
-
-
-def markdown_table(rows: list[list[str]]) -> list[str]:
-    return [f"| {' | '.join(rows[0])} |", "|---" + "|---:" * (len(rows[0]) - 1) + "|",
-            *(f"| {' | '.join(row)} |" for row in rows[1:])]
-
-
-def breakdown_note(report: dict) -> str:
-    timed_on = "cuda kernels" if report["device"] == "cuda" else "cpu operators"
-    return (f"shares of the operators' own time per step ({timed_on}); busy (CUDA) = the kernel time per "
-            "step / the unprofiled step time; conv = the step's FLOPs over the convolution and matmul time alone")
-
-
-def table(report: dict) -> str:
-    b = report["budget"]
-    lines = [f"kdlab vs naive on {report['device_name']} ({report['mode']} mode: {report['image_size']} px, "
-             f"batch {report['batch_size']}, {b['warmup_steps']} warm-up + {b['timed_steps']} timed steps; "
-             f"evaluation batch {b['eval_batch_size']})",
-             f"{'step':11} {'kdlab img/s':>11} {'naive img/s':>11} {'speedup':>7} {'TFLOP/s':>8} "
-             f"{'% peak':>6} {'GiB kdlab':>9} {'GiB naive':>9}"]
-    for row in report["rows"]:
-        k, n = row["kdlab"], row["naive"]
-        share = f"{100 * k['peak_share']:.1f}" if k["peak_share"] else "-"
-        memory = [f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] else "-" for r in (k, n)]
-        lines.append(f"{row['step']:11} {k['images_per_s']:11.1f} {n['images_per_s']:11.1f} "
-                     f"{row['speedup']:6.2f}x {k['tflops']:8.3g} {share:>6} {memory[0]:>9} {memory[1]:>9}")
-    s = report["scaling"]
-    first, second = s["epochs"]
-    lines.append(f"scaling (student CE epoch): {first['train_images']} images {first['epoch_seconds']:.2f}s, "
-                 f"{second['train_images']} images {second['epoch_seconds']:.2f}s: ratio {s['ratio']:.2f} "
-                 f"for {s['size_ratio']:.0f}x the images")
-    if report.get("breakdown"):
-        lines.append("where the step's time goes: " + breakdown_note(report))
-        lines += aligned(breakdown_rows(report))
-    if report.get("batch_sweep"):
-        lines.append("batch sweep (kdlab's path):")
-        lines += aligned(sweep_rows(report))
-    fast = report["fast_path"]
-    if fast is None:
-        lines.append("fast paths: measured on CUDA only")
-        return "\n".join(lines)
-    lines.append("fast paths (student CE, kdlab img/s with / without; eval_batch: evaluation):")
-    for name, result in fast["switches"].items():
-        if "speedup" not in result:
-            lines.append(f"  {name:16} {result.get('skipped') or result.get('error', '')[:100]}")
-            continue
-        line = (f"  {name:16} {result['on']['images_per_s']:9.0f} / {result['off']['images_per_s']:9.0f} "
-                f"{result['speedup']:5.2f}x  {result['verdict']}")
-        if name == "compile":
-            line += f"; compiling took {result['compile_seconds']:.1f}s"
-            if result["break_even_steps"]:
-                line += f", repaid after {result['break_even_steps']:.0f} steps"
-        lines.append(line + skipped_steps_note(result))
-    return "\n".join(lines)
-
-
-def skipped_steps_note(result: dict) -> str:
-    """What fused SGD's check after skipped fp16 steps found (fused_sgd_agreement), if it ran."""
-    check = result.get("skipped_steps_check")
-    if check is None:
-        return ""
-    if check["agrees"]:
-        return "; the same update as the default SGD after skipped fp16 steps"
-    return (f"; NOT the default SGD's update after skipped fp16 steps (largest weight difference "
-            f"{check['max_weight_difference']:.3g}): do not use it in fp16")
-
-
-def markdown(report: dict, source: str) -> str:
-    """The tables of a results file in Markdown, labelled with where they came from (for docs/performance.md)."""
-    b = report["budget"]
-    label = f" ({report['note']})" if report.get("note") else ""
-    lines = [f"Measured on {report['device_name']}{label}, torch {report['torch_version']}, {report['mode']} "
-             f"mode: {report['image_size']} px, batch {report['batch_size']}, {b['warmup_steps']} warm-up + "
-             f"{b['timed_steps']} timed steps (evaluation: batches of {b['eval_batch_size']}); from `{source}`.",
-             "",
-             "| step | kdlab img/s | naive img/s | speedup | kdlab TFLOP/s | share of peak | peak GiB (kdlab / naive) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for row in report["rows"]:
-        k, n = row["kdlab"], row["naive"]
-        share = f"{100 * k['peak_share']:.1f}%" if k["peak_share"] else "n/a"
-        memory = (f"{k['peak_memory_gib']:.1f} / {n['peak_memory_gib']:.1f}"
-                  if k["peak_memory_gib"] and n["peak_memory_gib"] else "n/a")
-        lines.append(f"| {STEP_DESCRIPTIONS.get(row['step'], row['step'])} | {k['images_per_s']:,.0f} | {n['images_per_s']:,.0f} | "
-                     f"{row['speedup']:.2f}x | {k['tflops']:.3g} | {share} | {memory} |")
-    s = report["scaling"]
-    first, second = s["epochs"]
-    lines += ["", f"Epoch time of the student CE step: {first['epoch_seconds']:.2f} s for {first['train_images']:,} "
-                  f"images, {second['epoch_seconds']:.2f} s for {second['train_images']:,} (ratio {s['ratio']:.2f}; "
-                  f"2.00 is linear)."]
-    if report.get("breakdown"):
-        lines += ["", "Where the step's time goes (torch.profiler): " + breakdown_note(report) + ".", "",
-                  *markdown_table(breakdown_rows(report))]
-    if report.get("batch_sweep"):
-        lines += ["", "Batch sweep of kdlab's path:", "", *markdown_table(sweep_rows(report))]
-    if report["fast_path"]:
-        lines += ["", "| fast-path switch (student CE step) | img/s with | img/s without | speedup | verdict |",
-                  "|---|---:|---:|---:|---|"]
-        for name, result in report["fast_path"]["switches"].items():
-            if "speedup" not in result:
-                lines.append(f"| {name} | | | | {result.get('skipped') or 'failed: ' + result['error'][:80]} |")
-                continue
-            verdict = result["verdict"]
-            if name == "compile":
-                verdict += f" (compiling: {result['compile_seconds']:.0f} s"
-                verdict += (f", repaid after {result['break_even_steps']:.0f} steps)"
-                            if result["break_even_steps"] else ")")
-            verdict += skipped_steps_note(result)
-            lines.append(f"| {name} | {result['on']['images_per_s']:,.0f} | {result['off']['images_per_s']:,.0f} | "
-                         f"{result['speedup']:.2f}x | {verdict} |")
-    return "\n".join(lines)
-
-
 def measured_commit() -> str | None:
     """The commit measured: $KDLAB_COMMIT if set (a copy of the checkout without .git, such as the
     one a lent GPU gets, is told it by whoever copied it), else git's HEAD, marked "+uncommitted"
@@ -1014,11 +854,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "or --tiny, a trial at tiny sizes that checks the path)"),
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement (CUDA)")
     parser.add_argument("--note", help="recorded in the JSON, e.g. which machine this is")
-    parser.add_argument("--markdown", metavar="RESULTS",
-                        help="print the tables of a results JSON as Markdown (for docs/performance.md), measure nothing")
-    parser.add_argument("--plot", nargs=2, metavar=("RESULTS", "PNG"),
-                        help="draw the throughput chart of a results JSON (kdlab.figures.plot_throughput), "
-                             "measure nothing")
     parser.add_argument("--probe-cudnn-off", action="store_true",
                         help="internal: time only the student CE step with cudnn.benchmark off and print "
                              "its JSON (the full run starts this in a fresh process)")
@@ -1028,15 +863,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.markdown:
-            print(markdown(load_benchmark(Path(args.markdown)), args.markdown))
-        elif args.plot:
-            results, png = args.plot
-            bench = load_benchmark(Path(results))
-            if bench is None:
-                raise KdlabError(f"{results}: no such file (benchmarks/results/ holds the measured ones)")
-            print(plot_throughput(bench, png, results))
-        elif args.probe_cudnn_off:
+        if args.probe_cudnn_off:
             print(json.dumps(probe_cudnn_off(args)))
         elif args.lab_time:
             print("\n" + lab_time_table(lab_time(args)))

@@ -10,12 +10,12 @@ parser, and the CLI never imports it.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from pathlib import Path
 
-from kdlab.config import (ARCH_NAMES, LAB_RUNS, RUNS, STARTS, TEACHER_RUN, baseline_of, kd_pairs, make_config,
-                          run_label, run_of)
+from kdlab.config import ARCH_NAMES, LAB_RUNS, RUNS, STARTS, TEACHER_RUN, kd_pairs, make_config, run_label
 from kdlab.errors import KdlabError
 from kdlab.registry import METHODS, setting_fields
 
@@ -150,38 +150,43 @@ def figures_table() -> str:
 REFERENCE = REPO / "results" / "reference"
 
 
-def findings(seeds: dict[str, list[dict]]) -> str:
-    """What the reference says, in words: each distillation run against the baseline of the same
-    seeds, and the best student against its teacher, each a paired difference with its interval."""
-    from kdlab.results import (BUDGET_DIR, best_student, budget_comparisons, default_seed_results, load_budget_baselines,
-                               teacher_note)
-    from kdlab.stats import paired_difference
+@functools.cache
+def reference_findings():
+    """The reference's comparisons (kdlab.findings), computed once for every block that words them."""
+    from kdlab.findings import Findings
+    from kdlab.results import BUDGET_DIR, load_budget_baselines, load_seed_results
 
-    results = default_seed_results(seeds)
+    return Findings(load_seed_results(REFERENCE), load_budget_baselines(REPO / BUDGET_DIR))
 
-    def interval(d: dict) -> str:
-        verdict = "excludes zero" if d["excludes_zero"] else "includes zero: no evidence either way"
-        return (f"{100 * d['mean_difference']:+.2f} points [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] "
-                f"over {len(d['seeds'])} paired seed{'s' if len(d['seeds']) > 1 else ''}; the interval {verdict}")
 
-    def compared(better: str, other: str) -> str:
-        return interval(paired_difference(seeds[better], seeds[other]))
-    lines = [f"- **{run_label(kd, results)}** against {run_label(base, results)}: {compared(kd, base)}."
-             for base, kd in kd_pairs() if kd in seeds and base in seeds]
-    scratch_kd = run_of("kd_logits", "scratch")
-    if scratch_kd in seeds and baseline_of(scratch_kd) in seeds:
-        for c in budget_comparisons(seeds, load_budget_baselines(REPO / BUDGET_DIR))[1:]:
+def difference_words(d: dict) -> str:
+    """A paired difference (kdlab.stats.paired_difference) and its interval, in the README's words."""
+    verdict = "excludes zero" if d["excludes_zero"] else "includes zero: no evidence either way"
+    return (f"{100 * d['mean_difference']:+.2f} points [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] "
+            f"over {len(d['seeds'])} paired seed{'s' if len(d['seeds']) > 1 else ''}; the interval {verdict}")
+
+
+def findings_list(found) -> str:
+    """What the reference says, in words (a kdlab.findings.Findings): each distillation run against
+    the baseline of the same seeds, logit KD from scratch against the budget-matched baselines, and
+    the best student against its teacher."""
+    from kdlab.results import teacher_note
+
+    results = found.results
+    lines = [f"- **{run_label(kd, results)}** against {run_label(base, results)}: {difference_words(found.gain(kd))}."
+             for base, kd in kd_pairs() if found.gain(kd)]
+    if found.compares_budgets:
+        for c in found.budgets[1:]:   # after equal epochs, the gain above
             d = c["difference"]
             lines.append(f"- **Logit KD from scratch against the baseline {c['label']}**"
-                         + (f" (the baseline trained {c['epochs']} epochs): {interval(d)}." if d else
+                         + (f" (the baseline trained {c['epochs']} epochs): {difference_words(d)}." if d else
                             ": pending, the GPU plan has not trained that baseline yet."))
-    note = teacher_note(seeds)
+    note = teacher_note(found.seeds)
     if note:
         lines.append(f"- **Teachers**: {note}")
-    best = best_student(results)
-    if best and TEACHER_RUN in seeds:
-        lines.append(f"- **The best student, {run_label(best, results)}**, against its teacher: "
-                     f"{compared(best, TEACHER_RUN)}.")
+    if found.teacher_gap:
+        lines.append(f"- **The best student, {run_label(found.best_student, results)}**, against its teacher: "
+                     f"{difference_words(found.teacher_gap)}.")
     return "\n".join(lines)
 
 
@@ -210,9 +215,10 @@ def results_block(name: str) -> str:
     from kdlab import figures
     from kdlab.results import load_ablation, load_deploy, load_seed_results
 
-    return {"results-reference": lambda: figures.format_results_table(load_seed_results(REFERENCE)),
+    return {"results-reference": lambda: figures.format_results_table(reference_findings().seeds,
+                                                                      reference_findings()),
             "results-evaluation": lambda: figures.format_evaluation_table(load_seed_results(REFERENCE)),
-            "results-findings": lambda: findings(load_seed_results(REFERENCE)),
+            "results-findings": lambda: findings_list(reference_findings()),
             "results-ablation": lambda: figures.format_ablation_table(load_ablation(REPO / "results" / "ablation-recipe")),
             "results-ablation-lr-resolution": lambda: variants_table(REPO / "results" / "ablation-lr-resolution"),
             "results-deploy": lambda: figures.format_deploy_table(load_deploy(REPO / DEPLOY_REFERENCE)),
@@ -220,16 +226,12 @@ def results_block(name: str) -> str:
 
 
 def benchmark_block(name: str) -> str:
-    """The tables of a committed benchmarks/throughput.py results file, as the script writes them."""
-    import importlib.util
-    import sys
+    """The tables of a committed benchmarks/throughput.py results file (kdlab.benchmark_tables)."""
+    from kdlab.benchmark_tables import markdown
+    from kdlab.results import load_benchmark
 
-    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
-    throughput = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = throughput   # its dataclasses look their module up while it runs
-    spec.loader.exec_module(throughput)
     path = REPO / "benchmarks" / "results" / f"{name.removeprefix('benchmark-')}.json"
-    return throughput.markdown(throughput.load_benchmark(path), path.relative_to(REPO).as_posix())
+    return markdown(load_benchmark(path), path.relative_to(REPO).as_posix())
 
 
 BENCHMARK_BLOCKS = ("benchmark-h200-full-compile", "benchmark-cpu-quick")

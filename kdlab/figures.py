@@ -19,7 +19,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -28,15 +27,14 @@ from matplotlib.ticker import MaxNLocator
 
 from kdlab.config import CLASSES, NUM_CLASSES, RUNS, TEACHER_RUN, baseline_of, expected_runs, run_label, run_of
 from kdlab.errors import KdlabError
+from kdlab.findings import Findings
 from kdlab.folders import writable_folder
 from kdlab.registry import METHODS
 from kdlab.results import (BUDGETS, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
                            default_seed_results, distillation_temperature, load_budget_baselines, load_deploy,
                            load_efficiency, load_seed_results, softened, teacher_note)
-from kdlab.stats import (correct_images, paired_difference, paired_difference_by_class, per_class_interval_text,
+from kdlab.stats import (correct_images, paired_difference_by_class, per_class_interval_text,
                          summarise)
-from kdlab.lab import resolve_device
-from kdlab.measure import measure_efficiency
 
 ORIGINAL_LAB_LABEL = "original lab (reference)"   # beside kdlab.config.Run.original_lab_test_acc
 # One colour per run, the same on every chart: matplotlib's ten-colour cycle, in the run table's order.
@@ -71,14 +69,16 @@ def format_config_table(configs) -> str:
     return "\n".join(rows)
 
 
-def format_results_table(seeds: dict[str, list[dict]]) -> str:
+def format_results_table(seeds: dict[str, list[dict]], findings: Findings | None = None) -> str:
     """The runs' accuracies and budgets as a markdown table, the original lab's figures beside them.
 
     `seeds`: every seed's results by run (kdlab.results.load_seed_results). Test accuracy is the
     mean and standard deviation over the seeds; each distillation run is compared with the
-    cross-entropy run of the same start, paired by seed on the same test images. The other
-    columns are those of the default seed (or the first one).
+    cross-entropy run of the same start, paired by seed on the same test images (`findings`: the
+    comparisons of `seeds`, if computed already). The other columns are those of the default seed
+    (or the first one).
     """
+    findings = findings or Findings(seeds)
     rows = ["| run | start | seeds | test acc, mean ± sd | paired gain over its baseline [95% interval] "
             "| best val acc (epoch) | epochs | train time (s) | trained on |",
             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -86,10 +86,9 @@ def format_results_table(seeds: dict[str, list[dict]]) -> str:
         r, summary = runs[0], summarise(runs)
         start = "ImageNet" if r["weights"] == "imagenet" else "scratch"
         spread = "" if summary["std"] is None else f" ± {summary['std']:.4f}"
-        baseline = baseline_of(run)
         gain = ""
-        if baseline in seeds:
-            d = paired_difference(runs, seeds[baseline])
+        d = findings.gain(run)
+        if d:
             gain = f"{100 * d['mean_difference']:+.2f} pts [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]"
         rows.append(f"| {run} | {start} | {summary['n_seeds']} | {summary['mean']:.4f}{spread} | {gain} "
                     f"| {r['best_val_acc']:.4f} ({r['best_epoch']}) | {r['epochs']} | {r['wall_seconds']:.0f} "
@@ -572,7 +571,7 @@ PATH_COLOURS = {"kdlab": "#1f77b4", "naive": "#bbbbbb"}
 def plot_throughput(bench: dict, out_path: str | Path, origin: str = "") -> Path:
     """throughput.png: images/s of kdlab's path and of a typical notebook's, per step kind, and
     the share of the GPU's peak kdlab's reaches, from a benchmarks/throughput.py results file
-    (`python benchmarks/throughput.py --plot RESULTS PNG` draws it)."""
+    (`python -m kdlab.benchmark_tables RESULTS --plot PNG` draws it)."""
     rows = bench["rows"]
     peak = bench.get("peak_tflops")
     where = f" | from {origin}" if origin else ""
@@ -703,7 +702,10 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
     beside the runs' test accuracy. Returns {"files": [paths written], "missing_runs": [...],
     "skipped": {file: why}, "efficiency": the table, "budget_baselines": [the variants drawn]}.
     """
-    device = device if isinstance(device, torch.device) else resolve_device(device)
+    if efficiency_from is None and isinstance(device, str):
+        # Only measuring the efficiency needs torch: figures drawn from results files alone do not.
+        from kdlab.lab import resolve_device
+        device = resolve_device(device)
     seeds = load_seed_results(results_dir)
     results = default_seed_results(seeds)
     if not results:
@@ -750,8 +752,11 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
     else:
         files.append(plot_per_class_accuracy(seeds, results, out, origin))
 
-    efficiency = (reuse_efficiency(efficiency_from, results) if efficiency_from is not None
-                  else measure_efficiency(results, Path(ckpt_dir or results_dir), device, log))
+    if efficiency_from is not None:
+        efficiency = reuse_efficiency(efficiency_from, results)
+    else:
+        from kdlab.measure import measure_efficiency
+        efficiency = measure_efficiency(results, Path(ckpt_dir or results_dir), device, log)
     if deploy is not None:
         deployment = load_deploy(deploy)
         if deployment is None:
@@ -779,7 +784,7 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
 
 def class_counts_table(splits) -> str:
     """Images per class in each split (a kdlab.data.Splits), as a markdown table."""
-    counts = {name: torch.bincount(labels.cpu(), minlength=NUM_CLASSES).tolist()
+    counts = {name: np.bincount(labels.cpu().numpy(), minlength=NUM_CLASSES).tolist()
               for name, (_, labels) in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
     rows = ["| class | train | val | test |", "|---|---:|---:|---:|"]
     rows += [f"| {name} | " + " | ".join(str(counts[s][c]) for s in counts) + " |"
@@ -790,16 +795,16 @@ def class_counts_table(splits) -> str:
 
 def save_sample_grid(splits, out_dir: str | Path, smoke: bool, per_class: int = 8) -> Path:
     """sample_images.png: the first `per_class` training images of each class, one row per class."""
-    images, labels = splits.train[0].cpu(), splits.train[1].cpu()
+    images, labels = splits.train[0].cpu().numpy(), splits.train[1].cpu().numpy()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, axes = _figure(f"Training images ({per_class} per class, 32 x 32 px)", f"data: {splits.source}",
                         smoke, (per_class * 0.9 + 1, NUM_CLASSES * 0.9 + 1), NUM_CLASSES, per_class)
     for c, name in enumerate(CLASSES):
-        members = torch.nonzero(labels == c).flatten()[:per_class]
+        members = np.flatnonzero(labels == c)[:per_class]
         for k, ax in enumerate(axes[c]):
             if k < len(members):
-                ax.imshow(images[members[k]].permute(1, 2, 0).numpy(), interpolation="nearest")
+                ax.imshow(images[members[k]].transpose(1, 2, 0), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             ax.spines[:].set_visible(False)

@@ -26,22 +26,22 @@ import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from kdlab.config import (CLASSES, DEFAULT_SEED, LAB_RUNS, RUNS, START_OF_WEIGHTS, STARTS, STUDENT_STEP,
-                          TEACHER_RUN, TEACHER_STEP, baseline_of, config_dict, expected_runs, kd_pairs, make_config,
+                          TEACHER_RUN, TEACHER_STEP, config_dict, expected_runs, kd_pairs, make_config,
                           run_label, run_of)
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
 from kdlab.latex import (acc_text, compare, count, enumerate_text, minutes, num, pct, probability_text, table, tex,
                          times, tt)
 from kdlab.registry import METHODS, setting_fields
-from kdlab.results import (BUDGETS, DEFAULT_BENCHMARK, EQUAL_EPOCHS, STEP_DESCRIPTIONS, agreement, best_distilled,
-                           best_student, budget_comparisons, default_seed_results, distillation_temperature,
-                           load_benchmark, load_budget_baselines, load_deploy, load_efficiency, load_seed_results,
-                           read_json, run_order, softened, teacher_note)
-from kdlab.stats import (paired_difference, paired_difference_by_class, per_class_interval_text, summarise,
-                         training_seed)
+from kdlab.findings import LOGIT_KD_FROM_SCRATCH, Findings
+from kdlab.results import (DEFAULT_BENCHMARK, STEP_DESCRIPTIONS, agreement, default_seed_results,
+                           distillation_temperature, load_benchmark, load_budget_baselines, load_deploy,
+                           load_efficiency, load_seed_results, read_json, run_order, softened, teacher_note)
+from kdlab.stats import per_class_interval_text, summarise
 
 # The report's template; `make_report` copies it into the report folder it is given.
 TEMPLATE = Path(__file__).resolve().parents[1] / "report" / "KD_LAB.tex"
@@ -98,6 +98,11 @@ class Report:
     deployment: dict | None = None    # deploy.json of `python -m kdlab deploy`, if given and there
     deploy_path: Path | None = None
 
+    @cached_property
+    def findings(self) -> Findings:
+        """The comparisons every sentence words, each computed once (kdlab.findings)."""
+        return Findings(self.seeds, self.budget)
+
     @property
     def runs(self) -> list[str]:
         return sorted(set(self.results) | set(self.expected), key=run_order)
@@ -139,7 +144,7 @@ def draft_text(reason: str) -> str:
     return f"DRAFT - {reason}, not results"
 
 
-# ----------------------------------------------------------------------------- run names in prose
+# ----------------------------------------------------------------------------- runs and comparisons in prose
 
 def run_name(run: str, results: dict[str, dict]) -> str:
     """A run as the prose names it: its label, true to the weights its results record (a run
@@ -159,6 +164,218 @@ def start_name(weights: str) -> str:
 def sentence_start(text: str) -> str:
     """`text` with its first letter capitalised, the rest as written ('From ImageNet', not 'From imagenet')."""
     return text[:1].upper() + text[1:]
+
+
+def absent(rep: Report, runs: tuple[str, ...]) -> list[str]:
+    return [run for run in runs if run not in rep.results]
+
+
+def cannot_yet(what: str, lacking: list[str]) -> str:
+    verb = "has" if len(lacking) == 1 else "have"
+    return f"{what} cannot be measured yet: {runs_text(lacking, {})} {verb} no results file."
+
+
+def compared_pairs(rep: Report):
+    """(start, method name, cross-entropy run, distilled run) for each distilled run the report
+    has or expects, against the cross-entropy student of the same start (kdlab.config.kd_pairs)."""
+    for base, kd in kd_pairs():
+        if kd in rep.runs:
+            yield STARTS[RUNS[kd].start], METHODS[RUNS[kd].method].name, base, kd
+
+
+def seeds_text(rep: Report, run: str) -> str:
+    """`run`'s test accuracy for the prose: '92.10%' for one seed, '92.10% (mean of 3 seeds, sd 0.12)'."""
+    summary = summarise(rep.seeds[run])
+    if summary["std"] is None:
+        return acc_text(summary["mean"])
+    return rf"{acc_text(summary['mean'])} (mean of {summary['n_seeds']} seeds, sd {pct(summary['std'])})"
+
+
+def paired_text(rep: Report, better: str, other: str) -> str:
+    """The paired difference of two runs on the same test images and seeds, with its 95% interval."""
+    return difference_text(rep.findings.difference(better, other))
+
+
+def difference_text(d: dict) -> str:
+    """A paired difference (kdlab.stats.paired_difference) and its 95% interval, in words."""
+    seeds = f"{len(d['seeds'])} seed{'s' if len(d['seeds']) > 1 else ''} paired"
+    verdict = ("excludes zero: the difference is beyond what the seeds and the test sample explain"
+               if d["excludes_zero"] else "includes zero: no evidence of a difference either way")
+    return (rf"a paired difference of {100 * d['mean_difference']:+.2f} points ({seeds}), whose 95\% "
+            rf"interval [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] (bootstrap over seeds and "
+            rf"test images) {verdict}")
+
+
+def setting(rep: Report, runs: list[str], key: str, fmt=num) -> str:
+    """One config value for the prose: shared by `runs`, or a pointer to the config table."""
+    values = list(dict.fromkeys(rep.config(run)[key] for run in runs))
+    if len(values) == 1:
+        return fmt(values[0])
+    return r"per run (Table~\ref{tab:config})"
+
+
+# ----------------------------------------------------------------------------- the abstract
+
+def abstract_results(rep: Report) -> str:
+    accs = enumerate_text([rf"{run_name(run, rep.results)} {seeds_text(rep, run)}" for run in rep.results])
+    missing = (rf" Still missing: {runs_text(rep.missing, {})}." if rep.missing else "")
+    best = rep.findings.best_student
+    lead = (rf" The best student is {run_name(best, rep.results)}." if best else "")
+    return rf"Test accuracies: {accs}.{lead}{missing}"
+
+
+# ----------------------------------------------------------------------------- method
+
+def soft_target_sentences(rep: Report) -> str:
+    """What the teacher's softened outputs show, read from the examples its results file keeps."""
+    examples = rep.results.get(TEACHER_RUN, {}).get("soft_target_examples")
+    if not examples:
+        return ""
+    temperature = distillation_temperature(rep.results)
+
+    def runner_up(example):
+        p = softened(example["logits"], temperature)
+        p[example["label"]] = -1
+        return int(p.argmax())
+    example = max(examples, key=lambda e: softened(e["logits"], temperature)[runner_up(e)])
+    other = runner_up(example)
+    cold, warm = (softened(example["logits"], t)[other] for t in (1, temperature))
+    return (rf"For the {CLASSES[example['label']]} of \figref{{soft_targets.png}}{{fig:soft-targets}}, the "
+            rf"trained teacher gives the class {CLASSES[other]} a probability of {probability_text(cold)} at $T=1$ "
+            rf"and {probability_text(warm)} at $T={num(temperature)}$: the similarity a one-hot label cannot carry.")
+
+
+# ----------------------------------------------------------------------------- setup
+
+def stage_sentence(size: int | None) -> str:
+    """The map sizes the four ResNet stages see at the input size, against a CIFAR ResNet's."""
+    if size is None:
+        return r"The input size differs between runs (Table~\ref{tab:config})."
+    # ImageNet stem: stride-2 conv and stride-2 max-pool (/4), then each stage after the first /2.
+    stages = tuple(size // 4 // 2 ** i for i in range(4))
+    maps = enumerate_text([str(n) for n in stages])
+    cifar = r"a CIFAR ResNet (a $3\times3$ stride-1 stem and no pooling)"
+    if stages == CIFAR_RESNET_STAGES:
+        return rf"At {size}~px the four stages see maps of {maps}~px, the sizes {cifar} sees at {CIFAR_PX}~px."
+    return (rf"At {size}~px the four stages see maps of {maps}~px, where {cifar} sees "
+            rf"{enumerate_text([str(n) for n in CIFAR_RESNET_STAGES])}~px at {CIFAR_PX}~px.")
+
+
+def split_sizes(rep: Report) -> tuple[str, str, str]:
+    """Training, validation and test images, as the results files record them."""
+    sizes = {(r["n_train"], r["n_val"], r["n_test"]) for r in rep.results.values()}
+    if len(sizes) == 1:
+        return tuple(f"{n:,}" for n in sizes.pop())
+    return (r"(differs between runs)",) * 3
+
+
+def training_seeds_text(rep: Report) -> str:
+    seeds = sorted({r["config"]["seed"] for runs in rep.seeds.values() for r in runs})
+    return enumerate_text([str(seed) for seed in seeds])
+
+
+def distillation_settings(cfg: dict) -> str:
+    """The method's settings (kdlab.registry), each by its symbol: '$T$ 4, $\\alpha$ 0.9'."""
+    def value(v):
+        return tt(", ".join(v)) if isinstance(v, (list, tuple)) else tt(v) if isinstance(v, str) else num(v)
+    return ", ".join(f"{f.metadata['symbol']} {value(cfg[f.name])}" for f in setting_fields(cfg["method"])) or "--"
+
+
+def shared_setting(rep: Report, key: str) -> str:
+    """The value most runs use, then the runs that differ: '512 (ResNet50 teacher: 256)'."""
+    values = {run: rep.config(run)[key] for run in rep.runs}
+    common = Counter(values.values()).most_common(1)[0][0]
+    others = [f"{run_name(run, rep.results)}: {num(value)}" for run, value in values.items() if value != common]
+    return num(common) + (f" ({'; '.join(others)})" if others else "")
+
+
+def config_table(rep: Report) -> str:
+    rows = []
+    for run in rep.runs:
+        cfg = rep.config(run)
+        mark = "" if run in rep.results else r"\textsuperscript{$\dagger$}"
+        rows.append(rf"{tt(run)}{mark} & {cfg['arch']} & {tex(METHODS[cfg['method']].name)} & "
+                    rf"{start_name(cfg['weights'])} & {cfg['epochs']} & {num(cfg['lr'])} & {num(cfg['weight_decay'])} & "
+                    rf"{distillation_settings(cfg)} \\")
+    shared = "; ".join(f"{label} {shared_setting(rep, key)}" for key, label in SHARED_SETTINGS.items())
+    planned = (r" $\dagger$: no results file yet; the settings the planned command "
+               r"(Section~\ref{sec:reproduce}) would use, from \texttt{kdlab.config}."
+               if rep.missing else "")
+    caption = (rf"Settings of each run, as stored in its results file. Start: the initial weights, "
+               rf"ImageNet's or random. Peak LR and weight decay of SGD. Distillation: "
+               rf"temperature $T$ and weight $\alpha$ of logit KD (Eq.~\ref{{eq:kd}}), stage and "
+               rf"weight $\beta$ of the hint (Eq.~\ref{{eq:hint}}). Shared: {shared}."
+               rf"{planned}")
+    return table("tab:config", caption, "llllrrrl", [
+        r"Run & Network & Method & Start & Epochs & Peak & Weight & Distillation \\",
+        r" & & & & & LR & decay & \\"], rows)
+
+
+# ----------------------------------------------------------------------------- results
+
+def provenance(rep: Report) -> str:
+    """Where the numbers come from: the paragraph at the head of the results section."""
+    results = list(rep.results.values())
+
+    def distinct(key):
+        return "; ".join(tex(v) for v in dict.fromkeys(str(r[key]) for r in results))
+
+    def per_run(key, name=tex):
+        values = {r["run"]: name(r[key]) for r in results}
+        if len(set(values.values())) == 1 and len(values) > 1:
+            return f"{next(iter(values.values()))} for every run"
+        return "; ".join(f"{run_name(run, rep.results)} {value}" for run, value in values.items())
+
+    finished = sorted(r["finished"] for r in results)
+    parts = [
+        rf"\textbf{{Provenance.}} Every result of this report is read from the "
+        rf"{len(results)} results files in {tt(rep.results_dir)} "
+        rf"({runs_text(list(rep.results), rep.results)}), which the training runs wrote.",
+        rf"Trained on: {distinct('device_name')}, with torch {distinct('torch_version')}.",
+        "Data: {}; {} training, {} validation and {} test images.".format(distinct("data"), *split_sizes(rep)),
+        f"Start: {per_run('weights', start_name)}. Epochs: {per_run('epochs')}.",
+        rf"Finished (UTC): {tex(finished[0][:16].replace('T', ' '))}"
+        + (rf" to {tex(finished[-1][:16].replace('T', ' '))}" if len(finished) > 1 else "")
+        + rf"; training time of all runs together {minutes(sum(r['wall_seconds'] for r in results))} min.",
+    ]
+    if rep.manifest:
+        # What the file holds, not a dump of it: a reader wants the wall time, not its decimals.
+        wall = rep.manifest.get("wall_seconds")
+        parts.append(rf"The run's {tt('manifest.json')} also records the command line"
+                     + (r" (Section~\ref{sec:reproduce})" if manifest_commands(rep.manifest) else "")
+                     + ", the Python and library versions"
+                     + (rf" and the wall time of the whole run, {minutes(wall)} min" if isinstance(wall, (int, float)) else "")
+                     + ".")
+    if rep.efficiency:
+        eff = rep.efficiency
+        parts.append(rf"FLOPs and latency come from {tt(rep.figures_dir / 'efficiency.json')}, "
+                     rf"measured on {tex(eff.get('device', 'an unnamed device'))} at "
+                     rf"{tex(eff.get('image_size', '?'))} px.")
+    reason = rep.draft_reason()
+    if reason:
+        why = ("synthetic data, random weights and a tiny budget: a check of the pipeline"
+               if reason == "smoke run" else "trained on the CPU, not on the GPU the lab is set up for")
+        parts.append(rf"\textbf{{{tex(draft_text(reason))}:}} these files come from a {reason} "
+                     rf"({why}); none of their numbers is a result of the lab.")
+    return " ".join(parts)
+
+
+def missing_runs_sentence(rep: Report) -> str:
+    if not rep.missing:
+        return rf"Every expected run has its results file in {tt(rep.results_dir)}."
+    verb = "has" if len(rep.missing) == 1 else "have"
+    return (rf"\textbf{{Missing runs:}} {runs_text(rep.missing, {})} {verb} no results file in "
+            rf"{tt(rep.results_dir)}; the tables mark {'it' if len(rep.missing) == 1 else 'them'} "
+            rf"and the comparisons that need {'it' if len(rep.missing) == 1 else 'them'} say so.")
+
+
+def missing_figures_sentence(rep: Report) -> str:
+    missing = rep.missing_figures
+    if not missing:
+        return rf"All {len(EXPECTED_FIGURES)} figures are in {tt(rep.figures_dir)}."
+    return (rf"\textbf{{Missing figures:}} {enumerate_text([tt(name) for name in missing])} "
+            rf"{'is' if len(missing) == 1 else 'are'} not in {tt(rep.figures_dir)}; "
+            rf"the figures module makes them from the results files.")
 
 
 def results_table(rep: Report) -> str:
@@ -199,6 +416,21 @@ def test_acc_cell(rep: Report, run: str) -> str:
     if summary["std"] is None:
         return pct(summary["mean"])
     return rf"{pct(summary['mean'])} $\pm$ {pct(summary['std'])} ({summary['n_seeds']})"
+
+
+def best_epoch_sentence(rep: Report) -> str:
+    last = [run for run, r in rep.results.items() if r["best_epoch"] == r["epochs"]]
+    earlier = [run for run in rep.results if run not in last]
+    out = []
+    if last:
+        out.append(rf"{runs_text(last, rep.results)} {'was' if len(last) == 1 else 'were'} best on validation "
+                   rf"at {'its' if len(last) == 1 else 'their'} last epoch, as a cosine schedule "
+                   rf"that ends at zero makes likely.")
+    if earlier:
+        out.append("Peaked before the end: " + enumerate_text(
+            [rf"{run_name(run, rep.results)} (epoch {rep.results[run]['best_epoch']} of {rep.results[run]['epochs']})"
+             for run in earlier]) + ".")
+    return " ".join(out)
 
 
 def speed_table(rep: Report) -> str:
@@ -245,12 +477,235 @@ def speed_sentences(rep: Report) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------- discussion: what KD bought
+
+def kd_gain_sentences(rep: Report) -> str:
+    out = []
+    for start, name, base, kd in compared_pairs(rep):
+        lacking = absent(rep, (base, kd))
+        if lacking:
+            out.append(cannot_yet(f"The gain of {name} {start}", lacking))
+            continue
+        out.append(rf"{sentence_start(start)}, {name} ({run_name(kd, rep.results)}) reached {seeds_text(rep, kd)} test "
+                   rf"accuracy against {seeds_text(rep, base)} for the cross-entropy student: "
+                   rf"{paired_text(rep, kd, base)}.")
+    return " ".join(out)
+
+
+def evaluation_sentences(rep: Report) -> str:
+    """What the weight average and the flip bought, over every run and seed of the results folder."""
+    rows = [r["test_acc_by_evaluation"] for runs in rep.seeds.values() for r in runs
+            if "test_acc_by_evaluation" in r]
+    if not rows:
+        return (r"The results files hold no per-evaluation figures yet (written by an older kdlab), "
+                r"so what the weight average and the flip buy is not measured here.")
+    gain = {key: sum(row[key] - row["raw_single"] for row in rows) / len(rows)
+            for key in ("raw_flip", "average_single", "average_flip")}
+    wins = sum(row["average_flip"] > row["raw_single"] for row in rows)
+    return (rf"Over the {len(rows)} trained runs and seeds of this report, against the raw weights "
+            rf"of the last epoch on one view, the flip alone changed test accuracy by "
+            rf"{100 * gain['raw_flip']:+.2f} points on average, the weight average alone by "
+            rf"{100 * gain['average_single']:+.2f}, and both together by {100 * gain['average_flip']:+.2f} "
+            rf"(higher in {wins} of {len(rows)} runs).")
+
+
+def kd_cost_sentences(rep: Report) -> str:
+    out = []
+    for start, name, base, kd in compared_pairs(rep):
+        lacking = absent(rep, (base, kd))
+        if lacking:
+            out.append(cannot_yet(f"The training cost of {name} {start}", lacking))
+            continue
+        b, k = rep.results[base], rep.results[kd]
+        per_epoch_b, per_epoch_k = b["wall_seconds"] / b["epochs"], k["wall_seconds"] / k["epochs"]
+        extra = (rf", and trains {k['extra_training_parameters']:,} regressor parameters "
+                 rf"besides the student" if k["extra_training_parameters"] else "")
+        out.append(rf"An epoch of {name} {start} took {per_epoch_k:.1f} s against "
+                   rf"{per_epoch_b:.1f} s for cross-entropy alone "
+                   rf"({per_epoch_k / per_epoch_b:.2f} times as long){extra}.")
+    if TEACHER_RUN in rep.results:
+        t = rep.results[TEACHER_RUN]
+        out.append(rf"The teacher those runs need cost {minutes(t['wall_seconds'])} min of "
+                   rf"training ({count(t['epochs'], 'epoch')}), once for all of them.")
+    else:
+        out.append(cannot_yet("The teacher's training cost", [TEACHER_RUN]))
+    return " ".join(out)
+
+
+def budget_sentences(rep: Report) -> str:
+    """Logit KD from scratch against its baseline at each budget: equal epochs, equal training time,
+    equal total epochs with the teacher's (kdlab.findings.Findings.budgets)."""
+    if not rep.findings.compares_budgets:
+        return ""
+    comparisons = rep.findings.budgets
+    measured = [c for c in comparisons if c["difference"] is not None]
+    pending = [c["label"] for c in comparisons if c["difference"] is None]
+    out = ["Given the baseline the same budget, " + run_name(LOGIT_KD_FROM_SCRATCH, rep.results) + " against it: "
+           + "; ".join(rf"{c['label']} (the baseline trained {count(c['epochs'], 'epoch')}), "
+                       rf"{difference_text(c['difference'])}" for c in measured) + "."]
+    if pending:
+        where = tt(rep.budget_dir) if rep.budget_dir else r"no folder given (\texttt{-{}-budget-baselines})"
+        out.append(rf"{sentence_start(enumerate_text(pending))}: pending, the budget-matched baselines have "
+                   rf"no results yet ({where}; the GPU plan trains them).")
+    return " ".join(out)
+
+
+def distillation_verdict(rep: Report) -> str:
+    """The lab's conclusion on logit KD from scratch (kdlab.findings.Verdict), in words."""
+    if not rep.findings.compares_budgets:
+        return ""
+    v = rep.findings.verdict
+    parts = []
+    for phrase, labels in (("beats {}", v.wins), ("is level with {} within the noise", v.ties),
+                           ("loses to {}", v.losses)):
+        if labels:   # the baseline named first, then "it"
+            parts.append(f"{phrase.format('it' if parts else 'its baseline')} {enumerate_text(labels)}")
+    text = rf"Logit KD from scratch {'; it '.join(parts)}."
+    if v.conclusion == "pending":   # no gain to explain: the budgets can only say more of the same
+        return text + rf" The baseline has not been trained yet {enumerate_text(v.pending)}."
+    if v.conclusion == "open":
+        return text + (r" Whether that gain is what the teacher knows or the compute it adds is still open: "
+                       rf"the baseline has not been trained yet {enumerate_text(v.pending)}.")
+    if v.conclusion == "every budget":
+        return text + teacher_compute_sentence(v.compute)
+    if v.conclusion == "the compute":
+        return text + (rf" The gain at equal epochs does not hold {enumerate_text(v.matched)}: "
+                       r"it goes with the compute.")
+    return text   # no gain, or mixed: the sentence above is the conclusion
+
+
+def teacher_compute_sentence(compute: dict | None) -> str:
+    """Whether the longest budget-matched baseline (logit KD beat them all) trained as long as the
+    teacher and the distilled student together (kdlab.findings.Findings.teacher_compute)."""
+    if compute is None:
+        return r" The gain holds at every budget compared; the teacher's training time is not in the results."
+    teacher_s, kd_s, given = compute["teacher_seconds"], compute["kd_seconds"], compute["longest_seconds"]
+    if given >= teacher_s + kd_s:
+        return (rf" The gain survives the teacher's compute: {compute['longest']}, the baseline trained "
+                rf"{given:.0f}~s, no less than the teacher's {teacher_s:.0f}~s and the distilled student's "
+                rf"{kd_s:.0f}~s together.")
+    return (rf" The gain holds at every budget compared, but none gave the baseline the teacher's training "
+            rf"time too: the longest, {compute['longest']}, trained {given:.0f}~s, against the teacher's "
+            rf"{teacher_s:.0f}~s and the distilled student's {kd_s:.0f}~s. Whether the gain survives the "
+            rf"teacher's compute is not measured.")
+
+
+def per_class_sentences(rep: Report) -> str:
+    """Which classes the best distilled student gains on against its baseline, paired per class."""
+    if rep.findings.per_class is None:
+        return ""
+    kd, base, by_class = rep.findings.per_class
+    order = sorted(range(len(CLASSES)), key=lambda c: by_class[c]["mean_difference"])
+    helped = [CLASSES[c] for c in order if by_class[c]["excludes_zero"] and by_class[c]["mean_difference"] > 0]
+    hurt = [CLASSES[c] for c in order if by_class[c]["excludes_zero"] and by_class[c]["mean_difference"] < 0]
+
+    def gain(c):
+        d = by_class[c]
+        return (rf"{CLASSES[c]} ({100 * d['mean_difference']:+.2f} points, "
+                rf"[{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}])")
+    n_images = len(rep.seeds[kd][0]["test_labels"]) // len(CLASSES)
+    text = (rf"Class by class (\figref{{per_class_accuracy.png}}{{fig:per-class}}), {run_name(kd, rep.results)} "
+            rf"against {run_name(base, rep.results)} gains most on {gain(order[-1])} and least on "
+            rf"{gain(order[0])}; with about {count(n_images, 'test image')} a class, the interval of a class is "
+            rf"wide, and more so for ten classes compared at once: {tex(per_class_interval_text(by_class))}. ")
+    text += (rf"The gain's interval excludes zero for {enumerate_text(helped)}" if helped
+             else r"No class's gain has an interval that excludes zero")
+    text += ("." if not hurt else rf", and the loss's for {enumerate_text(hurt)}." if helped
+             else rf"; the loss's does for {enumerate_text(hurt)}.")
+    return text
+
+
+# ----------------------------------------------------------------------------- discussion: the other questions
+
+def logits_vs_features_sentences(rep: Report) -> str:
+    out = []
+    for start in STARTS:
+        logits, features = run_of("kd_logits", start), run_of("kd_features", start)
+        if not {logits, features} <= set(rep.runs):   # a comparison this lab does not make
+            continue
+        lacking = absent(rep, (logits, features))
+        if lacking:
+            out.append(cannot_yet(f"Logits against features {STARTS[start]}", lacking))
+            continue
+        out.append(rf"{sentence_start(STARTS[start])}, logit KD at {seeds_text(rep, logits)} against feature KD "
+                   rf"at {seeds_text(rep, features)}: {paired_text(rep, logits, features)}.")
+    return " ".join(out)
+
+
+def pretrained_vs_scratch_sentences(rep: Report) -> str:
+    pretrained = [r for r in rep.results.values() if r["weights"] == "imagenet"]
+    if not pretrained:
+        return (rf"No run of these results files started from ImageNet weights, so the question is "
+                rf"left open by numbers here: it needs the runs that fine-tune from ImageNet "
+                rf"(\texttt{{student\_pretrained\_*}}), trained where the ImageNet weights can be downloaded.")
+    out = []
+    for method, info in METHODS.items():
+        s_run, p_run = run_of(method, "scratch"), run_of(method, "pretrained")
+        if not {s_run, p_run} <= set(rep.runs):   # a comparison this lab does not make
+            continue
+        lacking = absent(rep, (s_run, p_run))
+        if lacking:
+            out.append(cannot_yet(f"ImageNet against scratch for {info.name}", lacking))
+            continue
+        s, p = rep.results[s_run], rep.results[p_run]
+        out.append(rf"With {info.name}, the student {STARTS['pretrained']} reached {seeds_text(rep, p_run)} in "
+                   rf"{count(p['epochs'], 'epoch')}, against {seeds_text(rep, s_run)} in {count(s['epochs'], 'epoch')} "
+                   rf"{STARTS['scratch']}: {paired_text(rep, p_run, s_run)}.")
+    return " ".join(out)
+
+
+def student_vs_teacher_sentences(rep: Report) -> str:
+    best = rep.findings.best_student
+    lacking = [TEACHER_RUN] if TEACHER_RUN not in rep.results else []
+    if best is None:
+        lacking += [run for run in rep.missing if run != TEACHER_RUN]
+    if lacking:
+        return cannot_yet("How close the students come to the teacher", lacking)
+    s, t = rep.results[best], rep.results[TEACHER_RUN]
+    out = [rf"The best student, {run_name(best, rep.results)} at {seeds_text(rep, best)}, against its "
+           rf"teacher at {seeds_text(rep, TEACHER_RUN)}: {paired_text(rep, best, TEACHER_RUN)}. It has "
+           rf"{times(t['parameters'], s['parameters'], 'fewer', 'more')} parameters "
+           rf"({s['parameters'] / 1e6:.2f} M against {t['parameters'] / 1e6:.2f} M)."]
+    ms, mt = rep.measured(best), rep.measured(TEACHER_RUN)
+    if "flops_per_image" in ms and "flops_per_image" in mt:
+        out.append(rf"It needs {times(mt['flops_per_image'], ms['flops_per_image'], 'fewer', 'more')} "
+                   rf"FLOPs per image.")
+    if "latency_ms" in ms and "latency_ms" in mt:
+        out.append(rf"On {tex(rep.efficiency.get('device', 'the measuring device'))} its latency "
+                   rf"is {ms['latency_ms']:.2f} ms against the teacher's {mt['latency_ms']:.2f} ms "
+                   rf"({times(mt['latency_ms'], ms['latency_ms'], 'faster', 'slower')}).")
+    elif rep.efficiency is None:
+        out.append(r"FLOPs and latency are not compared here: the figures folder has no "
+                   r"\texttt{efficiency.json} yet.")
+    return " ".join(out)
+
+
+def agreement_sentences(rep: Report) -> str:
+    if TEACHER_RUN not in rep.results:
+        return cannot_yet("The students' agreement with the teacher", [TEACHER_RUN])
+    t = rep.results[TEACHER_RUN]
+    students = [run for run in rep.results if run != TEACHER_RUN
+                and len(rep.results[run]["test_predictions"]) == len(t["test_predictions"])]
+    if not students:
+        return cannot_yet("The students' agreement with the teacher",
+                          [run for run in rep.missing if run != TEACHER_RUN])
+    shares = {run: agreement(rep.results[run], t) for run in students}
+    out = ["On the test set, the students predict the same class as the teacher for "
+           + enumerate_text([rf"{acc_text(share)} of the images ({run_name(run, rep.results)})"
+                             for run, share in shares.items()]) + "."]
+    for start, name, base, kd in compared_pairs(rep):
+        if base in shares and kd in shares:
+            out.append(rf"{sentence_start(start)}, the agreement of {name} with the teacher is "
+                       rf"{compare(shares[kd], shares[base])} the cross-entropy student's.")
+    return " ".join(out)
+
+
 # ----------------------------------------------------------------------------- deploying the student
 
 def deployed_student(rep: Report) -> str | None:
     """The student the deploy section speaks of: the best one if deploy.json measured it, else its first."""
     students = [run for run in rep.deployment["runs"] if run != TEACHER_RUN]
-    best = best_student(rep.results)
+    best = rep.findings.best_student
     return best if best in students else next(iter(students), None)
 
 
@@ -321,109 +776,7 @@ def check_deployment(rep: Report) -> None:
                          f"these results, or pass their own --deploy.")
 
 
-def distillation_settings(cfg: dict) -> str:
-    """The method's settings (kdlab.registry), each by its symbol: '$T$ 4, $\\alpha$ 0.9'."""
-    def value(v):
-        return tt(", ".join(v)) if isinstance(v, (list, tuple)) else tt(v) if isinstance(v, str) else num(v)
-    return ", ".join(f"{f.metadata['symbol']} {value(cfg[f.name])}" for f in setting_fields(cfg["method"])) or "--"
-
-
-def shared_setting(rep: Report, key: str) -> str:
-    """The value most runs use, then the runs that differ: '512 (ResNet50 teacher: 256)'."""
-    values = {run: rep.config(run)[key] for run in rep.runs}
-    common = Counter(values.values()).most_common(1)[0][0]
-    others = [f"{run_name(run, rep.results)}: {num(value)}" for run, value in values.items() if value != common]
-    return num(common) + (f" ({'; '.join(others)})" if others else "")
-
-
-def config_table(rep: Report) -> str:
-    rows = []
-    for run in rep.runs:
-        cfg = rep.config(run)
-        mark = "" if run in rep.results else r"\textsuperscript{$\dagger$}"
-        rows.append(rf"{tt(run)}{mark} & {cfg['arch']} & {tex(METHODS[cfg['method']].name)} & "
-                    rf"{start_name(cfg['weights'])} & {cfg['epochs']} & {num(cfg['lr'])} & {num(cfg['weight_decay'])} & "
-                    rf"{distillation_settings(cfg)} \\")
-    shared = "; ".join(f"{label} {shared_setting(rep, key)}" for key, label in SHARED_SETTINGS.items())
-    planned = (r" $\dagger$: no results file yet; the settings the planned command "
-               r"(Section~\ref{sec:reproduce}) would use, from \texttt{kdlab.config}."
-               if rep.missing else "")
-    caption = (rf"Settings of each run, as stored in its results file. Start: the initial weights, "
-               rf"ImageNet's or random. Peak LR and weight decay of SGD. Distillation: "
-               rf"temperature $T$ and weight $\alpha$ of logit KD (Eq.~\ref{{eq:kd}}), stage and "
-               rf"weight $\beta$ of the hint (Eq.~\ref{{eq:hint}}). Shared: {shared}."
-               rf"{planned}")
-    return table("tab:config", caption, "llllrrrl", [
-        r"Run & Network & Method & Start & Epochs & Peak & Weight & Distillation \\",
-        r" & & & & & LR & decay & \\"], rows)
-
-
-# ----------------------------------------------------------------------------- provenance
-
-def provenance(rep: Report) -> str:
-    """Where the numbers come from: the paragraph at the head of the results section."""
-    results = list(rep.results.values())
-
-    def distinct(key):
-        return "; ".join(tex(v) for v in dict.fromkeys(str(r[key]) for r in results))
-
-    def per_run(key, name=tex):
-        values = {r["run"]: name(r[key]) for r in results}
-        if len(set(values.values())) == 1 and len(values) > 1:
-            return f"{next(iter(values.values()))} for every run"
-        return "; ".join(f"{run_name(run, rep.results)} {value}" for run, value in values.items())
-
-    finished = sorted(r["finished"] for r in results)
-    parts = [
-        rf"\textbf{{Provenance.}} Every result of this report is read from the "
-        rf"{len(results)} results files in {tt(rep.results_dir)} "
-        rf"({runs_text(list(rep.results), rep.results)}), which the training runs wrote.",
-        rf"Trained on: {distinct('device_name')}, with torch {distinct('torch_version')}.",
-        "Data: {}; {} training, {} validation and {} test images.".format(distinct("data"), *split_sizes(rep)),
-        f"Start: {per_run('weights', start_name)}. Epochs: {per_run('epochs')}.",
-        rf"Finished (UTC): {tex(finished[0][:16].replace('T', ' '))}"
-        + (rf" to {tex(finished[-1][:16].replace('T', ' '))}" if len(finished) > 1 else "")
-        + rf"; training time of all runs together {minutes(sum(r['wall_seconds'] for r in results))} min.",
-    ]
-    if rep.manifest:
-        # What the file holds, not a dump of it: a reader wants the wall time, not its decimals.
-        wall = rep.manifest.get("wall_seconds")
-        parts.append(rf"The run's {tt('manifest.json')} also records the command line"
-                     + (r" (Section~\ref{sec:reproduce})" if manifest_commands(rep.manifest) else "")
-                     + ", the Python and library versions"
-                     + (rf" and the wall time of the whole run, {minutes(wall)} min" if isinstance(wall, (int, float)) else "")
-                     + ".")
-    if rep.efficiency:
-        eff = rep.efficiency
-        parts.append(rf"FLOPs and latency come from {tt(rep.figures_dir / 'efficiency.json')}, "
-                     rf"measured on {tex(eff.get('device', 'an unnamed device'))} at "
-                     rf"{tex(eff.get('image_size', '?'))} px.")
-    reason = rep.draft_reason()
-    if reason:
-        why = ("synthetic data, random weights and a tiny budget: a check of the pipeline"
-               if reason == "smoke run" else "trained on the CPU, not on the GPU the lab is set up for")
-        parts.append(rf"\textbf{{{tex(draft_text(reason))}:}} these files come from a {reason} "
-                     rf"({why}); none of their numbers is a result of the lab.")
-    return " ".join(parts)
-
-
-def missing_runs_sentence(rep: Report) -> str:
-    if not rep.missing:
-        return rf"Every expected run has its results file in {tt(rep.results_dir)}."
-    verb = "has" if len(rep.missing) == 1 else "have"
-    return (rf"\textbf{{Missing runs:}} {runs_text(rep.missing, {})} {verb} no results file in "
-            rf"{tt(rep.results_dir)}; the tables mark {'it' if len(rep.missing) == 1 else 'them'} "
-            rf"and the comparisons that need {'it' if len(rep.missing) == 1 else 'them'} say so.")
-
-
-def missing_figures_sentence(rep: Report) -> str:
-    missing = rep.missing_figures
-    if not missing:
-        return rf"All {len(EXPECTED_FIGURES)} figures are in {tt(rep.figures_dir)}."
-    return (rf"\textbf{{Missing figures:}} {enumerate_text([tt(name) for name in missing])} "
-            rf"{'is' if len(missing) == 1 else 'are'} not in {tt(rep.figures_dir)}; "
-            rf"the figures module makes them from the results files.")
-
+# ----------------------------------------------------------------------------- how to reproduce
 
 def manifest_commands(manifest: dict) -> list[str]:
     """The command lines that made the results, from their manifest: its `command`, the reference
@@ -486,367 +839,7 @@ def reproduce_block(rep: Report) -> str:
     return "\n".join([r"\begin{verbatim}", *lines, r"\end{verbatim}", ""])
 
 
-# ----------------------------------------------------------------------------- sentences
-
-def absent(rep: Report, runs: tuple[str, ...]) -> list[str]:
-    return [run for run in runs if run not in rep.results]
-
-
-def cannot_yet(what: str, lacking: list[str]) -> str:
-    verb = "has" if len(lacking) == 1 else "have"
-    return f"{what} cannot be measured yet: {runs_text(lacking, {})} {verb} no results file."
-
-
-def compared_pairs(rep: Report):
-    """(start, method name, cross-entropy run, distilled run) for each distilled run the report
-    has or expects, against the cross-entropy student of the same start (kdlab.config.kd_pairs)."""
-    for base, kd in kd_pairs():
-        if kd in rep.runs:
-            yield STARTS[RUNS[kd].start], METHODS[RUNS[kd].method].name, base, kd
-
-
-def seeds_text(rep: Report, run: str) -> str:
-    """`run`'s test accuracy for the prose: '92.10%' for one seed, '92.10% (mean of 3 seeds, sd 0.12)'."""
-    summary = summarise(rep.seeds[run])
-    if summary["std"] is None:
-        return acc_text(summary["mean"])
-    return rf"{acc_text(summary['mean'])} (mean of {summary['n_seeds']} seeds, sd {pct(summary['std'])})"
-
-
-def paired_text(rep: Report, better: str, other: str) -> str:
-    """The paired difference of two runs on the same test images and seeds, with its 95% interval."""
-    return difference_text(paired_difference(rep.seeds[better], rep.seeds[other]))
-
-
-def difference_text(d: dict) -> str:
-    """A paired difference (kdlab.stats.paired_difference) and its 95% interval, in words."""
-    seeds = f"{len(d['seeds'])} seed{'s' if len(d['seeds']) > 1 else ''} paired"
-    verdict = ("excludes zero: the difference is beyond what the seeds and the test sample explain"
-               if d["excludes_zero"] else "includes zero: no evidence of a difference either way")
-    return (rf"a paired difference of {100 * d['mean_difference']:+.2f} points ({seeds}), whose 95\% "
-            rf"interval [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] (bootstrap over seeds and "
-            rf"test images) {verdict}")
-
-
-def kd_gain_sentences(rep: Report) -> str:
-    out = []
-    for start, name, base, kd in compared_pairs(rep):
-        lacking = absent(rep, (base, kd))
-        if lacking:
-            out.append(cannot_yet(f"The gain of {name} {start}", lacking))
-            continue
-        out.append(rf"{sentence_start(start)}, {name} ({run_name(kd, rep.results)}) reached {seeds_text(rep, kd)} test "
-                   rf"accuracy against {seeds_text(rep, base)} for the cross-entropy student: "
-                   rf"{paired_text(rep, kd, base)}.")
-    return " ".join(out)
-
-
-def kd_cost_sentences(rep: Report) -> str:
-    out = []
-    for start, name, base, kd in compared_pairs(rep):
-        lacking = absent(rep, (base, kd))
-        if lacking:
-            out.append(cannot_yet(f"The training cost of {name} {start}", lacking))
-            continue
-        b, k = rep.results[base], rep.results[kd]
-        per_epoch_b, per_epoch_k = b["wall_seconds"] / b["epochs"], k["wall_seconds"] / k["epochs"]
-        extra = (rf", and trains {k['extra_training_parameters']:,} regressor parameters "
-                 rf"besides the student" if k["extra_training_parameters"] else "")
-        out.append(rf"An epoch of {name} {start} took {per_epoch_k:.1f} s against "
-                   rf"{per_epoch_b:.1f} s for cross-entropy alone "
-                   rf"({per_epoch_k / per_epoch_b:.2f} times as long){extra}.")
-    if TEACHER_RUN in rep.results:
-        t = rep.results[TEACHER_RUN]
-        out.append(rf"The teacher those runs need cost {minutes(t['wall_seconds'])} min of "
-                   rf"training ({count(t['epochs'], 'epoch')}), once for all of them.")
-    else:
-        out.append(cannot_yet("The teacher's training cost", [TEACHER_RUN]))
-    return " ".join(out)
-
-
-def logits_vs_features_sentences(rep: Report) -> str:
-    out = []
-    for start in STARTS:
-        logits, features = run_of("kd_logits", start), run_of("kd_features", start)
-        if not {logits, features} <= set(rep.runs):   # a comparison this lab does not make
-            continue
-        lacking = absent(rep, (logits, features))
-        if lacking:
-            out.append(cannot_yet(f"Logits against features {STARTS[start]}", lacking))
-            continue
-        out.append(rf"{sentence_start(STARTS[start])}, logit KD at {seeds_text(rep, logits)} against feature KD "
-                   rf"at {seeds_text(rep, features)}: {paired_text(rep, logits, features)}.")
-    return " ".join(out)
-
-
-def pretrained_vs_scratch_sentences(rep: Report) -> str:
-    pretrained = [r for r in rep.results.values() if r["weights"] == "imagenet"]
-    if not pretrained:
-        return (rf"No run of these results files started from ImageNet weights, so the question is "
-                rf"left open by numbers here: it needs the runs that fine-tune from ImageNet "
-                rf"(\texttt{{student\_pretrained\_*}}), trained where the ImageNet weights can be downloaded.")
-    out = []
-    for method, info in METHODS.items():
-        s_run, p_run = run_of(method, "scratch"), run_of(method, "pretrained")
-        if not {s_run, p_run} <= set(rep.runs):   # a comparison this lab does not make
-            continue
-        lacking = absent(rep, (s_run, p_run))
-        if lacking:
-            out.append(cannot_yet(f"ImageNet against scratch for {info.name}", lacking))
-            continue
-        s, p = rep.results[s_run], rep.results[p_run]
-        out.append(rf"With {info.name}, the student {STARTS['pretrained']} reached {seeds_text(rep, p_run)} in "
-                   rf"{count(p['epochs'], 'epoch')}, against {seeds_text(rep, s_run)} in {count(s['epochs'], 'epoch')} "
-                   rf"{STARTS['scratch']}: {paired_text(rep, p_run, s_run)}.")
-    return " ".join(out)
-
-
-def student_vs_teacher_sentences(rep: Report) -> str:
-    best = best_student(rep.results)
-    lacking = [TEACHER_RUN] if TEACHER_RUN not in rep.results else []
-    if best is None:
-        lacking += [run for run in rep.missing if run != TEACHER_RUN]
-    if lacking:
-        return cannot_yet("How close the students come to the teacher", lacking)
-    s, t = rep.results[best], rep.results[TEACHER_RUN]
-    out = [rf"The best student, {run_name(best, rep.results)} at {seeds_text(rep, best)}, against its "
-           rf"teacher at {seeds_text(rep, TEACHER_RUN)}: {paired_text(rep, best, TEACHER_RUN)}. It has "
-           rf"{times(t['parameters'], s['parameters'], 'fewer', 'more')} parameters "
-           rf"({s['parameters'] / 1e6:.2f} M against {t['parameters'] / 1e6:.2f} M)."]
-    ms, mt = rep.measured(best), rep.measured(TEACHER_RUN)
-    if "flops_per_image" in ms and "flops_per_image" in mt:
-        out.append(rf"It needs {times(mt['flops_per_image'], ms['flops_per_image'], 'fewer', 'more')} "
-                   rf"FLOPs per image.")
-    if "latency_ms" in ms and "latency_ms" in mt:
-        out.append(rf"On {tex(rep.efficiency.get('device', 'the measuring device'))} its latency "
-                   rf"is {ms['latency_ms']:.2f} ms against the teacher's {mt['latency_ms']:.2f} ms "
-                   rf"({times(mt['latency_ms'], ms['latency_ms'], 'faster', 'slower')}).")
-    elif rep.efficiency is None:
-        out.append(r"FLOPs and latency are not compared here: the figures folder has no "
-                   r"\texttt{efficiency.json} yet.")
-    return " ".join(out)
-
-
-def agreement_sentences(rep: Report) -> str:
-    if TEACHER_RUN not in rep.results:
-        return cannot_yet("The students' agreement with the teacher", [TEACHER_RUN])
-    t = rep.results[TEACHER_RUN]
-    students = [run for run in rep.results if run != TEACHER_RUN
-                and len(rep.results[run]["test_predictions"]) == len(t["test_predictions"])]
-    if not students:
-        return cannot_yet("The students' agreement with the teacher",
-                          [run for run in rep.missing if run != TEACHER_RUN])
-    shares = {run: agreement(rep.results[run], t) for run in students}
-    out = ["On the test set, the students predict the same class as the teacher for "
-           + enumerate_text([rf"{acc_text(share)} of the images ({run_name(run, rep.results)})"
-                             for run, share in shares.items()]) + "."]
-    for start, name, base, kd in compared_pairs(rep):
-        if base in shares and kd in shares:
-            out.append(rf"{sentence_start(start)}, the agreement of {name} with the teacher is "
-                       rf"{compare(shares[kd], shares[base])} the cross-entropy student's.")
-    return " ".join(out)
-
-
-def per_class_sentences(rep: Report) -> str:
-    """Which classes the best distilled student gains on against its baseline, paired per class."""
-    kd = best_distilled(rep.results)
-    if kd is None:
-        return ""
-    base = baseline_of(kd)
-    by_class = paired_difference_by_class(rep.seeds[kd], rep.seeds[base], len(CLASSES))
-    order = sorted(range(len(CLASSES)), key=lambda c: by_class[c]["mean_difference"])
-    helped = [CLASSES[c] for c in order if by_class[c]["excludes_zero"] and by_class[c]["mean_difference"] > 0]
-    hurt = [CLASSES[c] for c in order if by_class[c]["excludes_zero"] and by_class[c]["mean_difference"] < 0]
-
-    def gain(c):
-        d = by_class[c]
-        return (rf"{CLASSES[c]} ({100 * d['mean_difference']:+.2f} points, "
-                rf"[{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}])")
-    n_images = len(rep.seeds[kd][0]["test_labels"]) // len(CLASSES)
-    text = (rf"Class by class (\figref{{per_class_accuracy.png}}{{fig:per-class}}), {run_name(kd, rep.results)} "
-            rf"against {run_name(base, rep.results)} gains most on {gain(order[-1])} and least on "
-            rf"{gain(order[0])}; with about {count(n_images, 'test image')} a class, the interval of a class is "
-            rf"wide, and more so for ten classes compared at once: {tex(per_class_interval_text(by_class))}. ")
-    text += (rf"The gain's interval excludes zero for {enumerate_text(helped)}" if helped
-             else r"No class's gain has an interval that excludes zero")
-    text += ("." if not hurt else rf", and the loss's for {enumerate_text(hurt)}." if helped
-             else rf"; the loss's does for {enumerate_text(hurt)}.")
-    return text
-
-
-def soft_target_sentences(rep: Report) -> str:
-    """What the teacher's softened outputs show, read from the examples its results file keeps."""
-    examples = rep.results.get(TEACHER_RUN, {}).get("soft_target_examples")
-    if not examples:
-        return ""
-    temperature = distillation_temperature(rep.results)
-
-    def runner_up(example):
-        p = softened(example["logits"], temperature)
-        p[example["label"]] = -1
-        return int(p.argmax())
-    example = max(examples, key=lambda e: softened(e["logits"], temperature)[runner_up(e)])
-    other = runner_up(example)
-    cold, warm = (softened(example["logits"], t)[other] for t in (1, temperature))
-    return (rf"For the {CLASSES[example['label']]} of \figref{{soft_targets.png}}{{fig:soft-targets}}, the "
-            rf"trained teacher gives the class {CLASSES[other]} a probability of {probability_text(cold)} at $T=1$ "
-            rf"and {probability_text(warm)} at $T={num(temperature)}$: the similarity a one-hot label cannot carry.")
-
-
-def budget_sentences(rep: Report) -> str:
-    """Logit KD from scratch against its baseline at each budget: equal epochs, equal training time,
-    equal total epochs with the teacher's (kdlab.results.budget_comparisons)."""
-    kd = run_of("kd_logits", "scratch")
-    if kd not in rep.results or baseline_of(kd) not in rep.results:
-        return ""
-    comparisons = budget_comparisons(rep.seeds, rep.budget)
-    measured = [c for c in comparisons if c["difference"] is not None]
-    pending = [c["label"] for c in comparisons if c["difference"] is None]
-    out = ["Given the baseline the same budget, " + run_name(kd, rep.results) + " against it: " + "; ".join(
-        rf"{c['label']} (the baseline trained {count(c['epochs'], 'epoch')}), {difference_text(c['difference'])}"
-        for c in measured) + "."]
-    if pending:
-        where = tt(rep.budget_dir) if rep.budget_dir else r"no folder given (\texttt{-{}-budget-baselines})"
-        out.append(rf"{sentence_start(enumerate_text(pending))}: pending, the budget-matched baselines have "
-                   rf"no results yet ({where}; the GPU plan trains them).")
-    return " ".join(out)
-
-
-def distillation_verdict(rep: Report) -> str:
-    """The lab's conclusion on logit KD from scratch, whichever way the budget comparisons go."""
-    kd = run_of("kd_logits", "scratch")
-    if kd not in rep.results or baseline_of(kd) not in rep.results:
-        return ""
-    comparisons = budget_comparisons(rep.seeds, rep.budget)
-    d = {c["label"]: c["difference"] for c in comparisons if c["difference"] is not None}
-    wins = [label for label, x in d.items() if x["excludes_zero"] and x["mean_difference"] > 0]
-    losses = [label for label, x in d.items() if x["excludes_zero"] and x["mean_difference"] < 0]
-    ties = [label for label, x in d.items() if not x["excludes_zero"]]
-    parts = []
-    for phrase, labels in (("beats {}", wins), ("is level with {} within the noise", ties), ("loses to {}", losses)):
-        if labels:   # the baseline named first, then "it"
-            parts.append(f"{phrase.format('it' if parts else 'its baseline')} {enumerate_text(labels)}")
-    text = rf"Logit KD from scratch {'; it '.join(parts)}."
-    pending = [c["label"] for c in comparisons if c["difference"] is None]
-    gained = BUDGETS[EQUAL_EPOCHS] in wins
-    if pending:
-        if not gained:   # no gain to explain: the budgets can only say more of the same
-            return text + rf" The baseline has not been trained yet {enumerate_text(pending)}."
-        return text + (r" Whether that gain is what the teacher knows or the compute it adds is still open: "
-                       rf"the baseline has not been trained yet {enumerate_text(pending)}.")
-    if not gained:
-        return text
-    matched = [c for c in comparisons if c["budget"] != EQUAL_EPOCHS]
-    matched_wins = [c for c in matched if c["label"] in wins]
-    if len(matched_wins) == len(matched):
-        return text + teacher_compute_sentence(rep, kd, matched)
-    if not matched_wins:
-        return text + (rf" The gain at equal epochs does not hold {enumerate_text([c['label'] for c in matched])}: "
-                       r"it goes with the compute.")
-    return text   # mixed: the sentence above is the conclusion
-
-
-def mean_seconds(results: list[dict]) -> float:
-    """The mean training time (the training loop's wall_seconds) of a run over its seeds."""
-    return sum(r["wall_seconds"] for r in results) / len(results)
-
-
-def teacher_compute_sentence(rep: Report, kd: str, matched: list[dict]) -> str:
-    """Whether the longest budget-matched baseline (logit KD beat them all) trained as long as the
-    teacher and the distilled student together: only such a baseline tests the teacher's compute."""
-    teacher_seed = rep.results[kd]["teacher"]["seed"]
-    teacher = [r for r in rep.seeds.get(TEACHER_RUN, []) if training_seed(r) == teacher_seed]
-    if not teacher:
-        return r" The gain holds at every budget compared; the teacher's training time is not in the results."
-    teacher_s, kd_s = mean_seconds(teacher), mean_seconds(rep.seeds[kd])
-    longest = max(matched, key=lambda c: mean_seconds(c["baseline"]))
-    given = mean_seconds(longest["baseline"])
-    if given >= teacher_s + kd_s:
-        return (rf" The gain survives the teacher's compute: {longest['label']}, the baseline trained "
-                rf"{given:.0f}~s, no less than the teacher's {teacher_s:.0f}~s and the distilled student's "
-                rf"{kd_s:.0f}~s together.")
-    return (rf" The gain holds at every budget compared, but none gave the baseline the teacher's training "
-            rf"time too: the longest, {longest['label']}, trained {given:.0f}~s, against the teacher's "
-            rf"{teacher_s:.0f}~s and the distilled student's {kd_s:.0f}~s. Whether the gain survives the "
-            rf"teacher's compute is not measured.")
-
-
-def best_epoch_sentence(rep: Report) -> str:
-    last = [run for run, r in rep.results.items() if r["best_epoch"] == r["epochs"]]
-    earlier = [run for run in rep.results if run not in last]
-    out = []
-    if last:
-        out.append(rf"{runs_text(last, rep.results)} {'was' if len(last) == 1 else 'were'} best on validation "
-                   rf"at {'its' if len(last) == 1 else 'their'} last epoch, as a cosine schedule "
-                   rf"that ends at zero makes likely.")
-    if earlier:
-        out.append("Peaked before the end: " + enumerate_text(
-            [rf"{run_name(run, rep.results)} (epoch {rep.results[run]['best_epoch']} of {rep.results[run]['epochs']})"
-             for run in earlier]) + ".")
-    return " ".join(out)
-
-
-def abstract_results(rep: Report) -> str:
-    accs = enumerate_text([rf"{run_name(run, rep.results)} {seeds_text(rep, run)}" for run in rep.results])
-    missing = (rf" Still missing: {runs_text(rep.missing, {})}." if rep.missing else "")
-    best = best_student(rep.results)
-    lead = (rf" The best student is {run_name(best, rep.results)}." if best else "")
-    return rf"Test accuracies: {accs}.{lead}{missing}"
-
-
 # ----------------------------------------------------------------------------- macros
-
-def training_seeds_text(rep: Report) -> str:
-    seeds = sorted({r["config"]["seed"] for runs in rep.seeds.values() for r in runs})
-    return enumerate_text([str(seed) for seed in seeds])
-
-
-def evaluation_sentences(rep: Report) -> str:
-    """What the weight average and the flip bought, over every run and seed of the results folder."""
-    rows = [r["test_acc_by_evaluation"] for runs in rep.seeds.values() for r in runs
-            if "test_acc_by_evaluation" in r]
-    if not rows:
-        return (r"The results files hold no per-evaluation figures yet (written by an older kdlab), "
-                r"so what the weight average and the flip buy is not measured here.")
-    gain = {key: sum(row[key] - row["raw_single"] for row in rows) / len(rows)
-            for key in ("raw_flip", "average_single", "average_flip")}
-    wins = sum(row["average_flip"] > row["raw_single"] for row in rows)
-    return (rf"Over the {len(rows)} trained runs and seeds of this report, against the raw weights "
-            rf"of the last epoch on one view, the flip alone changed test accuracy by "
-            rf"{100 * gain['raw_flip']:+.2f} points on average, the weight average alone by "
-            rf"{100 * gain['average_single']:+.2f}, and both together by {100 * gain['average_flip']:+.2f} "
-            rf"(higher in {wins} of {len(rows)} runs).")
-
-
-def setting(rep: Report, runs: list[str], key: str, fmt=num) -> str:
-    """One config value for the prose: shared by `runs`, or a pointer to the config table."""
-    values = list(dict.fromkeys(rep.config(run)[key] for run in runs))
-    if len(values) == 1:
-        return fmt(values[0])
-    return r"per run (Table~\ref{tab:config})"
-
-
-def split_sizes(rep: Report) -> tuple[str, str, str]:
-    """Training, validation and test images, as the results files record them."""
-    sizes = {(r["n_train"], r["n_val"], r["n_test"]) for r in rep.results.values()}
-    if len(sizes) == 1:
-        return tuple(f"{n:,}" for n in sizes.pop())
-    return (r"(differs between runs)",) * 3
-
-
-def stage_sentence(size: int | None) -> str:
-    """The map sizes the four ResNet stages see at the input size, against a CIFAR ResNet's."""
-    if size is None:
-        return r"The input size differs between runs (Table~\ref{tab:config})."
-    # ImageNet stem: stride-2 conv and stride-2 max-pool (/4), then each stage after the first /2.
-    stages = tuple(size // 4 // 2 ** i for i in range(4))
-    maps = enumerate_text([str(n) for n in stages])
-    cifar = r"a CIFAR ResNet (a $3\times3$ stride-1 stem and no pooling)"
-    if stages == CIFAR_RESNET_STAGES:
-        return rf"At {size}~px the four stages see maps of {maps}~px, the sizes {cifar} sees at {CIFAR_PX}~px."
-    return (rf"At {size}~px the four stages see maps of {maps}~px, where {cifar} sees "
-            rf"{enumerate_text([str(n) for n in CIFAR_RESNET_STAGES])}~px at {CIFAR_PX}~px.")
-
 
 def macros(rep: Report) -> dict[str, str]:
     """Every value the prose of KD_LAB.tex uses, by macro name (letters only)."""

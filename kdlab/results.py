@@ -17,7 +17,7 @@ from kdlab.config import (DEFAULT_SEED, EVALUATION_STEP, LEGACY_STEP_NAMES, RUNS
                           TEACHER_STEP, baseline_of, run_id, run_of)
 from kdlab.errors import KdlabError
 from kdlab.registry import METHODS
-from kdlab.stats import check_no_duplicates, paired_difference, training_seed
+from kdlab.stats import check_no_duplicates, training_seed
 
 # Where runs are saved unless --ckpt-dir says otherwise. Smoke runs (random weights, synthetic
 # data) have their own folder: their checkpoints must never block or pass for real ones.
@@ -355,22 +355,6 @@ EQUAL_EPOCHS = "equal-epochs"
 BUDGETS = {EQUAL_EPOCHS: "at equal epochs", EQUAL_TRAINING_TIME: "at equal training time",
            TEACHER_PLUS_STUDENT_EPOCHS: "at equal total epochs, the teacher's included"}
 BUDGET_DIR = "results/ablation-budget"   # beside results/reference, as the GPU plan writes it
-
-
-def budget_comparisons(reference: dict[str, list[dict]], variants: dict[str, list[dict]]) -> list[dict]:
-    """Logit KD from scratch against its baseline at each budget of BUDGETS: {budget, label,
-    baseline (its results by seed, or None while not trained), epochs (the baseline's), difference
-    (kdlab.stats.paired_difference, or None)}. `reference`: load_seed_results of the reference;
-    `variants`: load_seed_ablation of the budget-matched baselines (empty while there are none)."""
-    kd = run_of("kd_logits", "scratch")
-    out = []
-    for budget, label in BUDGETS.items():
-        baseline = reference.get(baseline_of(kd)) if budget == EQUAL_EPOCHS else variants.get(budget)
-        out.append(dict(budget=budget, label=label, baseline=baseline,
-                        epochs=baseline[0]["epochs"] if baseline else None,
-                        difference=paired_difference(reference[kd], baseline) if baseline and reference.get(kd)
-                        else None))
-    return out
 
 
 def load_budget_baselines(folder: str | Path | None) -> dict[str, list[dict]]:

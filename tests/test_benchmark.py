@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdlab import benchmark_tables
 from kdlab.config import LAB_RUNS, step_runs
 from kdlab.results import load_benchmark as load_benchmark_file
 
@@ -94,7 +95,7 @@ def test_cpu_run_writes_every_row_scaling_and_the_table(tmp_path, one_thread):
         assert value > 0, path
 
     bench = load_benchmark()
-    families = [*bench.OP_FAMILIES, *bench.REGIONS.values(), bench.OTHER]
+    families = [*bench.OP_FAMILIES, *bench.REGIONS.values(), benchmark_tables.OTHER]
     assert [part["step"] for part in report["breakdown"]] == STEPS[:-1]   # every training step kind
     for part in report["breakdown"]:
         assert list(part["shares"]) == families and math.isclose(sum(part["shares"].values()), 1)
@@ -116,24 +117,24 @@ def test_cpu_run_writes_every_row_scaling_and_the_table(tmp_path, one_thread):
     assert "where the step's time goes" in table and "batch sweep" in table
     assert "10 (lab)" in table   # the lab's batch is marked in the sweep
 
-    plotted = subprocess.run([sys.executable, str(SCRIPT), "--plot", str(out), str(tmp_path / "throughput.png")],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    render = [sys.executable, "-m", "kdlab.benchmark_tables"]   # from the results file alone
+    plotted = subprocess.run([*render, str(out), "--plot", str(tmp_path / "throughput.png")],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert plotted.returncode == 0, plotted.stderr
     assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
-    missing = subprocess.run([sys.executable, str(SCRIPT), "--plot", str(tmp_path / "none.json"), "x.png"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    missing = subprocess.run([*render, str(tmp_path / "none.json"), "--plot", str(tmp_path / "x.png")],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no such file" in missing.stderr and "Traceback" not in missing.stderr
 
-    text = bench.markdown(report, "bench.json")
+    text = benchmark_tables.markdown(report, "bench.json")
     assert "| step | conv+mm | BN | data | optim | other | busy |" in text
     assert text.count("| teacher_ce | ") == 1 + len(budget["batch_factors"])   # breakdown + sweep rows
 
 
 def test_markdown_of_a_results_file_from_before_the_breakdown():
     """Committed GPU results predate the breakdown and the sweep: their tables still print."""
-    bench = load_benchmark()
     path = REPO / "benchmarks" / "results" / "h200-full-compile.json"
-    text = bench.markdown(load_benchmark_file(path), str(path))
+    text = benchmark_tables.markdown(load_benchmark_file(path), str(path))
     assert "| student step (ResNet18, CE) |" in text and "| logit KD step (+ ResNet50 forward) |" in text
     assert "Batch sweep" not in text
 
@@ -196,7 +197,7 @@ def test_fast_path_switches_and_their_table_run_on_the_cpu(one_thread, aot_eager
     report = dict(device_name="cpu", mode="tiny", image_size=cfg.image_size, batch_size=cfg.batch_size,
                   budget=bench.asdict(budget), rows=[], fast_path=fast,
                   scaling=bench.measure_scaling(budget, data, device))
-    table = bench.table(report)
+    table = benchmark_tables.table(report)
     for name in switches:
         assert f"  {name} " in table
     assert "the same update as the default SGD after skipped fp16 steps" in table and "compiling took" in table
@@ -245,9 +246,8 @@ def test_peak_of_known_gpus_is_found_by_name():
 
 def test_a_failed_breakdown_is_a_row_that_says_so():
     """The profiler's output differs across torch versions: a step whose breakdown failed keeps its place."""
-    bench = load_benchmark()
     report = dict(device="cuda", breakdown=[dict(step="teacher_ce", run="teacher_resnet50",
                                                  error="RuntimeError: the profiler attributed no time")])
-    header, row = bench.breakdown_rows(report)
+    header, row = benchmark_tables.breakdown_rows(report)
     assert len(row) == len(header) and row[0] == "teacher_ce" and row[1].startswith("failed: RuntimeError")
-    assert "cuda kernels" in bench.breakdown_note(report)
+    assert "cuda kernels" in benchmark_tables.breakdown_note(report)

@@ -700,3 +700,27 @@ def test_per_class_sentence_with_losses_and_no_gain(tmp_path, reference):
     sentence = report.per_class_sentences(rep)
     assert sentence.endswith("No class's gain has an interval that excludes zero; the loss's does for airplane.")
     assert "least on airplane (-100.00 points, [-100.00, -100.00])" in sentence
+
+
+def test_each_comparison_of_the_reference_report_is_computed_once(tmp_path, monkeypatch):
+    """Every sentence that words a comparison reads it from kdlab.findings: no pair of runs (a
+    budget-matched baseline told apart by its epochs) is bootstrapped twice for one report."""
+    from kdlab import findings
+    from conftest import REPO
+
+    computed = []
+
+    def counted(kd, baseline, *args, **kwargs):
+        computed.append((kd[0]["run"], baseline[0]["run"], baseline[0]["epochs"]))
+        return paired_difference(kd, baseline, *args, **kwargs)
+    monkeypatch.setattr(findings, "paired_difference", counted)
+    budget = tmp_path / "ablation-budget"   # the reference's baseline, relabelled as the budget-matched ones
+    for variant, epochs in (("equal-training-time", 34), ("teacher-plus-student-epochs", 60)):
+        (budget / variant).mkdir(parents=True)
+        for path in (REPO / "results" / "reference").glob("student_scratch_baseline*_results.json"):
+            (budget / variant / path.name).write_text(json.dumps(dict(json.loads(path.read_text()), epochs=epochs)))
+    report.make_report(REPO / "results" / "reference", REPO / "figures", report_dir(tmp_path), pdf=False,
+                       budget_dir=budget, log=lambda *_: None)
+    assert len(computed) == len(set(computed)) > 0, computed
+    budget_matched = [c for c in computed if c[:2] == ("student_scratch_kd_scores", "student_scratch_baseline")]
+    assert len(budget_matched) == 3   # equal epochs, equal training time, the teacher's epochs too: once each
