@@ -6,12 +6,14 @@ table, the report's method names and settings, the figures' labels and the bench
 kinds are all read from here. No torch: `--help`, `status` and `report` start at once.
 
 Adding a method: its loss in kdlab.losses, its class in kdlab.methods, its settings class and
-one line of METHODS here, and its test.
+one line of METHODS here, and its test. A method from outside the package (a notebook cell, a
+student's file) is one call instead: kdlab.methods.register_method.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 # The ResNet stages a feature method can read (kdlab.models.StageOutput hooks their outputs).
 STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -101,6 +103,7 @@ class MethodInfo:
     settings: type                  # its Settings dataclass
     loss_terms: tuple[str, ...]     # the names forward_train returns, the training loop logs
     implementation: str             # its class in kdlab.methods
+    loss: Callable | None = None    # a registered method's loss (kdlab.methods.register_method)
 
     @property
     def uses_teacher(self) -> bool:
@@ -118,6 +121,8 @@ METHODS = {
     "attention": MethodInfo("attention transfer", "Zagoruyko & Komodakis 2017: the stages' spatial attention maps",
                             AttentionSettings, ("ce", "attention"), "AttentionTransfer"),
 }
+# The methods of the package; kdlab.methods.register_method adds others beside them, never over them.
+BUILT_IN_METHODS = frozenset(METHODS)
 
 
 def setting_fields(method: str) -> tuple[dataclasses.Field, ...]:
