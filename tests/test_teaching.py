@@ -1,0 +1,76 @@
+"""The notebook teaches: each method's code is shown from the package's source beside its formula,
+and the optional sections (6b: decoupled KD and attention transfer; 6c: a method of your own) run
+headless in smoke mode, switched on by their environment variables, through the results table,
+the figures and the report."""
+import inspect
+import json
+import os
+import textwrap
+import time
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import REPO, generated_macros
+from kdlab import losses, methods, train
+from kdlab.code_view import source_markdown
+from kdlab.models import StageOutput
+
+NOTEBOOK = REPO / "notebook" / "EfficientDL_KD_Lab.ipynb"
+OWN_RUN = "student_scratch_logit_matching"
+# The code each section shows: every function that computes a loss the lab trains with.
+SHOWN = (train.train_step, methods.Method.forward_train, losses.cross_entropy, methods.LogitKD.forward_train,
+         losses.kd_logits_terms, losses.distillation_term, methods.FeatureKD, losses.hint_loss, StageOutput,
+         methods.DecoupledKD.forward_train, losses.dkd_loss, losses.binary_log_probs,
+         methods.AttentionTransfer.forward_train, losses.attention_transfer_loss, losses.attention_map)
+
+
+def test_source_markdown_is_the_source_itself_with_its_place():
+    text = source_markdown(losses.hint_loss, methods.FeatureKD)
+    assert inspect.getsource(losses.hint_loss).strip() in text
+    assert "`hint_loss` (kdlab/losses.py, line " in text and "`FeatureKD` (kdlab/methods.py, line " in text
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("teaching_notebook")
+    env = dict(os.environ, KDLAB_SMOKE="1", KDLAB_CKPT_DIR=str(folder / "ckpt"), KDLAB_DATA_DIR=str(folder / "data"),
+               KDLAB_FIGURES_DIR=str(folder / "figures"), KDLAB_REPORT_DIR=str(folder / "report"),
+               KDLAB_DEPLOY="0", KDLAB_OWN_METHOD="1", KDLAB_BEYOND_THE_ORIGINAL_LAB="1")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    start = time.perf_counter()
+    NotebookClient(nb, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute(env=env)
+    print(f"\nheadless smoke execution with sections 6b and 6c on: {time.perf_counter() - start:.1f}s")
+    return nb, folder
+
+
+def outputs(nb) -> str:
+    return "\n".join(out.get("text", "") + out.get("data", {}).get("text/markdown", "")
+                     for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
+
+
+def test_every_loss_is_shown_as_the_packages_own_source(executed):
+    nb, _ = executed
+    shown = outputs(nb)
+    missing = [obj.__qualname__ for obj in SHOWN if textwrap.dedent(inspect.getsource(obj)).strip() not in shown]
+    assert missing == []
+    for obj in SHOWN:   # rendered at run time from the package: no cell holds a copy
+        assert not any(inspect.getsource(obj).strip().splitlines()[0].strip() in cell.source
+                       for cell in nb.cells if cell.cell_type == "code"), obj.__qualname__
+
+
+def test_sections_6b_and_6c_train_and_reach_the_table_figures_and_report(executed):
+    nb, folder = executed
+    errors = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs if out.output_type == "error"]
+    assert errors == []
+    for run in ("student_scratch_dkd", "student_scratch_at", OWN_RUN):
+        assert (folder / "ckpt" / f"{run}_best.pt").is_file(), run
+        assert (folder / "figures" / f"curves_{run}.png").is_file(), run
+    own = json.loads((folder / "ckpt" / f"{OWN_RUN}_results.json").read_text())
+    assert set(own["history"][0]["losses"]) == {"ce", "mse"} and own["config"]["method"] == "logit_matching"
+    assert f"| {OWN_RUN} |" in outputs(nb)   # the results table of section 7
+    assert OWN_RUN in json.loads((folder / "figures" / "efficiency.json").read_text())["runs"]
+    macros = generated_macros(folder / "report")
+    assert "logit matching" in macros["AbstractResults"] and "logit matching" in macros["KDGainSentences"]
