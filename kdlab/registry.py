@@ -20,7 +20,10 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
 def setting(default, help: str, symbol: str | None = None):
-    """A method setting: its default, a line for --help and, if the paper names it, its symbol (LaTeX)."""
+    r"""A method setting: its default, a line for --help and its symbol (LaTeX), the same in the
+    notebook, docs/methods.md and the report. A paper's letter where it has one ($T$, $\alpha$, and
+    $\beta$ for decoupled KD's NCKD weight alone); a term's weight next to CE is $\lambda$ with the
+    term's name ($\lambda_{\mathrm{hint}}$, $\lambda_{\mathrm{AT}}$)."""
     return field(default=default, metadata=dict(help=help, symbol=symbol))
 
 
@@ -59,7 +62,7 @@ class LogitKDSettings(Settings):
 @dataclass(frozen=True)
 class FeatureKDSettings(Settings):
     hint_layer: str = setting("layer3", "the ResNet stage whose output is matched", "hint")
-    hint_weight: float = setting(1.0, "weight of the hint MSE next to CE", r"$\beta$")
+    hint_weight: float = setting(1.0, "weight of the hint MSE next to CE", r"$\lambda_{\mathrm{hint}}$")
 
     def problems(self):
         return failed(stages_check("hint layer", [self.hint_layer]),
@@ -88,7 +91,7 @@ class AttentionSettings(Settings):
     attention_stages: tuple[str, ...] = setting(STAGES, "the ResNet stages whose attention maps are matched",
                                                 "stages")
     attention_p: float = setting(2.0, "an attention map is the channel mean of |x|^p", "$p$")
-    attention_weight: float = setting(1000.0, "weight of the attention term next to CE", r"$\beta$")
+    attention_weight: float = setting(1000.0, "weight of the attention term next to CE", r"$\lambda_{\mathrm{AT}}$")
 
     def problems(self):
         return failed(stages_check("attention stages", self.attention_stages),

@@ -350,7 +350,7 @@ def config_table(rep: Report) -> str:
     caption = (rf"Settings of each run, as stored in its results file. Start: the initial weights, "
                rf"ImageNet's or random. Peak LR and weight decay of SGD. Distillation: "
                rf"temperature $T$ and weight $\alpha$ of logit KD (Eq.~\ref{{eq:kd}}), stage and "
-               rf"weight $\beta$ of the hint (Eq.~\ref{{eq:hint}}). Shared: {shared}."
+               rf"weight $\lambda_{{\mathrm{{hint}}}}$ of the hint (Eq.~\ref{{eq:hint}}). Shared: {shared}."
                rf"{planned}")
     return table("tab:config", caption, "llllrrrl", [
         r"Run & Network & Method & Start & Epochs & Peak & Weight & Distillation \\",
