@@ -232,7 +232,13 @@ def benchmark_block(name: str) -> str:
 BENCHMARK_BLOCKS = ("benchmark-h200-full-compile", "benchmark-cpu-quick")
 RESULTS_BLOCKS = ("results-reference", "results-evaluation", "results-findings", "results-ablation",
                   "results-ablation-lr-resolution")
-GENERATORS = {"recipe": recipe_table, "runs": runs_table, "methods": methods_table, "settings": settings_table,
+def lab_time_block() -> str:
+    from kdlab.lab_time import time_table
+
+    return time_table()
+
+
+GENERATORS = {"lab-time": lab_time_block, "recipe": recipe_table, "runs": runs_table, "methods": methods_table, "settings": settings_table,
               "cli": cli_reference, "figures": figures_table, "budget-epochs": budget_epochs,
               **{name: (lambda name=name: results_block(name)) for name in RESULTS_BLOCKS},
               **{name: (lambda name=name: benchmark_block(name)) for name in BENCHMARK_BLOCKS}}

@@ -74,3 +74,39 @@ def test_sections_6b_and_6c_train_and_reach_the_table_figures_and_report(execute
     assert OWN_RUN in json.loads((folder / "figures" / "efficiency.json").read_text())["runs"]
     macros = generated_macros(folder / "report")
     assert "logit matching" in macros["AbstractResults"] and "logit matching" in macros["KDGainSentences"]
+
+
+def test_the_labs_time_is_estimated_from_the_committed_benchmark_and_says_so():
+    from kdlab.lab_time import PEAK_TFLOPS, estimate, estimate_line, time_table
+
+    e = estimate()
+    bench = json.loads((REPO / "benchmarks" / "results" / "h200-full-compile.json").read_text())
+    assert e["device_name"] == bench["device_name"] and e["source"] == "benchmarks/results/h200-full-compile.json"
+    assert e["share"] == min(row["kdlab"]["peak_share"] for row in bench["rows"])
+    for chip, minutes in e["minutes"].items():
+        assert minutes == pytest.approx(e["flops"] / (PEAK_TFLOPS[chip] * 1e12 * e["share"]) / 60)
+    table = time_table(e)
+    assert f"| T4 (Colab's free GPU) | about {e['minutes']['T4']:.0f} min |" in table
+    assert "Estimates, not measurements" in table and e["source"] in table
+    readme = (REPO / "README.md").read_text().splitlines()
+    assert any("T4" in line and "min" in line for line in readme[:50]), "the T4 time on the README's first screen"
+    assert f"about {e['minutes']['T4']:.0f} min on this Tesla T4" in estimate_line("Tesla T4", e)
+    assert "not estimated" in estimate_line("NVIDIA L4", e)
+
+
+def test_a_runs_log_gives_its_time_after_its_first_epoch(tiny_splits, tmp_path):
+    from conftest import train_tiny
+
+    lines = []
+    train_tiny(tiny_splits, tmp_path, log=lines.append)
+    said = [line for line in lines if "remaining epoch" in line]
+    assert len(said) == 1 and "the 1 remaining epoch will take about" in said[0]
+    assert lines.index(said[0]) == next(i for i, line in enumerate(lines) if " epoch 1/2" in line) + 1
+
+
+def test_the_students_report_holds_no_number_of_another_machine(executed):
+    _, folder = executed
+    generated = {p.name: p.read_text() for p in (folder / "report" / "generated").glob("*.tex")}
+    assert not any("H200" in text for text in generated.values()), [n for n, t in generated.items() if "H200" in t]
+    assert generated["speed_table.tex"].strip() == ""
+    assert "not measured for this report" in generated_macros(folder / "report")["SpeedSentences"]
