@@ -182,13 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--ckpt-dir", help=f"default: {CKPT_DIR}, or {SMOKE_CKPT_DIR} with --smoke")
     status.add_argument("--smoke", action="store_true", help="the smoke runs' default folder")
 
-    report = sub.add_parser("report", help="write report/generated/*.tex from results files, then build the PDF")
+    report = sub.add_parser("report", help="write the report's generated/*.tex from results files, then build the PDF "
+                                           "(into my_report/; the committed reference: --report-dir report)")
     report.add_argument("--results", default="results/reference",
                         help="folder of <run>_results.json, such as a checkpoint folder (default: results/reference)")
-    report.add_argument("--figures", default="figures", help="folder of the figures and efficiency.json")
-    report.add_argument("--report-dir", default="report",
+    report.add_argument("--figures", default="figures",
+                        help="folder of the figures and efficiency.json, read only (default: figures, the reference's)")
+    report.add_argument("--report-dir", default="my_report",
                         help="folder the report is written to, made if missing: KD_LAB.tex (copied from "
-                             "report/), generated/*.tex and KD_LAB.pdf (default: report)")
+                             "report/), generated/*.tex and KD_LAB.pdf (default: my_report, never the committed "
+                             "report/ unless named)")
     report.add_argument("--runs", nargs="+", metavar="RUN",
                         help="runs the report expects, those without a results file marked missing (default: "
                              "the six of `run all` when the results hold a run fine-tuned from ImageNet, else "
@@ -209,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--ckpt-dir", default="checkpoints",
                          help="folder of <run>_results.json and <run>_best.pt (sizes on disk)")
     figures.add_argument("--results-dir", help="read the results files here instead of --ckpt-dir")
-    figures.add_argument("--out", default="figures", help="folder the figures are written to")
+    figures.add_argument("--out", default="my_figures",
+                         help="folder the figures are written to (default: my_figures, never the committed "
+                              "figures/ unless named)")
     figures.add_argument("--sweep", metavar="DIR",
                          help="draw sweep.png from a sweep's folder instead: accuracy against each swept setting")
     figures.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],

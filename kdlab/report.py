@@ -985,7 +985,7 @@ def place_template(report_dir: Path) -> None:
         shutil.copyfile(TEMPLATE, report_dir / TEMPLATE.name)
 
 
-def make_report(results_dir="results/reference", figures_dir="figures", report_dir="report",
+def make_report(results_dir="results/reference", figures_dir="figures", report_dir="my_report",
                 expected=None, draft=False, pdf=True, pdf_required=False,
                 benchmark=DEFAULT_BENCHMARK, budget_dir=None, deploy=None, log=print) -> Report:
     """Generate report_dir/generated/*.tex from the results, then build the PDF if latexmk is here.

@@ -110,3 +110,34 @@ def test_the_students_report_holds_no_number_of_another_machine(executed):
     assert not any("H200" in text for text in generated.values()), [n for n, t in generated.items() if "H200" in t]
     assert generated["speed_table.tex"].strip() == ""
     assert "not measured for this report" in generated_macros(folder / "report")["SpeedSentences"]
+
+
+def digests(folder):
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_figures_and_report_without_a_folder_leave_the_committed_reference_untouched(tmp_path):
+    """Run from a folder of one's own, `figures` and `report` write my_figures/ and my_report/ there;
+    run from the repository they would too: figures/ and report/ change only when named."""
+    import subprocess
+    import sys
+
+    before = {name: digests(REPO / name) for name in ("figures", "report")}
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for args in (["figures", "--results-dir", REPO / "results" / "reference", "--efficiency-from", REPO / "figures",
+                  "--device", "cpu"],
+                 ["report", "--results", REPO / "results" / "reference", "--figures", REPO / "figures", "--no-pdf"]):
+        done = subprocess.run([sys.executable, "-m", "kdlab", *map(str, args)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert (tmp_path / "my_figures" / "comparison_test_accuracy.png").is_file()
+    assert (tmp_path / "my_report" / "generated" / "macros.tex").is_file()
+    assert {name: digests(REPO / name) for name in ("figures", "report")} == before
+    from kdlab.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["figures"]).out == "my_figures"
+    assert parser.parse_args(["report"]).report_dir == "my_report"
