@@ -24,6 +24,7 @@ with warnings.catch_warnings():
 from kdlab.config import EVAL_BATCH_SIZE, SpeedLevers
 from kdlab.data import DeviceLoader, preprocess
 from kdlab.errors import KdlabError
+from kdlab.live_curves import LiveCurves
 from kdlab.models import build_model, load_weights
 
 # Fewer optimizer steps than this per epoch (a small --limit-train at batch 512) leave warmup and
@@ -259,6 +260,7 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
                 f"--lr {cfg.lr * batch / cfg.batch_size:.3g}.")
 
     first_epoch = len(history)
+    curves = LiveCurves(files.ckpt_dir, cfg.run_id, log) if len(history) < cfg.epochs else None   # TensorBoard
     for epoch in tqdm(range(len(history), cfg.epochs), desc=cfg.run_id, unit="epoch", disable=quiet,
                       initial=len(history), total=cfg.epochs):
         start = time.perf_counter()
@@ -296,6 +298,7 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
         log(f"{cfg.run_id} epoch {epoch + 1}/{cfg.epochs}: train loss {history[-1]['train_loss']:.4f} "
             f"acc {history[-1]['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc_raw:.4f}, "
             f"averaged {val_acc:.4f} | {history[-1]['seconds']:.1f}s")
+        curves.add(history[-1])
         remaining = cfg.epochs - epoch - 1
         if remaining and len(history) == first_epoch + 1:   # the first epoch of this session: the run's time
             log(f"{cfg.run_id}: the {remaining} remaining epoch{'s' if remaining > 1 else ''} will take about "
@@ -313,6 +316,8 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
                              average=average.model.state_dict(), best_modules=best_modules,
                              optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                              history=history, epoch=epoch + 1))
+    if curves is not None:
+        curves.close()
     return history, best_modules
 
 

@@ -141,3 +141,47 @@ def test_figures_and_report_without_a_folder_leave_the_committed_reference_untou
     parser = build_parser()
     assert parser.parse_args(["figures"]).out == "my_figures"
     assert parser.parse_args(["report"]).report_dir == "my_report"
+
+
+def test_without_tensorboard_a_run_trains_and_one_line_says_how_to_get_curves(tiny_splits, tmp_path, monkeypatch):
+    from conftest import train_tiny
+    from kdlab import live_curves
+
+    monkeypatch.setattr(live_curves, "has_tensorboard", lambda: False)
+    monkeypatch.setattr(live_curves, "_told_missing", False)
+    lines = []
+    train_tiny(tiny_splits, tmp_path / "a", log=lines.append)
+    train_tiny(tiny_splits, tmp_path / "b", log=lines.append)
+    told = [line for line in lines if line.startswith("live curves:")]
+    assert len(told) == 1 and "pip install tensorboard" in told[0]
+    assert not (tmp_path / "a" / "tensorboard").exists()
+
+
+def test_each_epoch_is_written_as_tensorboard_scalars_beside_the_checkpoints(tiny_splits, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import TINY_RUN, train_tiny
+
+    history = train_tiny(tiny_splits, tmp_path).results["history"]
+    events = EventAccumulator(str(tmp_path / "tensorboard" / TINY_RUN))
+    events.Reload()
+    assert {"train_loss/ce", "train_loss/total", "accuracy/train", "accuracy/val", "accuracy/val_raw_weights",
+            "val_loss", "lr"} <= set(events.Tags()["scalars"])
+    for tag, key in (("accuracy/val", "val_acc"), ("lr", "lr"), ("train_loss/total", "train_loss")):
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == [h["epoch"] for h in history]
+        assert [s.value for s in scalars] == pytest.approx([h[key] for h in history], rel=1e-6)
+
+
+def test_the_notebooks_runs_write_their_live_curves_where_tensorboard_is_installed(executed):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, folder = executed
+    for run in ("teacher_resnet50", "student_scratch_kd_scores", OWN_RUN):
+        events = EventAccumulator(str(folder / "ckpt" / "tensorboard" / run))
+        events.Reload()
+        history = json.loads((folder / "ckpt" / f"{run}_results.json").read_text())["history"]
+        assert [s.step for s in events.Scalars("accuracy/val")] == [h["epoch"] for h in history], run
+    assert {"train_loss/ce", "train_loss/mse"} <= set(events.Tags()["scalars"])
