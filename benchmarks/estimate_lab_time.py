@@ -14,27 +14,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdlab.config import LAB_RUNS, make_config, step_kind  # noqa: E402
-from kdlab.results import load_benchmark  # noqa: E402
-
-TRAIN_IMAGES = 45_000
-T4_PEAK_TFLOPS = 65
+from kdlab.lab_time import GPU_NAMES, estimate  # noqa: E402
 
 
 def main(path: str) -> None:
-    bench = load_benchmark(Path(path))
-    rows = {r["step"]: r for r in bench["rows"]}
-    share = min(r["kdlab"]["peak_share"] for r in rows.values())
-    measured_s = flops = 0.0
-    for run in LAB_RUNS:
-        cfg = make_config(run)
-        row, epochs = rows[step_kind(cfg)], cfg.epochs
-        measured_s += epochs * TRAIN_IMAGES / row["kdlab"]["images_per_s"]
-        flops += epochs * TRAIN_IMAGES * row["flops_per_image"]
-    print(f"six-run lab at default epochs: {flops / 1e15:.1f} PFLOP of training steps")
-    print(f"on {bench['device_name']} (measured step rates): {measured_s:.0f} s of training steps")
-    print(f"on a T4 at {share:.1%} of its {T4_PEAK_TFLOPS} TFLOP/s fp16 peak: "
-          f"{flops / (T4_PEAK_TFLOPS * 1e12 * share) / 60:.0f} min of training steps")
+    e = estimate(Path(path))
+    print(f"six-run lab at default epochs: {e['flops'] / 1e15:.1f} PFLOP of training steps")
+    print(f"on {e['device_name']} (measured step rates): {e['measured_s']:.0f} s of training steps")
+    for chip, minutes in e["minutes"].items():
+        print(f"on a {GPU_NAMES[chip]} at {e['share']:.1%} of its dense fp16/bf16 peak: {minutes:.0f} min of training steps")
 
 
 if __name__ == "__main__":

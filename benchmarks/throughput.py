@@ -59,6 +59,8 @@ from kdlab.config import (EVALUATION_STEP, LAB_RUNS, STUDENT_STEP, TEACHER_RUN, 
                           config_dict, make_config, step_runs)
 from kdlab.data import MEAN, PAD, STD, Cifar10, DeviceLoader, make_splits, make_synthetic_cifar  # noqa: E402
 from kdlab.errors import KdlabError  # noqa: E402
+# The share of the device's peak (kdlab.lab_time: the vendors' dense bf16/fp16 tensor-core TFLOP/s).
+from kdlab.lab_time import peak_tflops  # noqa: E402
 from kdlab.lab import Lab, resolve_device  # noqa: E402
 from kdlab.measure import count_flops, seconds_taken, synchronize  # noqa: E402
 from kdlab.methods import build_method  # noqa: E402
@@ -92,21 +94,11 @@ BUDGETS = {
     "tiny": Budget(16, 10, 1, 2, 10, 1, 2, 2, 1, (0.5, 1, 2)),               # the tests: every path, no meaning
 }
 
-# Dense bf16/fp16 tensor-core peaks in TFLOP/s from the vendor datasheets (H100/H200: the SXM
-# parts; a PCIe H100 peaks lower, so its share reads high).
-PEAK_TFLOPS = {"T4": 65, "A100": 312, "H100": 989, "H200": 989}
 
 # A gap under 3% between two settings is read as no difference, not as a verdict.
 NOISE = 0.03
 
 NAIVE_WORKERS = 2   # what a Colab notebook passes (Colab has 2 CPU cores)
-
-
-def peak_tflops(device_name: str) -> float | None:
-    for chip, peak in PEAK_TFLOPS.items():
-        if re.search(rf"\b{chip}\b", device_name):
-            return peak
-    return None
 
 
 def device_name(device: torch.device) -> str:

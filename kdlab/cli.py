@@ -79,6 +79,8 @@ def add_method_settings(parser: argparse.ArgumentParser) -> None:
     """One flag per method setting of kdlab.registry, typed by its default, its help per method."""
     group = parser.add_argument_group("method settings", "each applies to the runs named whose method has it")
     for name, field in all_settings().items():
+        if field.metadata.get("fixed"):   # recorded in the config, not set (a registered loss's code)
+            continue
         meanings = {}   # methods that share a setting's meaning and default share one line of help
         for method, owned in setting_owners(name).items():
             default = "+".join(owned.default) if isinstance(owned.default, tuple) else owned.default
@@ -94,7 +96,7 @@ def add_method_settings(parser: argparse.ArgumentParser) -> None:
 def method_settings(args) -> dict:
     """The method settings given on the command line, by name."""
     return {name: tuple(value) if isinstance(value, list) else value
-            for name in all_settings() if (value := getattr(args, name)) is not None}
+            for name in all_settings() if (value := getattr(args, name, None)) is not None}
 
 
 def training_overrides(args) -> dict:
@@ -120,8 +122,17 @@ def check_teacher_epochs(args) -> None:
         raise KdlabError(f"teacher epochs must be at least 1, got {args.teacher_epochs}")
 
 
+def add_methods_option(parser: argparse.ArgumentParser) -> None:
+    """--methods, read by load_method_files before the parser is built; declared for --help."""
+    parser.add_argument("--methods", action="append", default=argparse.SUPPRESS, metavar="FILE.py",
+                        help="a Python file that registers methods of your own (kdlab.methods.register_method), "
+                             "run before the command, so that their runs train, draw and report like the lab's "
+                             "(docs/methods.md); once per file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m kdlab", description=__doc__)
+    add_methods_option(parser)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     run = sub.add_parser("run", help="train-or-load runs (a KD run trains its teacher first if needed)",
@@ -171,13 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--ckpt-dir", help=f"default: {CKPT_DIR}, or {SMOKE_CKPT_DIR} with --smoke")
     status.add_argument("--smoke", action="store_true", help="the smoke runs' default folder")
 
-    report = sub.add_parser("report", help="write report/generated/*.tex from results files, then build the PDF")
+    report = sub.add_parser("report", help="write the report's generated/*.tex from results files, then build the PDF "
+                                           "(into my_report/; the committed reference: --report-dir report)")
     report.add_argument("--results", default="results/reference",
                         help="folder of <run>_results.json, such as a checkpoint folder (default: results/reference)")
-    report.add_argument("--figures", default="figures", help="folder of the figures and efficiency.json")
-    report.add_argument("--report-dir", default="report",
+    report.add_argument("--figures", default="figures",
+                        help="folder of the figures and efficiency.json, read only (default: figures, the reference's)")
+    report.add_argument("--report-dir", default="my_report",
                         help="folder the report is written to, made if missing: KD_LAB.tex (copied from "
-                             "report/), generated/*.tex and KD_LAB.pdf (default: report)")
+                             "report/), generated/*.tex and KD_LAB.pdf (default: my_report, never the committed "
+                             "report/ unless named)")
     report.add_argument("--runs", nargs="+", metavar="RUN",
                         help="runs the report expects, those without a results file marked missing (default: "
                              "the six of `run all` when the results hold a run fine-tuned from ImageNet, else "
@@ -198,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--ckpt-dir", default="checkpoints",
                          help="folder of <run>_results.json and <run>_best.pt (sizes on disk)")
     figures.add_argument("--results-dir", help="read the results files here instead of --ckpt-dir")
-    figures.add_argument("--out", default="figures", help="folder the figures are written to")
+    figures.add_argument("--out", default="my_figures",
+                         help="folder the figures are written to (default: my_figures, never the committed "
+                              "figures/ unless named)")
     figures.add_argument("--sweep", metavar="DIR",
                          help="draw sweep.png from a sweep's folder instead: accuracy against each swept setting")
     figures.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -230,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "images (default: data; smoke runs use their synthetic data)")
     deploy.add_argument("--threads", type=int,
                         help="CPU threads of PyTorch and ONNX Runtime alike (default: PyTorch's, one per core)")
+    for command in (run, status, report, figures, deploy):
+        add_methods_option(command)
     return parser
 
 
@@ -377,7 +395,32 @@ COMMANDS = {"run": command_run, "sweep": command_sweep, "status": command_status
             "report": command_report, "deploy": command_deploy}
 
 
+def load_method_files(argv) -> None:
+    """Run each --methods file, which registers its methods (before the parser is built, so that
+    their runs and settings are known to it). A file that fails is one line, and exit 2."""
+    import runpy
+
+    before = argparse.ArgumentParser(add_help=False)
+    before.add_argument("--methods", action="append", default=[])
+    for path in before.parse_known_args(argv)[0].methods:
+        if not Path(path).is_file():
+            raise KdlabError(f"--methods {path}: no such file")
+        try:
+            runpy.run_path(path, run_name="kdlab_methods")
+        except KdlabError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the user's file: its error in one line
+            detail = (str(err).strip().splitlines() or [""])[0][:200]
+            raise KdlabError(f"--methods {path} failed: {type(err).__name__}: {detail}") from None
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        load_method_files(argv)
+    except KdlabError as err:
+        print(f"kdlab: error: {err}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         code = COMMANDS[args.command](args)

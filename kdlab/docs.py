@@ -239,7 +239,16 @@ RESULTS_BLOCKS = ("results-reference", "results-evaluation", "results-findings",
                   "results-ablation-lr-resolution", "results-deploy")
 # The reference weights deployed on this repository's development CPU (python -m kdlab deploy --kept).
 DEPLOY_REFERENCE = "results/deploy/deploy.json"
-GENERATORS = {"recipe": recipe_table, "runs": runs_table, "methods": methods_table, "settings": settings_table,
+
+
+def lab_time_block() -> str:
+    from kdlab.lab_time import time_table
+
+    return time_table()
+
+
+GENERATORS = {"lab-time": lab_time_block, "recipe": recipe_table, "runs": runs_table, "methods": methods_table,
+              "settings": settings_table,
               "cli": cli_reference, "figures": figures_table, "budget-epochs": budget_epochs,
               **{name: (lambda name=name: results_block(name)) for name in RESULTS_BLOCKS},
               **{name: (lambda name=name: benchmark_block(name)) for name in BENCHMARK_BLOCKS}}

@@ -690,7 +690,7 @@ def reuse_efficiency(folder: str | Path, results: dict[str, dict]) -> dict:
     return dict(efficiency, runs=runs, not_measured=not_measured, reused_from=str(Path(folder) / "efficiency.json"))
 
 
-def make_all_figures(results_dir: str | Path, out_dir: str | Path = "figures",
+def make_all_figures(results_dir: str | Path, out_dir: str | Path = "my_figures",
                      ckpt_dir: str | Path | None = None, device="cpu", log=print,
                      efficiency_from: str | Path | None = None, budget_dir: str | Path | None = None,
                      deploy: str | Path | None = None) -> dict:

@@ -6,19 +6,24 @@ table, the report's method names and settings, the figures' labels and the bench
 kinds are all read from here. No torch: `--help`, `status` and `report` start at once.
 
 Adding a method: its loss in kdlab.losses, its class in kdlab.methods, its settings class and
-one line of METHODS here, and its test.
+one line of METHODS here, and its test. A method from outside the package (a notebook cell, a
+student's file) is one call instead: kdlab.methods.register_method.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 # The ResNet stages a feature method can read (kdlab.models.StageOutput hooks their outputs).
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
 def setting(default, help: str, symbol: str | None = None):
-    """A method setting: its default, a line for --help and, if the paper names it, its symbol (LaTeX)."""
+    r"""A method setting: its default, a line for --help and its symbol (LaTeX), the same in the
+    notebook, docs/methods.md and the report. A paper's letter where it has one ($T$, $\alpha$, and
+    $\beta$ for decoupled KD's NCKD weight alone); a term's weight next to CE is $\lambda$ with the
+    term's name ($\lambda_{\mathrm{hint}}$, $\lambda_{\mathrm{AT}}$)."""
     return field(default=default, metadata=dict(help=help, symbol=symbol))
 
 
@@ -57,7 +62,7 @@ class LogitKDSettings(Settings):
 @dataclass(frozen=True)
 class FeatureKDSettings(Settings):
     hint_layer: str = setting("layer3", "the ResNet stage whose output is matched", "hint")
-    hint_weight: float = setting(1.0, "weight of the hint MSE next to CE", r"$\beta$")
+    hint_weight: float = setting(1.0, "weight of the hint MSE next to CE", r"$\lambda_{\mathrm{hint}}$")
 
     def problems(self):
         return failed(stages_check("hint layer", [self.hint_layer]),
@@ -86,7 +91,7 @@ class AttentionSettings(Settings):
     attention_stages: tuple[str, ...] = setting(STAGES, "the ResNet stages whose attention maps are matched",
                                                 "stages")
     attention_p: float = setting(2.0, "an attention map is the channel mean of |x|^p", "$p$")
-    attention_weight: float = setting(1000.0, "weight of the attention term next to CE", r"$\beta$")
+    attention_weight: float = setting(1000.0, "weight of the attention term next to CE", r"$\lambda_{\mathrm{AT}}$")
 
     def problems(self):
         return failed(stages_check("attention stages", self.attention_stages),
@@ -101,6 +106,7 @@ class MethodInfo:
     settings: type                  # its Settings dataclass
     loss_terms: tuple[str, ...]     # the names forward_train returns, the training loop logs
     implementation: str             # its class in kdlab.methods
+    loss: Callable | None = None    # a registered method's loss (kdlab.methods.register_method)
 
     @property
     def uses_teacher(self) -> bool:
@@ -118,6 +124,8 @@ METHODS = {
     "attention": MethodInfo("attention transfer", "Zagoruyko & Komodakis 2017: the stages' spatial attention maps",
                             AttentionSettings, ("ce", "attention"), "AttentionTransfer"),
 }
+# The methods of the package; kdlab.methods.register_method adds others beside them, never over them.
+BUILT_IN_METHODS = frozenset(METHODS)
 
 
 def setting_fields(method: str) -> tuple[dataclasses.Field, ...]:

@@ -304,7 +304,7 @@ def config_table(rep: Report) -> str:
     caption = (rf"Settings of each run, as stored in its results file. Start: the initial weights, "
                rf"ImageNet's or random. Peak LR and weight decay of SGD. Distillation: "
                rf"temperature $T$ and weight $\alpha$ of logit KD (Eq.~\ref{{eq:kd}}), stage and "
-               rf"weight $\beta$ of the hint (Eq.~\ref{{eq:hint}}). Shared: {shared}."
+               rf"weight $\lambda_{{\mathrm{{hint}}}}$ of the hint (Eq.~\ref{{eq:hint}}). Shared: {shared}."
                rf"{planned}")
     return table("tab:config", caption, "llllrrrl", [
         r"Run & Network & Method & Start & Epochs & Peak & Weight & Distillation \\",
@@ -1014,7 +1014,7 @@ def place_template(report_dir: Path) -> None:
         shutil.copyfile(TEMPLATE, report_dir / TEMPLATE.name)
 
 
-def make_report(results_dir="results/reference", figures_dir="figures", report_dir="report",
+def make_report(results_dir="results/reference", figures_dir="figures", report_dir="my_report",
                 expected=None, draft=False, pdf=True, pdf_required=False,
                 benchmark=DEFAULT_BENCHMARK, budget_dir=None, deploy=None, log=print) -> Report:
     """Generate report_dir/generated/*.tex from the results, then build the PDF if latexmk is here.

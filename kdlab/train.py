@@ -24,6 +24,7 @@ with warnings.catch_warnings():
 from kdlab.config import EVAL_BATCH_SIZE, SpeedLevers
 from kdlab.data import DeviceLoader, preprocess
 from kdlab.errors import KdlabError
+from kdlab.live_curves import LiveCurves
 from kdlab.models import build_model, load_weights
 
 # Fewer optimizer steps than this per epoch (a small --limit-train at batch 512) leave warmup and
@@ -258,6 +259,8 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
                 f"and near-chance accuracy. Lower the batch with the LR, e.g. --batch-size {batch} "
                 f"--lr {cfg.lr * batch / cfg.batch_size:.3g}.")
 
+    first_epoch = len(history)
+    curves = LiveCurves(files.ckpt_dir, cfg.run_id, log) if len(history) < cfg.epochs else None   # TensorBoard
     for epoch in tqdm(range(len(history), cfg.epochs), desc=cfg.run_id, unit="epoch", disable=quiet,
                       initial=len(history), total=cfg.epochs):
         start = time.perf_counter()
@@ -295,6 +298,12 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
         log(f"{cfg.run_id} epoch {epoch + 1}/{cfg.epochs}: train loss {history[-1]['train_loss']:.4f} "
             f"acc {history[-1]['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc_raw:.4f}, "
             f"averaged {val_acc:.4f} | {history[-1]['seconds']:.1f}s")
+        curves.add(history[-1])
+        remaining = cfg.epochs - epoch - 1
+        if remaining and len(history) == first_epoch + 1:   # the first epoch of this session: the run's time
+            log(f"{cfg.run_id}: the {remaining} remaining epoch{'s' if remaining > 1 else ''} will take about "
+                f"{duration_text(remaining * history[-1]['seconds'])} at this epoch's pace (validation included; "
+                f"a first epoch also pays one-off costs, so likely less)")
         if scaling["skipped_steps"] and scaling["skipped_steps"] > SKIPPED_STEPS_WARNING * steps:
             log(f"{cfg.run_id} epoch {epoch + 1}: warning: the fp16 loss scaler skipped {scaling['skipped_steps']} "
                 f"of {steps} steps (inf or nan gradients; loss scale now {scaling['loss_scale']:.3g}), so those "
@@ -307,7 +316,16 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
                              average=average.model.state_dict(), best_modules=best_modules,
                              optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                              history=history, epoch=epoch + 1))
+    if curves is not None:
+        curves.close()
     return history, best_modules
+
+
+def duration_text(seconds: float) -> str:
+    """'40 s', '12 min', '1.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
 
 
 def _copy_state(module: nn.Module) -> dict:

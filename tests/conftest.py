@@ -43,6 +43,15 @@ def smoke_lab(tmp_path_factory):
     return ckpt_dir, result
 
 
+@pytest.fixture(scope="session")
+def executed_notebook(tmp_path_factory, smoke_lab):
+    """The notebook executed headless once per session, on the smoke lab (tests/test_notebook.py
+    says how); shared by the notebook's tests and the teaching tests."""
+    from test_notebook import execute_once
+
+    return execute_once(tmp_path_factory, smoke_lab)
+
+
 def block_network(monkeypatch) -> list:
     """Every connection fails, as offline; returns the list of attempts."""
     attempts = []

@@ -2,7 +2,8 @@
 
 The notebook is executed once (`executed`), on a copy of the session's smoke lab (tests/conftest.py)
 without the two runs from scratch: it loads four runs the CLI trained and trains two in its
-kernel, then draws and reports. Every other test reuses its checkpoints.
+kernel, with sections 6b (decoupled KD, attention transfer) and 6c (the student's own method) on,
+then draws and reports. Every other test reuses its checkpoints, tests/test_teaching.py too.
 """
 import importlib.util
 import json
@@ -25,16 +26,19 @@ from kdlab.latex import tex
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebook" / "EfficientDL_KD_Lab.ipynb"
-RUNS = ["teacher_resnet50", "student_pretrained_baseline", "student_pretrained_kd_logits",
-        "student_pretrained_kd_features", "student_scratch_baseline", "student_scratch_kd_scores"]
+LAB_RUNS = ["teacher_resnet50", "student_pretrained_baseline", "student_pretrained_kd_logits",
+            "student_pretrained_kd_features", "student_scratch_baseline", "student_scratch_kd_scores"]
+# Sections 6b and 6c: beyond the original lab, and the method the notebook defines itself.
+OPTIONAL_RUNS = ["student_scratch_dkd", "student_scratch_at", "student_scratch_logit_matching"]
+RUNS = LAB_RUNS + OPTIONAL_RUNS
 RESULTS_FIGURES = {"comparaison_finale.png", "comparison_test_accuracy.png", "training_losses.png",
                    "efficiency.png", "confusion_matrix.png", "agreement.png", "soft_targets.png",
                    "per_class_accuracy.png",
                    *(f"curves_{run}.png" for run in RUNS)}
 RESULTS_TABLES = {"efficiency.json", "efficiency.md"}
 DATA_FIGURES = {"sample_images.png"}   # drawn from the data, so only by the notebook
-# The runs the notebook trains in its kernel, one of them distilling the teacher it loaded.
-TRAINED_IN_THE_KERNEL = ["student_scratch_baseline", "student_scratch_kd_scores"]
+# The runs the notebook trains in its kernel, all but the baseline distilling the teacher it loaded.
+TRAINED_IN_THE_KERNEL = ["student_scratch_baseline", "student_scratch_kd_scores", *OPTIONAL_RUNS]
 
 
 def execute(nb, env: dict, timeout: int = 900):
@@ -52,7 +56,7 @@ DEPLOYS = importlib.util.find_spec("onnxruntime") is not None
 def smoke_env(folder: Path) -> dict:
     return dict(KDLAB_SMOKE="1", KDLAB_CKPT_DIR=str(folder / "ckpt"), KDLAB_DATA_DIR=str(folder / "data"),
                 KDLAB_FIGURES_DIR=str(folder / "figures"), KDLAB_REPORT_DIR=str(folder / "report"),
-                KDLAB_DEPLOY="1" if DEPLOYS else "0")
+                KDLAB_DEPLOY="1" if DEPLOYS else "0", KDLAB_BEYOND_THE_ORIGINAL_LAB="1", KDLAB_OWN_METHOD="1")
 
 
 def outputs_text(nb) -> str:
@@ -68,12 +72,18 @@ def assert_valid_png(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory, smoke_lab):
+def executed(executed_notebook):
     """(the executed notebook, its folder, {copied file: its mtime before the execution})."""
+    return executed_notebook
+
+
+def execute_once(tmp_path_factory, smoke_lab):
+    """The notebook's one execution of the session (tests/conftest.py's executed_notebook)."""
     folder = tmp_path_factory.mktemp("notebook_smoke")
     shutil.copytree(smoke_lab[0], folder / "ckpt",
-                    ignore=shutil.ignore_patterns(*(f"{run}_*" for run in TRAINED_IN_THE_KERNEL)))
-    copied = {path: path.stat().st_mtime_ns for path in (folder / "ckpt").iterdir()}
+                    ignore=shutil.ignore_patterns(*(f"{run}_*" for run in TRAINED_IN_THE_KERNEL),
+                                                  *TRAINED_IN_THE_KERNEL))   # and their tensorboard/<run>/
+    copied = {path: path.stat().st_mtime_ns for path in (folder / "ckpt").iterdir() if path.is_file()}
     start = time.perf_counter()
     nb = execute(nbformat.read(NOTEBOOK, as_version=4), smoke_env(folder))
     print(f"\nheadless smoke execution of the notebook: {time.perf_counter() - start:.1f}s")
@@ -174,7 +184,10 @@ def test_figures_command_draws_the_notebooks_results_figures(executed, tmp_path)
     assert done.returncode == 0, done.stderr
     notebook_files = {p.name for p in (folder / "figures").iterdir()} - DATA_FIGURES - {"deploy"}
     deployed = {"deploy.png"} if DEPLOYS else set()
-    assert {p.name for p in tmp_path.iterdir()} == notebook_files == RESULTS_FIGURES | RESULTS_TABLES | deployed
+    assert notebook_files == RESULTS_FIGURES | RESULTS_TABLES | deployed
+    # The method the notebook defines is registered in its kernel; the command line knows it only
+    # through --methods FILE, so without it the command draws every figure but that run's curves.
+    assert {p.name for p in tmp_path.iterdir()} == notebook_files - {f"curves_{OPTIONAL_RUNS[-1]}.png"}
 
 
 def test_missing_runs_are_named_and_the_other_figures_still_drawn(executed, tmp_path):

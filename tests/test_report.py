@@ -144,8 +144,9 @@ def test_tables_equal_the_results_files(tmp_path, reference):
             t, alpha = re.fullmatch(r"\$T\$ (\S+), \$\\alpha\$ (\S+)", distillation).groups()
             assert (number(t), number(alpha)) == (cfg["temperature"], cfg["alpha"])
         if cfg["method"] == "kd_features":
-            layer, beta = re.fullmatch(r"hint \\texttt\{(\w+)\}, \$\\beta\$ (\S+)", distillation).groups()
-            assert (layer, number(beta)) == (cfg["hint_layer"], cfg["hint_weight"])
+            layer, weight = re.fullmatch(r"hint \\texttt\{(\w+)\}, \$\\lambda_\{\\mathrm\{hint\}\}\$ (\S+)",
+                                         distillation).groups()
+            assert (layer, number(weight)) == (cfg["hint_layer"], cfg["hint_weight"])
         if cfg["method"] == "dkd":
             assert distillation == (rf"$T$ {cfg['temperature']:g}, $\alpha$ {cfg['alpha']:g}, $\beta$ {cfg['beta']:g}, "
                                     rf"CE weight {cfg['ce_weight']:g}, warm-up {cfg['dkd_warmup_epochs']:g}")
