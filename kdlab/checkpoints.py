@@ -229,13 +229,14 @@ class TrainedRun:
 def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: str | Path,
                   get_teacher=None, retrain: bool = False, progress=None, log=print,
                   precision: str = "auto", speed: SpeedLevers = SpeedLevers(),
-                  last_dir: str | Path | None = None) -> TrainedRun:
+                  last_dir: str | Path | None = None, live_curves: bool = False) -> TrainedRun:
     """Load the finished run from `ckpt_dir`, or resume it, or train it (in `precision`, see
     kdlab.train.resolve_precision, with the `speed` levers); then return it.
 
     `get_splits()` and `get_teacher()` are called only if the run must train, so loading a
     finished run needs neither the data nor the teacher. `last_dir` (default: `ckpt_dir`) holds
-    the checkpoint rewritten after every epoch.
+    the checkpoint rewritten after every epoch; `live_curves` writes each epoch as TensorBoard
+    scalars into <ckpt_dir>/tensorboard/<run> (kdlab.live_curves).
     """
     files = RunFiles(Path(ckpt_dir), cfg.run, cfg.seed, config_dict(cfg),
                      Path(last_dir) if last_dir else None)
@@ -273,7 +274,7 @@ def train_or_load(cfg: RunConfig, get_splits, device: torch.device, ckpt_dir: st
                 torch.set_rng_state(resume["rng"])
             precision = resolve_precision(precision, device)
             history, best_modules = train_epochs(cfg, method, splits, device, files, resume, progress, log,
-                                                 precision, speed)
+                                                 precision, speed, live_curves)
             results = _results(cfg, method, splits, device, precision, speed, history, best_modules, teacher)
         finally:
             method.close()

@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"synthetic data, random weights, tiny budget: checks the pipeline, no results "
                           f"(saved in {SMOKE_CKPT_DIR} unless --ckpt-dir says otherwise)")
     run.add_argument("--results-dir", help="also copy each run's results JSON here")
+    run.add_argument("--live-curves", action="store_true",
+                     help="write each epoch as TensorBoard scalars into <ckpt-dir>/tensorboard/<run> while it trains "
+                          "(needs tensorboard; `tensorboard --logdir <ckpt-dir>/tensorboard` draws them)")
 
     sweep = sub.add_parser("sweep", help="runs x seeds x settings as trials, on Ray or one after another",
                            epilog="Each trial is train-or-load in <out>/trials/<run>/<settings>/: run the same "
@@ -260,7 +263,7 @@ def command_run(args) -> None:
     check_teacher_epochs(args)
     lab = Lab(args.ckpt_dir, args.data_dir, args.device, smoke=args.smoke, teacher_epochs=args.teacher_epochs,
               precision=args.precision, speed=speed_levers(args), last_dir=args.last_dir,
-              teacher_weights=args.teacher_weights, **training_overrides(args))
+              teacher_weights=args.teacher_weights, live_curves=args.live_curves, **training_overrides(args))
     trials = [(name, seed) for seed in args.seed or [DEFAULT_SEED] for name in names]
     for name, seed in trials:
         lab.config(name, seed)  # every name's settings are checked before anything trains

@@ -42,17 +42,20 @@ class Lab:
     each run's checkpoint folder) holds the checkpoint rewritten after every epoch: a local disk when
     the checkpoint folder is on a drive that fails under frequent writes. `teacher_weights` is a
     folder of kept teacher weights (kdlab.kept, checkpoints/README.md): the KD runs distil from
-    them, checked against the teacher's config here, and no teacher trains.
+    them, checked against the teacher's config here, and no teacher trains. `live_curves`: every
+    run that trains writes its epochs for TensorBoard (kdlab.live_curves).
     """
 
     def __init__(self, ckpt_dir=None, data_dir="data", device="auto", smoke=False,
                  teacher_epochs=None, teacher_seed=DEFAULT_SEED, progress=None, log=print, teacher_dir=None,
                  precision="auto", speed: SpeedLevers | None = None, last_dir=None, teacher_weights=None,
+                 live_curves=False,
                  **overrides):
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else default_ckpt_dir(smoke)
         self.teacher_dir = Path(teacher_dir) if teacher_dir is not None else self.ckpt_dir
         self.last_dir = Path(last_dir) if last_dir is not None else None
         self.teacher_weights = Path(teacher_weights) if teacher_weights is not None else None
+        self.live_curves = live_curves
         self.data_dir = Path(data_dir)
         self.device = resolve_device(device)
         self.precision = check_precision(precision, self.device)
@@ -105,7 +108,7 @@ class Lab:
                 cfg, lambda: self.splits(cfg), self.device, ckpt_dir,
                 get_teacher=lambda: self.run(TEACHER_RUN, seed=self.teacher_seed), retrain=retrain,
                 progress=self.progress, log=self.log, precision=self.precision, speed=self.speed,
-                last_dir=self.last_dir)
+                last_dir=self.last_dir, live_curves=self.live_curves)
             return self._runs[key]
         except KeyboardInterrupt as interrupt:
             stopped = KeyboardInterrupt()

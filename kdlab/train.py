@@ -210,7 +210,7 @@ class WeightAverage:
 
 
 def train_epochs(cfg, method, splits, device, files, resume=None, progress=None, log=print, precision="auto",
-                 speed=SpeedLevers()):
+                 speed=SpeedLevers(), live_curves=False):
     """Train `method` for the epochs `cfg` asks for, from `resume` (a last checkpoint) if given,
     in `precision` (kdlab.train.AUTOCAST_DTYPES, or "auto"), with the `speed` levers asked for.
 
@@ -260,7 +260,8 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
                 f"--lr {cfg.lr * batch / cfg.batch_size:.3g}.")
 
     first_epoch = len(history)
-    curves = LiveCurves(files.ckpt_dir, cfg.run_id, log) if len(history) < cfg.epochs else None   # TensorBoard
+    # TensorBoard's event files, asked for: a checkpoint folder holds the runs' files alone otherwise.
+    curves = LiveCurves(files.ckpt_dir, cfg.run_id, log) if live_curves and len(history) < cfg.epochs else None
     for epoch in tqdm(range(len(history), cfg.epochs), desc=cfg.run_id, unit="epoch", disable=quiet,
                       initial=len(history), total=cfg.epochs):
         start = time.perf_counter()
@@ -298,7 +299,8 @@ def train_epochs(cfg, method, splits, device, files, resume=None, progress=None,
         log(f"{cfg.run_id} epoch {epoch + 1}/{cfg.epochs}: train loss {history[-1]['train_loss']:.4f} "
             f"acc {history[-1]['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc_raw:.4f}, "
             f"averaged {val_acc:.4f} | {history[-1]['seconds']:.1f}s")
-        curves.add(history[-1])
+        if curves is not None:
+            curves.add(history[-1])
         remaining = cfg.epochs - epoch - 1
         if remaining and len(history) == first_epoch + 1:   # the first epoch of this session: the run's time
             log(f"{cfg.run_id}: the {remaining} remaining epoch{'s' if remaining > 1 else ''} will take about "

@@ -121,7 +121,7 @@ def test_figures_and_report_without_a_folder_leave_the_committed_reference_untou
                   "--device", "cpu"],
                  ["report", "--results", REPO / "results" / "reference", "--figures", REPO / "figures", "--no-pdf"]):
         done = subprocess.run([sys.executable, "-m", "kdlab", *map(str, args)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
     assert (tmp_path / "my_figures" / "comparison_test_accuracy.png").is_file()
     assert (tmp_path / "my_report" / "generated" / "macros.tex").is_file()
@@ -140,8 +140,8 @@ def test_without_tensorboard_a_run_trains_and_one_line_says_how_to_get_curves(ti
     monkeypatch.setattr(live_curves, "has_tensorboard", lambda: False)
     monkeypatch.setattr(live_curves, "_told_missing", False)
     lines = []
-    train_tiny(tiny_splits, tmp_path / "a", log=lines.append)
-    train_tiny(tiny_splits, tmp_path / "b", log=lines.append)
+    train_tiny(tiny_splits, tmp_path / "a", log=lines.append, live_curves=True)
+    train_tiny(tiny_splits, tmp_path / "b", log=lines.append, live_curves=True)
     told = [line for line in lines if line.startswith("live curves:")]
     assert len(told) == 1 and "pip install tensorboard" in told[0]
     assert not (tmp_path / "a" / "tensorboard").exists()
@@ -153,7 +153,9 @@ def test_each_epoch_is_written_as_tensorboard_scalars_beside_the_checkpoints(tin
 
     from conftest import TINY_RUN, train_tiny
 
-    history = train_tiny(tiny_splits, tmp_path).results["history"]
+    assert not (train_tiny(tiny_splits, tmp_path / "off") and (tmp_path / "off" / "tensorboard").exists()), \
+        "curves only when asked for: a checkpoint folder holds the runs' files otherwise"
+    history = train_tiny(tiny_splits, tmp_path, live_curves=True).results["history"]
     events = EventAccumulator(str(tmp_path / "tensorboard" / TINY_RUN))
     events.Reload()
     assert {"train_loss/ce", "train_loss/total", "accuracy/train", "accuracy/val", "accuracy/val_raw_weights",
@@ -169,7 +171,7 @@ def test_the_notebooks_runs_write_their_live_curves_where_tensorboard_is_install
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     _, folder = executed
-    for run in ("teacher_resnet50", "student_scratch_kd_scores", OWN_RUN):
+    for run in ("student_scratch_baseline", "student_scratch_kd_scores", OWN_RUN):   # those trained in the kernel
         events = EventAccumulator(str(folder / "ckpt" / "tensorboard" / run))
         events.Reload()
         history = json.loads((folder / "ckpt" / f"{run}_results.json").read_text())["history"]
