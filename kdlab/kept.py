@@ -33,6 +33,11 @@ def half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for name, t in state.items()}
 
 
+def float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating tensors in float32, as kept weights load: half's inverse, up to float16's rounding."""
+    return {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
+
+
 def keep_weights(state: dict[str, torch.Tensor], cfg: RunConfig, folder: Path, **facts) -> dict:
     """Write `state` as float16 parts and a manifest into `folder` (`facts`, such as the test
     accuracy, go into the manifest); return the manifest. The manifest is written last: a folder
@@ -84,7 +89,7 @@ def load_kept(folder: Path, cfg: RunConfig | None = None) -> tuple[dict[str, tor
         raise KdlabError(f"the parts in {folder} join into other bytes than {KEPT_MANIFEST} names; restore the "
                          f"folder from git.")
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    return {name: t.float() if t.is_floating_point() else t for name, t in state.items()}, manifest
+    return float32(state), manifest
 
 
 def load_kept_run(folder: Path, cfg: RunConfig, device: torch.device, log=print) -> TrainedRun:

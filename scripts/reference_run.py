@@ -112,7 +112,8 @@ sys.path.insert(0, str(REPO))
 from kdlab.config import DEFAULT_SEED, LAB_RUNS, RUNS, TEACHER_RUN, make_config, run_id, run_of  # noqa: E402
 from kdlab.errors import KdlabError  # noqa: E402
 from kdlab.registry import METHODS  # noqa: E402
-from kdlab.results import (EQUAL_TRAINING_TIME, KEPT_MANIFEST, KEPT_PART_PREFIX, TEACHER_PLUS_STUDENT_EPOCHS,  # noqa: E402
+from kdlab.results import (EQUAL_TRAINING_TIME, KEPT_MANIFEST, KEPT_PART_PREFIX, REFERENCE_WEIGHTS,  # noqa: E402
+                           TEACHER_PLUS_STUDENT_EPOCHS,
                            RunPaths, budget_matched_epochs, load_efficiency, load_seed_results, read_json)
 from kdlab.stats import paired_difference, training_seed  # noqa: E402
 from kdlab.sweep import SWEEP_FILE, expand_trials, failures, parse_grid  # noqa: E402
@@ -130,7 +131,7 @@ PLAN_DIR = "results/plan"                          # the plan's manifest and log
 COST_OF = {"dkd": "kd_logits", "attention": "kd_features"}
 EFFICIENCY_FIRST_GUESS_S = 30   # what the previous reference script reserved for the figures
 RESERVE_S = 25                  # stopping a command (stop(): 10 s at most), then packing results.tgz
-KEPT = "checkpoints/reference"  # kept weights in the repository: <KEPT>/<run>/ (kdlab.kept)
+KEPT = REFERENCE_WEIGHTS.as_posix()   # kept weights in the repository: <KEPT>/<run>/ (kdlab.kept)
 WEIGHTS_OUT = "weights"         # under --out: <run>/<part>, each part a file the device brings back
 FP16_TOLERANCE = 0.0005         # the float16 copy's test accuracy within 0.05 points of the float32 weights
 T4_TOLERANCE = 0.01             # fp16 and bf16 test accuracy within 1 point
@@ -897,18 +898,18 @@ class Plan:
         """The run's best weights kept as float16 parts (kdlab.kept): staged with their manifest, the
         parts also copied to --out/weights/<run>/ at once (each a file the device brings back), and the
         staged results file told where they are. The float16 copy is tested here, on this device."""
-        from kdlab.kept import half, keep_weights
+        from kdlab.kept import float32, half, keep_weights
         from kdlab.train import AUTOCAST_DTYPES, accuracy, predict_views
 
         cfg, results, state = lab.config(work.run, work.seed), trained.results, trained.model.state_dict()
         images, labels = lab.splits(cfg).test
         dtype, view = AUTOCAST_DTYPES[results["precision"]], "flip" if cfg.flip_tta else "single"
-        float32 = accuracy(predict_views(trained.model, images, cfg.image_size, dtype)[view], labels)
+        acc_float32 = accuracy(predict_views(trained.model, images, cfg.image_size, dtype)[view], labels)
         rounded = copy.deepcopy(trained.model)
-        rounded.load_state_dict({name: t.float() if t.is_floating_point() else t for name, t in half(state).items()})
-        float16 = accuracy(predict_views(rounded, images, cfg.image_size, dtype)[view], labels)
-        facts = dict(test_acc_float32_here=float32, test_acc_float16=float16,
-                     float16_within_tolerance=abs(float16 - float32) <= FP16_TOLERANCE)
+        rounded.load_state_dict(float32(half(state)))   # the float16 copy, as it loads
+        acc_float16 = accuracy(predict_views(rounded, images, cfg.image_size, dtype)[view], labels)
+        facts = dict(test_acc_float32_here=acc_float32, test_acc_float16=acc_float16,
+                     float16_within_tolerance=abs(acc_float16 - acc_float32) <= FP16_TOLERANCE)
         folder = self.staging / KEPT / work.run
         manifest = keep_weights(state, cfg, folder, test_acc=results["test_acc"], **facts,
                                 results_file=work.outputs[0], data=results["data"], trained_on=results["device_name"],
@@ -921,8 +922,8 @@ class Plan:
             shutil.copy(folder / part["name"], out / f"{part['name']}.tmp")
             os.replace(out / f"{part['name']}.tmp", out / part["name"])
         self.log(f"{work.run}: kept in {KEPT}/{work.run} ({len(manifest['parts'])} parts, {manifest['bytes']} bytes, "
-                 f"sha256 {manifest['tensors_sha256'][:12]}); test accuracy {float32:.4f} here, "
-                 f"{float16:.4f} in float16")
+                 f"sha256 {manifest['tensors_sha256'][:12]}); test accuracy {acc_float32:.4f} here, "
+                 f"{acc_float16:.4f} in float16")
         return dict(facts, tensors_sha256=manifest["tensors_sha256"], parts=len(manifest["parts"]))
 
     def command(self, work: Command) -> dict:
