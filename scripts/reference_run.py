@@ -79,7 +79,7 @@ this call, which go into checkpoints/reference/<run>/ beside the manifest result
 
     --dry-run   the items, what is done, every task's estimate, what the next call runs and how many
                 calls the known tasks take: no GPU, no torch
-    --trial     a CPU check of this script end to end: kdlab's synthetic smoke data at 32 px, one epoch,
+    --trial     a CPU check of this script end to end: kdlab's synthetic smoke data at 16 px, one epoch,
                 seeds 42 and 43, sweeps of a few trials; the T4 item compares fp32 with the CPU's bf16
                 autocast (a CPU has no fp16 path). Its output is never a result.
     --only      the items to work on, by name (default: all)
@@ -157,7 +157,7 @@ class Scale:
 
 
 GPU_PLAN = Scale()
-TRIAL = Scale(seeds=(42, 43), lab=dict(image_size=32, epochs=1, limit_train=100, batch_size=50), teacher_epochs=1,
+TRIAL = Scale(seeds=(42, 43), lab=dict(epochs=1, limit_train=40, batch_size=20), teacher_epochs=1,
               smoke=True, device="cpu",
               t4_epochs=1, t4_precisions=("fp32", "bf16"), sweep_epochs=1, sweep_seeds=(42,),
               sweep_grid=("temperature=1,4",), packing_seed=43, packing_grid=("temperature=1,4",),

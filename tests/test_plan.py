@@ -3,7 +3,7 @@ first call keeps it, a second loads it), what a call skips because earlier resul
 that no kill point loses a finished task, its bookkeeping with a stand-in runner, its dry run (no
 torch), and its bad input.
 
-The trial trains kdlab's synthetic smoke data at 32 px, 100 images, one epoch, seeds 42 and 43;
+The trial trains kdlab's synthetic smoke data at 16 px, 40 images, one epoch, seeds 42 and 43;
 its numbers mean nothing, what it proves is the plan's bookkeeping.
 """
 from __future__ import annotations
