@@ -1,7 +1,9 @@
 import dataclasses
 import errno
+import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from kdlab.checkpoints import train_or_load
 from kdlab.config import make_config
@@ -18,6 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 # ci_skips: no skip under CI=true outside its list; pytester: tests/test_suite.py runs pytest itself.
 pytest_plugins = ["ci_skips", "pytester"]
 
+# The suite runs on two pytest-xdist workers (pyproject.toml): one torch thread each, and for every
+# process a test starts, since two processes of two threads on two cores slow each other tenfold.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # The limit of every subprocess a test starts: on a busy shared machine the smoke lab takes minutes,
 # and a slow machine must not turn into failed tests; a hang must.
@@ -35,21 +43,53 @@ def run_kdlab(*args, check=True, env=None, timeout=SUBPROCESS_TIMEOUT):
     return result
 
 
+def session_root(tmp_path_factory) -> Path:
+    """The session's temporary folder, shared by its xdist workers (each has its own below it)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+def once_a_session(tmp_path_factory, name: str, make) -> Path:
+    """The folder `make(folder)` filled, once for the whole session: the first worker to ask makes it
+    while the others wait on a lock, then every worker reads it (a worker's session fixture alone
+    would make it once a worker). `make` reads the folder's files only once it is complete."""
+    root = session_root(tmp_path_factory)
+    folder, complete = root / name, root / f"{name}.complete"
+    with FileLock(root / f"{name}.lock"):
+        if not complete.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            complete.touch()
+    return folder
+
+
+def one_ray_at_a_time(tmp_path_factory) -> FileLock:
+    """Held while a test file runs its Ray (the sweeps' local Ray, the two-node cluster): two Rays on
+    two cores at once would starve each other's trials and race for ports."""
+    return FileLock(session_root(tmp_path_factory) / "ray.lock")
+
+
 @pytest.fixture(scope="session")
 def smoke_lab(tmp_path_factory):
-    """The six runs of the lab trained once in smoke mode, shared by every test that reads them."""
-    ckpt_dir = tmp_path_factory.mktemp("smoke_ckpt")
-    result = run_kdlab("run", "all", "--smoke", "--ckpt-dir", ckpt_dir)
-    return ckpt_dir, result
+    """The six runs of the lab trained once in smoke mode, shared by every test that reads them:
+    (their checkpoint folder, the finished `run all` process)."""
+    def train(folder):
+        result = run_kdlab("run", "all", "--smoke", "--ckpt-dir", folder / "ckpt")
+        (folder / "run_all.json").write_text(json.dumps(dict(args=result.args, stdout=result.stdout,
+                                                             stderr=result.stderr)))
+    folder = once_a_session(tmp_path_factory, "smoke_lab", train)
+    return folder / "ckpt", subprocess.CompletedProcess(returncode=0, **json.loads((folder / "run_all.json").read_text()))
 
 
 @pytest.fixture(scope="session")
 def executed_notebook(tmp_path_factory, smoke_lab):
     """The notebook executed headless once per session, on the smoke lab (tests/test_notebook.py
     says how); shared by the notebook's tests and the teaching tests."""
-    from test_notebook import execute_once
+    from test_notebook import execute_once, read_execution
 
-    return execute_once(tmp_path_factory, smoke_lab)
+    return read_execution(once_a_session(tmp_path_factory, "notebook_smoke",
+                                         lambda folder: execute_once(folder, smoke_lab)))
 
 
 def block_network(monkeypatch) -> list:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SUBPROCESS_TIMEOUT
+from conftest import SUBPROCESS_TIMEOUT, one_ray_at_a_time
 from kdlab.cli import main
 from kdlab.config import run_id
 from kdlab.results import RunPaths, read_results_file
@@ -146,9 +146,9 @@ def kdlab(*args, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     # Ray's socket paths must fit in 107 characters: a short folder, not pytest's.
-    with tempfile.TemporaryDirectory(prefix="kdlab-ray-") as root:
+    with one_ray_at_a_time(tmp_path_factory), tempfile.TemporaryDirectory(prefix="kdlab-ray-") as root:
         started = None
         try:
             started = Cluster(Path(root))

@@ -77,17 +77,25 @@ def executed(executed_notebook):
     return executed_notebook
 
 
-def execute_once(tmp_path_factory, smoke_lab):
-    """The notebook's one execution of the session (tests/conftest.py's executed_notebook)."""
-    folder = tmp_path_factory.mktemp("notebook_smoke")
+def execute_once(folder, smoke_lab) -> None:
+    """The notebook's one execution of the session, in `folder` (tests/conftest.py's executed_notebook):
+    the executed notebook and the copied files' times before it are written beside its outputs."""
     shutil.copytree(smoke_lab[0], folder / "ckpt",
                     ignore=shutil.ignore_patterns(*(f"{run}_*" for run in TRAINED_IN_THE_KERNEL),
                                                   *TRAINED_IN_THE_KERNEL))   # and their tensorboard/<run>/
-    copied = {path: path.stat().st_mtime_ns for path in (folder / "ckpt").iterdir() if path.is_file()}
+    copied = {path.name: path.stat().st_mtime_ns for path in (folder / "ckpt").iterdir() if path.is_file()}
     start = time.perf_counter()
     nb = execute(nbformat.read(NOTEBOOK, as_version=4), smoke_env(folder))
     print(f"\nheadless smoke execution of the notebook: {time.perf_counter() - start:.1f}s")
-    return nb, folder, copied
+    nbformat.write(nb, folder / "executed.ipynb")
+    (folder / "copied.json").write_text(json.dumps(copied))
+
+
+def read_execution(folder):
+    """(the executed notebook, its folder, {copied file: its mtime before the execution})."""
+    copied = json.loads((folder / "copied.json").read_text())
+    return (nbformat.read(folder / "executed.ipynb", as_version=4), folder,
+            {folder / "ckpt" / name: stamp for name, stamp in copied.items()})
 
 
 def test_committed_notebook_has_no_outputs_or_execution_counts():

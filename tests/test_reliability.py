@@ -336,7 +336,17 @@ def test_same_seed_gives_same_run_and_another_seed_another(forked, reference, tm
 
 # ----------------------------------------------------------------------------- Ctrl-C
 
-def test_ctrl_c_in_the_cli_exits_130_and_the_same_command_resumes(tmp_path, capsys, monkeypatch, tiny_run):
+@pytest.fixture
+def python_sigint():
+    """SIGINT raising KeyboardInterrupt, as in a user's process: a pytest-xdist worker ignores it
+    (its controller takes Ctrl-C)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_in_the_cli_exits_130_and_the_same_command_resumes(tmp_path, capsys, monkeypatch, tiny_run,
+                                                                    python_sigint):
     # A real SIGINT, sent while epoch 2 validates; Python turns it into KeyboardInterrupt.
     monkeypatch.setattr(kdlab.train, "evaluate", stop_at_call(
         2, kdlab.train.evaluate, lambda: os.kill(os.getpid(), signal.SIGINT)))

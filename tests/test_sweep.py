@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_ray_at_a_time
 
 from kdlab.cli import main
 from kdlab.config import TEACHER_RUN
@@ -42,12 +43,13 @@ def tiny_options(out: Path, **changes) -> SweepOptions:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    threads = torch.get_num_threads()
-    ray = start_ray(num_cpus=2)
-    yield ray
-    ray.shutdown()
-    torch.set_num_threads(threads)   # the serial engine set this process's threads to one
+def local_ray(tmp_path_factory):
+    with one_ray_at_a_time(tmp_path_factory):
+        threads = torch.get_num_threads()
+        ray = start_ray(num_cpus=2)
+        yield ray
+        ray.shutdown()
+        torch.set_num_threads(threads)   # the serial engine set this process's threads to one
 
 
 @pytest.fixture(scope="module")
