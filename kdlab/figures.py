@@ -33,8 +33,7 @@ from kdlab.registry import METHODS
 from kdlab.results import (BUDGETS, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
                            default_seed_results, distillation_temperature, load_budget_baselines, load_deploy,
                            load_efficiency, load_seed_results, softened, teacher_note)
-from kdlab.stats import (correct_images, paired_difference_by_class, per_class_interval_text,
-                         summarise)
+from kdlab.stats import correct_images, per_class_interval_text, summarise
 
 ORIGINAL_LAB_LABEL = "original lab (reference)"   # beside kdlab.config.Run.original_lab_test_acc
 # One colour per run, the same on every chart: matplotlib's ten-colour cycle, in the run table's order.
@@ -408,13 +407,12 @@ def plot_soft_targets(teacher: dict, temperature: float, out_dir: str | Path, or
     return _save(fig, writable_folder(out_dir, "--out folder") / "soft_targets.png")
 
 
-def plot_per_class_accuracy(seeds: dict[str, list[dict]], results: dict[str, dict], out_dir: Path,
-                            origin: str = "") -> Path:
+def plot_per_class_accuracy(findings: Findings, out_dir: Path, origin: str = "") -> Path:
     """per_class_accuracy.png: the best distilled student against its baseline, class by class (mean
     over their shared seeds), and its gain per class, paired, with intervals that hold at 95% together
-    (kdlab.stats.paired_difference_by_class)."""
-    kd = best_distilled(results)
-    base = baseline_of(kd)
+    (Findings.per_class)."""
+    kd, base, by_class = findings.per_class
+    seeds, results = findings.seeds, findings.results
     shared = {r["config"]["seed"] for r in seeds[kd]} & {r["config"]["seed"] for r in seeds[base]}
     labels = np.asarray(results[kd]["test_labels"])
     fig, axes = _figure(f"Per-class test accuracy: {run_label(kd, results)} against {run_label(base, results)}",
@@ -437,7 +435,6 @@ def plot_per_class_accuracy(seeds: dict[str, list[dict]], results: dict[str, dic
                     ylim=(max(0, 10 * math.floor((bottom - 5) / 10)), 112))
     accuracy_ax.legend(fontsize=8, loc="upper center", ncols=2)
     accuracy_ax.grid(axis="y", alpha=0.3)
-    by_class = paired_difference_by_class(seeds[kd], seeds[base], NUM_CLASSES)
     gains = np.array([_percent(d["mean_difference"]) for d in by_class])
     spans = np.array([[_percent(d["mean_difference"] - d["ci_low"]), _percent(d["ci_high"] - d["mean_difference"])]
                       for d in by_class]).T
@@ -750,7 +747,7 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "my_figures"
     elif not all("test_labels" in r for run in (distilled, baseline_of(distilled)) for r in seeds[run]):
         skipped["per_class_accuracy.png"] = f"{distilled} or its baseline has results without test_labels"
     else:
-        files.append(plot_per_class_accuracy(seeds, results, out, origin))
+        files.append(plot_per_class_accuracy(Findings(seeds, budget), out, origin))
 
     if efficiency_from is not None:
         efficiency = reuse_efficiency(efficiency_from, results)
