@@ -17,7 +17,9 @@ from pathlib import Path
 
 from kdlab.config import ARCH_NAMES, LAB_RUNS, RUNS, STARTS, TEACHER_RUN, kd_pairs, make_config, run_label
 from kdlab.errors import KdlabError
+from kdlab.latex import count, markdown_table
 from kdlab.registry import METHODS, setting_fields
+from kdlab.stats import difference_points
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = ("README.md", "docs/*.md")
@@ -35,16 +37,6 @@ def cell(value) -> str:
     if isinstance(value, tuple):
         return "+".join(map(str, value))
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def table(header: list[str], rows: list[list], align: str = "") -> str:
-    """A markdown table; `align` has one letter per column, `r` for right-aligned numbers."""
-    align = align or "l" * len(header)
-    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
-
-    def line(cells):
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-    return "\n".join([line(header), rule] + [line(r) for r in rows])
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -83,7 +75,7 @@ def recipe_table() -> str:
                ("students, " + STARTS["scratch"], make_config(student["scratch"]))]
     rows = [[f"`{name}`", *(cell(getattr(cfg, name)) for _, cfg in columns), RECIPE_REASONS[name]]
             for name in RECIPE_REASONS]
-    return table(["setting", *(title for title, _ in columns), "why"], rows, "lrrrrl")
+    return markdown_table(["setting", *(title for title, _ in columns), "why"], rows, "lrrrrl")
 
 
 # ----------------------------------------------------------------------------- runs and methods
@@ -92,19 +84,19 @@ def runs_table() -> str:
     rows = [[f"`{name}`", ARCH_NAMES[run.arch], STARTS[run.start], METHODS[run.method].name,
              "yes" if run.in_lab else "no", "" if run.original_lab_test_acc is None else f"{run.original_lab_test_acc:.4f}"]
             for name, run in RUNS.items()]
-    return table(["run (checkpoint `<run>_best.pt`)", "network", "start", "method", "in `run all`",
+    return markdown_table(["run (checkpoint `<run>_best.pt`)", "network", "start", "method", "in `run all`",
                   "original lab's test accuracy"], rows, "llllll")
 
 
 def methods_table() -> str:
     rows = [[f"`{key}`", m.name, m.description, ", ".join(f"`{t}`" for t in m.loss_terms)] for key, m in METHODS.items()]
-    return table(["key", "method", "what it matches", "loss terms it logs"], rows)
+    return markdown_table(["key", "method", "what it matches", "loss terms it logs"], rows)
 
 
 def settings_table() -> str:
     rows = [[METHODS[key].name, f"`--{f.name.replace('_', '-')}`", cell(f.default), f.metadata["help"]]
             for key in METHODS for f in setting_fields(key)]
-    return table(["method", "setting", "default", "meaning"], rows, "llrl")
+    return markdown_table(["method", "setting", "default", "meaning"], rows, "llrl")
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -127,7 +119,7 @@ def cli_reference() -> str:
                        else cell(action.default) if not isinstance(action.default, list)
                        else " ".join(map(str, action.default)))
             rows.append([flag, f"`{default}`" if default else "", action.help or ""])
-        out += [f"`python -m kdlab {name}`: {helps[name]}", "", table(["option", "default", "what it does"], rows), ""]
+        out += [f"`python -m kdlab {name}`: {helps[name]}", "", markdown_table(["option", "default", "what it does"], rows), ""]
     return "\n".join(out).rstrip()
 
 
@@ -142,7 +134,7 @@ def figures_table() -> str:
         first = function.__doc__.split("\n\n")[0]
         files, what = (" ".join(first.split())).split(": ", 1)
         rows.append([", ".join(f"`{file}`" for file in files.split(", ")), what, f"`{function.__name__}`"])
-    return table(["file", "what it shows", "drawn by (`kdlab.figures`)"], rows)
+    return markdown_table(["file", "what it shows", "drawn by (`kdlab.figures`)"], rows)
 
 
 # ----------------------------------------------------------------------------- results
@@ -162,8 +154,7 @@ def reference_findings():
 def difference_words(d: dict) -> str:
     """A paired difference (kdlab.stats.paired_difference) and its interval, in the README's words."""
     verdict = "excludes zero" if d["excludes_zero"] else "includes zero: no evidence either way"
-    return (f"{100 * d['mean_difference']:+.2f} points [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] "
-            f"over {len(d['seeds'])} paired seed{'s' if len(d['seeds']) > 1 else ''}; the interval {verdict}")
+    return f"{difference_points(d)} over {count(len(d['seeds']), 'paired seed')}; the interval {verdict}"
 
 
 def findings_list(found) -> str:
@@ -200,7 +191,7 @@ def variants_table(folder: Path) -> str:
         rows.append([path.name.removesuffix(f"_{r['run']}_results.json"), cell(r["config"]["lr"]),
                      r["config"]["image_size"], r["epochs"], f"{r['best_val_acc']:.4f} ({r['best_epoch']})",
                      f"{r['test_acc']:.4f}"])
-    return table(["variant", "peak lr", "input px", "epochs", "best val acc (epoch)", "test acc"], rows, "lrrrrr")
+    return markdown_table(["variant", "peak lr", "input px", "epochs", "best val acc (epoch)", "test acc"], rows, "lrrrrr")
 
 
 def budget_epochs() -> str:
