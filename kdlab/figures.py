@@ -25,13 +25,13 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from kdlab.config import CLASSES, NUM_CLASSES, RUNS, TEACHER_RUN, baseline_of, expected_runs, run_label, run_of
+from kdlab.config import CLASSES, NUM_CLASSES, RUNS, TEACHER_RUN, baseline_of, expected_runs, run_label
 from kdlab.errors import KdlabError
 from kdlab.findings import Findings
 from kdlab.folders import writable_folder
 from kdlab.latex import markdown_table
 from kdlab.registry import METHODS
-from kdlab.results import (BUDGETS, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
+from kdlab.results import (BUDGETS, LOGIT_KD_FROM_SCRATCH, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
                            default_seed_results, distillation_temperature, load_budget_baselines, load_deploy,
                            load_efficiency, load_seed_results, softened, teacher_note)
 from kdlab.stats import correct_images, difference_points, per_class_interval_text, summarise
@@ -238,7 +238,7 @@ def plot_test_accuracy(results: dict[str, dict], seeds: dict[str, list[dict]], m
             bars = ax.bar(x + width / 2, _percent(reference[run]), width, facecolor="white",
                           edgecolor=run_colour(run), hatch="//")
             ax.bar_label(bars, fmt="%.2f", fontsize=8, color="0.3")
-    baseline = baseline_of(run_of("kd_logits", "scratch"))
+    baseline = baseline_of(LOGIT_KD_FROM_SCRATCH)
     for x, (variant, variant_seeds) in enumerate(budget.items(), start=len(runs)):
         summary = summarise(variant_seeds)
         bars = ax.bar(x, _percent(summary["mean"]), width, facecolor="white", edgecolor=run_colour(baseline),
@@ -405,7 +405,7 @@ def plot_per_class_accuracy(findings: Findings, out_dir: Path, origin: str = "")
     (Findings.per_class)."""
     kd, base, by_class = findings.per_class
     seeds, results = findings.seeds, findings.results
-    shared = {r["config"]["seed"] for r in seeds[kd]} & {r["config"]["seed"] for r in seeds[base]}
+    shared = set(by_class[0]["seeds"])
     labels = np.asarray(results[kd]["test_labels"])
     fig, axes = _figure(f"Per-class test accuracy: {run_label(kd, results)} against {run_label(base, results)}",
                         source_line([results[kd], results[base]], origin), _smoke(results), (11, 7.5), 2, 1)

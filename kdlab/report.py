@@ -37,8 +37,8 @@ from kdlab.folders import writable_folder
 from kdlab.latex import (acc_text, compare, count, enumerate_text, minutes, num, pct, probability_text, table, tex,
                          times, tt)
 from kdlab.registry import METHODS, setting_fields
-from kdlab.findings import LOGIT_KD_FROM_SCRATCH, Findings
-from kdlab.results import (DEFAULT_BENCHMARK, STEP_DESCRIPTIONS, agreement, default_seed_results,
+from kdlab.findings import Findings
+from kdlab.results import (DEFAULT_BENCHMARK, LOGIT_KD_FROM_SCRATCH, STEP_DESCRIPTIONS, agreement, default_seed_results,
                            distillation_temperature, load_benchmark, load_budget_baselines, load_deploy,
                            load_efficiency, load_seed_results, read_json, run_order, softened, teacher_note)
 from kdlab.stats import per_class_interval_text, summarise
