@@ -245,10 +245,6 @@ GENERATORS = {"lab-time": lab_time_block, "recipe": recipe_table, "runs": runs_t
               **{name: (lambda name=name: benchmark_block(name)) for name in BENCHMARK_BLOCKS}}
 
 
-def blocks_of(text: str) -> list[str]:
-    return [m["name"] for m in BLOCK.finditer(text)]
-
-
 def regenerate(text: str, made: dict[str, str]) -> str:
     """`text` with each generated block's body replaced by what its generator writes now."""
     def body(m):
@@ -260,23 +256,21 @@ def regenerate(text: str, made: dict[str, str]) -> str:
     return BLOCK.sub(body, text)
 
 
+def regenerated_pages(root: Path, made: dict[str, str]) -> list[tuple[Path, str, str]]:
+    """(page, its text, its text regenerated) for every page; `made` collects each block's text, made once."""
+    return [(page, text := page.read_text(), regenerate(text, made)) for page in pages(root)]
+
+
 def stale_blocks(root: Path = REPO) -> list[str]:
     """'page: block' for every block whose text differs from what its generator writes now."""
-    made, stale = {}, []
-    for page in pages(root):
-        text = page.read_text()
-        fresh = regenerate(text, made)
-        stale += [f"{page.relative_to(root)}: {name}" for name, old, new
-                  in zip(blocks_of(text), BLOCK.finditer(text), BLOCK.finditer(fresh)) if old["body"] != new["body"]]
-    return stale
+    return [f"{page.relative_to(root)}: {old['name']}" for page, text, fresh in regenerated_pages(root, {})
+            for old, new in zip(BLOCK.finditer(text), BLOCK.finditer(fresh)) if old["body"] != new["body"]]
 
 
 def write_docs(root: Path = REPO, log=print) -> list[Path]:
     """Rewrite every generated block of every page; returns the pages that changed."""
     made, changed = {}, []
-    for page in pages(root):
-        text = page.read_text()
-        fresh = regenerate(text, made)
+    for page, text, fresh in regenerated_pages(root, made):
         if fresh != text:
             page.write_text(fresh)
             changed.append(page)
