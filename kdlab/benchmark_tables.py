@@ -129,7 +129,8 @@ def markdown(report: dict, source: str) -> str:
     """The tables of a results file in Markdown, labelled with where they came from (for docs/performance.md)."""
     b = report["budget"]
     label = f" ({report['note']})" if report.get("note") else ""
-    speeds = [["step", "kdlab img/s", "naive img/s", "speedup", "kdlab TFLOP/s", "share of peak", "peak GiB (kdlab / naive)"]]
+    speeds = [["step", "kdlab img/s", "naive img/s", "speedup", "kdlab TFLOP/s", "share of peak",
+               "peak GiB (kdlab / naive)"]]
     for row in report["rows"]:
         k, n = row["kdlab"], row["naive"]
         memory = (f"{k['peak_memory_gib']:.1f} / {n['peak_memory_gib']:.1f}"
@@ -160,7 +161,8 @@ def markdown(report: dict, source: str) -> str:
             verdict = result["verdict"]
             if name == "compile":
                 verdict += f" (compiling: {result['compile_seconds']:.0f} s"
-                verdict += f", repaid after {result['break_even_steps']:.0f} steps)" if result["break_even_steps"] else ")"
+                verdict += (f", repaid after {result['break_even_steps']:.0f} steps)"
+                            if result["break_even_steps"] else ")")
             switches.append([name, f"{result['on']['images_per_s']:,.0f}", f"{result['off']['images_per_s']:,.0f}",
                              f"{result['speedup']:.2f}x", verdict + skipped_steps_note(result)])
         lines += ["", markdown_table(switches[0], switches[1:], "lrrrl")]

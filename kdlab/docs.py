@@ -119,7 +119,8 @@ def cli_reference() -> str:
                        else cell(action.default) if not isinstance(action.default, list)
                        else " ".join(map(str, action.default)))
             rows.append([flag, f"`{default}`" if default else "", action.help or ""])
-        out += [f"`python -m kdlab {name}`: {helps[name]}", "", markdown_table(["option", "default", "what it does"], rows), ""]
+        out += [f"`python -m kdlab {name}`: {helps[name]}", "",
+                markdown_table(["option", "default", "what it does"], rows), ""]
     return "\n".join(out).rstrip()
 
 
@@ -191,7 +192,8 @@ def variants_table(folder: Path) -> str:
         rows.append([path.name.removesuffix(f"_{r['run']}_results.json"), cell(r["config"]["lr"]),
                      r["config"]["image_size"], r["epochs"], f"{r['best_val_acc']:.4f} ({r['best_epoch']})",
                      f"{r['test_acc']:.4f}"])
-    return markdown_table(["variant", "peak lr", "input px", "epochs", "best val acc (epoch)", "test acc"], rows, "lrrrrr")
+    return markdown_table(["variant", "peak lr", "input px", "epochs", "best val acc (epoch)", "test acc"], rows,
+                          "lrrrrr")
 
 
 def budget_epochs() -> str:

@@ -459,7 +459,8 @@ def format_efficiency_table(efficiency: dict) -> str:
               *(f"{label}, CPU (ms)" for label in variants.values())]
     lines = [markdown_table(header, rows, "l" + "r" * (len(header) - 1)),
              f"\nMeasured {efficiency['measured']} on {efficiency['device']}, {efficiency['image_size']} px inputs."
-             + (f" Not measured there: {', '.join(efficiency['not_measured'])}." if efficiency.get("not_measured") else "")]
+             + (f" Not measured there: {', '.join(efficiency['not_measured'])}."
+                if efficiency.get("not_measured") else "")]
     if cpu:
         lines.append(f"CPU latency: {cpu['source']}, measured {cpu['measured']} on {cpu['model']}, "
                      f"{cpu['threads']} thread(s).")

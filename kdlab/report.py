@@ -819,7 +819,8 @@ def reproduce_block(rep: Report) -> str:
     commands += [("# the figures, from the results files",
                  f"python -m kdlab figures {folder_option(rep)} --out {rep.figures_dir}{budget}"),
                 ("# this report", f"python -m kdlab report --results {rep.results_dir} --figures {rep.figures_dir} "
-                                  f"--report-dir {rep.report_dir}{budget}" + (" --draft" if rep.draft_reason() else ""))]
+                                  f"--report-dir {rep.report_dir}{budget}"
+                                  + (" --draft" if rep.draft_reason() else ""))]
     lines, said = [], None
     for comment, line in commands:
         if comment != said:   # once above the commands it covers
