@@ -41,7 +41,7 @@ from kdlab.findings import Findings
 from kdlab.results import (DEFAULT_BENCHMARK, LOGIT_KD_FROM_SCRATCH, STEP_DESCRIPTIONS, agreement, default_seed_results,
                            distillation_temperature, load_benchmark, load_budget_baselines, load_deploy,
                            load_efficiency, load_seed_results, read_json, run_order, softened, teacher_note)
-from kdlab.stats import per_class_interval_text, summarise
+from kdlab.stats import per_class_interval_text, summarise, training_seed
 
 # The report's template; `make_report` copies it into the report folder it is given.
 TEMPLATE = Path(__file__).resolve().parents[1] / "report" / "KD_LAB.tex"
@@ -130,6 +130,11 @@ class Report:
 
     def measured(self, run: str) -> dict:
         return self.efficiency["runs"].get(run, {}) if self.efficiency else {}
+
+    @property
+    def training_seeds(self) -> list[int]:
+        """Every training seed of the results, once (the macros and the planned command state them)."""
+        return sorted({training_seed(r) for runs in self.seeds.values() for r in runs})
 
     def draft_reason(self) -> str | None:
         """Why these results are not the lab's results, or None when they are."""
@@ -273,11 +278,6 @@ def split_sizes(rep: Report) -> tuple[str, str, str]:
     if len(sizes) == 1:
         return tuple(f"{n:,}" for n in sizes.pop())
     return (r"(differs between runs)",) * 3
-
-
-def training_seeds_text(rep: Report) -> str:
-    seeds = sorted({r["config"]["seed"] for runs in rep.seeds.values() for r in runs})
-    return enumerate_text([str(seed) for seed in seeds])
 
 
 def distillation_settings(cfg: dict) -> str:
@@ -802,9 +802,8 @@ def folder_option(rep: Report) -> str:
 def planned_command(rep: Report) -> str:
     """The `run` command that trains the report's runs, at the seeds it has results for."""
     runs = ["all"] if set(rep.runs) == set(LAB_RUNS) else rep.runs
-    seeds = sorted({r["config"]["seed"] for by_seed in rep.seeds.values() for r in by_seed})
     weights = " --weights none" if rep.planned_weights == "none" and TEACHER_RUN in rep.runs else ""
-    seed = f" --seed {' '.join(map(str, seeds))}" if seeds != [DEFAULT_SEED] else ""
+    seed = f" --seed {' '.join(map(str, rep.training_seeds))}" if rep.training_seeds != [DEFAULT_SEED] else ""
     return f"python -m kdlab run {' '.join(runs)}{weights}{seed} {folder_option(rep)}"
 
 
@@ -864,7 +863,7 @@ def macros(rep: Report) -> dict[str, str]:
         "Momentum": setting(rep, rep.runs, "momentum"),
         "WarmupEpochs": setting(rep, rep.runs, "warmup_epochs"),
         "SplitSeed": setting(rep, rep.runs, "split_seed"),
-        "TrainingSeeds": training_seeds_text(rep),
+        "TrainingSeeds": enumerate_text([str(seed) for seed in rep.training_seeds]),
         "EmaDecay": setting(rep, rep.runs, "ema_decay"),
         "StudentLabelSmoothing": setting(rep, students, "label_smoothing"),
         "TeacherLabelSmoothing": setting(rep, [TEACHER_RUN], "label_smoothing"),
