@@ -204,12 +204,11 @@ def paired_text(rep: Report, better: str, other: str) -> str:
 
 def difference_text(d: dict) -> str:
     """A paired difference (kdlab.stats.paired_difference) and its 95% interval, in words."""
-    seeds = f"{len(d['seeds'])} seed{'s' if len(d['seeds']) > 1 else ''} paired"
     verdict = ("excludes zero: the difference is beyond what the seeds and the test sample explain"
                if d["excludes_zero"] else "includes zero: no evidence of a difference either way")
-    return (rf"a paired difference of {100 * d['mean_difference']:+.2f} points ({seeds}), whose 95\% "
-            rf"interval [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] (bootstrap over seeds and "
-            rf"test images) {verdict}")
+    return (rf"a paired difference of {100 * d['mean_difference']:+.2f} points ({count(len(d['seeds']), 'seed')} "
+            rf"paired), whose 95\% interval [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] (bootstrap over "
+            rf"seeds and test images) {verdict}")
 
 
 def setting(rep: Report, runs: list[str], key: str, fmt=num) -> str:

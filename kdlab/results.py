@@ -16,6 +16,7 @@ import numpy as np
 from kdlab.config import (DEFAULT_SEED, EVALUATION_STEP, LEGACY_STEP_NAMES, RUNS, STUDENT_STEP, TEACHER_RUN,
                           TEACHER_STEP, baseline_of, run_id, run_of)
 from kdlab.errors import KdlabError
+from kdlab.latex import count, enumerate_text
 from kdlab.registry import METHODS
 from kdlab.stats import check_no_duplicates, training_seed
 
@@ -279,12 +280,11 @@ def teacher_note(seeds: dict[str, list[dict]]) -> str | None:
     def named(group: dict) -> str:
         runs = [f"{RUNS[run].label if run in RUNS else run} (seed{'s' if len(s) > 1 else ''} "
                 f"{', '.join(map(str, sorted(s)))})" for run, s in group["runs"].items()]
-        runs = " and ".join([", ".join(runs[:-1]), runs[-1]] if len(runs) > 1 else runs)
         who = ("the teacher in these results" if group["in_folder"] else
                "another teacher" if group["sha256"] else "an earlier teacher whose weights were not kept")
         sha = f", sha256 {group['sha256'][:8]}" if group["sha256"] else ""
-        return f"{runs} from {who} (test accuracy {group['test_acc']:.4f}{sha})"
-    return (f"The distilled runs learned from {len(found)} teacher{'s' if len(found) > 1 else ''}, so a comparison "
+        return f"{enumerate_text(runs)} from {who} (test accuracy {group['test_acc']:.4f}{sha})"
+    return (f"The distilled runs learned from {count(len(found), 'teacher')}, so a comparison "
             f"across these groups compares teachers as well as methods: " + "; ".join(map(named, found)) + ".")
 
 
