@@ -15,10 +15,15 @@ import re
 import sys
 from pathlib import Path
 
+from kdlab import benchmark_tables, figures
 from kdlab.config import ARCH_NAMES, LAB_RUNS, RUNS, STARTS, TEACHER_RUN, kd_pairs, make_config, run_label
 from kdlab.errors import KdlabError
+from kdlab.findings import Findings
+from kdlab.lab_time import time_table
 from kdlab.latex import count, markdown_table
 from kdlab.registry import METHODS, setting_fields
+from kdlab.results import (BUDGET_DIR, budget_matched_epochs, load_ablation, load_benchmark, load_budget_baselines,
+                           load_deploy, load_seed_results, read_json, teacher_note)
 from kdlab.stats import difference_points
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,8 +133,6 @@ def cli_reference() -> str:
 
 def figures_table() -> str:
     """Each file the figures module writes, as the docstring of the function that draws it says."""
-    from kdlab import figures
-
     rows = []
     for function in figures.FIGURE_MAKERS:
         first = function.__doc__.split("\n\n")[0]
@@ -146,9 +149,6 @@ REFERENCE = REPO / "results" / "reference"
 @functools.cache
 def reference_findings():
     """The reference's comparisons (kdlab.findings), computed once for every block that words them."""
-    from kdlab.findings import Findings
-    from kdlab.results import BUDGET_DIR, load_budget_baselines, load_seed_results
-
     return Findings(load_seed_results(REFERENCE), load_budget_baselines(REPO / BUDGET_DIR))
 
 
@@ -162,8 +162,6 @@ def findings_list(found) -> str:
     """What the reference says, in words (a kdlab.findings.Findings): each distillation run against
     the baseline of the same seeds, logit KD from scratch against the budget-matched baselines, and
     the best student against its teacher."""
-    from kdlab.results import teacher_note
-
     results = found.results
     lines = [f"- **{run_label(kd, results)}** against {run_label(base, results)}: {difference_words(found.gain(kd))}."
              for base, kd in kd_pairs() if found.gain(kd)]
@@ -184,8 +182,6 @@ def findings_list(found) -> str:
 
 def variants_table(folder: Path) -> str:
     """A folder of one-run variants, `<variant>_<run>_results.json` each: their settings and accuracies."""
-    from kdlab.results import read_json
-
     rows = []
     for path in sorted(folder.glob("*_results.json")):
         r = read_json(path, "copy it again from the run that wrote it.")
@@ -198,16 +194,11 @@ def variants_table(folder: Path) -> str:
 
 def budget_epochs() -> str:
     """The epochs of the budget-matched baselines, as kdlab.results.budget_matched_epochs computes them."""
-    from kdlab.results import budget_matched_epochs, load_seed_results
-
     epochs = budget_matched_epochs(load_seed_results(REFERENCE))
     return "\n".join(f"- `{variant}`: {n} epochs" for variant, n in epochs.items())
 
 
 def results_block(name: str) -> str:
-    from kdlab import figures
-    from kdlab.results import load_ablation, load_deploy, load_seed_results
-
     return {"results-reference": lambda: figures.format_results_table(reference_findings().seeds,
                                                                       reference_findings()),
             "results-evaluation": lambda: figures.format_evaluation_table(load_seed_results(REFERENCE)),
@@ -220,11 +211,8 @@ def results_block(name: str) -> str:
 
 def benchmark_block(name: str) -> str:
     """The tables of a committed benchmarks/throughput.py results file (kdlab.benchmark_tables)."""
-    from kdlab.benchmark_tables import markdown
-    from kdlab.results import load_benchmark
-
     path = REPO / "benchmarks" / "results" / f"{name.removeprefix('benchmark-')}.json"
-    return markdown(load_benchmark(path), path.relative_to(REPO).as_posix())
+    return benchmark_tables.markdown(load_benchmark(path), path.relative_to(REPO).as_posix())
 
 
 BENCHMARK_BLOCKS = ("benchmark-h200-full-compile", "benchmark-cpu-quick")
@@ -234,13 +222,7 @@ RESULTS_BLOCKS = ("results-reference", "results-evaluation", "results-findings",
 DEPLOY_REFERENCE = "results/deploy/deploy.json"
 
 
-def lab_time_block() -> str:
-    from kdlab.lab_time import time_table
-
-    return time_table()
-
-
-GENERATORS = {"lab-time": lab_time_block, "recipe": recipe_table, "runs": runs_table, "methods": methods_table,
+GENERATORS = {"lab-time": time_table, "recipe": recipe_table, "runs": runs_table, "methods": methods_table,
               "settings": settings_table,
               "cli": cli_reference, "figures": figures_table, "budget-epochs": budget_epochs,
               **{name: (lambda name=name: results_block(name)) for name in RESULTS_BLOCKS},
