@@ -143,7 +143,8 @@ def figures_table() -> str:
 
 # ----------------------------------------------------------------------------- results
 
-REFERENCE = REPO / "results" / "reference"
+RESULTS = REPO / "results"
+REFERENCE = RESULTS / "reference"
 
 
 @functools.cache
@@ -198,17 +199,6 @@ def budget_epochs() -> str:
     return "\n".join(f"- `{variant}`: {n} epochs" for variant, n in epochs.items())
 
 
-def results_block(name: str) -> str:
-    return {"results-reference": lambda: figures.format_results_table(reference_findings().seeds,
-                                                                      reference_findings()),
-            "results-evaluation": lambda: figures.format_evaluation_table(load_seed_results(REFERENCE)),
-            "results-findings": lambda: findings_list(reference_findings()),
-            "results-ablation": lambda: figures.format_ablation_table(load_ablation(REPO / "results" / "ablation-recipe")),
-            "results-ablation-lr-resolution": lambda: variants_table(REPO / "results" / "ablation-lr-resolution"),
-            "results-deploy": lambda: figures.format_deploy_table(load_deploy(REPO / DEPLOY_REFERENCE)),
-            }[name]()
-
-
 def benchmark_block(name: str) -> str:
     """The tables of a committed benchmarks/throughput.py results file (kdlab.benchmark_tables)."""
     path = REPO / "benchmarks" / "results" / f"{name.removeprefix('benchmark-')}.json"
@@ -216,8 +206,6 @@ def benchmark_block(name: str) -> str:
 
 
 BENCHMARK_BLOCKS = ("benchmark-h200-full-compile", "benchmark-cpu-quick")
-RESULTS_BLOCKS = ("results-reference", "results-evaluation", "results-findings", "results-ablation",
-                  "results-ablation-lr-resolution", "results-deploy")
 # The reference weights deployed on this repository's development CPU (python -m kdlab deploy --kept).
 DEPLOY_REFERENCE = "results/deploy/deploy.json"
 
@@ -225,7 +213,13 @@ DEPLOY_REFERENCE = "results/deploy/deploy.json"
 GENERATORS = {"lab-time": time_table, "recipe": recipe_table, "runs": runs_table, "methods": methods_table,
               "settings": settings_table,
               "cli": cli_reference, "figures": figures_table, "budget-epochs": budget_epochs,
-              **{name: (lambda name=name: results_block(name)) for name in RESULTS_BLOCKS},
+              "results-reference": lambda: figures.format_results_table(reference_findings().seeds,
+                                                                        reference_findings()),
+              "results-evaluation": lambda: figures.format_evaluation_table(load_seed_results(REFERENCE)),
+              "results-findings": lambda: findings_list(reference_findings()),
+              "results-ablation": lambda: figures.format_ablation_table(load_ablation(RESULTS / "ablation-recipe")),
+              "results-ablation-lr-resolution": lambda: variants_table(RESULTS / "ablation-lr-resolution"),
+              "results-deploy": lambda: figures.format_deploy_table(load_deploy(REPO / DEPLOY_REFERENCE)),
               **{name: (lambda name=name: benchmark_block(name)) for name in BENCHMARK_BLOCKS}}
 
 
