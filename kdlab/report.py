@@ -941,8 +941,7 @@ def collect(results_dir, figures_dir, report_dir, expected=None, benchmark=None,
     """What the report reads; `expected`: the runs it expects (default: kdlab.config.expected_runs);
     `budget_dir`: the budget-matched baselines of the results (kdlab.results.BUDGET_DIR for the reference)."""
     results_dir, figures_dir, report_dir = Path(results_dir), Path(figures_dir), Path(report_dir)
-    budget_dir = Path(budget_dir) if budget_dir else None
-    benchmark = Path(benchmark) if benchmark else None
+    benchmark, budget_dir, deploy = (Path(path) if path else None for path in (benchmark, budget_dir, deploy))
     unknown = [run for run in expected or () if run not in RUNS]
     if unknown:
         raise KdlabError(f"unknown run {', '.join(unknown)}; valid runs: {', '.join(RUNS)}")
@@ -958,8 +957,7 @@ def collect(results_dir, figures_dir, report_dir, expected=None, benchmark=None,
     expected = list(expected) if expected else expected_runs(results)
     return Report(results, seeds, expected, load_efficiency(figures_dir), load_manifest(results_dir),
                   load_benchmark(benchmark), benchmark, load_budget_baselines(budget_dir), budget_dir, results_dir,
-                  figures_dir, report_dir, figures_path_for_latex(figures_dir, report_dir), load_deploy(deploy),
-                  Path(deploy) if deploy else None)
+                  figures_dir, report_dir, figures_path_for_latex(figures_dir, report_dir), load_deploy(deploy), deploy)
 
 
 def write_generated(rep: Report, out_dir: Path) -> list[Path]:
