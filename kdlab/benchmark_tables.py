@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from kdlab.errors import KdlabError
+from kdlab.latex import markdown_table
 from kdlab.results import STEP_DESCRIPTIONS, load_benchmark
 
 # The families the time breakdown sorts the profiled operators into (throughput.measure_breakdown),
@@ -59,9 +60,9 @@ def aligned(rows: list[list[str]]) -> list[str]:
             for row in rows]
 
 
-def markdown_table(rows: list[list[str]]) -> list[str]:
-    return [f"| {' | '.join(rows[0])} |", "|---" + "|---:" * (len(rows[0]) - 1) + "|",
-            *(f"| {' | '.join(row)} |" for row in rows[1:])]
+def numbers_table(rows: list[list[str]]) -> str:
+    """A header and rows of cells as Markdown, the first column a name and the others numbers."""
+    return markdown_table(rows[0], rows[1:], "l" + "r" * (len(rows[0]) - 1))
 
 
 def breakdown_note(report: dict) -> str:
@@ -128,44 +129,43 @@ def markdown(report: dict, source: str) -> str:
     """The tables of a results file in Markdown, labelled with where they came from (for docs/performance.md)."""
     b = report["budget"]
     label = f" ({report['note']})" if report.get("note") else ""
+    speeds = [["step", "kdlab img/s", "naive img/s", "speedup", "kdlab TFLOP/s", "share of peak",
+               "peak GiB (kdlab / naive)"]]
+    for row in report["rows"]:
+        k, n = row["kdlab"], row["naive"]
+        memory = (f"{k['peak_memory_gib']:.1f} / {n['peak_memory_gib']:.1f}"
+                  if k["peak_memory_gib"] and n["peak_memory_gib"] else "n/a")
+        speeds.append([STEP_DESCRIPTIONS.get(row["step"], row["step"]), f"{k['images_per_s']:,.0f}",
+                       f"{n['images_per_s']:,.0f}", f"{row['speedup']:.2f}x", f"{k['tflops']:.3g}",
+                       f"{100 * k['peak_share']:.1f}%" if k["peak_share"] else "n/a", memory])
+    s = report["scaling"]
+    first, second = s["epochs"]
     lines = [f"Measured on {report['device_name']}{label}, torch {report['torch_version']}, {report['mode']} "
              f"mode: {report['image_size']} px, batch {report['batch_size']}, {b['warmup_steps']} warm-up + "
              f"{b['timed_steps']} timed steps (evaluation: batches of {b['eval_batch_size']}); from `{source}`.",
-             "",
-             "| step | kdlab img/s | naive img/s | speedup | kdlab TFLOP/s | share of peak | peak GiB (kdlab / naive) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for row in report["rows"]:
-        k, n = row["kdlab"], row["naive"]
-        share = f"{100 * k['peak_share']:.1f}%" if k["peak_share"] else "n/a"
-        memory = (f"{k['peak_memory_gib']:.1f} / {n['peak_memory_gib']:.1f}"
-                  if k["peak_memory_gib"] and n["peak_memory_gib"] else "n/a")
-        lines.append(f"| {STEP_DESCRIPTIONS.get(row['step'], row['step'])} | {k['images_per_s']:,.0f} | {n['images_per_s']:,.0f} | "
-                     f"{row['speedup']:.2f}x | {k['tflops']:.3g} | {share} | {memory} |")
-    s = report["scaling"]
-    first, second = s["epochs"]
-    lines += ["", f"Epoch time of the student CE step: {first['epoch_seconds']:.2f} s for {first['train_images']:,} "
-                  f"images, {second['epoch_seconds']:.2f} s for {second['train_images']:,} (ratio {s['ratio']:.2f}; "
-                  f"2.00 is linear)."]
+             "", numbers_table(speeds),
+             "", f"Epoch time of the student CE step: {first['epoch_seconds']:.2f} s for {first['train_images']:,} "
+                 f"images, {second['epoch_seconds']:.2f} s for {second['train_images']:,} (ratio {s['ratio']:.2f}; "
+                 f"2.00 is linear)."]
     if report.get("breakdown"):
         lines += ["", "Where the step's time goes (torch.profiler): " + breakdown_note(report) + ".", "",
-                  *markdown_table(breakdown_rows(report))]
+                  numbers_table(breakdown_rows(report))]
     if report.get("batch_sweep"):
-        lines += ["", "Batch sweep of kdlab's path:", "", *markdown_table(sweep_rows(report))]
+        lines += ["", "Batch sweep of kdlab's path:", "", numbers_table(sweep_rows(report))]
     if report["fast_path"]:
-        lines += ["", "| fast-path switch (student CE step) | img/s with | img/s without | speedup | verdict |",
-                  "|---|---:|---:|---:|---|"]
+        switches = [["fast-path switch (student CE step)", "img/s with", "img/s without", "speedup", "verdict"]]
         for name, result in report["fast_path"]["switches"].items():
             if "speedup" not in result:
-                lines.append(f"| {name} | | | | {result.get('skipped') or 'failed: ' + result['error'][:80]} |")
+                switches.append([name, "", "", "", result.get("skipped") or "failed: " + result["error"][:80]])
                 continue
             verdict = result["verdict"]
             if name == "compile":
                 verdict += f" (compiling: {result['compile_seconds']:.0f} s"
                 verdict += (f", repaid after {result['break_even_steps']:.0f} steps)"
                             if result["break_even_steps"] else ")")
-            verdict += skipped_steps_note(result)
-            lines.append(f"| {name} | {result['on']['images_per_s']:,.0f} | {result['off']['images_per_s']:,.0f} | "
-                         f"{result['speedup']:.2f}x | {verdict} |")
+            switches.append([name, f"{result['on']['images_per_s']:,.0f}", f"{result['off']['images_per_s']:,.0f}",
+                             f"{result['speedup']:.2f}x", verdict + skipped_steps_note(result)])
+        lines += ["", markdown_table(switches[0], switches[1:], "lrrrl")]
     return "\n".join(lines)
 
 

@@ -15,9 +15,16 @@ import re
 import sys
 from pathlib import Path
 
+from kdlab import benchmark_tables, figures
 from kdlab.config import ARCH_NAMES, LAB_RUNS, RUNS, STARTS, TEACHER_RUN, kd_pairs, make_config, run_label
 from kdlab.errors import KdlabError
+from kdlab.findings import Findings
+from kdlab.lab_time import time_table
+from kdlab.latex import count, markdown_table
 from kdlab.registry import METHODS, setting_fields
+from kdlab.results import (BUDGET_DIR, budget_matched_epochs, load_ablation, load_benchmark, load_budget_baselines,
+                           load_deploy, load_seed_results, read_json, teacher_note)
+from kdlab.stats import difference_points
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = ("README.md", "docs/*.md")
@@ -35,16 +42,6 @@ def cell(value) -> str:
     if isinstance(value, tuple):
         return "+".join(map(str, value))
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def table(header: list[str], rows: list[list], align: str = "") -> str:
-    """A markdown table; `align` has one letter per column, `r` for right-aligned numbers."""
-    align = align or "l" * len(header)
-    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
-
-    def line(cells):
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-    return "\n".join([line(header), rule] + [line(r) for r in rows])
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -83,7 +80,7 @@ def recipe_table() -> str:
                ("students, " + STARTS["scratch"], make_config(student["scratch"]))]
     rows = [[f"`{name}`", *(cell(getattr(cfg, name)) for _, cfg in columns), RECIPE_REASONS[name]]
             for name in RECIPE_REASONS]
-    return table(["setting", *(title for title, _ in columns), "why"], rows, "lrrrrl")
+    return markdown_table(["setting", *(title for title, _ in columns), "why"], rows, "lrrrrl")
 
 
 # ----------------------------------------------------------------------------- runs and methods
@@ -92,19 +89,19 @@ def runs_table() -> str:
     rows = [[f"`{name}`", ARCH_NAMES[run.arch], STARTS[run.start], METHODS[run.method].name,
              "yes" if run.in_lab else "no", "" if run.original_lab_test_acc is None else f"{run.original_lab_test_acc:.4f}"]
             for name, run in RUNS.items()]
-    return table(["run (checkpoint `<run>_best.pt`)", "network", "start", "method", "in `run all`",
+    return markdown_table(["run (checkpoint `<run>_best.pt`)", "network", "start", "method", "in `run all`",
                   "original lab's test accuracy"], rows, "llllll")
 
 
 def methods_table() -> str:
     rows = [[f"`{key}`", m.name, m.description, ", ".join(f"`{t}`" for t in m.loss_terms)] for key, m in METHODS.items()]
-    return table(["key", "method", "what it matches", "loss terms it logs"], rows)
+    return markdown_table(["key", "method", "what it matches", "loss terms it logs"], rows)
 
 
 def settings_table() -> str:
     rows = [[METHODS[key].name, f"`--{f.name.replace('_', '-')}`", cell(f.default), f.metadata["help"]]
             for key in METHODS for f in setting_fields(key)]
-    return table(["method", "setting", "default", "meaning"], rows, "llrl")
+    return markdown_table(["method", "setting", "default", "meaning"], rows, "llrl")
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -127,7 +124,8 @@ def cli_reference() -> str:
                        else cell(action.default) if not isinstance(action.default, list)
                        else " ".join(map(str, action.default)))
             rows.append([flag, f"`{default}`" if default else "", action.help or ""])
-        out += [f"`python -m kdlab {name}`: {helps[name]}", "", table(["option", "default", "what it does"], rows), ""]
+        out += [f"`python -m kdlab {name}`: {helps[name]}", "",
+                markdown_table(["option", "default", "what it does"], rows), ""]
     return "\n".join(out).rstrip()
 
 
@@ -135,43 +133,36 @@ def cli_reference() -> str:
 
 def figures_table() -> str:
     """Each file the figures module writes, as the docstring of the function that draws it says."""
-    from kdlab import figures
-
     rows = []
     for function in figures.FIGURE_MAKERS:
         first = function.__doc__.split("\n\n")[0]
         files, what = (" ".join(first.split())).split(": ", 1)
         rows.append([", ".join(f"`{file}`" for file in files.split(", ")), what, f"`{function.__name__}`"])
-    return table(["file", "what it shows", "drawn by (`kdlab.figures`)"], rows)
+    return markdown_table(["file", "what it shows", "drawn by (`kdlab.figures`)"], rows)
 
 
 # ----------------------------------------------------------------------------- results
 
-REFERENCE = REPO / "results" / "reference"
+RESULTS = REPO / "results"
+REFERENCE = RESULTS / "reference"
 
 
 @functools.cache
 def reference_findings():
     """The reference's comparisons (kdlab.findings), computed once for every block that words them."""
-    from kdlab.findings import Findings
-    from kdlab.results import BUDGET_DIR, load_budget_baselines, load_seed_results
-
     return Findings(load_seed_results(REFERENCE), load_budget_baselines(REPO / BUDGET_DIR))
 
 
 def difference_words(d: dict) -> str:
     """A paired difference (kdlab.stats.paired_difference) and its interval, in the README's words."""
     verdict = "excludes zero" if d["excludes_zero"] else "includes zero: no evidence either way"
-    return (f"{100 * d['mean_difference']:+.2f} points [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] "
-            f"over {len(d['seeds'])} paired seed{'s' if len(d['seeds']) > 1 else ''}; the interval {verdict}")
+    return f"{difference_points(d)} over {count(len(d['seeds']), 'paired seed')}; the interval {verdict}"
 
 
 def findings_list(found) -> str:
     """What the reference says, in words (a kdlab.findings.Findings): each distillation run against
     the baseline of the same seeds, logit KD from scratch against the budget-matched baselines, and
     the best student against its teacher."""
-    from kdlab.results import teacher_note
-
     results = found.results
     lines = [f"- **{run_label(kd, results)}** against {run_label(base, results)}: {difference_words(found.gain(kd))}."
              for base, kd in kd_pairs() if found.gain(kd)]
@@ -192,70 +183,44 @@ def findings_list(found) -> str:
 
 def variants_table(folder: Path) -> str:
     """A folder of one-run variants, `<variant>_<run>_results.json` each: their settings and accuracies."""
-    from kdlab.results import read_json
-
     rows = []
     for path in sorted(folder.glob("*_results.json")):
         r = read_json(path, "copy it again from the run that wrote it.")
         rows.append([path.name.removesuffix(f"_{r['run']}_results.json"), cell(r["config"]["lr"]),
                      r["config"]["image_size"], r["epochs"], f"{r['best_val_acc']:.4f} ({r['best_epoch']})",
                      f"{r['test_acc']:.4f}"])
-    return table(["variant", "peak lr", "input px", "epochs", "best val acc (epoch)", "test acc"], rows, "lrrrrr")
+    return markdown_table(["variant", "peak lr", "input px", "epochs", "best val acc (epoch)", "test acc"], rows,
+                          "lrrrrr")
 
 
 def budget_epochs() -> str:
     """The epochs of the budget-matched baselines, as kdlab.results.budget_matched_epochs computes them."""
-    from kdlab.results import budget_matched_epochs, load_seed_results
-
     epochs = budget_matched_epochs(load_seed_results(REFERENCE))
     return "\n".join(f"- `{variant}`: {n} epochs" for variant, n in epochs.items())
 
 
-def results_block(name: str) -> str:
-    from kdlab import figures
-    from kdlab.results import load_ablation, load_deploy, load_seed_results
-
-    return {"results-reference": lambda: figures.format_results_table(reference_findings().seeds,
-                                                                      reference_findings()),
-            "results-evaluation": lambda: figures.format_evaluation_table(load_seed_results(REFERENCE)),
-            "results-findings": lambda: findings_list(reference_findings()),
-            "results-ablation": lambda: figures.format_ablation_table(load_ablation(REPO / "results" / "ablation-recipe")),
-            "results-ablation-lr-resolution": lambda: variants_table(REPO / "results" / "ablation-lr-resolution"),
-            "results-deploy": lambda: figures.format_deploy_table(load_deploy(REPO / DEPLOY_REFERENCE)),
-            }[name]()
-
-
 def benchmark_block(name: str) -> str:
     """The tables of a committed benchmarks/throughput.py results file (kdlab.benchmark_tables)."""
-    from kdlab.benchmark_tables import markdown
-    from kdlab.results import load_benchmark
-
     path = REPO / "benchmarks" / "results" / f"{name.removeprefix('benchmark-')}.json"
-    return markdown(load_benchmark(path), path.relative_to(REPO).as_posix())
+    return benchmark_tables.markdown(load_benchmark(path), path.relative_to(REPO).as_posix())
 
 
 BENCHMARK_BLOCKS = ("benchmark-h200-full-compile", "benchmark-cpu-quick")
-RESULTS_BLOCKS = ("results-reference", "results-evaluation", "results-findings", "results-ablation",
-                  "results-ablation-lr-resolution", "results-deploy")
 # The reference weights deployed on this repository's development CPU (python -m kdlab deploy --kept).
 DEPLOY_REFERENCE = "results/deploy/deploy.json"
 
 
-def lab_time_block() -> str:
-    from kdlab.lab_time import time_table
-
-    return time_table()
-
-
-GENERATORS = {"lab-time": lab_time_block, "recipe": recipe_table, "runs": runs_table, "methods": methods_table,
+GENERATORS = {"lab-time": time_table, "recipe": recipe_table, "runs": runs_table, "methods": methods_table,
               "settings": settings_table,
               "cli": cli_reference, "figures": figures_table, "budget-epochs": budget_epochs,
-              **{name: (lambda name=name: results_block(name)) for name in RESULTS_BLOCKS},
+              "results-reference": lambda: figures.format_results_table(reference_findings().seeds,
+                                                                        reference_findings()),
+              "results-evaluation": lambda: figures.format_evaluation_table(load_seed_results(REFERENCE)),
+              "results-findings": lambda: findings_list(reference_findings()),
+              "results-ablation": lambda: figures.format_ablation_table(load_ablation(RESULTS / "ablation-recipe")),
+              "results-ablation-lr-resolution": lambda: variants_table(RESULTS / "ablation-lr-resolution"),
+              "results-deploy": lambda: figures.format_deploy_table(load_deploy(REPO / DEPLOY_REFERENCE)),
               **{name: (lambda name=name: benchmark_block(name)) for name in BENCHMARK_BLOCKS}}
-
-
-def blocks_of(text: str) -> list[str]:
-    return [m["name"] for m in BLOCK.finditer(text)]
 
 
 def regenerate(text: str, made: dict[str, str]) -> str:
@@ -269,23 +234,21 @@ def regenerate(text: str, made: dict[str, str]) -> str:
     return BLOCK.sub(body, text)
 
 
+def regenerated_pages(root: Path, made: dict[str, str]) -> list[tuple[Path, str, str]]:
+    """(page, its text, its text regenerated) for every page; `made` collects each block's text, made once."""
+    return [(page, text := page.read_text(), regenerate(text, made)) for page in pages(root)]
+
+
 def stale_blocks(root: Path = REPO) -> list[str]:
     """'page: block' for every block whose text differs from what its generator writes now."""
-    made, stale = {}, []
-    for page in pages(root):
-        text = page.read_text()
-        fresh = regenerate(text, made)
-        stale += [f"{page.relative_to(root)}: {name}" for name, old, new
-                  in zip(blocks_of(text), BLOCK.finditer(text), BLOCK.finditer(fresh)) if old["body"] != new["body"]]
-    return stale
+    return [f"{page.relative_to(root)}: {old['name']}" for page, text, fresh in regenerated_pages(root, {})
+            for old, new in zip(BLOCK.finditer(text), BLOCK.finditer(fresh)) if old["body"] != new["body"]]
 
 
 def write_docs(root: Path = REPO, log=print) -> list[Path]:
     """Rewrite every generated block of every page; returns the pages that changed."""
     made, changed = {}, []
-    for page in pages(root):
-        text = page.read_text()
-        fresh = regenerate(text, made)
+    for page, text, fresh in regenerated_pages(root, made):
         if fresh != text:
             page.write_text(fresh)
             changed.append(page)

@@ -25,16 +25,16 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from kdlab.config import CLASSES, NUM_CLASSES, RUNS, TEACHER_RUN, baseline_of, expected_runs, run_label, run_of
+from kdlab.config import CLASSES, NUM_CLASSES, RUNS, TEACHER_RUN, baseline_of, expected_runs, run_label
 from kdlab.errors import KdlabError
 from kdlab.findings import Findings
 from kdlab.folders import writable_folder
+from kdlab.latex import markdown_table
 from kdlab.registry import METHODS
-from kdlab.results import (BUDGETS, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
+from kdlab.results import (BUDGETS, LOGIT_KD_FROM_SCRATCH, STEP_DESCRIPTIONS, agreement, best_distilled, best_student,
                            default_seed_results, distillation_temperature, load_budget_baselines, load_deploy,
                            load_efficiency, load_seed_results, softened, teacher_note)
-from kdlab.stats import (correct_images, paired_difference_by_class, per_class_interval_text,
-                         summarise)
+from kdlab.stats import correct_images, difference_points, per_class_interval_text, summarise
 
 ORIGINAL_LAB_LABEL = "original lab (reference)"   # beside kdlab.config.Run.original_lab_test_acc
 # One colour per run, the same on every chart: matplotlib's ten-colour cycle, in the run table's order.
@@ -59,14 +59,11 @@ def source_line(results: list[dict], origin: str = "") -> str:
 
 def format_config_table(configs) -> str:
     """The settings each run trains with (kdlab.config.RunConfig), as a markdown table."""
-    rows = ["| run | arch | start | method | epochs | image px | batch | peak lr | method settings |",
-            "|---|---|---|---|---:|---:|---:|---:|---|"]
-    for c in configs:
-        settings = ", ".join(f"{k}={'+'.join(v) if isinstance(v, tuple) else v}"
-                             for k, v in asdict(c.settings).items()) or "-"
-        rows.append(f"| {c.run} | {c.arch} | {c.weights} | {METHODS[c.method].name} | {c.epochs} | {c.image_size} "
-                    f"| {c.batch_size} | {c.lr} | {settings} |")
-    return "\n".join(rows)
+    rows = [[c.run, c.arch, c.weights, METHODS[c.method].name, c.epochs, c.image_size, c.batch_size, c.lr,
+             ", ".join(f"{k}={'+'.join(v) if isinstance(v, tuple) else v}" for k, v in asdict(c.settings).items())
+             or "-"] for c in configs]
+    return markdown_table(["run", "arch", "start", "method", "epochs", "image px", "batch", "peak lr",
+                           "method settings"], rows, "llllrrrrl")
 
 
 def format_results_table(seeds: dict[str, list[dict]], findings: Findings | None = None) -> str:
@@ -79,28 +76,25 @@ def format_results_table(seeds: dict[str, list[dict]], findings: Findings | None
     (or the first one).
     """
     findings = findings or Findings(seeds)
-    rows = ["| run | start | seeds | test acc, mean ± sd | paired gain over its baseline [95% interval] "
-            "| best val acc (epoch) | epochs | train time (s) | trained on |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    rows = []
     for run, runs in seeds.items():
-        r, summary = runs[0], summarise(runs)
-        start = "ImageNet" if r["weights"] == "imagenet" else "scratch"
+        r, summary, d = runs[0], summarise(runs), findings.gain(run)
         spread = "" if summary["std"] is None else f" ± {summary['std']:.4f}"
-        gain = ""
-        d = findings.gain(run)
-        if d:
-            gain = f"{100 * d['mean_difference']:+.2f} pts [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]"
-        rows.append(f"| {run} | {start} | {summary['n_seeds']} | {summary['mean']:.4f}{spread} | {gain} "
-                    f"| {r['best_val_acc']:.4f} ({r['best_epoch']}) | {r['epochs']} | {r['wall_seconds']:.0f} "
-                    f"| {r['device_name']} |")
-    for run, acc in original_lab_accuracies().items():
-        rows.append(f"| {run}, {ORIGINAL_LAB_LABEL} | ImageNet | | {acc:.4f} | | | | | |")
+        rows.append([run, "ImageNet" if r["weights"] == "imagenet" else "scratch", summary["n_seeds"],
+                     f"{summary['mean']:.4f}{spread}", difference_points(d, "pts") if d else "",
+                     f"{r['best_val_acc']:.4f} ({r['best_epoch']})", r["epochs"], f"{r['wall_seconds']:.0f}",
+                     r["device_name"]])
+    lines = [markdown_table(["run", "start", "seeds", "test acc, mean ± sd", "paired gain over its baseline [95% "
+                             "interval]", "best val acc (epoch)", "epochs", "train time (s)", "trained on"],
+                            rows, "llrrrrrrl")]
+    lines += [f"| {run}, {ORIGINAL_LAB_LABEL} | ImageNet | | {acc:.4f} | | | | | |"
+              for run, acc in original_lab_accuracies().items()]
     note = teacher_note(seeds)
     if note:
-        rows.append(f"\n{note}")
+        lines.append(f"\n{note}")
     if any(r["smoke"] for runs in seeds.values() for r in runs):
-        rows.append(f"\n{SMOKE_BANNER}")
-    return "\n".join(rows)
+        lines.append(f"\n{SMOKE_BANNER}")
+    return "\n".join(lines)
 
 
 EVALUATIONS = {"raw_single": "raw weights, one view", "raw_flip": "raw weights, flip TTA",
@@ -110,25 +104,22 @@ EVALUATIONS = {"raw_single": "raw weights, one view", "raw_flip": "raw weights, 
 def format_evaluation_table(seeds: dict[str, list[dict]]) -> str:
     """Test accuracy of each run under each evaluation (mean over its seeds): what the weight
     average and the flip buy. Raw weights: those after the last epoch."""
-    rows = ["| run | seeds | " + " | ".join(EVALUATIONS.values()) + " |",
-            "|---|---:|" + "---:|" * len(EVALUATIONS)]
+    rows = []
     for run, runs in seeds.items():
         runs = [r for r in runs if "test_acc_by_evaluation" in r]
         if runs:
-            means = [sum(r["test_acc_by_evaluation"][key] for r in runs) / len(runs) for key in EVALUATIONS]
-            rows.append(f"| {run} | {len(runs)} | " + " | ".join(f"{m:.4f}" for m in means) + " |")
-    return "\n".join(rows)
+            rows.append([run, len(runs), *(f"{sum(r['test_acc_by_evaluation'][key] for r in runs) / len(runs):.4f}"
+                                           for key in EVALUATIONS)])
+    return markdown_table(["run", "seeds", *EVALUATIONS.values()], rows, "lr" + "r" * len(EVALUATIONS))
 
 
 def format_ablation_table(ablation: dict[str, dict]) -> str:
     """One row per ablation variant (a results file each): its settings and its accuracies."""
-    rows = ["| variant | label smoothing | lr | best val acc (epoch) | test acc | test acc, raw weights, one view |",
-            "|---|---:|---:|---:|---:|---:|"]
-    for variant, r in ablation.items():
-        cfg = r["config"]
-        rows.append(f"| {variant} | {cfg['label_smoothing']:g} | {cfg['lr']:g} | {r['best_val_acc']:.4f} "
-                    f"({r['best_epoch']}) | {r['test_acc']:.4f} | {r['test_acc_by_evaluation']['raw_single']:.4f} |")
-    return "\n".join(rows)
+    rows = [[variant, f"{r['config']['label_smoothing']:g}", f"{r['config']['lr']:g}",
+             f"{r['best_val_acc']:.4f} ({r['best_epoch']})", f"{r['test_acc']:.4f}",
+             f"{r['test_acc_by_evaluation']['raw_single']:.4f}"] for variant, r in ablation.items()]
+    return markdown_table(["variant", "label smoothing", "lr", "best val acc (epoch)", "test acc",
+                           "test acc, raw weights, one view"], rows, "lrrrrr")
 
 
 # ----------------------------------------------------------------------------- figure frame
@@ -247,7 +238,7 @@ def plot_test_accuracy(results: dict[str, dict], seeds: dict[str, list[dict]], m
             bars = ax.bar(x + width / 2, _percent(reference[run]), width, facecolor="white",
                           edgecolor=run_colour(run), hatch="//")
             ax.bar_label(bars, fmt="%.2f", fontsize=8, color="0.3")
-    baseline = baseline_of(run_of("kd_logits", "scratch"))
+    baseline = baseline_of(LOGIT_KD_FROM_SCRATCH)
     for x, (variant, variant_seeds) in enumerate(budget.items(), start=len(runs)):
         summary = summarise(variant_seeds)
         bars = ax.bar(x, _percent(summary["mean"]), width, facecolor="white", edgecolor=run_colour(baseline),
@@ -408,14 +399,13 @@ def plot_soft_targets(teacher: dict, temperature: float, out_dir: str | Path, or
     return _save(fig, writable_folder(out_dir, "--out folder") / "soft_targets.png")
 
 
-def plot_per_class_accuracy(seeds: dict[str, list[dict]], results: dict[str, dict], out_dir: Path,
-                            origin: str = "") -> Path:
+def plot_per_class_accuracy(findings: Findings, out_dir: Path, origin: str = "") -> Path:
     """per_class_accuracy.png: the best distilled student against its baseline, class by class (mean
     over their shared seeds), and its gain per class, paired, with intervals that hold at 95% together
-    (kdlab.stats.paired_difference_by_class)."""
-    kd = best_distilled(results)
-    base = baseline_of(kd)
-    shared = {r["config"]["seed"] for r in seeds[kd]} & {r["config"]["seed"] for r in seeds[base]}
+    (Findings.per_class)."""
+    kd, base, by_class = findings.per_class
+    seeds, results = findings.seeds, findings.results
+    shared = set(by_class[0]["seeds"])
     labels = np.asarray(results[kd]["test_labels"])
     fig, axes = _figure(f"Per-class test accuracy: {run_label(kd, results)} against {run_label(base, results)}",
                         source_line([results[kd], results[base]], origin), _smoke(results), (11, 7.5), 2, 1)
@@ -437,7 +427,6 @@ def plot_per_class_accuracy(seeds: dict[str, list[dict]], results: dict[str, dic
                     ylim=(max(0, 10 * math.floor((bottom - 5) / 10)), 112))
     accuracy_ax.legend(fontsize=8, loc="upper center", ncols=2)
     accuracy_ax.grid(axis="y", alpha=0.3)
-    by_class = paired_difference_by_class(seeds[kd], seeds[base], NUM_CLASSES)
     gains = np.array([_percent(d["mean_difference"]) for d in by_class])
     spans = np.array([[_percent(d["mean_difference"] - d["ci_low"]), _percent(d["ci_high"] - d["mean_difference"])]
                       for d in by_class]).T
@@ -460,26 +449,24 @@ def format_efficiency_table(efficiency: dict) -> str:
     device and the date they were measured on; given a deploy.json, the batch-1 latency on its CPU of
     each deployed variant too."""
     cpu = efficiency.get("cpu")
-    cpu_columns = [f"{label}, CPU (ms)" for label in cpu["variants"].values()] if cpu else []
-    rows = ["| run | params (M) | GFLOPs / image | checkpoint (MB) | latency, batch 1 (ms) "
-            f"| throughput, batch {efficiency['timing']['throughput_batch']} (img/s) | test acc |"
-            + "".join(f" {column} |" for column in cpu_columns),
-            "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(cpu_columns)]
-    for run, e in efficiency["runs"].items():
-        cpu_cells = [f"{e['cpu_latency_ms'][v]:.2f}" if "cpu_latency_ms" in e else "not measured"
-                     for v in cpu["variants"]] if cpu else []
-        rows.append(f"| {run} | {e['params'] / 1e6:.2f} | {e['flops_per_image'] / 1e9:.3f} "
-                    f"| {e['checkpoint_mb']:.1f} | {e['latency_ms']:.2f} | {e['throughput_img_s']:.0f} "
-                    f"| {e['test_acc']:.4f} |" + "".join(f" {c} |" for c in cpu_cells))
-    rows.append(f"\nMeasured {efficiency['measured']} on {efficiency['device']}, "
-                f"{efficiency['image_size']} px inputs."
-                + (f" Not measured there: {', '.join(efficiency['not_measured'])}." if efficiency.get("not_measured") else ""))
+    variants = cpu["variants"] if cpu else {}
+    rows = [[run, f"{e['params'] / 1e6:.2f}", f"{e['flops_per_image'] / 1e9:.3f}", f"{e['checkpoint_mb']:.1f}",
+             f"{e['latency_ms']:.2f}", f"{e['throughput_img_s']:.0f}", f"{e['test_acc']:.4f}",
+             *(f"{e['cpu_latency_ms'][v]:.2f}" if "cpu_latency_ms" in e else "not measured" for v in variants)]
+            for run, e in efficiency["runs"].items()]
+    header = ["run", "params (M)", "GFLOPs / image", "checkpoint (MB)", "latency, batch 1 (ms)",
+              f"throughput, batch {efficiency['timing']['throughput_batch']} (img/s)", "test acc",
+              *(f"{label}, CPU (ms)" for label in variants.values())]
+    lines = [markdown_table(header, rows, "l" + "r" * (len(header) - 1)),
+             f"\nMeasured {efficiency['measured']} on {efficiency['device']}, {efficiency['image_size']} px inputs."
+             + (f" Not measured there: {', '.join(efficiency['not_measured'])}."
+                if efficiency.get("not_measured") else "")]
     if cpu:
-        rows.append(f"CPU latency: {cpu['source']}, measured {cpu['measured']} on {cpu['model']}, "
-                    f"{cpu['threads']} thread(s).")
+        lines.append(f"CPU latency: {cpu['source']}, measured {cpu['measured']} on {cpu['model']}, "
+                     f"{cpu['threads']} thread(s).")
     if efficiency["smoke"]:
-        rows.append(SMOKE_BANNER)
-    return "\n".join(rows)
+        lines.append(SMOKE_BANNER)
+    return "\n".join(lines)
 
 
 def with_cpu_latency(efficiency: dict, deployment: dict, source: str) -> dict:
@@ -543,24 +530,22 @@ def plot_deploy(deployment: dict, out_dir: str | Path) -> Path:
 def format_deploy_table(deployment: dict) -> str:
     """deploy.json as a markdown table: each run in each variant, with the weights, the CPU and the
     ratio of each variant's batch-1 latency to the run's PyTorch fp32 latency."""
-    rows = ["| run | variant | size (MB) | latency, batch 1 (ms) | speed-up over PyTorch fp32 "
-            "| throughput, batch 64 (img/s) | test acc, one view | agrees with PyTorch |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for run, measured in deployment["runs"].items():
-        eager = measured["variants"]["pytorch_fp32"]["latency_ms"]
-        for variant, v in measured["variants"].items():
-            rows.append(f"| {run} | {deployment['variants'][variant]} | {v['size_mb']:.1f} | {v['latency_ms']:.2f} "
-                        f"| {eager / v['latency_ms']:.1f}x | {v['throughput_img_s']:.0f} | {v['test_acc']:.4f} "
-                        f"| {100 * v['agreement_with_pytorch']:.2f}% |")
+    rows = [[run, deployment["variants"][variant], f"{v['size_mb']:.1f}", f"{v['latency_ms']:.2f}",
+             f"{measured['variants']['pytorch_fp32']['latency_ms'] / v['latency_ms']:.1f}x",
+             f"{v['throughput_img_s']:.0f}", f"{v['test_acc']:.4f}", f"{100 * v['agreement_with_pytorch']:.2f}%"]
+            for run, measured in deployment["runs"].items() for variant, v in measured["variants"].items()]
+    lines = [markdown_table(["run", "variant", "size (MB)", "latency, batch 1 (ms)", "speed-up over PyTorch fp32",
+                             "throughput, batch 64 (img/s)", "test acc, one view", "agrees with PyTorch"],
+                            rows, "llrrrrrr")]
     cpu = deployment["cpu"]
     weights = "; ".join(f"{run}: {m['checkpoint']} (sha256 {m['sha256'][:12]})" for run, m in deployment["runs"].items())
-    rows.append(f"\nMeasured {deployment['measured']} on {cpu['model']}, {cpu['threads']} thread(s), int8 "
-                f"instructions {', '.join(cpu['int8_instructions']) or 'none known'}; torch "
-                f"{deployment['software']['torch']}, onnxruntime {deployment['software']['onnxruntime']}; "
-                f"{deployment['data']}; weights: {weights}.")
+    lines.append(f"\nMeasured {deployment['measured']} on {cpu['model']}, {cpu['threads']} thread(s), int8 "
+                 f"instructions {', '.join(cpu['int8_instructions']) or 'none known'}; torch "
+                 f"{deployment['software']['torch']}, onnxruntime {deployment['software']['onnxruntime']}; "
+                 f"{deployment['data']}; weights: {weights}.")
     if deployment["smoke"]:
-        rows.append(SMOKE_BANNER)
-    return "\n".join(rows)
+        lines.append(SMOKE_BANNER)
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- training speed
@@ -750,7 +735,7 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path = "my_figures"
     elif not all("test_labels" in r for run in (distilled, baseline_of(distilled)) for r in seeds[run]):
         skipped["per_class_accuracy.png"] = f"{distilled} or its baseline has results without test_labels"
     else:
-        files.append(plot_per_class_accuracy(seeds, results, out, origin))
+        files.append(plot_per_class_accuracy(Findings(seeds, budget), out, origin))
 
     if efficiency_from is not None:
         efficiency = reuse_efficiency(efficiency_from, results)
@@ -786,11 +771,9 @@ def class_counts_table(splits) -> str:
     """Images per class in each split (a kdlab.data.Splits), as a markdown table."""
     counts = {name: np.bincount(labels.cpu().numpy(), minlength=NUM_CLASSES).tolist()
               for name, (_, labels) in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
-    rows = ["| class | train | val | test |", "|---|---:|---:|---:|"]
-    rows += [f"| {name} | " + " | ".join(str(counts[s][c]) for s in counts) + " |"
-             for c, name in enumerate(CLASSES)]
-    rows.append("| **total** | " + " | ".join(f"**{sum(counts[s])}**" for s in counts) + " |")
-    return "\n".join(rows)
+    rows = [[name, *(counts[s][c] for s in counts)] for c, name in enumerate(CLASSES)]
+    rows.append(["**total**", *(f"**{sum(counts[s])}**" for s in counts)])
+    return markdown_table(["class", *counts], rows, "lrrr")
 
 
 def save_sample_grid(splits, out_dir: str | Path, smoke: bool, per_class: int = 8) -> Path:

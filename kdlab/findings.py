@@ -13,12 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from kdlab.config import CLASSES, TEACHER_RUN, baseline_of, run_of
-from kdlab.results import (BUDGETS, EQUAL_EPOCHS, best_distilled, best_student, default_seed_results)
+from kdlab.config import CLASSES, TEACHER_RUN, baseline_of
+from kdlab.results import (BUDGETS, EQUAL_EPOCHS, LOGIT_KD_FROM_SCRATCH, best_distilled, best_student,
+                           default_seed_results, mean_seconds)
 from kdlab.stats import paired_difference, paired_difference_by_class, training_seed
-
-# The distilled run the budget comparisons and the verdict are about.
-LOGIT_KD_FROM_SCRATCH = run_of("kd_logits", "scratch")
 
 
 @dataclass(frozen=True)
@@ -37,11 +35,6 @@ class Verdict:
     matched: list[str]       # the budget-matched budgets, all but equal epochs
     conclusion: str
     compute: dict | None = None
-
-
-def mean_seconds(results: list[dict]) -> float:
-    """The mean training time (the training loop's wall_seconds) of a run over its seeds."""
-    return sum(r["wall_seconds"] for r in results) / len(results)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""LaTeX text for the generated report: escaping, numbers as the prose writes them, tables.
+"""Text for the generated report and pages: LaTeX escaping, numbers as the prose writes them, tables
+(LaTeX for the report, Markdown for the pages and the figures folder).
 
 Pure string functions, no knowledge of runs or results (kdlab.report holds those).
 """
@@ -81,3 +82,13 @@ def table(label: str, caption: str, columns: str, header: list[str], rows: list[
         r"\begin{table}[tbp]", r"\centering\footnotesize", r"\setlength{\tabcolsep}{3.5pt}",
         rf"\caption{{{caption}}}", rf"\label{{{label}}}", rf"\begin{{tabular}}{{@{{}}{columns}@{{}}}}",
         r"\toprule", *header, r"\midrule", *rows, r"\bottomrule", r"\end{tabular}", r"\end{table}", ""])
+
+
+def markdown_table(header: list[str], rows: list[list], align: str = "") -> str:
+    """A markdown table; `align` has one letter per column, `r` for right-aligned numbers."""
+    align = align or "l" * len(header)
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    return "\n".join([line(header), rule] + [line(r) for r in rows])

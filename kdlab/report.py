@@ -37,11 +37,11 @@ from kdlab.folders import writable_folder
 from kdlab.latex import (acc_text, compare, count, enumerate_text, minutes, num, pct, probability_text, table, tex,
                          times, tt)
 from kdlab.registry import METHODS, setting_fields
-from kdlab.findings import LOGIT_KD_FROM_SCRATCH, Findings
-from kdlab.results import (DEFAULT_BENCHMARK, STEP_DESCRIPTIONS, agreement, default_seed_results,
+from kdlab.findings import Findings
+from kdlab.results import (DEFAULT_BENCHMARK, LOGIT_KD_FROM_SCRATCH, STEP_DESCRIPTIONS, agreement, default_seed_results,
                            distillation_temperature, load_benchmark, load_budget_baselines, load_deploy,
                            load_efficiency, load_seed_results, read_json, run_order, softened, teacher_note)
-from kdlab.stats import per_class_interval_text, summarise
+from kdlab.stats import per_class_interval_text, summarise, training_seed
 
 # The report's template; `make_report` copies it into the report folder it is given.
 TEMPLATE = Path(__file__).resolve().parents[1] / "report" / "KD_LAB.tex"
@@ -131,6 +131,11 @@ class Report:
     def measured(self, run: str) -> dict:
         return self.efficiency["runs"].get(run, {}) if self.efficiency else {}
 
+    @property
+    def training_seeds(self) -> list[int]:
+        """Every training seed of the results, once (the macros and the planned command state them)."""
+        return sorted({training_seed(r) for runs in self.seeds.values() for r in runs})
+
     def draft_reason(self) -> str | None:
         """Why these results are not the lab's results, or None when they are."""
         if any(r["smoke"] for r in self.results.values()):
@@ -166,11 +171,12 @@ def sentence_start(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def absent(rep: Report, runs: tuple[str, ...]) -> list[str]:
-    return [run for run in runs if run not in rep.results]
-
-
-def cannot_yet(what: str, lacking: list[str]) -> str:
+def cannot_yet(rep: Report, what: str, runs) -> str:
+    """That `what` waits for those of `runs` without a results file; "" when none lacks one, so
+    that `cannot_yet(...) or <the sentence>` words the comparison once it can be made."""
+    lacking = [run for run in runs if run not in rep.results]
+    if not lacking:
+        return ""
     verb = "has" if len(lacking) == 1 else "have"
     return f"{what} cannot be measured yet: {runs_text(lacking, {})} {verb} no results file."
 
@@ -198,12 +204,11 @@ def paired_text(rep: Report, better: str, other: str) -> str:
 
 def difference_text(d: dict) -> str:
     """A paired difference (kdlab.stats.paired_difference) and its 95% interval, in words."""
-    seeds = f"{len(d['seeds'])} seed{'s' if len(d['seeds']) > 1 else ''} paired"
     verdict = ("excludes zero: the difference is beyond what the seeds and the test sample explain"
                if d["excludes_zero"] else "includes zero: no evidence of a difference either way")
-    return (rf"a paired difference of {100 * d['mean_difference']:+.2f} points ({seeds}), whose 95\% "
-            rf"interval [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] (bootstrap over seeds and "
-            rf"test images) {verdict}")
+    return (rf"a paired difference of {100 * d['mean_difference']:+.2f} points ({count(len(d['seeds']), 'seed')} "
+            rf"paired), whose 95\% interval [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] (bootstrap over "
+            rf"seeds and test images) {verdict}")
 
 
 def setting(rep: Report, runs: list[str], key: str, fmt=num) -> str:
@@ -261,17 +266,17 @@ def stage_sentence(size: int | None) -> str:
             rf"{enumerate_text([str(n) for n in CIFAR_RESNET_STAGES])}~px at {CIFAR_PX}~px.")
 
 
+def distinct(rep: Report, key: str) -> str:
+    """The values of `key` in the results files, each once, in the runs' order: 'NVIDIA H200'."""
+    return "; ".join(tex(v) for v in dict.fromkeys(str(r[key]) for r in rep.results.values()))
+
+
 def split_sizes(rep: Report) -> tuple[str, str, str]:
     """Training, validation and test images, as the results files record them."""
     sizes = {(r["n_train"], r["n_val"], r["n_test"]) for r in rep.results.values()}
     if len(sizes) == 1:
         return tuple(f"{n:,}" for n in sizes.pop())
     return (r"(differs between runs)",) * 3
-
-
-def training_seeds_text(rep: Report) -> str:
-    seeds = sorted({r["config"]["seed"] for runs in rep.seeds.values() for r in runs})
-    return enumerate_text([str(seed) for seed in seeds])
 
 
 def distillation_settings(cfg: dict) -> str:
@@ -317,9 +322,6 @@ def provenance(rep: Report) -> str:
     """Where the numbers come from: the paragraph at the head of the results section."""
     results = list(rep.results.values())
 
-    def distinct(key):
-        return "; ".join(tex(v) for v in dict.fromkeys(str(r[key]) for r in results))
-
     def per_run(key, name=tex):
         values = {r["run"]: name(r[key]) for r in results}
         if len(set(values.values())) == 1 and len(values) > 1:
@@ -331,8 +333,8 @@ def provenance(rep: Report) -> str:
         rf"\textbf{{Provenance.}} Every result of this report is read from the "
         rf"{len(results)} results files in {tt(rep.results_dir)} "
         rf"({runs_text(list(rep.results), rep.results)}), which the training runs wrote.",
-        rf"Trained on: {distinct('device_name')}, with torch {distinct('torch_version')}.",
-        "Data: {}; {} training, {} validation and {} test images.".format(distinct("data"), *split_sizes(rep)),
+        rf"Trained on: {distinct(rep, 'device_name')}, with torch {distinct(rep, 'torch_version')}.",
+        "Data: {}; {} training, {} validation and {} test images.".format(distinct(rep, "data"), *split_sizes(rep)),
         f"Start: {per_run('weights', start_name)}. Epochs: {per_run('epochs')}.",
         rf"Finished (UTC): {tex(finished[0][:16].replace('T', ' '))}"
         + (rf" to {tex(finished[-1][:16].replace('T', ' '))}" if len(finished) > 1 else "")
@@ -347,10 +349,7 @@ def provenance(rep: Report) -> str:
                      + (rf" and the wall time of the whole run, {minutes(wall)} min" if isinstance(wall, (int, float)) else "")
                      + ".")
     if rep.efficiency:
-        eff = rep.efficiency
-        parts.append(rf"FLOPs and latency come from {tt(rep.figures_dir / 'efficiency.json')}, "
-                     rf"measured on {tex(eff.get('device', 'an unnamed device'))} at "
-                     rf"{tex(eff.get('image_size', '?'))} px.")
+        parts.append(f"FLOPs and latency come from {efficiency_source(rep)}")
     reason = rep.draft_reason()
     if reason:
         why = ("synthetic data, random weights and a tiny budget: a check of the pipeline"
@@ -378,8 +377,14 @@ def missing_figures_sentence(rep: Report) -> str:
             rf"the figures module makes them from the results files.")
 
 
-def results_table(rep: Report) -> str:
+def efficiency_source(rep: Report) -> str:
+    """Where the efficiency table was measured: 'figures/efficiency.json, measured on cuda at 128 px.'"""
     eff = rep.efficiency
+    return (f"{tt(rep.figures_dir / 'efficiency.json')}, measured on {tex(eff.get('device', 'an unnamed device'))} "
+            f"at {tex(eff.get('image_size', '?'))} px.")
+
+
+def results_table(rep: Report) -> str:
     rows = []
     for run in rep.runs:
         if run not in rep.results:
@@ -391,10 +396,8 @@ def results_table(rep: Report) -> str:
         rows.append(rf"{tt(run)} & {r['epochs']} & {pct(r['best_val_acc'])} ({r['best_epoch']}) & "
                     rf"{test_acc_cell(rep, run)} & {r['parameters'] / 1e6:.2f} & {flops} & {latency} & "
                     rf"{minutes(r['wall_seconds'])} \\")
-    if eff:
-        where = (f"FLOPs per image and latency from {tt(rep.figures_dir / 'efficiency.json')}, "
-                 f"measured on {tex(eff.get('device', 'an unnamed device'))} at "
-                 f"{tex(eff.get('image_size', '?'))} px.")
+    if rep.efficiency:
+        where = f"FLOPs per image and latency from {efficiency_source(rep)}"
     else:
         where = (f"FLOPs and latency: -- (no {tt('efficiency.json')} in {tt(rep.figures_dir)}; "
                  f"the figures module writes it).")
@@ -482,13 +485,10 @@ def speed_sentences(rep: Report) -> str:
 def kd_gain_sentences(rep: Report) -> str:
     out = []
     for start, name, base, kd in compared_pairs(rep):
-        lacking = absent(rep, (base, kd))
-        if lacking:
-            out.append(cannot_yet(f"The gain of {name} {start}", lacking))
-            continue
-        out.append(rf"{sentence_start(start)}, {name} ({run_name(kd, rep.results)}) reached {seeds_text(rep, kd)} test "
-                   rf"accuracy against {seeds_text(rep, base)} for the cross-entropy student: "
-                   rf"{paired_text(rep, kd, base)}.")
+        out.append(cannot_yet(rep, f"The gain of {name} {start}", (base, kd))
+                   or rf"{sentence_start(start)}, {name} ({run_name(kd, rep.results)}) reached {seeds_text(rep, kd)} "
+                      rf"test accuracy against {seeds_text(rep, base)} for the cross-entropy student: "
+                      rf"{paired_text(rep, kd, base)}.")
     return " ".join(out)
 
 
@@ -512,9 +512,9 @@ def evaluation_sentences(rep: Report) -> str:
 def kd_cost_sentences(rep: Report) -> str:
     out = []
     for start, name, base, kd in compared_pairs(rep):
-        lacking = absent(rep, (base, kd))
-        if lacking:
-            out.append(cannot_yet(f"The training cost of {name} {start}", lacking))
+        waiting = cannot_yet(rep, f"The training cost of {name} {start}", (base, kd))
+        if waiting:
+            out.append(waiting)
             continue
         b, k = rep.results[base], rep.results[kd]
         per_epoch_b, per_epoch_k = b["wall_seconds"] / b["epochs"], k["wall_seconds"] / k["epochs"]
@@ -523,12 +523,10 @@ def kd_cost_sentences(rep: Report) -> str:
         out.append(rf"An epoch of {name} {start} took {per_epoch_k:.1f} s against "
                    rf"{per_epoch_b:.1f} s for cross-entropy alone "
                    rf"({per_epoch_k / per_epoch_b:.2f} times as long){extra}.")
-    if TEACHER_RUN in rep.results:
-        t = rep.results[TEACHER_RUN]
-        out.append(rf"The teacher those runs need cost {minutes(t['wall_seconds'])} min of "
-                   rf"training ({count(t['epochs'], 'epoch')}), once for all of them.")
-    else:
-        out.append(cannot_yet("The teacher's training cost", [TEACHER_RUN]))
+    t = rep.results.get(TEACHER_RUN)
+    out.append(cannot_yet(rep, "The teacher's training cost", [TEACHER_RUN])
+               or rf"The teacher those runs need cost {minutes(t['wall_seconds'])} min of "
+                  rf"training ({count(t['epochs'], 'epoch')}), once for all of them.")
     return " ".join(out)
 
 
@@ -623,12 +621,9 @@ def logits_vs_features_sentences(rep: Report) -> str:
         logits, features = run_of("kd_logits", start), run_of("kd_features", start)
         if not {logits, features} <= set(rep.runs):   # a comparison this lab does not make
             continue
-        lacking = absent(rep, (logits, features))
-        if lacking:
-            out.append(cannot_yet(f"Logits against features {STARTS[start]}", lacking))
-            continue
-        out.append(rf"{sentence_start(STARTS[start])}, logit KD at {seeds_text(rep, logits)} against feature KD "
-                   rf"at {seeds_text(rep, features)}: {paired_text(rep, logits, features)}.")
+        out.append(cannot_yet(rep, f"Logits against features {STARTS[start]}", (logits, features))
+                   or rf"{sentence_start(STARTS[start])}, logit KD at {seeds_text(rep, logits)} against feature KD "
+                      rf"at {seeds_text(rep, features)}: {paired_text(rep, logits, features)}.")
     return " ".join(out)
 
 
@@ -643,14 +638,11 @@ def pretrained_vs_scratch_sentences(rep: Report) -> str:
         s_run, p_run = run_of(method, "scratch"), run_of(method, "pretrained")
         if not {s_run, p_run} <= set(rep.runs):   # a comparison this lab does not make
             continue
-        lacking = absent(rep, (s_run, p_run))
-        if lacking:
-            out.append(cannot_yet(f"ImageNet against scratch for {info.name}", lacking))
-            continue
-        s, p = rep.results[s_run], rep.results[p_run]
-        out.append(rf"With {info.name}, the student {STARTS['pretrained']} reached {seeds_text(rep, p_run)} in "
-                   rf"{count(p['epochs'], 'epoch')}, against {seeds_text(rep, s_run)} in {count(s['epochs'], 'epoch')} "
-                   rf"{STARTS['scratch']}: {paired_text(rep, p_run, s_run)}.")
+        out.append(cannot_yet(rep, f"ImageNet against scratch for {info.name}", (s_run, p_run))
+                   or rf"With {info.name}, the student {STARTS['pretrained']} reached {seeds_text(rep, p_run)} in "
+                      rf"{count(rep.results[p_run]['epochs'], 'epoch')}, against {seeds_text(rep, s_run)} in "
+                      rf"{count(rep.results[s_run]['epochs'], 'epoch')} {STARTS['scratch']}: "
+                      rf"{paired_text(rep, p_run, s_run)}.")
     return " ".join(out)
 
 
@@ -660,7 +652,7 @@ def student_vs_teacher_sentences(rep: Report) -> str:
     if best is None:
         lacking += [run for run in rep.missing if run != TEACHER_RUN]
     if lacking:
-        return cannot_yet("How close the students come to the teacher", lacking)
+        return cannot_yet(rep, "How close the students come to the teacher", lacking)
     s, t = rep.results[best], rep.results[TEACHER_RUN]
     out = [rf"The best student, {run_name(best, rep.results)} at {seeds_text(rep, best)}, against its "
            rf"teacher at {seeds_text(rep, TEACHER_RUN)}: {paired_text(rep, best, TEACHER_RUN)}. It has "
@@ -681,14 +673,14 @@ def student_vs_teacher_sentences(rep: Report) -> str:
 
 
 def agreement_sentences(rep: Report) -> str:
+    what = "The students' agreement with the teacher"
     if TEACHER_RUN not in rep.results:
-        return cannot_yet("The students' agreement with the teacher", [TEACHER_RUN])
+        return cannot_yet(rep, what, [TEACHER_RUN])
     t = rep.results[TEACHER_RUN]
     students = [run for run in rep.results if run != TEACHER_RUN
                 and len(rep.results[run]["test_predictions"]) == len(t["test_predictions"])]
     if not students:
-        return cannot_yet("The students' agreement with the teacher",
-                          [run for run in rep.missing if run != TEACHER_RUN])
+        return cannot_yet(rep, what, [run for run in rep.missing if run != TEACHER_RUN])
     shares = {run: agreement(rep.results[run], t) for run in students}
     out = ["On the test set, the students predict the same class as the teacher for "
            + enumerate_text([rf"{acc_text(share)} of the images ({run_name(run, rep.results)})"
@@ -809,9 +801,8 @@ def folder_option(rep: Report) -> str:
 def planned_command(rep: Report) -> str:
     """The `run` command that trains the report's runs, at the seeds it has results for."""
     runs = ["all"] if set(rep.runs) == set(LAB_RUNS) else rep.runs
-    seeds = sorted({r["config"]["seed"] for by_seed in rep.seeds.values() for r in by_seed})
     weights = " --weights none" if rep.planned_weights == "none" and TEACHER_RUN in rep.runs else ""
-    seed = f" --seed {' '.join(map(str, seeds))}" if seeds != [DEFAULT_SEED] else ""
+    seed = f" --seed {' '.join(map(str, rep.training_seeds))}" if rep.training_seeds != [DEFAULT_SEED] else ""
     return f"python -m kdlab run {' '.join(runs)}{weights}{seed} {folder_option(rep)}"
 
 
@@ -822,12 +813,11 @@ def reproduce_block(rep: Report) -> str:
     commands = ([("# the runs, as their manifest.json records the command" + ("s" if len(recorded) > 1 else ""),
                   typed_command(command, rep.results_dir)) for command in recorded]
                 or [("# the runs (a finished run is loaded, an interrupted one resumes)", planned_command(rep))])
+    budget = f" --budget-baselines {rep.budget_dir}" if rep.budget_dir else ""
     commands += [("# the figures, from the results files",
-                 f"python -m kdlab figures {folder_option(rep)} --out {rep.figures_dir}"
-                 + (f" --budget-baselines {rep.budget_dir}" if rep.budget_dir else "")),
+                 f"python -m kdlab figures {folder_option(rep)} --out {rep.figures_dir}{budget}"),
                 ("# this report", f"python -m kdlab report --results {rep.results_dir} --figures {rep.figures_dir} "
-                                  f"--report-dir {rep.report_dir}"
-                                  + (f" --budget-baselines {rep.budget_dir}" if rep.budget_dir else "")
+                                  f"--report-dir {rep.report_dir}{budget}"
                                   + (" --draft" if rep.draft_reason() else ""))]
     lines, said = [], None
     for comment, line in commands:
@@ -846,20 +836,14 @@ def macros(rep: Report) -> dict[str, str]:
     students = [run for run in rep.runs if run != TEACHER_RUN]
     # The prose states the two original methods' settings: those of the runs reported, or else
     # the settings the table's scratch run of the method would use.
-    logit_runs = ([run for run in rep.runs if rep.config(run)["method"] == "kd_logits"]
-                  or [run_of("kd_logits", "scratch")])
-    feature_runs = ([run for run in rep.runs if rep.config(run)["method"] == "kd_features"]
-                    or [run_of("kd_features", "scratch")])
+    logit_runs, feature_runs = ([run for run in rep.runs if rep.config(run)["method"] == method]
+                                or [run_of(method, "scratch")] for method in ("kd_logits", "kd_features"))
     image_sizes = {rep.config(run)["image_size"] for run in rep.runs}
     size = image_sizes.pop() if len(image_sizes) == 1 else None
     n_train, n_val, n_test = split_sizes(rep)
     reason = rep.draft_reason()
     results = list(rep.results.values())
     feature_results = [rep.results[r] for r in feature_runs if r in rep.results]
-
-    def from_results(key):
-        return "; ".join(tex(v) for v in dict.fromkeys(str(r[key]) for r in results))
-
     return {
         "DraftText": tex(draft_text(reason)) if reason else "",
         "TeacherSentence": tex(teacher_note(rep.seeds) or "Every distilled student learned from the one teacher."),
@@ -878,7 +862,7 @@ def macros(rep: Report) -> dict[str, str]:
         "Momentum": setting(rep, rep.runs, "momentum"),
         "WarmupEpochs": setting(rep, rep.runs, "warmup_epochs"),
         "SplitSeed": setting(rep, rep.runs, "split_seed"),
-        "TrainingSeeds": training_seeds_text(rep),
+        "TrainingSeeds": enumerate_text([str(seed) for seed in rep.training_seeds]),
         "EmaDecay": setting(rep, rep.runs, "ema_decay"),
         "StudentLabelSmoothing": setting(rep, students, "label_smoothing"),
         "TeacherLabelSmoothing": setting(rep, [TEACHER_RUN], "label_smoothing"),
@@ -905,9 +889,9 @@ def macros(rep: Report) -> dict[str, str]:
         "HintWeight": setting(rep, feature_runs, "hint_weight"),
         "RegressorParams": (f"{feature_results[0]['extra_training_parameters']:,} parameters"
                             if feature_results else "its size is known once a feature-KD run has finished"),
-        "TrainingDevice": from_results("device_name"),
-        "TorchVersion": from_results("torch_version"),
-        "DataSource": from_results("data"),
+        "TrainingDevice": distinct(rep, "device_name"),
+        "TorchVersion": distinct(rep, "torch_version"),
+        "DataSource": distinct(rep, "data"),
         "MissingRunsSentence": missing_runs_sentence(rep),
         "MissingFiguresSentence": missing_figures_sentence(rep),
         "AbstractResults": abstract_results(rep),
@@ -957,8 +941,7 @@ def collect(results_dir, figures_dir, report_dir, expected=None, benchmark=None,
     """What the report reads; `expected`: the runs it expects (default: kdlab.config.expected_runs);
     `budget_dir`: the budget-matched baselines of the results (kdlab.results.BUDGET_DIR for the reference)."""
     results_dir, figures_dir, report_dir = Path(results_dir), Path(figures_dir), Path(report_dir)
-    budget_dir = Path(budget_dir) if budget_dir else None
-    benchmark = Path(benchmark) if benchmark else None
+    benchmark, budget_dir, deploy = (Path(path) if path else None for path in (benchmark, budget_dir, deploy))
     unknown = [run for run in expected or () if run not in RUNS]
     if unknown:
         raise KdlabError(f"unknown run {', '.join(unknown)}; valid runs: {', '.join(RUNS)}")
@@ -974,8 +957,7 @@ def collect(results_dir, figures_dir, report_dir, expected=None, benchmark=None,
     expected = list(expected) if expected else expected_runs(results)
     return Report(results, seeds, expected, load_efficiency(figures_dir), load_manifest(results_dir),
                   load_benchmark(benchmark), benchmark, load_budget_baselines(budget_dir), budget_dir, results_dir,
-                  figures_dir, report_dir, figures_path_for_latex(figures_dir, report_dir), load_deploy(deploy),
-                  Path(deploy) if deploy else None)
+                  figures_dir, report_dir, figures_path_for_latex(figures_dir, report_dir), load_deploy(deploy), deploy)
 
 
 def write_generated(rep: Report, out_dir: Path) -> list[Path]:

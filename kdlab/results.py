@@ -16,6 +16,7 @@ import numpy as np
 from kdlab.config import (DEFAULT_SEED, EVALUATION_STEP, LEGACY_STEP_NAMES, RUNS, STUDENT_STEP, TEACHER_RUN,
                           TEACHER_STEP, baseline_of, run_id, run_of)
 from kdlab.errors import KdlabError
+from kdlab.latex import count, enumerate_text
 from kdlab.registry import METHODS
 from kdlab.stats import check_no_duplicates, training_seed
 
@@ -35,32 +36,25 @@ RESULT_KEYS = ("run", "test_acc", "best_val_acc", "best_epoch", "epochs", "confi
                "torch_version", "wall_seconds", "finished")
 
 
+def run_file(suffix: str) -> property:
+    """A file of RunPaths: the run's stem (kdlab.config.run_id) and `suffix`, in its checkpoint folder."""
+    return property(lambda paths: paths.ckpt_dir / f"{paths.stem}{suffix}")
+
+
 @dataclass
 class RunPaths:
     """The names of a run's files in a checkpoint folder (kdlab.checkpoints says what each holds)."""
     ckpt_dir: Path
     run: str
     seed: int = DEFAULT_SEED
+    best = run_file("_best.pt")
+    last = run_file("_last.pt")
+    results = run_file("_results.json")
+    lock_file = run_file(".lock")
 
     @property
     def stem(self) -> str:
         return run_id(self.run, self.seed)
-
-    @property
-    def best(self) -> Path:
-        return self.ckpt_dir / f"{self.stem}_best.pt"
-
-    @property
-    def last(self) -> Path:
-        return self.ckpt_dir / f"{self.stem}_last.pt"
-
-    @property
-    def results(self) -> Path:
-        return self.ckpt_dir / f"{self.stem}_results.json"
-
-    @property
-    def lock_file(self) -> Path:
-        return self.ckpt_dir / f"{self.stem}.lock"
 
 
 def default_ckpt_dir(smoke: bool) -> Path:
@@ -286,12 +280,11 @@ def teacher_note(seeds: dict[str, list[dict]]) -> str | None:
     def named(group: dict) -> str:
         runs = [f"{RUNS[run].label if run in RUNS else run} (seed{'s' if len(s) > 1 else ''} "
                 f"{', '.join(map(str, sorted(s)))})" for run, s in group["runs"].items()]
-        runs = " and ".join([", ".join(runs[:-1]), runs[-1]] if len(runs) > 1 else runs)
         who = ("the teacher in these results" if group["in_folder"] else
                "another teacher" if group["sha256"] else "an earlier teacher whose weights were not kept")
         sha = f", sha256 {group['sha256'][:8]}" if group["sha256"] else ""
-        return f"{runs} from {who} (test accuracy {group['test_acc']:.4f}{sha})"
-    return (f"The distilled runs learned from {len(found)} teacher{'s' if len(found) > 1 else ''}, so a comparison "
+        return f"{enumerate_text(runs)} from {who} (test accuracy {group['test_acc']:.4f}{sha})"
+    return (f"The distilled runs learned from {count(len(found), 'teacher')}, so a comparison "
             f"across these groups compares teachers as well as methods: " + "; ".join(map(named, found)) + ".")
 
 
@@ -323,6 +316,13 @@ def agreement(a: dict, b: dict) -> float:
 # The budget-matched baselines (issue 23): the scratch baseline given logit KD's training budget,
 # each a variant of an ablation folder (results/ablation-budget/<variant>/, a results file per seed).
 EQUAL_TRAINING_TIME, TEACHER_PLUS_STUDENT_EPOCHS = "equal-training-time", "teacher-plus-student-epochs"
+# The distilled run the budgets, their comparisons and the verdict (kdlab.findings) are about.
+LOGIT_KD_FROM_SCRATCH = run_of("kd_logits", "scratch")
+
+
+def mean_seconds(results: list[dict]) -> float:
+    """The mean training time (the training loop's wall_seconds) of a run over its seeds."""
+    return sum(r["wall_seconds"] for r in results) / len(results)
 
 
 def budget_matched_epochs(reference: dict[str, list[dict]]) -> dict[str, int]:
@@ -336,16 +336,15 @@ def budget_matched_epochs(reference: dict[str, list[dict]]) -> dict[str, int]:
     - teacher-plus-student-epochs: the epochs of the teacher plus logit KD's epochs, the images the
       distilled student's pipeline trained on, teacher included.
     """
-    kd = run_of("kd_logits", "scratch")
+    kd = LOGIT_KD_FROM_SCRATCH
     baseline = baseline_of(kd)
     missing = [run for run in (TEACHER_RUN, baseline, kd) if not reference.get(run)]
     if missing:
         raise KdlabError(f"the budget-matched epochs need the results of {', '.join(missing)} in the "
                          f"reference; train them first (scripts/reference_run.py does).")
-    kd_seconds = sum(r["wall_seconds"] for r in reference[kd]) / len(reference[kd])
     baseline_per_epoch = sum(r["wall_seconds"] / r["epochs"] for r in reference[baseline]) / len(reference[baseline])
     teacher = next((r for r in reference[TEACHER_RUN] if training_seed(r) == DEFAULT_SEED), reference[TEACHER_RUN][0])
-    return {EQUAL_TRAINING_TIME: int(kd_seconds / baseline_per_epoch),
+    return {EQUAL_TRAINING_TIME: int(mean_seconds(reference[kd]) / baseline_per_epoch),
             TEACHER_PLUS_STUDENT_EPOCHS: teacher["epochs"] + reference[kd][0]["epochs"]}
 
 

@@ -140,6 +140,11 @@ def paired_difference_by_class(kd: list[dict], baseline: list[dict], n_classes: 
             for c in range(n_classes)]
 
 
+def difference_points(d: dict, unit: str = "points") -> str:
+    """A paired difference and its interval in percentage points: '+1.21 points [+0.92, +1.50]'."""
+    return f"{100 * d['mean_difference']:+.2f} {unit} [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]"
+
+
 def per_class_interval_text(by_class: list[dict]) -> str:
     """How paired_difference_by_class's intervals are drawn, in words: the figure and the report say it."""
     return (f"{100 * by_class[0]['confidence']:g}% interval each, {100 * FAMILY_CONFIDENCE:g}% for the "
