@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kdlab.checkpoints import write_json  # noqa: E402
-from kdlab.benchmark_tables import DATA, FAMILY_COLUMNS, OTHER, lab_time_table, table  # noqa: E402
+from kdlab.benchmark_tables import DATA, FAMILY_COLUMNS, OTHER, lab_time_table, markdown  # noqa: E402
 from kdlab.config import (EVALUATION_STEP, LAB_RUNS, STUDENT_STEP, TEACHER_RUN, TEACHER_STEP, SpeedLevers,  # noqa: E402
                           config_dict, make_config, step_runs)
 from kdlab.data import MEAN, PAD, STD, Cifar10, DeviceLoader, make_splits, make_synthetic_cifar  # noqa: E402
@@ -860,7 +860,7 @@ def main(argv=None) -> int:
         elif args.lab_time:
             print("\n" + lab_time_table(lab_time(args)))
         else:
-            print("\n" + table(benchmark(args)))
+            print("\n" + markdown(benchmark(args), args.json or "this run, unsaved (no --json)"))
     except KdlabError as err:
         print(f"throughput: error: {err}", file=sys.stderr)
         return 2

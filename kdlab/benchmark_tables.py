@@ -1,8 +1,9 @@
 """The tables and the chart of a benchmarks/throughput.py results file, from the JSON alone.
 
 Measuring needs torch and a device (benchmarks/throughput.py); rendering what was measured does
-not: docs/performance.md's generated blocks (kdlab.docs), the script's printed summary and the
-chart read the results file and nothing else, so they run where torch is not installed.
+not: docs/performance.md's generated blocks (kdlab.docs), the tables the script prints when it
+ends (the same Markdown) and the chart read the results file and nothing else, so they run where
+torch is not installed.
 
     python -m kdlab.benchmark_tables benchmarks/results/cpu-quick.json                # Markdown tables
     python -m kdlab.benchmark_tables benchmarks/results/h200-full-compile.json --plot figures/throughput.png
@@ -54,12 +55,6 @@ def sweep_rows(report: dict) -> list[list[str]]:
     return rows
 
 
-def aligned(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  " + " ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-            for row in rows]
-
-
 def numbers_table(rows: list[list[str]]) -> str:
     """A header and rows of cells as Markdown, the first column a name and the others numbers."""
     return markdown_table(rows[0], rows[1:], "l" + "r" * (len(rows[0]) - 1))
@@ -69,49 +64,6 @@ def breakdown_note(report: dict) -> str:
     timed_on = "cuda kernels" if report["device"] == "cuda" else "cpu operators"
     return (f"shares of the operators' own time per step ({timed_on}); busy (CUDA) = the kernel time per "
             "step / the unprofiled step time; conv = the step's FLOPs over the convolution and matmul time alone")
-
-
-def table(report: dict) -> str:
-    b = report["budget"]
-    lines = [f"kdlab vs naive on {report['device_name']} ({report['mode']} mode: {report['image_size']} px, "
-             f"batch {report['batch_size']}, {b['warmup_steps']} warm-up + {b['timed_steps']} timed steps; "
-             f"evaluation batch {b['eval_batch_size']})",
-             f"{'step':11} {'kdlab img/s':>11} {'naive img/s':>11} {'speedup':>7} {'TFLOP/s':>8} "
-             f"{'% peak':>6} {'GiB kdlab':>9} {'GiB naive':>9}"]
-    for row in report["rows"]:
-        k, n = row["kdlab"], row["naive"]
-        share = f"{100 * k['peak_share']:.1f}" if k["peak_share"] else "-"
-        memory = [f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] else "-" for r in (k, n)]
-        lines.append(f"{row['step']:11} {k['images_per_s']:11.1f} {n['images_per_s']:11.1f} "
-                     f"{row['speedup']:6.2f}x {k['tflops']:8.3g} {share:>6} {memory[0]:>9} {memory[1]:>9}")
-    s = report["scaling"]
-    first, second = s["epochs"]
-    lines.append(f"scaling (student CE epoch): {first['train_images']} images {first['epoch_seconds']:.2f}s, "
-                 f"{second['train_images']} images {second['epoch_seconds']:.2f}s: ratio {s['ratio']:.2f} "
-                 f"for {s['size_ratio']:.0f}x the images")
-    if report.get("breakdown"):
-        lines.append("where the step's time goes: " + breakdown_note(report))
-        lines += aligned(breakdown_rows(report))
-    if report.get("batch_sweep"):
-        lines.append("batch sweep (kdlab's path):")
-        lines += aligned(sweep_rows(report))
-    fast = report["fast_path"]
-    if fast is None:
-        lines.append("fast paths: measured on CUDA only")
-        return "\n".join(lines)
-    lines.append("fast paths (student CE, kdlab img/s with / without; eval_batch: evaluation):")
-    for name, result in fast["switches"].items():
-        if "speedup" not in result:
-            lines.append(f"  {name:16} {result.get('skipped') or result.get('error', '')[:100]}")
-            continue
-        line = (f"  {name:16} {result['on']['images_per_s']:9.0f} / {result['off']['images_per_s']:9.0f} "
-                f"{result['speedup']:5.2f}x  {result['verdict']}")
-        if name == "compile":
-            line += f"; compiling took {result['compile_seconds']:.1f}s"
-            if result["break_even_steps"]:
-                line += f", repaid after {result['break_even_steps']:.0f} steps"
-        lines.append(line + skipped_steps_note(result))
-    return "\n".join(lines)
 
 
 def skipped_steps_note(result: dict) -> str:

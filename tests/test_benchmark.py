@@ -18,6 +18,7 @@ import torch
 
 from kdlab import benchmark_tables
 from kdlab.config import LAB_RUNS, step_runs
+from kdlab.results import STEP_DESCRIPTIONS
 from kdlab.results import load_benchmark as load_benchmark_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,9 +113,10 @@ def test_cpu_run_writes_every_row_scaling_and_the_table(tmp_path, one_thread):
         assert [p["batch_size"] for p in sweep["points"]] == [round(f * lab_batch) for f in budget["batch_factors"]]
         assert all(p["images"] == budget["timed_steps"] * p["batch_size"] and p["tflops"] > 0 for p in sweep["points"])
 
-    table = result.stdout.split("kdlab vs naive on", 1)[1]
-    assert all(step in table for step in STEPS) and "scaling (student CE epoch)" in table
-    assert "where the step's time goes" in table and "batch sweep" in table
+    table = result.stdout.split("Measured on cpu", 1)[1]   # the Markdown of the results file it wrote
+    assert table.strip() == benchmark_tables.markdown(report, str(out)).split("Measured on cpu", 1)[1].strip()
+    assert all(STEP_DESCRIPTIONS[step] in table for step in STEPS) and "Epoch time of the student CE step" in table
+    assert "Where the step's time goes" in table and "Batch sweep" in table
     assert "10 (lab)" in table   # the lab's batch is marked in the sweep
 
     render = [sys.executable, "-m", "kdlab.benchmark_tables"]   # from the results file alone
@@ -195,12 +197,12 @@ def test_fast_path_switches_and_their_table_run_on_the_cpu(one_thread, aot_eager
                                                       - baseline["warmup_seconds"])
 
     report = dict(device_name="cpu", mode="tiny", image_size=cfg.image_size, batch_size=cfg.batch_size,
-                  budget=bench.asdict(budget), rows=[], fast_path=fast,
+                  torch_version=torch.__version__, budget=bench.asdict(budget), rows=[], fast_path=fast,
                   scaling=bench.measure_scaling(budget, data, device))
-    table = benchmark_tables.table(report)
+    table = benchmark_tables.markdown(report, "bench.json")
     for name in switches:
-        assert f"  {name} " in table
-    assert "the same update as the default SGD after skipped fp16 steps" in table and "compiling took" in table
+        assert f"| {name} |" in table
+    assert "the same update as the default SGD after skipped fp16 steps" in table and "(compiling: " in table
 
     def no_compiler(graph, example_inputs):
         raise RuntimeError("no C++ compiler here")
