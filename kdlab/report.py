@@ -64,6 +64,9 @@ CIFAR_PX = 32
 FINETUNE_RECIPE = make_config("student_pretrained_baseline")
 # The stage map sizes of a CIFAR ResNet at 32 px, which the upsampled input reproduces.
 CIFAR_RESNET_STAGES = (32, 16, 8, 4)
+# The settings the prose states of each recipe, the teacher's, the students' and fine-tuning's: the
+# macros Teacher<name>, Student<name> and Finetune<name>, each of that config key.
+RECIPE_MACROS = {"Epochs": "epochs", "PeakLR": "lr", "WeightDecay": "weight_decay"}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -840,16 +843,14 @@ def macros(rep: Report) -> dict[str, str]:
                                 or [run_of(method, "scratch")] for method in ("kd_logits", "kd_features"))
     image_sizes = {rep.config(run)["image_size"] for run in rep.runs}
     size = image_sizes.pop() if len(image_sizes) == 1 else None
-    n_train, n_val, n_test = split_sizes(rep)
     reason = rep.draft_reason()
-    results = list(rep.results.values())
     feature_results = [rep.results[r] for r in feature_runs if r in rep.results]
     return {
         "DraftText": tex(draft_text(reason)) if reason else "",
         "TeacherSentence": tex(teacher_note(rep.seeds) or "Every distilled student learned from the one teacher."),
         "ReportStatus": (f"{len(rep.missing)} of {len(rep.expected)} runs missing" if rep.missing else
                          "results of " + tex(rep.results_dir)),
-        "ReportDate": tex(max(r["finished"] for r in results)[:10]),
+        "ReportDate": tex(max(r["finished"] for r in rep.results.values())[:10]),
         "FiguresDir": rep.figures_tex_path,
         "FiguresDirText": tt(rep.figures_dir),
         "ImageSize": rf"{size}~px" if size else r"a size set per run (Table~\ref{tab:config})",
@@ -871,18 +872,12 @@ def macros(rep: Report) -> dict[str, str]:
             if flip else "the image alone")),
         "EvaluationSentences": evaluation_sentences(rep),
         "ValPerClass": setting(rep, rep.runs, "val_per_class"),
-        "NTrain": n_train, "NVal": n_val, "NTest": n_test,
-        "TeacherEpochs": setting(rep, [TEACHER_RUN], "epochs"),
-        "TeacherPeakLR": setting(rep, [TEACHER_RUN], "lr"),
-        "TeacherWeightDecay": setting(rep, [TEACHER_RUN], "weight_decay"),
+        **dict(zip(("NTrain", "NVal", "NTest"), split_sizes(rep))),
+        **{f"Teacher{name}": setting(rep, [TEACHER_RUN], key) for name, key in RECIPE_MACROS.items()},
         "TeacherStart": ("random weights" if rep.config(TEACHER_RUN)["weights"] == "none"
                          else "ImageNet weights"),
-        "FinetuneEpochs": num(FINETUNE_RECIPE.epochs),
-        "FinetunePeakLR": num(FINETUNE_RECIPE.lr),
-        "FinetuneWeightDecay": num(FINETUNE_RECIPE.weight_decay),
-        "StudentEpochs": setting(rep, students, "epochs"),
-        "StudentPeakLR": setting(rep, students, "lr"),
-        "StudentWeightDecay": setting(rep, students, "weight_decay"),
+        **{f"Finetune{name}": num(getattr(FINETUNE_RECIPE, key)) for name, key in RECIPE_MACROS.items()},
+        **{f"Student{name}": setting(rep, students, key) for name, key in RECIPE_MACROS.items()},
         "Temperature": setting(rep, logit_runs, "temperature"),
         "Alpha": setting(rep, logit_runs, "alpha"),
         "HintLayer": setting(rep, feature_runs, "hint_layer", fmt=tt),
