@@ -538,9 +538,8 @@ def budget_sentences(rep: Report) -> str:
     equal total epochs with the teacher's (kdlab.findings.Findings.budgets)."""
     if not rep.findings.compares_budgets:
         return ""
-    comparisons = rep.findings.budgets
-    measured = [c for c in comparisons if c["difference"] is not None]
-    pending = [c["label"] for c in comparisons if c["difference"] is None]
+    measured = [c for c in rep.findings.budgets if c["difference"] is not None]
+    pending = rep.findings.verdict.pending
     out = ["Given the baseline the same budget, " + run_name(LOGIT_KD_FROM_SCRATCH, rep.results) + " against it: "
            + "; ".join(rf"{c['label']} (the baseline trained {count(c['epochs'], 'epoch')}), "
                        rf"{difference_text(c['difference'])}" for c in measured) + "."]
@@ -651,11 +650,10 @@ def pretrained_vs_scratch_sentences(rep: Report) -> str:
 
 def student_vs_teacher_sentences(rep: Report) -> str:
     best = rep.findings.best_student
-    lacking = [TEACHER_RUN] if TEACHER_RUN not in rep.results else []
-    if best is None:
-        lacking += [run for run in rep.missing if run != TEACHER_RUN]
-    if lacking:
-        return cannot_yet(rep, "How close the students come to the teacher", lacking)
+    # Without a student every missing run is waited for, the teacher first (kdlab.results.run_order).
+    waiting = cannot_yet(rep, "How close the students come to the teacher", [TEACHER_RUN] if best else rep.missing)
+    if waiting:
+        return waiting
     s, t = rep.results[best], rep.results[TEACHER_RUN]
     out = [rf"The best student, {run_name(best, rep.results)} at {seeds_text(rep, best)}, against its "
            rf"teacher at {seeds_text(rep, TEACHER_RUN)}: {paired_text(rep, best, TEACHER_RUN)}. It has "
@@ -792,13 +790,9 @@ def typed_command(command: str, results_dir: Path) -> str:
                   command)
 
 
-def holds_checkpoints(folder: Path) -> bool:
-    """A checkpoint folder (the runs' `_best.pt` beside their results), not a folder of results alone."""
-    return any(folder.glob("*_best.pt"))
-
-
 def folder_option(rep: Report) -> str:
-    return f"--{'ckpt' if holds_checkpoints(rep.results_dir) else 'results'}-dir {rep.results_dir}"
+    """--ckpt-dir for a checkpoint folder (the runs' `_best.pt` beside their results), else --results-dir."""
+    return f"--{'ckpt' if any(rep.results_dir.glob('*_best.pt')) else 'results'}-dir {rep.results_dir}"
 
 
 def planned_command(rep: Report) -> str:
