@@ -39,9 +39,14 @@ def acc_text(acc: float) -> str:
     return rf"{pct(acc)}\%"
 
 
+def agreeing(n: int, one: str, many: str) -> str:
+    """The word that agrees with `n` things: agreeing(1, 'has', 'have') is 'has', agreeing(3, 'it', 'them') 'them'."""
+    return one if n == 1 else many
+
+
 def count(n: int, noun: str) -> str:
     """'1 epoch', '20 epochs', '1,000 images'."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+    return f"{n:,} {agreeing(n, noun, noun + 's')}"
 
 
 def probability_text(p: float) -> str:

@@ -34,8 +34,8 @@ from kdlab.config import (CLASSES, DEFAULT_SEED, LAB_RUNS, RUNS, START_OF_WEIGHT
                           run_label, run_of)
 from kdlab.errors import KdlabError
 from kdlab.folders import writable_folder
-from kdlab.latex import (acc_text, compare, count, enumerate_text, minutes, num, pct, probability_text, table, tex,
-                         times, tt)
+from kdlab.latex import (acc_text, agreeing, compare, count, enumerate_text, minutes, num, pct, probability_text,
+                         table, tex, times, tt)
 from kdlab.registry import METHODS, setting_fields
 from kdlab.findings import Findings
 from kdlab.results import (DEFAULT_BENCHMARK, LOGIT_KD_FROM_SCRATCH, STEP_DESCRIPTIONS, agreement, default_seed_results,
@@ -180,8 +180,8 @@ def cannot_yet(rep: Report, what: str, runs) -> str:
     lacking = [run for run in runs if run not in rep.results]
     if not lacking:
         return ""
-    verb = "has" if len(lacking) == 1 else "have"
-    return f"{what} cannot be measured yet: {runs_text(lacking, {})} {verb} no results file."
+    return (f"{what} cannot be measured yet: {runs_text(lacking, {})} {agreeing(len(lacking), 'has', 'have')} "
+            f"no results file.")
 
 
 def compared_pairs(rep: Report):
@@ -365,10 +365,10 @@ def provenance(rep: Report) -> str:
 def missing_runs_sentence(rep: Report) -> str:
     if not rep.missing:
         return rf"Every expected run has its results file in {tt(rep.results_dir)}."
-    verb = "has" if len(rep.missing) == 1 else "have"
-    return (rf"\textbf{{Missing runs:}} {runs_text(rep.missing, {})} {verb} no results file in "
-            rf"{tt(rep.results_dir)}; the tables mark {'it' if len(rep.missing) == 1 else 'them'} "
-            rf"and the comparisons that need {'it' if len(rep.missing) == 1 else 'them'} say so.")
+    n = len(rep.missing)
+    return (rf"\textbf{{Missing runs:}} {runs_text(rep.missing, {})} {agreeing(n, 'has', 'have')} no results file in "
+            rf"{tt(rep.results_dir)}; the tables mark {agreeing(n, 'it', 'them')} "
+            rf"and the comparisons that need {agreeing(n, 'it', 'them')} say so.")
 
 
 def missing_figures_sentence(rep: Report) -> str:
@@ -376,7 +376,7 @@ def missing_figures_sentence(rep: Report) -> str:
     if not missing:
         return rf"All {len(EXPECTED_FIGURES)} figures are in {tt(rep.figures_dir)}."
     return (rf"\textbf{{Missing figures:}} {enumerate_text([tt(name) for name in missing])} "
-            rf"{'is' if len(missing) == 1 else 'are'} not in {tt(rep.figures_dir)}; "
+            rf"{agreeing(len(missing), 'is', 'are')} not in {tt(rep.figures_dir)}; "
             rf"the figures module makes them from the results files.")
 
 
@@ -429,8 +429,8 @@ def best_epoch_sentence(rep: Report) -> str:
     earlier = [run for run in rep.results if run not in last]
     out = []
     if last:
-        out.append(rf"{runs_text(last, rep.results)} {'was' if len(last) == 1 else 'were'} best on validation "
-                   rf"at {'its' if len(last) == 1 else 'their'} last epoch, as a cosine schedule "
+        out.append(rf"{runs_text(last, rep.results)} {agreeing(len(last), 'was', 'were')} best on validation "
+                   rf"at {agreeing(len(last), 'its', 'their')} last epoch, as a cosine schedule "
                    rf"that ends at zero makes likely.")
     if earlier:
         out.append("Peaked before the end: " + enumerate_text(
@@ -807,7 +807,7 @@ def reproduce_block(rep: Report) -> str:
     """The commands of the results, the figures and this report, as a verbatim block typed in the
     repository root: the run's own command line (from its manifest) or the one that trains them."""
     recorded = manifest_commands(rep.manifest) if rep.manifest else []
-    commands = ([("# the runs, as their manifest.json records the command" + ("s" if len(recorded) > 1 else ""),
+    commands = ([("# the runs, as their manifest.json records the " + agreeing(len(recorded), "command", "commands"),
                   typed_command(command, rep.results_dir)) for command in recorded]
                 or [("# the runs (a finished run is loaded, an interrupted one resumes)", planned_command(rep))])
     budget = f" --budget-baselines {rep.budget_dir}" if rep.budget_dir else ""

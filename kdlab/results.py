@@ -16,7 +16,7 @@ import numpy as np
 from kdlab.config import (DEFAULT_SEED, EVALUATION_STEP, LEGACY_STEP_NAMES, RUNS, STUDENT_STEP, TEACHER_RUN,
                           TEACHER_STEP, baseline_of, run_id, run_of)
 from kdlab.errors import KdlabError
-from kdlab.latex import count, enumerate_text
+from kdlab.latex import agreeing, count, enumerate_text
 from kdlab.registry import METHODS
 from kdlab.stats import check_no_duplicates, training_seed
 
@@ -278,7 +278,7 @@ def teacher_note(seeds: dict[str, list[dict]]) -> str | None:
         return None
 
     def named(group: dict) -> str:
-        runs = [f"{RUNS[run].label if run in RUNS else run} (seed{'s' if len(s) > 1 else ''} "
+        runs = [f"{RUNS[run].label if run in RUNS else run} ({agreeing(len(s), 'seed', 'seeds')} "
                 f"{', '.join(map(str, sorted(s)))})" for run, s in group["runs"].items()]
         who = ("the teacher in these results" if group["in_folder"] else
                "another teacher" if group["sha256"] else "an earlier teacher whose weights were not kept")
