@@ -11,7 +11,7 @@ none of them compares runs itself. numpy only, no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 
 from kdlab.config import CLASSES, TEACHER_RUN, baseline_of
 from kdlab.results import (BUDGETS, EQUAL_EPOCHS, LOGIT_KD_FROM_SCRATCH, best_distilled, best_student,
@@ -111,16 +111,17 @@ class Findings:
         ties = [label for label, d in measured.items() if not d["excludes_zero"]]
         pending = [c["label"] for c in self.budgets if c["difference"] is None]
         matched = [c for c in self.budgets if c["budget"] != EQUAL_EPOCHS]
-        labels = [c["label"] for c in matched]
+        # The Verdict of these outcomes, given its conclusion.
+        concluding = partial(Verdict, wins, ties, losses, pending, [c["label"] for c in matched])
         gained = BUDGETS[EQUAL_EPOCHS] in wins
         if pending:
-            return Verdict(wins, ties, losses, pending, labels, "open" if gained else "pending")
+            return concluding("open" if gained else "pending")
         if not gained:
-            return Verdict(wins, ties, losses, pending, labels, "no gain")
+            return concluding("no gain")
         matched_wins = [c for c in matched if c["label"] in wins]
         if len(matched_wins) == len(matched):
-            return Verdict(wins, ties, losses, pending, labels, "every budget", self.teacher_compute(matched))
-        return Verdict(wins, ties, losses, pending, labels, "mixed" if matched_wins else "the compute")
+            return concluding("every budget", self.teacher_compute(matched))
+        return concluding("mixed" if matched_wins else "the compute")
 
     def teacher_compute(self, matched: list[dict]) -> dict | None:
         """The seconds that say whether the longest budget-matched baseline trained as long as the
