@@ -491,7 +491,7 @@ def kd_gain_sentences(rep: Report) -> str:
         out.append(cannot_yet(rep, f"The gain of {name} {start}", (base, kd))
                    or rf"{sentence_start(start)}, {name} ({run_name(kd, rep.results)}) reached {seeds_text(rep, kd)} "
                       rf"test accuracy against {seeds_text(rep, base)} for the cross-entropy student: "
-                      rf"{paired_text(rep, kd, base)}.")
+                      rf"{difference_text(rep.findings.gain(kd))}.")
     return " ".join(out)
 
 
@@ -656,7 +656,7 @@ def student_vs_teacher_sentences(rep: Report) -> str:
         return waiting
     s, t = rep.results[best], rep.results[TEACHER_RUN]
     out = [rf"The best student, {run_name(best, rep.results)} at {seeds_text(rep, best)}, against its "
-           rf"teacher at {seeds_text(rep, TEACHER_RUN)}: {paired_text(rep, best, TEACHER_RUN)}. It has "
+           rf"teacher at {seeds_text(rep, TEACHER_RUN)}: {difference_text(rep.findings.teacher_gap)}. It has "
            rf"{times(t['parameters'], s['parameters'], 'fewer', 'more')} parameters "
            rf"({s['parameters'] / 1e6:.2f} M against {t['parameters'] / 1e6:.2f} M)."]
     ms, mt = rep.measured(best), rep.measured(TEACHER_RUN)
