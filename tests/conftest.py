@@ -52,7 +52,8 @@ def session_root(tmp_path_factory) -> Path:
 def once_a_session(tmp_path_factory, name: str, make) -> Path:
     """The folder `make(folder)` filled, once for the whole session: the first worker to ask makes it
     while the others wait on a lock, then every worker reads it (a worker's session fixture alone
-    would make it once a worker). `make` reads the folder's files only once it is complete."""
+    would make it once a worker). A folder is read only once its `.complete` marker is written, so a
+    worker stopped halfway leaves it to be made again."""
     root = session_root(tmp_path_factory)
     folder, complete = root / name, root / f"{name}.complete"
     with FileLock(root / f"{name}.lock"):
