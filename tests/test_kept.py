@@ -92,15 +92,13 @@ def test_the_committed_reference_teacher_loads_and_matches_its_manifest():
 
 
 @pytest.fixture(scope="module")
-def smoke_teacher(tmp_path_factory):
-    """The smoke teacher, trained once by the CLI and kept as the plan keeps one."""
+def smoke_teacher(smoke_lab, tmp_path_factory):
+    """The smoke lab's teacher (trained by the CLI's `run all --smoke`), kept as the plan keeps one."""
     from kdlab.checkpoints import load_checkpoint
     from kdlab.results import RunPaths
 
-    ckpt = tmp_path_factory.mktemp("teacher")
-    run_kdlab("run", "teacher_resnet50", *SMOKE_FLAGS, "--ckpt-dir", ckpt)
-    state = load_checkpoint(RunPaths(ckpt, "teacher_resnet50").best)
-    folder = ckpt / "kept"
+    state = load_checkpoint(RunPaths(smoke_lab[0], "teacher_resnet50").best)
+    folder = tmp_path_factory.mktemp("teacher") / "kept"
     kept.keep_weights(state["modules"]["student"], make_config("teacher_resnet50", smoke=True), folder,
                       test_acc=state["results"]["test_acc"])
     return folder

@@ -2,6 +2,7 @@
 package, and its run trains through train-or-load and shows in the results table, the figures and
 the report like the lab's own; bad losses are refused in one line, and nothing is saved."""
 import math
+import shutil
 
 import pytest
 import torch
@@ -35,10 +36,14 @@ def registered():
 
 
 @pytest.fixture(scope="module")
-def own_lab(tmp_path_factory):
-    """The teacher, the scratch baseline and the registered run trained in smoke mode, with their
-    figures and report (no PDF); the method is unregistered afterwards."""
+def own_lab(smoke_lab, tmp_path_factory):
+    """The registered run trained in smoke mode beside the smoke lab's teacher and scratch baseline,
+    with their figures and report (no PDF); the method is unregistered afterwards."""
     folder = tmp_path_factory.mktemp("own_method")
+    (folder / "ckpt").mkdir()
+    for path in smoke_lab[0].glob("*"):
+        if path.name.startswith(("teacher_resnet50_", "student_scratch_baseline_")):
+            shutil.copy2(path, folder / "ckpt")
     run = register_method(KEY, logit_matching, settings=dict(weight=0.5), name="logit matching")
     saved = {}
     real_save = figures._save
