@@ -459,11 +459,20 @@ def test_a_stopped_run_releases_what_it_held_while_its_exception_is_kept(tmp_pat
     assert lab.run(RUN).trained and load_checkpoint(files_of(tmp_path)["best"])["results"]["epochs"] == 2
 
 
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory) -> pathlib.Path:
+    """The folder of a TINY teacher, trained once for the tests that distil it."""
+    ckpt = tmp_path_factory.mktemp("tiny_teacher")
+    Lab(ckpt, device="cpu", smoke=True, progress=False, log=lambda line: None, **TINY).run("teacher_resnet50")
+    return ckpt
+
+
 @pytest.mark.parametrize("run", ["student_scratch_kd_features", "student_scratch_at"])
 @pytest.mark.parametrize("fault", [raise_keyboard_interrupt, raise_diverged], ids=["Ctrl-C", "error"])
-def test_a_failed_feature_run_leaves_no_hook_on_the_teacher(tmp_path, monkeypatch, run, fault):
+def test_a_failed_feature_run_leaves_no_hook_on_the_teacher(tmp_path, monkeypatch, tiny_teacher, run, fault):
+    shutil.copytree(tiny_teacher, tmp_path, dirs_exist_ok=True)
     lab = Lab(tmp_path, device="cpu", smoke=True, progress=False, log=lambda line: None, **TINY)
-    teacher = lab.run("teacher_resnet50").model
+    teacher = lab.run("teacher_resnet50").model        # loaded: the object the student's run distils
     fail_in_step(monkeypatch, 2, fault)
     for attempt in range(2):                          # a retry must not add hooks either
         with pytest.raises((KeyboardInterrupt, KdlabError)):
