@@ -27,6 +27,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
+# The order the two workers take the test files in (pyproject.toml's --no-loadscope-reorder keeps it;
+# the files not named follow): the notebook first, as it trains the session's smoke lab (which the
+# deploy, CLI, kept-weights and own-method files read) and executes the notebook the teaching file
+# reads; the two Ray files far apart, as they take turns (one_ray_at_a_time); then the longest first,
+# so that neither worker is left alone with a long file at the end.
+FIRST_FILES = ["test_notebook.py", "test_cluster.py", "test_sweep.py", "test_reliability.py", "test_benchmark.py",
+               "test_plan.py", "test_precision.py", "test_speed_levers.py", "test_cli.py", "test_deploy.py",
+               "test_own_method.py", "test_train_or_load.py", "test_kept.py", "test_teaching.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(FIRST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: a file's tests keep their order
+
+
 # The limit of every subprocess a test starts: on a busy shared machine the smoke lab takes minutes,
 # and a slow machine must not turn into failed tests; a hang must.
 SUBPROCESS_TIMEOUT = 900
