@@ -168,10 +168,6 @@ def _run_ticks(ax, runs: list[str], results: dict[str, dict]) -> None:
                                      .replace(" (", "\n(") for run in runs], fontsize=8)
 
 
-def _percent(value: float) -> float:
-    return 100 * value
-
-
 # ----------------------------------------------------------------------------- training figures
 
 def plot_validation_accuracy(results: dict[str, dict], seeds: dict[str, list[dict]], missing: list[str],
@@ -187,7 +183,7 @@ def plot_validation_accuracy(results: dict[str, dict], seeds: dict[str, list[dic
     for run, r in results.items():
         runs = [s for s in seeds[run] if len(s["history"]) == len(r["history"])]
         epochs = [h["epoch"] for h in r["history"]]
-        curves = np.array([[_percent(h["val_acc"]) for h in s["history"]] for s in runs])
+        curves = np.array([[100 * h["val_acc"] for h in s["history"]] for s in runs])
         label = run_label(run, results) + (f" (mean of {len(runs)} seeds, band: min-max)" if len(runs) > 1 else "")
         ax.plot(epochs, curves.mean(0), marker="o", markersize=3, color=run_colour(run), label=label)
         if len(runs) > 1:
@@ -215,37 +211,37 @@ def plot_test_accuracy(results: dict[str, dict], seeds: dict[str, list[dict]], m
                         _smoke(results), (11, 6), missing=missing)
     ax = axes[0, 0]
     width = 0.38
-    shown = [_percent(r["test_acc"]) for run in runs for r in seeds.get(run, [])] + [
-        _percent(acc) for acc in reference.values()] + [_percent(r["test_acc"]) for rs in budget.values() for r in rs]
+    shown = [100 * r["test_acc"] for run in runs for r in seeds.get(run, [])] + [
+        100 * acc for acc in reference.values()] + [100 * r["test_acc"] for rs in budget.values() for r in rs]
     # Gains of a point or less are the question: the axis starts below the lowest bar, not at 0.
     bottom = max(0, 10 * math.floor((min(shown) - 5) / 10))
     for x, run in enumerate(runs):
         ours_x = x - width / 2 if run in reference else x
         if run in results:
             summary = summarise(seeds[run])
-            mean, std = _percent(summary["mean"]), summary["std"]
+            mean, std = 100 * summary["mean"], summary["std"]
             bars = ax.bar(ours_x, mean, width, color=run_colour(run),
-                          yerr=None if std is None else _percent(std), capsize=4)
-            label = f"{mean:.2f}" if std is None else f"{mean:.2f}\n±{_percent(std):.2f}\n({summary['n_seeds']} seeds)"
+                          yerr=None if std is None else 100 * std, capsize=4)
+            label = f"{mean:.2f}" if std is None else f"{mean:.2f}\n±{100 * std:.2f}\n({summary['n_seeds']} seeds)"
             ax.bar_label(bars, labels=[label], fontsize=7, padding=2)
             if summary["n_seeds"] > 1:
-                ax.plot([ours_x] * summary["n_seeds"], [_percent(r["test_acc"]) for r in seeds[run]],
+                ax.plot([ours_x] * summary["n_seeds"], [100 * r["test_acc"] for r in seeds[run]],
                         "o", color="black", markersize=3, zorder=3)
         else:
             ax.text(ours_x, bottom + 1, "missing" if run in missing else "not in these results", rotation=90,
                     ha="center", va="bottom", fontsize=8)
         if run in reference:
-            bars = ax.bar(x + width / 2, _percent(reference[run]), width, facecolor="white",
+            bars = ax.bar(x + width / 2, 100 * reference[run], width, facecolor="white",
                           edgecolor=run_colour(run), hatch="//")
             ax.bar_label(bars, fmt="%.2f", fontsize=8, color="0.3")
     baseline = baseline_of(LOGIT_KD_FROM_SCRATCH)
     for x, (variant, variant_seeds) in enumerate(budget.items(), start=len(runs)):
         summary = summarise(variant_seeds)
-        bars = ax.bar(x, _percent(summary["mean"]), width, facecolor="white", edgecolor=run_colour(baseline),
-                      hatch="..", yerr=None if summary["std"] is None else _percent(summary["std"]), capsize=4)
-        ax.bar_label(bars, labels=[f"{_percent(summary['mean']):.2f}\n({summary['n_seeds']} seeds)"], fontsize=7,
+        bars = ax.bar(x, 100 * summary["mean"], width, facecolor="white", edgecolor=run_colour(baseline),
+                      hatch="..", yerr=None if summary["std"] is None else 100 * summary["std"], capsize=4)
+        ax.bar_label(bars, labels=[f"{100 * summary['mean']:.2f}\n({summary['n_seeds']} seeds)"], fontsize=7,
                      padding=2)
-        ax.plot([x] * summary["n_seeds"], [_percent(r["test_acc"]) for r in variant_seeds], "o", color="black",
+        ax.plot([x] * summary["n_seeds"], [100 * r["test_acc"] for r in variant_seeds], "o", color="black",
                 markersize=3, zorder=3)
     _run_ticks(ax, runs, results)
     if budget:
@@ -291,7 +287,7 @@ def plot_run_curves(r: dict, out_dir: str | Path, origin: str = "") -> Path:
     run, history = r["run"], r["history"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig, axes = _figure(f"{run_label(run, {run: r})}: test accuracy {_percent(r['test_acc']):.2f}% "
+    fig, axes = _figure(f"{run_label(run, {run: r})}: test accuracy {100 * r['test_acc']:.2f}% "
                         f"(best validation epoch {r['best_epoch']} of {r['epochs']})",
                         source_line([r], origin), r["smoke"], (10, 4.2), 1, 2)
     loss_ax, acc_ax = axes[0]
@@ -302,11 +298,11 @@ def plot_run_curves(r: dict, out_dir: str | Path, origin: str = "") -> Path:
     loss_ax.plot(epochs, [h["val_loss"] for h in history], marker="o", color=colour, linestyle="--",
                  label="validation (cross-entropy)")
     loss_ax.set(xlabel="epoch", ylabel="loss (epoch mean)")
-    acc_ax.plot(epochs, [_percent(h["train_acc"]) for h in history], marker="o", color=colour,
+    acc_ax.plot(epochs, [100 * h["train_acc"] for h in history], marker="o", color=colour,
                 label="train (augmented batches)")
-    acc_ax.plot(epochs, [_percent(h["val_acc"]) for h in history], marker="o", color=colour,
+    acc_ax.plot(epochs, [100 * h["val_acc"] for h in history], marker="o", color=colour,
                 linestyle="--", label="validation")
-    acc_ax.axhline(_percent(r["test_acc"]), color="0.3", linestyle=":", label="test (best-on-val weights)")
+    acc_ax.axhline(100 * r["test_acc"], color="0.3", linestyle=":", label="test (best-on-val weights)")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)")
     for ax in (loss_ax, acc_ax):
         ax.axvline(r["best_epoch"], color="0.7", linewidth=0.8)
@@ -329,7 +325,7 @@ def plot_confusion_matrix(r: dict, out_dir: Path, origin: str = "") -> Path:
     counts = confusion_counts(r["test_predictions"], r["test_labels"])
     shares = 100 * counts / counts.sum(1, keepdims=True).clip(min=1)
     fig, axes = _figure(f"Confusion matrix of the best student, {run_label(r['run'], {r['run']: r})} "
-                        f"(test accuracy {_percent(r['test_acc']):.2f}%)",
+                        f"(test accuracy {100 * r['test_acc']:.2f}%)",
                         source_line([r], origin), r["smoke"], (8.5, 7.5))
     ax = axes[0, 0]
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=100)
@@ -358,8 +354,7 @@ def plot_agreement(results: dict[str, dict], missing: list[str], out_dir: Path,
                         missing=missing)
     ax = axes[0, 0]
     runs = list(agreement)
-    bars = ax.bar(range(len(runs)), [_percent(agreement[run]) for run in runs],
-                  color=[run_colour(run) for run in runs])
+    bars = ax.bar(range(len(runs)), [100 * agreement[run] for run in runs], color=[run_colour(run) for run in runs])
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
     _run_ticks(ax, runs, results)
     ax.set(ylabel=f"same class as the teacher (% of {_count(results, 'n_test')} test images)",
@@ -415,7 +410,7 @@ def plot_per_class_accuracy(findings: Findings, out_dir: Path, origin: str = "")
     for offset, run in ((-width / 2, base), (width / 2, kd)):
         per_seed = [[correct_images(r)[labels == c].mean() for c in range(NUM_CLASSES)]
                     for r in seeds[run] if r["config"]["seed"] in shared]
-        means = _percent(np.mean(per_seed, axis=0))
+        means = 100 * np.mean(per_seed, axis=0)
         seeds_note = f"mean of {len(per_seed)} seeds" if len(per_seed) > 1 else f"seed {min(shared)}"
         bars = accuracy_ax.bar(x + offset, means, width, color=run_colour(run),
                                label=f"{run_label(run, results)} ({seeds_note})")
@@ -427,8 +422,8 @@ def plot_per_class_accuracy(findings: Findings, out_dir: Path, origin: str = "")
                     ylim=(max(0, 10 * math.floor((bottom - 5) / 10)), 112))
     accuracy_ax.legend(fontsize=8, loc="upper center", ncols=2)
     accuracy_ax.grid(axis="y", alpha=0.3)
-    gains = np.array([_percent(d["mean_difference"]) for d in by_class])
-    spans = np.array([[_percent(d["mean_difference"] - d["ci_low"]), _percent(d["ci_high"] - d["mean_difference"])]
+    gains = np.array([100 * d["mean_difference"] for d in by_class])
+    spans = np.array([[100 * (d["mean_difference"] - d["ci_low"]), 100 * (d["ci_high"] - d["mean_difference"])]
                       for d in by_class]).T
     colours = [run_colour(kd) if d["excludes_zero"] else "0.6" for d in by_class]
     gain_ax.bar(x, gains, 0.6, color=colours, yerr=spans, capsize=4)
@@ -492,7 +487,7 @@ def plot_efficiency(efficiency: dict, results: dict[str, dict], missing: list[st
              ("latency_ms", 1, f"latency at batch 1 (ms, {efficiency['device']})")]
     for ax, (key, scale, label) in zip(axes[0], costs):
         for run, e in efficiency["runs"].items():
-            ax.scatter(e[key] * scale, _percent(e["test_acc"]), s=60, color=run_colour(run),
+            ax.scatter(e[key] * scale, 100 * e["test_acc"], s=60, color=run_colour(run),
                        label=run_label(run, results), zorder=3)
         ax.set(xlabel=label, ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -513,10 +508,10 @@ def plot_deploy(deployment: dict, out_dir: str | Path) -> Path:
     fig, axes = _figure("Deployed on a CPU: test accuracy against latency", source, deployment["smoke"], (8, 5))
     ax = axes[0, 0]
     for run, measured in deployment["runs"].items():
-        points = [(v["latency_ms"], _percent(v["test_acc"])) for v in measured["variants"].values()]
+        points = [(v["latency_ms"], 100 * v["test_acc"]) for v in measured["variants"].values()]
         ax.plot(*zip(*points), color=run_colour(run), alpha=0.4, zorder=2)
         for variant, v in measured["variants"].items():
-            ax.scatter(v["latency_ms"], _percent(v["test_acc"]), s=60, color=run_colour(run),
+            ax.scatter(v["latency_ms"], 100 * v["test_acc"], s=60, color=run_colour(run),
                        marker=VARIANT_MARKERS[variant], zorder=3)
     runs = [Patch(color=run_colour(run), label=run_label(run, deployment["runs"])) for run in deployment["runs"]]
     variants = [ax.scatter([], [], marker=VARIANT_MARKERS[v], color="0.3", label=label)
@@ -587,7 +582,7 @@ def plot_throughput(bench: dict, out_path: str | Path, origin: str = "") -> Path
     speed_ax.legend(fontsize=8, loc="upper left")
     if peak:
         share_ax = axes[0, 1]
-        bars = share_ax.bar(x, [_percent(r["kdlab"]["peak_share"]) for r in rows], 0.6, color=PATH_COLOURS["kdlab"])
+        bars = share_ax.bar(x, [100 * r["kdlab"]["peak_share"] for r in rows], 0.6, color=PATH_COLOURS["kdlab"])
         share_ax.bar_label(bars, fmt="%.1f", fontsize=8)
         share_ax.set_xticks(x, ticks, fontsize=8)
         share_ax.set(ylabel=f"% of the {peak:.0f} TFLOP/s dense bf16 peak",
@@ -634,19 +629,19 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path) -> Path:
                 style = ["-", "--", ":", "-."][line_number % 4]
                 if None in by_value:   # the run does not read this setting
                     summary = summarise(by_value[None])
-                    spread = _percent(summary["std"] or 0)
-                    ax.axhline(_percent(summary["mean"]), color=colour, linestyle=style,
+                    spread = 100 * (summary["std"] or 0)
+                    ax.axhline(100 * summary["mean"], color=colour, linestyle=style,
                                label=f"{label} (does not read {key}; band: ± 1 sd)")
-                    ax.axhspan(_percent(summary["mean"]) - spread, _percent(summary["mean"]) + spread,
+                    ax.axhspan(100 * summary["mean"] - spread, 100 * summary["mean"] + spread,
                                color=colour, alpha=0.12, linewidth=0)
                     continue
                 xs = [positions[v] for v in by_value]
                 summaries = [summarise(by_value[v]) for v in by_value]
-                ax.errorbar(xs, [_percent(s["mean"]) for s in summaries],
-                            yerr=[_percent(s["std"] or 0) for s in summaries], color=colour, linestyle=style,
+                ax.errorbar(xs, [100 * s["mean"] for s in summaries],
+                            yerr=[100 * (s["std"] or 0) for s in summaries], color=colour, linestyle=style,
                             marker="s", capsize=4, label=f"{label} (mean ± 1 sd over seeds)")
                 for x, v in zip(xs, by_value):
-                    ax.plot([x] * len(by_value[v]), [_percent(r["test_acc"]) for r in by_value[v]], "o",
+                    ax.plot([x] * len(by_value[v]), [100 * r["test_acc"] for r in by_value[v]], "o",
                             color=colour, markersize=3, alpha=0.6)
         ax.set_xticks([positions[v] for v in values], [str(v) for v in values])
         ax.set(xlabel=key, ylabel=f"test accuracy (%, {_count(by_trial, 'n_test')} images)",
