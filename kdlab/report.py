@@ -486,13 +486,11 @@ def speed_sentences(rep: Report) -> str:
 # ----------------------------------------------------------------------------- discussion: what KD bought
 
 def kd_gain_sentences(rep: Report) -> str:
-    out = []
-    for start, name, base, kd in compared_pairs(rep):
-        out.append(cannot_yet(rep, f"The gain of {name} {start}", (base, kd))
-                   or rf"{sentence_start(start)}, {name} ({run_name(kd, rep.results)}) reached {seeds_text(rep, kd)} "
-                      rf"test accuracy against {seeds_text(rep, base)} for the cross-entropy student: "
-                      rf"{difference_text(rep.findings.gain(kd))}.")
-    return " ".join(out)
+    return " ".join(cannot_yet(rep, f"The gain of {name} {start}", (base, kd))
+                    or rf"{sentence_start(start)}, {name} ({run_name(kd, rep.results)}) reached "
+                       rf"{seeds_text(rep, kd)} test accuracy against {seeds_text(rep, base)} for the "
+                       rf"cross-entropy student: {difference_text(rep.findings.gain(kd))}."
+                    for start, name, base, kd in compared_pairs(rep))
 
 
 def evaluation_sentences(rep: Report) -> str:
@@ -515,8 +513,7 @@ def evaluation_sentences(rep: Report) -> str:
 def kd_cost_sentences(rep: Report) -> str:
     out = []
     for start, name, base, kd in compared_pairs(rep):
-        waiting = cannot_yet(rep, f"The training cost of {name} {start}", (base, kd))
-        if waiting:
+        if waiting := cannot_yet(rep, f"The training cost of {name} {start}", (base, kd)):
             out.append(waiting)
             continue
         b, k = rep.results[base], rep.results[kd]
@@ -695,13 +692,6 @@ def agreement_sentences(rep: Report) -> str:
 
 # ----------------------------------------------------------------------------- deploying the student
 
-def deployed_student(rep: Report) -> str | None:
-    """The student the deploy section speaks of: the best one if deploy.json measured it, else its first."""
-    students = [run for run in rep.deployment["runs"] if run != TEACHER_RUN]
-    best = rep.findings.best_student
-    return best if best in students else next(iter(students), None)
-
-
 def deploy_table(rep: Report) -> str:
     """Each deployed run in each variant, from deploy.json; nothing without one."""
     deployment = rep.deployment
@@ -731,7 +721,9 @@ def deploy_sentences(rep: Report) -> str:
         where = f"{tt(rep.deploy_path)} is not there" if rep.deploy_path else "none given"
         return (rf"Deployment on a CPU: not measured for this report (its {tt('deploy.json')}: {where}); "
                 rf"\texttt{{python -m kdlab deploy}} measures it.")
-    student = deployed_student(rep)
+    # The best student if deploy.json measured it, else its first.
+    students = [run for run in deployment["runs"] if run != TEACHER_RUN]
+    student = rep.findings.best_student if rep.findings.best_student in students else next(iter(students), None)
     if student is None:
         return rf"Deployment on a CPU: {tt(rep.deploy_path)} measured no student."
     variants = deployment["runs"][student]["variants"]
@@ -988,11 +980,7 @@ def place_template(report_dir: Path) -> None:
 def make_report(results_dir="results/reference", figures_dir="figures", report_dir="my_report",
                 expected=None, draft=False, pdf=True, pdf_required=False,
                 benchmark=DEFAULT_BENCHMARK, budget_dir=None, deploy=None, log=print) -> Report:
-    """Generate report_dir/generated/*.tex from the results, then build the PDF if latexmk is here.
-
-    `expected`: the runs the report expects (default: those the results imply, kdlab.config.expected_runs).
-    """
-    report_dir = Path(report_dir)
+    """Write report_dir/generated/*.tex from the results (`collect`), then the PDF if latexmk is here."""
     rep = collect(results_dir, figures_dir, report_dir, expected, benchmark, budget_dir, deploy)
     reason = rep.draft_reason()
     if reason and not draft:
@@ -1002,8 +990,8 @@ def make_report(results_dir="results/reference", figures_dir="figures", report_d
                          f"{reason}, not the lab's results. Point --results at a real run's folder, "
                          f"or pass --draft for a draft that says so on every page.")
     check_deployment(rep)
-    place_template(report_dir)
-    written = write_generated(rep, report_dir / "generated")
+    place_template(rep.report_dir)
+    written = write_generated(rep, rep.report_dir / "generated")
     log(f"wrote {', '.join(str(p) for p in written)}")
     log(f"{len(rep.results)} results file(s) in {rep.results_dir}"
         + (f"; missing runs: {', '.join(rep.missing)}" if rep.missing else "")
@@ -1018,6 +1006,6 @@ def make_report(results_dir="results/reference", figures_dir="figures", report_d
             raise KdlabError(message)
         log(f"kdlab: note: {message}")
         return rep
-    seconds = build_pdf(report_dir)
-    log(f"built {report_dir / 'KD_LAB.pdf'} in {seconds:.1f}s")
+    seconds = build_pdf(rep.report_dir)
+    log(f"built {rep.report_dir / 'KD_LAB.pdf'} in {seconds:.1f}s")
     return rep
