@@ -172,8 +172,7 @@ def findings_list(found) -> str:
             lines.append(f"- **Logit KD from scratch against the baseline {c['label']}**"
                          + (f" (the baseline trained {c['epochs']} epochs): {difference_words(d)}." if d else
                             ": pending, the GPU plan has not trained that baseline yet."))
-    note = teacher_note(found.seeds)
-    if note:
+    if note := teacher_note(found.seeds):
         lines.append(f"- **Teachers**: {note}")
     if found.teacher_gap:
         lines.append(f"- **The best student, {run_label(found.best_student, results)}**, against its teacher: "

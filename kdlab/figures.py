@@ -89,8 +89,7 @@ def format_results_table(seeds: dict[str, list[dict]], findings: Findings | None
                             rows, "llrrrrrrl")]
     lines += [f"| {run}, {ORIGINAL_LAB_LABEL} | ImageNet | | {acc:.4f} | | | | | |"
               for run, acc in original_lab_accuracies().items()]
-    note = teacher_note(seeds)
-    if note:
+    if note := teacher_note(seeds):
         lines.append(f"\n{note}")
     if any(r["smoke"] for runs in seeds.values() for r in runs):
         lines.append(f"\n{SMOKE_BANNER}")

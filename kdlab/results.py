@@ -125,10 +125,7 @@ def read_results_file(path: Path, run: str, seed: int = DEFAULT_SEED) -> dict:
 
 
 def load_results(results_dir: str | Path) -> dict[str, dict]:
-    """The default seed's results of every run found in `results_dir`, in the lab's order.
-
-    Files of names that are not runs are not read.
-    """
+    """The default seed's results of every run in `results_dir` (load_seed_results), in the lab's order."""
     return default_seed_results(load_seed_results(results_dir))
 
 

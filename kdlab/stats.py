@@ -160,12 +160,9 @@ def check_no_duplicates(entries: list[tuple]) -> list[tuple]:
     kept = {}
     for path, results in entries:
         key = (results["run"], training_seed(results))
-        if key not in kept:
-            kept[key] = (path, results)
-            continue
-        first_path, first = kept[key]
-        if first["config"] != results["config"]:
-            a, b = first["config"], results["config"]
+        first_path, first = kept.setdefault(key, (path, results))
+        a, b = first["config"], results["config"]
+        if a != b:
             differing = ", ".join(f"{k}: {a.get(k, '<absent>')!r} against {b.get(k, '<absent>')!r}"
                                   for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
             raise KdlabError(f"{first_path} and {path} both hold {key[0]} with training seed {key[1]} "
