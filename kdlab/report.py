@@ -615,15 +615,12 @@ def per_class_sentences(rep: Report) -> str:
 # ----------------------------------------------------------------------------- discussion: the other questions
 
 def logits_vs_features_sentences(rep: Report) -> str:
-    out = []
-    for start in STARTS:
-        logits, features = run_of("kd_logits", start), run_of("kd_features", start)
-        if not {logits, features} <= set(rep.runs):   # a comparison this lab does not make
-            continue
-        out.append(cannot_yet(rep, f"Logits against features {STARTS[start]}", (logits, features))
-                   or rf"{sentence_start(STARTS[start])}, logit KD at {seeds_text(rep, logits)} against feature KD "
-                      rf"at {seeds_text(rep, features)}: {paired_text(rep, logits, features)}.")
-    return " ".join(out)
+    pairs = [(start, run_of("kd_logits", start), run_of("kd_features", start)) for start in STARTS]
+    return " ".join(cannot_yet(rep, f"Logits against features {STARTS[start]}", (logits, features))
+                    or rf"{sentence_start(STARTS[start])}, logit KD at {seeds_text(rep, logits)} against "
+                       rf"feature KD at {seeds_text(rep, features)}: {paired_text(rep, logits, features)}."
+                    for start, logits, features in pairs
+                    if {logits, features} <= set(rep.runs))   # the comparisons this lab makes
 
 
 def pretrained_vs_scratch_sentences(rep: Report) -> str:
@@ -632,17 +629,14 @@ def pretrained_vs_scratch_sentences(rep: Report) -> str:
         return (rf"No run of these results files started from ImageNet weights, so the question is "
                 rf"left open by numbers here: it needs the runs that fine-tune from ImageNet "
                 rf"(\texttt{{student\_pretrained\_*}}), trained where the ImageNet weights can be downloaded.")
-    out = []
-    for method, info in METHODS.items():
-        s_run, p_run = run_of(method, "scratch"), run_of(method, "pretrained")
-        if not {s_run, p_run} <= set(rep.runs):   # a comparison this lab does not make
-            continue
-        out.append(cannot_yet(rep, f"ImageNet against scratch for {info.name}", (s_run, p_run))
-                   or rf"With {info.name}, the student {STARTS['pretrained']} reached {seeds_text(rep, p_run)} in "
-                      rf"{count(rep.results[p_run]['epochs'], 'epoch')}, against {seeds_text(rep, s_run)} in "
-                      rf"{count(rep.results[s_run]['epochs'], 'epoch')} {STARTS['scratch']}: "
-                      rf"{paired_text(rep, p_run, s_run)}.")
-    return " ".join(out)
+    pairs = [(m.name, run_of(key, "scratch"), run_of(key, "pretrained")) for key, m in METHODS.items()]
+    return " ".join(cannot_yet(rep, f"ImageNet against scratch for {name}", (s_run, p_run))
+                    or rf"With {name}, the student {STARTS['pretrained']} reached {seeds_text(rep, p_run)} in "
+                       rf"{count(rep.results[p_run]['epochs'], 'epoch')}, against {seeds_text(rep, s_run)} in "
+                       rf"{count(rep.results[s_run]['epochs'], 'epoch')} {STARTS['scratch']}: "
+                       rf"{paired_text(rep, p_run, s_run)}."
+                    for name, s_run, p_run in pairs
+                    if {s_run, p_run} <= set(rep.runs))   # the comparisons this lab makes
 
 
 def student_vs_teacher_sentences(rep: Report) -> str:
