@@ -291,16 +291,13 @@ def plot_run_curves(r: dict, out_dir: str | Path, origin: str = "") -> Path:
                         source_line([r], origin), r["smoke"], (10, 4.2), 1, 2)
     loss_ax, acc_ax = axes[0]
     epochs = [h["epoch"] for h in history]
-    colour = run_colour(run)
-    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", color=colour,
-                 label="train (all terms)")
-    loss_ax.plot(epochs, [h["val_loss"] for h in history], marker="o", color=colour, linestyle="--",
+    line = dict(marker="o", color=run_colour(run))
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], **line, label="train (all terms)")
+    loss_ax.plot(epochs, [h["val_loss"] for h in history], **line, linestyle="--",
                  label="validation (cross-entropy)")
     loss_ax.set(xlabel="epoch", ylabel="loss (epoch mean)")
-    acc_ax.plot(epochs, [100 * h["train_acc"] for h in history], marker="o", color=colour,
-                label="train (augmented batches)")
-    acc_ax.plot(epochs, [100 * h["val_acc"] for h in history], marker="o", color=colour,
-                linestyle="--", label="validation")
+    acc_ax.plot(epochs, [100 * h["train_acc"] for h in history], **line, label="train (augmented batches)")
+    acc_ax.plot(epochs, [100 * h["val_acc"] for h in history], **line, linestyle="--", label="validation")
     acc_ax.axhline(100 * r["test_acc"], color="0.3", linestyle=":", label="test (best-on-val weights)")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)")
     for ax in (loss_ax, acc_ax):

@@ -92,8 +92,7 @@ def paired_difference(kd: list[dict], baseline: list[dict], n_boot: int = 10_000
     interval. McNemar's test per seed pair: b = images only the KD run gets right, c = images
     only the baseline gets right.
     """
-    kd_runs = {training_seed(r): r for r in kd}
-    base_runs = {training_seed(r): r for r in baseline}
+    kd_runs, base_runs = ({training_seed(r): r for r in runs} for runs in (kd, baseline))
     kd_name, base_name = kd[0]["run"], baseline[0]["run"]
     seeds = sorted(kd_runs.keys() & base_runs.keys())
     if not seeds:
