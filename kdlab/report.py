@@ -393,17 +393,17 @@ def results_table(rep: Report) -> str:
         if run not in rep.results:
             rows.append(rf"{tt(run)} & \multicolumn{{7}}{{c}}{{\textit{{missing: no results file}}}} \\")
             continue
-        r, m = rep.results[run], rep.measured(run)
+        r, m, summary = rep.results[run], rep.measured(run), summarise(rep.seeds[run])
+        test_acc = pct(summary["mean"]) + ("" if summary["std"] is None
+                                           else rf" $\pm$ {pct(summary['std'])} ({summary['n_seeds']})")
         flops = f"{m['flops_per_image'] / 1e9:.2f}" if "flops_per_image" in m else "--"
         latency = f"{m['latency_ms']:.2f}" if "latency_ms" in m else "--"
         rows.append(rf"{tt(run)} & {r['epochs']} & {pct(r['best_val_acc'])} ({r['best_epoch']}) & "
-                    rf"{test_acc_cell(rep, run)} & {r['parameters'] / 1e6:.2f} & {flops} & {latency} & "
+                    rf"{test_acc} & {r['parameters'] / 1e6:.2f} & {flops} & {latency} & "
                     rf"{minutes(r['wall_seconds'])} \\")
-    if rep.efficiency:
-        where = f"FLOPs per image and latency from {efficiency_source(rep)}"
-    else:
-        where = (f"FLOPs and latency: -- (no {tt('efficiency.json')} in {tt(rep.figures_dir)}; "
-                 f"the figures module writes it).")
+    where = (f"FLOPs per image and latency from {efficiency_source(rep)}" if rep.efficiency
+             else f"FLOPs and latency: -- (no {tt('efficiency.json')} in {tt(rep.figures_dir)}; "
+                  f"the figures module writes it).")
     caption = (rf"Every run. Validation accuracy: the best epoch's (that epoch in brackets), "
                rf"whose weights are kept; test accuracy: those weights, once, on the "
                rf"test set; for a run trained with several seeds, the mean $\pm$ the standard "
@@ -414,14 +414,6 @@ def results_table(rep: Report) -> str:
     return table("tab:results", caption, "lrrrrrrr", [
         r"Run & Epochs & Val.\ acc. & Test acc. & Params & GFLOPs & Latency & Train \\",
         r" & & \% (epoch) & \% & (M) & & (ms) & (min) \\"], rows)
-
-
-def test_acc_cell(rep: Report, run: str) -> str:
-    """The test accuracy of `run`: one seed's, or the mean and spread of several."""
-    summary = summarise(rep.seeds[run])
-    if summary["std"] is None:
-        return pct(summary["mean"])
-    return rf"{pct(summary['mean'])} $\pm$ {pct(summary['std'])} ({summary['n_seeds']})"
 
 
 def best_epoch_sentence(rep: Report) -> str:

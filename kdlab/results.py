@@ -63,11 +63,8 @@ def default_ckpt_dir(smoke: bool) -> Path:
 
 def seeds_in(ckpt_dir: str | Path, run: str) -> list[int]:
     """The training seeds of `run` that have any file in `ckpt_dir`, the default seed first."""
-    seeds = set()
-    for path in Path(ckpt_dir).glob(f"{run}_*"):
-        match = RUN_FILE.fullmatch(path.name)
-        if match and match["run"] == run:
-            seeds.add(int(match["seed"] or DEFAULT_SEED))
+    matches = (RUN_FILE.fullmatch(path.name) for path in Path(ckpt_dir).glob(f"{run}_*"))
+    seeds = {int(match["seed"] or DEFAULT_SEED) for match in matches if match and match["run"] == run}
     return sorted(seeds, key=lambda seed: (seed != DEFAULT_SEED, seed))
 
 
