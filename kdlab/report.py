@@ -6,12 +6,9 @@ report/generated/*.tex. report/KD_LAB.tex inputs those files and types no result
 number of its prose, and every comparison ("above", "below"), is a macro computed here, so
 the text stays true whatever the runs gave. Then latexmk builds report/KD_LAB.pdf.
 
-The runs it expects follow the results it is given (kdlab.config.expected_runs): the six of
-`run all` for the lab with ImageNet weights, the teacher and the from-scratch students for a
-reference run without them. An expected run without a results file is named as missing, in a
-sentence and in the tables; a run outside `run all` is reported when it has results and is
-otherwise left out. Smoke results (synthetic data) and CPU runs are refused unless --draft,
-and a draft says so on every page.
+The runs it expects follow the results (kdlab.config.expected_runs); one without a results file
+is named as missing, in a sentence and in the tables. Smoke results (synthetic data) and CPU runs
+are refused unless --draft, and a draft says so on every page.
 
 The template, report/KD_LAB.tex, is copied into the report folder, so a report can be built
 anywhere (on Drive, beside the figures it shows).

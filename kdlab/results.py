@@ -137,11 +137,9 @@ def load_seed_results(results_dir: str | Path) -> dict[str, list[dict]]:
     A run and seed found twice (`<run>_results.json` beside `<run>_seed42_results.json`, say) with
     different settings is refused, naming both files: two different runs are never averaged.
     """
-    entries = []
-    for path in sorted(Path(results_dir).glob("*_results.json")):
-        match = RUN_FILE.fullmatch(path.name)
-        if match and match["run"] in RUNS:
-            entries.append((path, read_results_file(path, match["run"], int(match["seed"] or DEFAULT_SEED))))
+    paths = sorted(Path(results_dir).glob("*_results.json"))
+    matched = [(path, m) for path in paths if (m := RUN_FILE.fullmatch(path.name)) and m["run"] in RUNS]
+    entries = [(path, read_results_file(path, m["run"], int(m["seed"] or DEFAULT_SEED))) for path, m in matched]
     by_run: dict[str, list[dict]] = {}
     for _, r in sorted(check_no_duplicates(entries), key=lambda e: (run_order(e[1]["run"]), training_seed(e[1]))):
         by_run.setdefault(r["run"], []).append(r)
