@@ -176,9 +176,8 @@ def plot_validation_accuracy(results: dict[str, dict], seeds: dict[str, list[dic
     A run with several seeds is drawn as the mean over its seeds, in a band from the lowest to
     the highest seed at each epoch.
     """
-    fig, axes = _figure("Validation accuracy per epoch", source_line(list(results.values()), origin),
-                        _smoke(results), (9, 5.5), missing=missing)
-    ax = axes[0, 0]
+    fig, [[ax]] = _figure("Validation accuracy per epoch", source_line(list(results.values()), origin),
+                          _smoke(results), (9, 5.5), missing=missing)
     for run, r in results.items():
         runs = [s for s in seeds[run] if len(s["history"]) == len(r["history"])]
         epochs = [h["epoch"] for h in r["history"]]
@@ -206,9 +205,8 @@ def plot_test_accuracy(results: dict[str, dict], seeds: dict[str, list[dict]], m
     reference = original_lab_accuracies()
     runs = [run for run in RUNS if run in results or run in reference]
     budget = budget or {}
-    fig, axes = _figure("Test accuracy per run", source_line(list(results.values()), origin),
-                        _smoke(results), (11, 6), missing=missing)
-    ax = axes[0, 0]
+    fig, [[ax]] = _figure("Test accuracy per run", source_line(list(results.values()), origin),
+                          _smoke(results), (11, 6), missing=missing)
     width = 0.38
     shown = [100 * r["test_acc"] for run in runs for r in seeds.get(run, [])] + [
         100 * acc for acc in reference.values()] + [100 * r["test_acc"] for rs in budget.values() for r in rs]
@@ -286,10 +284,9 @@ def plot_run_curves(r: dict, out_dir: str | Path, origin: str = "") -> Path:
     run, history = r["run"], r["history"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig, axes = _figure(f"{run_label(run, {run: r})}: test accuracy {100 * r['test_acc']:.2f}% "
-                        f"(best validation epoch {r['best_epoch']} of {r['epochs']})",
-                        source_line([r], origin), r["smoke"], (10, 4.2), 1, 2)
-    loss_ax, acc_ax = axes[0]
+    fig, [[loss_ax, acc_ax]] = _figure(f"{run_label(run, {run: r})}: test accuracy {100 * r['test_acc']:.2f}% "
+                                       f"(best validation epoch {r['best_epoch']} of {r['epochs']})",
+                                       source_line([r], origin), r["smoke"], (10, 4.2), 1, 2)
     epochs = [h["epoch"] for h in history]
     line = dict(marker="o", color=run_colour(run))
     loss_ax.plot(epochs, [h["train_loss"] for h in history], **line, label="train (all terms)")
@@ -320,10 +317,9 @@ def plot_confusion_matrix(r: dict, out_dir: Path, origin: str = "") -> Path:
     """confusion_matrix.png: share of each true class given to each predicted class."""
     counts = confusion_counts(r["test_predictions"], r["test_labels"])
     shares = 100 * counts / counts.sum(1, keepdims=True).clip(min=1)
-    fig, axes = _figure(f"Confusion matrix of the best student, {run_label(r['run'], {r['run']: r})} "
-                        f"(test accuracy {100 * r['test_acc']:.2f}%)",
-                        source_line([r], origin), r["smoke"], (8.5, 7.5))
-    ax = axes[0, 0]
+    fig, [[ax]] = _figure(f"Confusion matrix of the best student, {run_label(r['run'], {r['run']: r})} "
+                          f"(test accuracy {100 * r['test_acc']:.2f}%)",
+                          source_line([r], origin), r["smoke"], (8.5, 7.5))
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=100)
     for true in range(NUM_CLASSES):
         for pred in range(NUM_CLASSES):
@@ -345,10 +341,9 @@ def plot_agreement(results: dict[str, dict], missing: list[str], out_dir: Path,
                    origin: str = "") -> Path:
     """agreement.png: how often each student predicts what the teacher predicts."""
     agreement = teacher_agreement(results)
-    fig, axes = _figure("Teacher-student agreement on the test set",
-                        source_line(list(results.values()), origin), _smoke(results), (9, 5.5),
-                        missing=missing)
-    ax = axes[0, 0]
+    fig, [[ax]] = _figure("Teacher-student agreement on the test set",
+                          source_line(list(results.values()), origin), _smoke(results), (9, 5.5),
+                          missing=missing)
     runs = list(agreement)
     bars = ax.bar(range(len(runs)), [100 * agreement[run] for run in runs], color=[run_colour(run) for run in runs])
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
@@ -501,8 +496,7 @@ def plot_deploy(deployment: dict, out_dir: str | Path) -> Path:
     cpu = deployment["cpu"]
     source = (f"data: {deployment['data']} | measured {deployment['measured']} on {cpu['model']}, "
               f"{cpu['threads']} thread(s), int8 instructions: {', '.join(cpu['int8_instructions']) or 'none known'}")
-    fig, axes = _figure("Deployed on a CPU: test accuracy against latency", source, deployment["smoke"], (8, 5))
-    ax = axes[0, 0]
+    fig, [[ax]] = _figure("Deployed on a CPU: test accuracy against latency", source, deployment["smoke"], (8, 5))
     for run, measured in deployment["runs"].items():
         points = [(v["latency_ms"], 100 * v["test_acc"]) for v in measured["variants"].values()]
         ax.plot(*zip(*points), color=run_colour(run), alpha=0.4, zorder=2)
