@@ -471,8 +471,7 @@ def plot_efficiency(efficiency: dict, results: dict[str, dict], missing: list[st
                     origin: str = "") -> Path:
     """efficiency.png: test accuracy against three costs: parameters, FLOPs, latency."""
     source = f"{source_line(list(results.values()), origin)} | timed on {efficiency['device']}"
-    fig, axes = _figure("Test accuracy against cost", source, efficiency["smoke"], (13, 4.6), 1, 3,
-                        missing)
+    fig, axes = _figure("Test accuracy against cost", source, efficiency["smoke"], (13, 4.6), 1, 3, missing)
     costs = [("params", 1e-6, "parameters (millions)"),
              ("flops_per_image", 1e-9, "GFLOPs per image (FlopCounterMode)"),
              ("latency_ms", 1, f"latency at batch 1 (ms, {efficiency['device']})")]
@@ -602,8 +601,7 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path) -> Path:
                          f"sweep with --grid KEY=V1,V2, and run it to the end.")
     fig, axes = _figure("Test accuracy against each swept setting",
                         f"{source_line(list(by_trial.values()), str(sweep_dir))} | {describe_nodes(sweep)}",
-                        _smoke(by_trial),
-                        (6 * len(swept) + 1, 5), 1, len(swept))
+                        _smoke(by_trial), (6 * len(swept) + 1, 5), 1, len(swept))
     for ax, key in zip(axes[0], swept):
         values = sweep["grid"][key]
         # Numbers at their value; names (a hint layer) one after the other.

@@ -95,8 +95,8 @@ class Report:
     figures_dir: Path
     report_dir: Path
     figures_tex_path: str             # the figures folder as LaTeX, run from the report folder
-    deployment: dict | None = None    # deploy.json of `python -m kdlab deploy`, if given and there
-    deploy_path: Path | None = None
+    deployment: dict | None           # deploy.json of `python -m kdlab deploy`, if given and there
+    deploy_path: Path | None
 
     @cached_property
     def findings(self) -> Findings:
