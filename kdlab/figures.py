@@ -337,8 +337,7 @@ def teacher_agreement(results: dict[str, dict]) -> dict[str, float]:
     return {run: agreement(r, results[TEACHER_RUN]) for run, r in results.items() if run != TEACHER_RUN}
 
 
-def plot_agreement(results: dict[str, dict], missing: list[str], out_dir: Path,
-                   origin: str = "") -> Path:
+def plot_agreement(results: dict[str, dict], missing: list[str], out_dir: Path, origin: str = "") -> Path:
     """agreement.png: how often each student predicts what the teacher predicts."""
     agreement = teacher_agreement(results)
     fig, [[ax]] = _figure("Teacher-student agreement on the test set",

@@ -1,10 +1,9 @@
 """The lab's findings, computed once from its results files; the report, the docs and the notebook word them.
 
-A comparison is a paired difference of two runs (kdlab.stats.paired_difference: the runs, the
-seeds paired, the mean difference, its 95% interval, McNemar's p-value per seed, whether the
-interval excludes zero). `Findings` computes each comparison once, however many renderings use
-it: each distillation run's gain over its baseline, the best student's gap to its teacher, logit
-KD from scratch against its baseline at each training budget and the verdict those budgets give.
+A comparison is a paired difference of two runs (kdlab.stats.paired_difference). `Findings`
+computes each comparison once, however many renderings use it: each distillation run's gain over
+its baseline, the best student's gap to its teacher, logit KD from scratch against its baseline
+at each training budget and the verdict those budgets give.
 kdlab.report writes them in LaTeX, kdlab.docs and kdlab.figures' results table in Markdown;
 none of them compares runs itself. numpy only, no torch.
 """

@@ -666,10 +666,9 @@ def agreement_sentences(rep: Report) -> str:
     out = ["On the test set, the students predict the same class as the teacher for "
            + enumerate_text([rf"{acc_text(share)} of the images ({run_name(run, rep.results)})"
                              for run, share in shares.items()]) + "."]
-    for start, name, base, kd in compared_pairs(rep):
-        if base in shares and kd in shares:
-            out.append(rf"{sentence_start(start)}, the agreement of {name} with the teacher is "
-                       rf"{compare(shares[kd], shares[base])} the cross-entropy student's.")
+    out += [rf"{sentence_start(start)}, the agreement of {name} with the teacher is "
+            rf"{compare(shares[kd], shares[base])} the cross-entropy student's."
+            for start, name, base, kd in compared_pairs(rep) if base in shares and kd in shares]
     return " ".join(out)
 
 
