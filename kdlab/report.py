@@ -175,10 +175,8 @@ def cannot_yet(rep: Report, what: str, runs) -> str:
     """That `what` waits for those of `runs` without a results file; "" when none lacks one, so
     that `cannot_yet(...) or <the sentence>` words the comparison once it can be made."""
     lacking = [run for run in runs if run not in rep.results]
-    if not lacking:
-        return ""
     return (f"{what} cannot be measured yet: {runs_text(lacking, {})} {agreeing(len(lacking), 'has', 'have')} "
-            f"no results file.")
+            f"no results file." if lacking else "")
 
 
 def compared_pairs(rep: Report):
