@@ -399,13 +399,12 @@ def results_table(rep: Report) -> str:
     where = (f"FLOPs per image and latency from {efficiency_source(rep)}" if rep.efficiency
              else f"FLOPs and latency: -- (no {tt('efficiency.json')} in {tt(rep.figures_dir)}; "
                   f"the figures module writes it).")
-    caption = (rf"Every run. Validation accuracy: the best epoch's (that epoch in brackets), "
-               rf"whose weights are kept; test accuracy: those weights, once, on the "
-               rf"test set; for a run trained with several seeds, the mean $\pm$ the standard "
-               rf"deviation over its seeds (their number in brackets), the other columns being "
-               rf"those of seed {DEFAULT_SEED}. Parameters: the deployed network (a regressor used only in training "
-               rf"is not counted). Train: wall time of all epochs, validation included. {where} "
-               rf"Source: {tt(rep.results_dir)}.")
+    caption = (rf"Every run. Validation accuracy: the best epoch's (that epoch in brackets), whose weights "
+               rf"are kept; test accuracy: those weights, once, on the test set; for a run trained with "
+               rf"several seeds, the mean $\pm$ the standard deviation over its seeds (their number in "
+               rf"brackets), the other columns being those of seed {DEFAULT_SEED}. Parameters: the "
+               rf"deployed network (a regressor used only in training is not counted). Train: wall time of "
+               rf"all epochs, validation included. {where} Source: {tt(rep.results_dir)}.")
     return table("tab:results", caption, "lrrrrrrr", [
         r"Run & Epochs & Val.\ acc. & Test acc. & Params & GFLOPs & Latency & Train \\",
         r" & & \% (epoch) & \% & (M) & & (ms) & (min) \\"], rows)
@@ -507,9 +506,8 @@ def kd_cost_sentences(rep: Report) -> str:
         per_epoch_b, per_epoch_k = b["wall_seconds"] / b["epochs"], k["wall_seconds"] / k["epochs"]
         extra = (rf", and trains {k['extra_training_parameters']:,} regressor parameters "
                  rf"besides the student" if k["extra_training_parameters"] else "")
-        out.append(rf"An epoch of {name} {start} took {per_epoch_k:.1f} s against "
-                   rf"{per_epoch_b:.1f} s for cross-entropy alone "
-                   rf"({per_epoch_k / per_epoch_b:.2f} times as long){extra}.")
+        out.append(rf"An epoch of {name} {start} took {per_epoch_k:.1f} s against {per_epoch_b:.1f} s for "
+                   rf"cross-entropy alone ({per_epoch_k / per_epoch_b:.2f} times as long){extra}.")
     t = rep.results.get(TEACHER_RUN)
     out.append(cannot_yet(rep, "The teacher's training cost", [TEACHER_RUN])
                or rf"The teacher those runs need cost {minutes(t['wall_seconds'])} min of "
