@@ -405,24 +405,23 @@ def plot_per_class_accuracy(findings: Findings, out_dir: Path, origin: str = "")
         bars = accuracy_ax.bar(x + offset, means, width, color=run_colour(run),
                                label=f"{run_label(run, results)} ({seeds_note})")
         accuracy_ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    accuracy_ax.set_xticks(x, CLASSES, fontsize=8)
     # Gains of a point are the question: the axis starts below the lowest bar, not at 0.
     bottom = min(bar.get_height() for bar in accuracy_ax.patches)
     accuracy_ax.set(ylabel=f"test accuracy (%, {np.sum(labels == 0):,} images a class)",
                     ylim=(max(0, 10 * math.floor((bottom - 5) / 10)), 112))
     accuracy_ax.legend(fontsize=8, loc="upper center", ncols=2)
-    accuracy_ax.grid(axis="y", alpha=0.3)
     gains = np.array([100 * d["mean_difference"] for d in by_class])
     spans = np.array([[100 * (d["mean_difference"] - d["ci_low"]), 100 * (d["ci_high"] - d["mean_difference"])]
                       for d in by_class]).T
     colours = [run_colour(kd) if d["excludes_zero"] else "0.6" for d in by_class]
     gain_ax.bar(x, gains, 0.6, color=colours, yerr=spans, capsize=4)
     gain_ax.axhline(0, color="0.2", linewidth=0.8)
-    gain_ax.set_xticks(x, CLASSES, fontsize=8)
     gain_ax.set(ylabel=f"gain (points), {per_class_interval_text(by_class)}",
                 title="paired by seed on the same test images; grey: the interval includes zero")
     gain_ax.title.set_fontsize(9)
-    gain_ax.grid(axis="y", alpha=0.3)
+    for ax in (accuracy_ax, gain_ax):
+        ax.set_xticks(x, CLASSES, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
     return _save(fig, out_dir / "per_class_accuracy.png")
 
 
@@ -563,20 +562,19 @@ def plot_throughput(bench: dict, out_path: str | Path, origin: str = "") -> Path
     speeds = [r[path]["images_per_s"] for r in rows for path in PATH_COLOURS]
     speed_ax.set_ylim(min(speeds) / 4, max(speeds) * 3)   # room under the slowest bar, above the labels
     ticks = [textwrap.fill(STEP_DESCRIPTIONS.get(r["step"], r["step"]), 16) for r in rows]
-    speed_ax.set_xticks(x, ticks, fontsize=8)
     speed_ax.set(ylabel="images per second (log scale)", title="throughput (bold: kdlab's images/s over the naive path's)")
-    speed_ax.title.set_fontsize(9)
     speed_ax.grid(axis="y", alpha=0.3, which="both")
     speed_ax.legend(fontsize=8, loc="upper left")
     if peak:
         share_ax = axes[0, 1]
         bars = share_ax.bar(x, [100 * r["kdlab"]["peak_share"] for r in rows], 0.6, color=PATH_COLOURS["kdlab"])
         share_ax.bar_label(bars, fmt="%.1f", fontsize=8)
-        share_ax.set_xticks(x, ticks, fontsize=8)
         share_ax.set(ylabel=f"% of the {peak:.0f} TFLOP/s dense bf16 peak",
                      title="model FLOPs utilisation of kdlab's path", ylim=(0, 100))
-        share_ax.title.set_fontsize(9)
         share_ax.grid(axis="y", alpha=0.3)
+    for ax in axes[0]:   # one panel, or two with the peak
+        ax.set_xticks(x, ticks, fontsize=8)
+        ax.title.set_fontsize(9)
     return _save(fig, Path(out_path))
 
 
