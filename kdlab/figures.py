@@ -143,8 +143,7 @@ def _figure(title: str, source: str, smoke: bool, size: tuple[float, float],
     if missing:
         fig.text(0.5, footer * inch, "missing runs (no results file): " + ", ".join(missing),
                  ha="center", va="bottom", fontsize=8, color="#b35900", wrap=True)
-    axes = fig.subplots(nrows, ncols, squeeze=False, width_ratios=width_ratios)
-    return fig, axes
+    return fig, fig.subplots(nrows, ncols, squeeze=False, width_ratios=width_ratios)
 
 
 def _save(fig: Figure, path: Path) -> Path:
