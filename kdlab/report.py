@@ -413,11 +413,9 @@ def results_table(rep: Report) -> str:
 def best_epoch_sentence(rep: Report) -> str:
     last = [run for run, r in rep.results.items() if r["best_epoch"] == r["epochs"]]
     earlier = [run for run in rep.results if run not in last]
-    out = []
-    if last:
-        out.append(rf"{runs_text(last, rep.results)} {agreeing(len(last), 'was', 'were')} best on validation "
-                   rf"at {agreeing(len(last), 'its', 'their')} last epoch, as a cosine schedule "
-                   rf"that ends at zero makes likely.")
+    out = ([rf"{runs_text(last, rep.results)} {agreeing(len(last), 'was', 'were')} best on validation "
+            rf"at {agreeing(len(last), 'its', 'their')} last epoch, as a cosine schedule "
+            rf"that ends at zero makes likely."] if last else [])
     if earlier:
         out.append("Peaked before the end: " + enumerate_text(
             [rf"{run_name(run, rep.results)} (epoch {rep.results[run]['best_epoch']} of {rep.results[run]['epochs']})"
