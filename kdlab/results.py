@@ -34,6 +34,8 @@ RESULT_KEYS = ("run", "test_acc", "best_val_acc", "best_epoch", "epochs", "confi
                "weights", "smoke", "data", "n_train", "n_val", "n_test", "parameters",
                "extra_training_parameters", "test_predictions", "device", "device_name",
                "torch_version", "wall_seconds", "finished")
+# <run>[_seed<N>]_{best.pt,last.pt,results.json}; a run name may itself contain underscores.
+RUN_FILE = re.compile(r"(?P<run>.+?)(?:_seed(?P<seed>\d+))?_(?:best\.pt|last\.pt|results\.json)")
 
 
 def run_file(suffix: str) -> property:
@@ -66,10 +68,6 @@ def seeds_in(ckpt_dir: str | Path, run: str) -> list[int]:
     matches = (RUN_FILE.fullmatch(path.name) for path in Path(ckpt_dir).glob(f"{run}_*"))
     seeds = {int(match["seed"] or DEFAULT_SEED) for match in matches if match and match["run"] == run}
     return sorted(seeds, key=lambda seed: (seed != DEFAULT_SEED, seed))
-
-
-# <run>[_seed<N>]_{best.pt,last.pt,results.json}; a run name may itself contain underscores.
-RUN_FILE = re.compile(r"(?P<run>.+?)(?:_seed(?P<seed>\d+))?_(?:best\.pt|last\.pt|results\.json)")
 
 
 def run_status(ckpt_dir: str | Path, run: str, seed: int = DEFAULT_SEED) -> str:
