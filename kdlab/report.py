@@ -37,7 +37,7 @@ from kdlab.registry import METHODS, setting_fields
 from kdlab.findings import Findings
 from kdlab.results import (DEFAULT_BENCHMARK, LOGIT_KD_FROM_SCRATCH, STEP_DESCRIPTIONS, agreement, default_seed_results,
                            distillation_temperature, load_benchmark, load_budget_baselines, load_deploy,
-                           load_efficiency, load_seed_results, read_json, run_order, softened, teacher_note)
+                           load_efficiency, load_manifest, load_seed_results, run_order, softened, teacher_note)
 from kdlab.stats import per_class_interval_text, summarise, training_seed
 
 # The report's template; `make_report` copies it into the report folder it is given.
@@ -64,18 +64,6 @@ CIFAR_RESNET_STAGES = (32, 16, 8, 4)
 # The settings the prose states of each recipe, the teacher's, the students' and fine-tuning's: the
 # macros Teacher<name>, Student<name> and Finetune<name>, each of that config key.
 RECIPE_MACROS = {"Epochs": "epochs", "PeakLR": "lr", "WeightDecay": "weight_decay"}
-
-
-# ----------------------------------------------------------------------------- reading
-
-def load_manifest(results_dir: Path) -> dict | None:
-    path = results_dir / "manifest.json"
-    if not path.exists():
-        return None
-    manifest = read_json(path, "write it again, or delete it.")
-    if not isinstance(manifest, dict):
-        raise KdlabError(f"{path} must hold one JSON object (key: value); write it again, or delete it.")
-    return manifest
 
 
 # ----------------------------------------------------------------------------- the report's data

@@ -179,6 +179,16 @@ STEP_DESCRIPTIONS = {TEACHER_STEP: "teacher step (ResNet50, CE)", STUDENT_STEP: 
                      EVALUATION_STEP: "evaluation (ResNet18 forward)"}
 
 
+def load_manifest(results_dir: Path) -> dict | None:
+    path = results_dir / "manifest.json"
+    if not path.exists():
+        return None
+    manifest = read_json(path, "write it again, or delete it.")
+    if not isinstance(manifest, dict):
+        raise KdlabError(f"{path} must hold one JSON object (key: value); write it again, or delete it.")
+    return manifest
+
+
 def load_efficiency(figures_dir: Path) -> dict | None:
     """efficiency.json of the figures module: device, image_size, measured (date), runs {run: {...}}; or None."""
     path = figures_dir / "efficiency.json"
