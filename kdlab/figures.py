@@ -320,10 +320,9 @@ def plot_confusion_matrix(r: dict, out_dir: Path, origin: str = "") -> Path:
                           f"(test accuracy {100 * r['test_acc']:.2f}%)",
                           source_line([r], origin), r["smoke"], (8.5, 7.5))
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=100)
-    for true in range(NUM_CLASSES):
-        for pred in range(NUM_CLASSES):
-            ax.text(pred, true, f"{shares[true, pred]:.0f}", ha="center", va="center", fontsize=7,
-                    color="white" if shares[true, pred] > 50 else "black")
+    for true, pred in np.ndindex(shares.shape):
+        ax.text(pred, true, f"{shares[true, pred]:.0f}", ha="center", va="center", fontsize=7,
+                color="white" if shares[true, pred] > 50 else "black")
     ax.set_xticks(range(NUM_CLASSES), CLASSES, rotation=45, ha="right")
     ax.set_yticks(range(NUM_CLASSES), CLASSES)
     ax.set(xlabel="predicted class", ylabel=f"true class ({len(r['test_labels'])} test images)")
@@ -371,10 +370,9 @@ def plot_soft_targets(teacher: dict, temperature: float, out_dir: str | Path, or
         image_ax.set_axis_off()
         image_ax.set_title(f"test image {example['test_index']}\ntrue class: {CLASSES[example['label']]}",
                            fontsize=8)
-        for offset, t, style in ((-width / 2, 1.0, dict(color="0.7")),
-                                 (width / 2, temperature, dict(color=run_colour(TEACHER_RUN)))):
+        for offset, t, colour in ((-width / 2, 1.0, "0.7"), (width / 2, temperature, run_colour(TEACHER_RUN))):
             probabilities = 100 * softened(example["logits"], t)
-            bars = bars_ax.bar(x + offset, probabilities, width, label=f"T = {t:g}", **style)
+            bars = bars_ax.bar(x + offset, probabilities, width, label=f"T = {t:g}", color=colour)
             bars_ax.bar_label(bars, labels=[f"{p:.0f}" if p >= 1 else "" for p in probabilities], fontsize=6)
         bars_ax.set(ylim=(0, 115), ylabel="probability (%)")
         bars_ax.set_xticks(x, CLASSES if example is examples[-1] else [""] * NUM_CLASSES, fontsize=8)
@@ -767,8 +765,7 @@ def save_sample_grid(splits, out_dir: str | Path, smoke: bool, per_class: int = 
         for k, ax in enumerate(axes[c]):
             if k < len(members):
                 ax.imshow(images[members[k]].transpose(1, 2, 0), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             ax.spines[:].set_visible(False)
         axes[c, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
     return _save(fig, out_dir / "sample_images.png")

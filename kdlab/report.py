@@ -887,8 +887,7 @@ def collect(results_dir, figures_dir, report_dir, expected=None, benchmark=None,
     `budget_dir`: the budget-matched baselines of the results (kdlab.results.BUDGET_DIR for the reference)."""
     results_dir, figures_dir, report_dir = Path(results_dir), Path(figures_dir), Path(report_dir)
     benchmark, budget_dir, deploy = (Path(path) if path else None for path in (benchmark, budget_dir, deploy))
-    unknown = [run for run in expected or () if run not in RUNS]
-    if unknown:
+    if unknown := [run for run in expected or () if run not in RUNS]:
         raise KdlabError(f"unknown run {', '.join(unknown)}; valid runs: {', '.join(RUNS)}")
     if not results_dir.is_dir():
         raise KdlabError(f"--results {results_dir} is not a folder; give the folder of the runs' "

@@ -30,10 +30,9 @@ KEPT_MANIFEST = "manifest.json"
 KEPT_PART_PREFIX = "weights.fp16.part"
 
 # What every <run>_results.json holds (kdlab.checkpoints writes it when a run finishes).
-RESULT_KEYS = ("run", "test_acc", "best_val_acc", "best_epoch", "epochs", "config",
-               "weights", "smoke", "data", "n_train", "n_val", "n_test", "parameters",
-               "extra_training_parameters", "test_predictions", "device", "device_name",
-               "torch_version", "wall_seconds", "finished")
+RESULT_KEYS = ("run", "test_acc", "best_val_acc", "best_epoch", "epochs", "config", "weights", "smoke",
+               "data", "n_train", "n_val", "n_test", "parameters", "extra_training_parameters",
+               "test_predictions", "device", "device_name", "torch_version", "wall_seconds", "finished")
 # <run>[_seed<N>]_{best.pt,last.pt,results.json}; a run name may itself contain underscores.
 RUN_FILE = re.compile(r"(?P<run>.+?)(?:_seed(?P<seed>\d+))?_(?:best\.pt|last\.pt|results\.json)")
 
