@@ -354,8 +354,7 @@ def plot_soft_targets(teacher: dict, temperature: float, out_dir: str | Path, or
     """soft_targets.png: what the teacher knows, for the test images its results file keeps
     (kdlab.checkpoints.soft_target_examples): its class probabilities at T = 1 and at the lab's
     temperature, the soft targets a distilled student learns from."""
-    examples = teacher.get("soft_target_examples")
-    if not examples:
+    if not (examples := teacher.get("soft_target_examples")):
         raise KdlabError(f"the teacher's results (seed {teacher['config']['seed']}) keep no soft-target examples "
                          f"(written by an older kdlab); train the teacher again with --retrain to record them.")
     fig, axes = _figure(f"What the teacher knows: its class probabilities at T = 1 and at T = {temperature:g}, "

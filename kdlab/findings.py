@@ -72,8 +72,7 @@ class Findings:
     @cached_property
     def per_class(self) -> tuple[str, str, list[dict]] | None:
         """(the best distilled run, its baseline, their paired difference class by class); None without both."""
-        kd = best_distilled(self.results)
-        if kd is None:
+        if (kd := best_distilled(self.results)) is None:
             return None
         base = baseline_of(kd)
         return kd, base, paired_difference_by_class(self.seeds[kd], self.seeds[base], len(CLASSES))

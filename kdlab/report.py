@@ -219,8 +219,7 @@ def abstract_results(rep: Report) -> str:
 
 def soft_target_sentences(rep: Report) -> str:
     """What the teacher's softened outputs show, read from the examples its results file keeps."""
-    examples = rep.results.get(TEACHER_RUN, {}).get("soft_target_examples")
-    if not examples:
+    if not (examples := rep.results.get(TEACHER_RUN, {}).get("soft_target_examples")):
         return ""
     temperature = distillation_temperature(rep.results)
 
