@@ -74,10 +74,8 @@ def recipe_table() -> str:
     """Every default of the four recipes (teacher and students, from ImageNet and from scratch)."""
     student = {start: next(run for run in LAB_RUNS if run != TEACHER_RUN and RUNS[run].start == start)
                for start in STARTS}
-    columns = [("teacher, " + STARTS["pretrained"], make_config(TEACHER_RUN)),
-               ("students, " + STARTS["pretrained"], make_config(student["pretrained"])),
-               ("teacher, " + STARTS["scratch"], make_config(TEACHER_RUN, weights="none")),
-               ("students, " + STARTS["scratch"], make_config(student["scratch"]))]
+    columns = [(f"{who}, {STARTS[start]}", make_config(run, weights=None if start == "pretrained" else "none"))
+               for start in STARTS for who, run in (("teacher", TEACHER_RUN), ("students", student[start]))]
     rows = [[f"`{name}`", *(cell(getattr(cfg, name)) for _, cfg in columns), RECIPE_REASONS[name]]
             for name in RECIPE_REASONS]
     return markdown_table(["setting", *(title for title, _ in columns), "why"], rows, "lrrrrl")
@@ -172,8 +170,7 @@ def findings_list(found) -> str:
             lines.append(f"- **Logit KD from scratch against the baseline {c['label']}**"
                          + (f" (the baseline trained {c['epochs']} epochs): {difference_words(d)}." if d else
                             ": pending, the GPU plan has not trained that baseline yet."))
-    note = teacher_note(found.seeds)
-    if note:
+    if note := teacher_note(found.seeds):
         lines.append(f"- **Teachers**: {note}")
     if found.teacher_gap:
         lines.append(f"- **The best student, {run_label(found.best_student, results)}**, against its teacher: "

@@ -89,8 +89,7 @@ def format_results_table(seeds: dict[str, list[dict]], findings: Findings | None
                             rows, "llrrrrrrl")]
     lines += [f"| {run}, {ORIGINAL_LAB_LABEL} | ImageNet | | {acc:.4f} | | | | | |"
               for run, acc in original_lab_accuracies().items()]
-    note = teacher_note(seeds)
-    if note:
+    if note := teacher_note(seeds):
         lines.append(f"\n{note}")
     if any(r["smoke"] for runs in seeds.values() for r in runs):
         lines.append(f"\n{SMOKE_BANNER}")
@@ -144,8 +143,7 @@ def _figure(title: str, source: str, smoke: bool, size: tuple[float, float],
     if missing:
         fig.text(0.5, footer * inch, "missing runs (no results file): " + ", ".join(missing),
                  ha="center", va="bottom", fontsize=8, color="#b35900", wrap=True)
-    axes = fig.subplots(nrows, ncols, squeeze=False, width_ratios=width_ratios)
-    return fig, axes
+    return fig, fig.subplots(nrows, ncols, squeeze=False, width_ratios=width_ratios)
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -168,10 +166,6 @@ def _run_ticks(ax, runs: list[str], results: dict[str, dict]) -> None:
                                      .replace(" (", "\n(") for run in runs], fontsize=8)
 
 
-def _percent(value: float) -> float:
-    return 100 * value
-
-
 # ----------------------------------------------------------------------------- training figures
 
 def plot_validation_accuracy(results: dict[str, dict], seeds: dict[str, list[dict]], missing: list[str],
@@ -181,13 +175,12 @@ def plot_validation_accuracy(results: dict[str, dict], seeds: dict[str, list[dic
     A run with several seeds is drawn as the mean over its seeds, in a band from the lowest to
     the highest seed at each epoch.
     """
-    fig, axes = _figure("Validation accuracy per epoch", source_line(list(results.values()), origin),
-                        _smoke(results), (9, 5.5), missing=missing)
-    ax = axes[0, 0]
+    fig, [[ax]] = _figure("Validation accuracy per epoch", source_line(list(results.values()), origin),
+                          _smoke(results), (9, 5.5), missing=missing)
     for run, r in results.items():
         runs = [s for s in seeds[run] if len(s["history"]) == len(r["history"])]
         epochs = [h["epoch"] for h in r["history"]]
-        curves = np.array([[_percent(h["val_acc"]) for h in s["history"]] for s in runs])
+        curves = np.array([[100 * h["val_acc"] for h in s["history"]] for s in runs])
         label = run_label(run, results) + (f" (mean of {len(runs)} seeds, band: min-max)" if len(runs) > 1 else "")
         ax.plot(epochs, curves.mean(0), marker="o", markersize=3, color=run_colour(run), label=label)
         if len(runs) > 1:
@@ -211,41 +204,40 @@ def plot_test_accuracy(results: dict[str, dict], seeds: dict[str, list[dict]], m
     reference = original_lab_accuracies()
     runs = [run for run in RUNS if run in results or run in reference]
     budget = budget or {}
-    fig, axes = _figure("Test accuracy per run", source_line(list(results.values()), origin),
-                        _smoke(results), (11, 6), missing=missing)
-    ax = axes[0, 0]
+    fig, [[ax]] = _figure("Test accuracy per run", source_line(list(results.values()), origin),
+                          _smoke(results), (11, 6), missing=missing)
     width = 0.38
-    shown = [_percent(r["test_acc"]) for run in runs for r in seeds.get(run, [])] + [
-        _percent(acc) for acc in reference.values()] + [_percent(r["test_acc"]) for rs in budget.values() for r in rs]
+    shown = [100 * r["test_acc"] for run in runs for r in seeds.get(run, [])] + [
+        100 * acc for acc in reference.values()] + [100 * r["test_acc"] for rs in budget.values() for r in rs]
     # Gains of a point or less are the question: the axis starts below the lowest bar, not at 0.
     bottom = max(0, 10 * math.floor((min(shown) - 5) / 10))
     for x, run in enumerate(runs):
         ours_x = x - width / 2 if run in reference else x
         if run in results:
             summary = summarise(seeds[run])
-            mean, std = _percent(summary["mean"]), summary["std"]
+            mean, std = 100 * summary["mean"], summary["std"]
             bars = ax.bar(ours_x, mean, width, color=run_colour(run),
-                          yerr=None if std is None else _percent(std), capsize=4)
-            label = f"{mean:.2f}" if std is None else f"{mean:.2f}\n±{_percent(std):.2f}\n({summary['n_seeds']} seeds)"
+                          yerr=None if std is None else 100 * std, capsize=4)
+            label = f"{mean:.2f}" if std is None else f"{mean:.2f}\n±{100 * std:.2f}\n({summary['n_seeds']} seeds)"
             ax.bar_label(bars, labels=[label], fontsize=7, padding=2)
             if summary["n_seeds"] > 1:
-                ax.plot([ours_x] * summary["n_seeds"], [_percent(r["test_acc"]) for r in seeds[run]],
+                ax.plot([ours_x] * summary["n_seeds"], [100 * r["test_acc"] for r in seeds[run]],
                         "o", color="black", markersize=3, zorder=3)
         else:
             ax.text(ours_x, bottom + 1, "missing" if run in missing else "not in these results", rotation=90,
                     ha="center", va="bottom", fontsize=8)
         if run in reference:
-            bars = ax.bar(x + width / 2, _percent(reference[run]), width, facecolor="white",
+            bars = ax.bar(x + width / 2, 100 * reference[run], width, facecolor="white",
                           edgecolor=run_colour(run), hatch="//")
             ax.bar_label(bars, fmt="%.2f", fontsize=8, color="0.3")
     baseline = baseline_of(LOGIT_KD_FROM_SCRATCH)
     for x, (variant, variant_seeds) in enumerate(budget.items(), start=len(runs)):
         summary = summarise(variant_seeds)
-        bars = ax.bar(x, _percent(summary["mean"]), width, facecolor="white", edgecolor=run_colour(baseline),
-                      hatch="..", yerr=None if summary["std"] is None else _percent(summary["std"]), capsize=4)
-        ax.bar_label(bars, labels=[f"{_percent(summary['mean']):.2f}\n({summary['n_seeds']} seeds)"], fontsize=7,
+        bars = ax.bar(x, 100 * summary["mean"], width, facecolor="white", edgecolor=run_colour(baseline),
+                      hatch="..", yerr=None if summary["std"] is None else 100 * summary["std"], capsize=4)
+        ax.bar_label(bars, labels=[f"{100 * summary['mean']:.2f}\n({summary['n_seeds']} seeds)"], fontsize=7,
                      padding=2)
-        ax.plot([x] * summary["n_seeds"], [_percent(r["test_acc"]) for r in variant_seeds], "o", color="black",
+        ax.plot([x] * summary["n_seeds"], [100 * r["test_acc"] for r in variant_seeds], "o", color="black",
                 markersize=3, zorder=3)
     _run_ticks(ax, runs, results)
     if budget:
@@ -291,22 +283,18 @@ def plot_run_curves(r: dict, out_dir: str | Path, origin: str = "") -> Path:
     run, history = r["run"], r["history"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig, axes = _figure(f"{run_label(run, {run: r})}: test accuracy {_percent(r['test_acc']):.2f}% "
-                        f"(best validation epoch {r['best_epoch']} of {r['epochs']})",
-                        source_line([r], origin), r["smoke"], (10, 4.2), 1, 2)
-    loss_ax, acc_ax = axes[0]
+    fig, [[loss_ax, acc_ax]] = _figure(f"{run_label(run, {run: r})}: test accuracy {100 * r['test_acc']:.2f}% "
+                                       f"(best validation epoch {r['best_epoch']} of {r['epochs']})",
+                                       source_line([r], origin), r["smoke"], (10, 4.2), 1, 2)
     epochs = [h["epoch"] for h in history]
-    colour = run_colour(run)
-    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", color=colour,
-                 label="train (all terms)")
-    loss_ax.plot(epochs, [h["val_loss"] for h in history], marker="o", color=colour, linestyle="--",
+    line = dict(marker="o", color=run_colour(run))
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], **line, label="train (all terms)")
+    loss_ax.plot(epochs, [h["val_loss"] for h in history], **line, linestyle="--",
                  label="validation (cross-entropy)")
     loss_ax.set(xlabel="epoch", ylabel="loss (epoch mean)")
-    acc_ax.plot(epochs, [_percent(h["train_acc"]) for h in history], marker="o", color=colour,
-                label="train (augmented batches)")
-    acc_ax.plot(epochs, [_percent(h["val_acc"]) for h in history], marker="o", color=colour,
-                linestyle="--", label="validation")
-    acc_ax.axhline(_percent(r["test_acc"]), color="0.3", linestyle=":", label="test (best-on-val weights)")
+    acc_ax.plot(epochs, [100 * h["train_acc"] for h in history], **line, label="train (augmented batches)")
+    acc_ax.plot(epochs, [100 * h["val_acc"] for h in history], **line, linestyle="--", label="validation")
+    acc_ax.axhline(100 * r["test_acc"], color="0.3", linestyle=":", label="test (best-on-val weights)")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)")
     for ax in (loss_ax, acc_ax):
         ax.axvline(r["best_epoch"], color="0.7", linewidth=0.8)
@@ -328,15 +316,13 @@ def plot_confusion_matrix(r: dict, out_dir: Path, origin: str = "") -> Path:
     """confusion_matrix.png: share of each true class given to each predicted class."""
     counts = confusion_counts(r["test_predictions"], r["test_labels"])
     shares = 100 * counts / counts.sum(1, keepdims=True).clip(min=1)
-    fig, axes = _figure(f"Confusion matrix of the best student, {run_label(r['run'], {r['run']: r})} "
-                        f"(test accuracy {_percent(r['test_acc']):.2f}%)",
-                        source_line([r], origin), r["smoke"], (8.5, 7.5))
-    ax = axes[0, 0]
+    fig, [[ax]] = _figure(f"Confusion matrix of the best student, {run_label(r['run'], {r['run']: r})} "
+                          f"(test accuracy {100 * r['test_acc']:.2f}%)",
+                          source_line([r], origin), r["smoke"], (8.5, 7.5))
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=100)
-    for true in range(NUM_CLASSES):
-        for pred in range(NUM_CLASSES):
-            ax.text(pred, true, f"{shares[true, pred]:.0f}", ha="center", va="center", fontsize=7,
-                    color="white" if shares[true, pred] > 50 else "black")
+    for true, pred in np.ndindex(shares.shape):
+        ax.text(pred, true, f"{shares[true, pred]:.0f}", ha="center", va="center", fontsize=7,
+                color="white" if shares[true, pred] > 50 else "black")
     ax.set_xticks(range(NUM_CLASSES), CLASSES, rotation=45, ha="right")
     ax.set_yticks(range(NUM_CLASSES), CLASSES)
     ax.set(xlabel="predicted class", ylabel=f"true class ({len(r['test_labels'])} test images)")
@@ -349,17 +335,14 @@ def teacher_agreement(results: dict[str, dict]) -> dict[str, float]:
     return {run: agreement(r, results[TEACHER_RUN]) for run, r in results.items() if run != TEACHER_RUN}
 
 
-def plot_agreement(results: dict[str, dict], missing: list[str], out_dir: Path,
-                   origin: str = "") -> Path:
+def plot_agreement(results: dict[str, dict], missing: list[str], out_dir: Path, origin: str = "") -> Path:
     """agreement.png: how often each student predicts what the teacher predicts."""
     agreement = teacher_agreement(results)
-    fig, axes = _figure("Teacher-student agreement on the test set",
-                        source_line(list(results.values()), origin), _smoke(results), (9, 5.5),
-                        missing=missing)
-    ax = axes[0, 0]
+    fig, [[ax]] = _figure("Teacher-student agreement on the test set",
+                          source_line(list(results.values()), origin), _smoke(results), (9, 5.5),
+                          missing=missing)
     runs = list(agreement)
-    bars = ax.bar(range(len(runs)), [_percent(agreement[run]) for run in runs],
-                  color=[run_colour(run) for run in runs])
+    bars = ax.bar(range(len(runs)), [100 * agreement[run] for run in runs], color=[run_colour(run) for run in runs])
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
     _run_ticks(ax, runs, results)
     ax.set(ylabel=f"same class as the teacher (% of {_count(results, 'n_test')} test images)",
@@ -371,8 +354,7 @@ def plot_soft_targets(teacher: dict, temperature: float, out_dir: str | Path, or
     """soft_targets.png: what the teacher knows, for the test images its results file keeps
     (kdlab.checkpoints.soft_target_examples): its class probabilities at T = 1 and at the lab's
     temperature, the soft targets a distilled student learns from."""
-    examples = teacher.get("soft_target_examples")
-    if not examples:
+    if not (examples := teacher.get("soft_target_examples")):
         raise KdlabError(f"the teacher's results (seed {teacher['config']['seed']}) keep no soft-target examples "
                          f"(written by an older kdlab); train the teacher again with --retrain to record them.")
     fig, axes = _figure(f"What the teacher knows: its class probabilities at T = 1 and at T = {temperature:g}, "
@@ -387,10 +369,9 @@ def plot_soft_targets(teacher: dict, temperature: float, out_dir: str | Path, or
         image_ax.set_axis_off()
         image_ax.set_title(f"test image {example['test_index']}\ntrue class: {CLASSES[example['label']]}",
                            fontsize=8)
-        for offset, t, style in ((-width / 2, 1.0, dict(color="0.7")),
-                                 (width / 2, temperature, dict(color=run_colour(TEACHER_RUN)))):
+        for offset, t, colour in ((-width / 2, 1.0, "0.7"), (width / 2, temperature, run_colour(TEACHER_RUN))):
             probabilities = 100 * softened(example["logits"], t)
-            bars = bars_ax.bar(x + offset, probabilities, width, label=f"T = {t:g}", **style)
+            bars = bars_ax.bar(x + offset, probabilities, width, label=f"T = {t:g}", color=colour)
             bars_ax.bar_label(bars, labels=[f"{p:.0f}" if p >= 1 else "" for p in probabilities], fontsize=6)
         bars_ax.set(ylim=(0, 115), ylabel="probability (%)")
         bars_ax.set_xticks(x, CLASSES if example is examples[-1] else [""] * NUM_CLASSES, fontsize=8)
@@ -415,29 +396,28 @@ def plot_per_class_accuracy(findings: Findings, out_dir: Path, origin: str = "")
     for offset, run in ((-width / 2, base), (width / 2, kd)):
         per_seed = [[correct_images(r)[labels == c].mean() for c in range(NUM_CLASSES)]
                     for r in seeds[run] if r["config"]["seed"] in shared]
-        means = _percent(np.mean(per_seed, axis=0))
+        means = 100 * np.mean(per_seed, axis=0)
         seeds_note = f"mean of {len(per_seed)} seeds" if len(per_seed) > 1 else f"seed {min(shared)}"
         bars = accuracy_ax.bar(x + offset, means, width, color=run_colour(run),
                                label=f"{run_label(run, results)} ({seeds_note})")
         accuracy_ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    accuracy_ax.set_xticks(x, CLASSES, fontsize=8)
     # Gains of a point are the question: the axis starts below the lowest bar, not at 0.
     bottom = min(bar.get_height() for bar in accuracy_ax.patches)
     accuracy_ax.set(ylabel=f"test accuracy (%, {np.sum(labels == 0):,} images a class)",
                     ylim=(max(0, 10 * math.floor((bottom - 5) / 10)), 112))
     accuracy_ax.legend(fontsize=8, loc="upper center", ncols=2)
-    accuracy_ax.grid(axis="y", alpha=0.3)
-    gains = np.array([_percent(d["mean_difference"]) for d in by_class])
-    spans = np.array([[_percent(d["mean_difference"] - d["ci_low"]), _percent(d["ci_high"] - d["mean_difference"])]
+    gains = np.array([100 * d["mean_difference"] for d in by_class])
+    spans = np.array([[100 * (d["mean_difference"] - d["ci_low"]), 100 * (d["ci_high"] - d["mean_difference"])]
                       for d in by_class]).T
     colours = [run_colour(kd) if d["excludes_zero"] else "0.6" for d in by_class]
     gain_ax.bar(x, gains, 0.6, color=colours, yerr=spans, capsize=4)
     gain_ax.axhline(0, color="0.2", linewidth=0.8)
-    gain_ax.set_xticks(x, CLASSES, fontsize=8)
     gain_ax.set(ylabel=f"gain (points), {per_class_interval_text(by_class)}",
                 title="paired by seed on the same test images; grey: the interval includes zero")
     gain_ax.title.set_fontsize(9)
-    gain_ax.grid(axis="y", alpha=0.3)
+    for ax in (accuracy_ax, gain_ax):
+        ax.set_xticks(x, CLASSES, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
     return _save(fig, out_dir / "per_class_accuracy.png")
 
 
@@ -485,14 +465,13 @@ def plot_efficiency(efficiency: dict, results: dict[str, dict], missing: list[st
                     origin: str = "") -> Path:
     """efficiency.png: test accuracy against three costs: parameters, FLOPs, latency."""
     source = f"{source_line(list(results.values()), origin)} | timed on {efficiency['device']}"
-    fig, axes = _figure("Test accuracy against cost", source, efficiency["smoke"], (13, 4.6), 1, 3,
-                        missing)
+    fig, axes = _figure("Test accuracy against cost", source, efficiency["smoke"], (13, 4.6), 1, 3, missing)
     costs = [("params", 1e-6, "parameters (millions)"),
              ("flops_per_image", 1e-9, "GFLOPs per image (FlopCounterMode)"),
              ("latency_ms", 1, f"latency at batch 1 (ms, {efficiency['device']})")]
     for ax, (key, scale, label) in zip(axes[0], costs):
         for run, e in efficiency["runs"].items():
-            ax.scatter(e[key] * scale, _percent(e["test_acc"]), s=60, color=run_colour(run),
+            ax.scatter(e[key] * scale, 100 * e["test_acc"], s=60, color=run_colour(run),
                        label=run_label(run, results), zorder=3)
         ax.set(xlabel=label, ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -510,13 +489,12 @@ def plot_deploy(deployment: dict, out_dir: str | Path) -> Path:
     cpu = deployment["cpu"]
     source = (f"data: {deployment['data']} | measured {deployment['measured']} on {cpu['model']}, "
               f"{cpu['threads']} thread(s), int8 instructions: {', '.join(cpu['int8_instructions']) or 'none known'}")
-    fig, axes = _figure("Deployed on a CPU: test accuracy against latency", source, deployment["smoke"], (8, 5))
-    ax = axes[0, 0]
+    fig, [[ax]] = _figure("Deployed on a CPU: test accuracy against latency", source, deployment["smoke"], (8, 5))
     for run, measured in deployment["runs"].items():
-        points = [(v["latency_ms"], _percent(v["test_acc"])) for v in measured["variants"].values()]
+        points = [(v["latency_ms"], 100 * v["test_acc"]) for v in measured["variants"].values()]
         ax.plot(*zip(*points), color=run_colour(run), alpha=0.4, zorder=2)
         for variant, v in measured["variants"].items():
-            ax.scatter(v["latency_ms"], _percent(v["test_acc"]), s=60, color=run_colour(run),
+            ax.scatter(v["latency_ms"], 100 * v["test_acc"], s=60, color=run_colour(run),
                        marker=VARIANT_MARKERS[variant], zorder=3)
     runs = [Patch(color=run_colour(run), label=run_label(run, deployment["runs"])) for run in deployment["runs"]]
     variants = [ax.scatter([], [], marker=VARIANT_MARKERS[v], color="0.3", label=label)
@@ -580,20 +558,19 @@ def plot_throughput(bench: dict, out_path: str | Path, origin: str = "") -> Path
     speeds = [r[path]["images_per_s"] for r in rows for path in PATH_COLOURS]
     speed_ax.set_ylim(min(speeds) / 4, max(speeds) * 3)   # room under the slowest bar, above the labels
     ticks = [textwrap.fill(STEP_DESCRIPTIONS.get(r["step"], r["step"]), 16) for r in rows]
-    speed_ax.set_xticks(x, ticks, fontsize=8)
     speed_ax.set(ylabel="images per second (log scale)", title="throughput (bold: kdlab's images/s over the naive path's)")
-    speed_ax.title.set_fontsize(9)
     speed_ax.grid(axis="y", alpha=0.3, which="both")
     speed_ax.legend(fontsize=8, loc="upper left")
     if peak:
         share_ax = axes[0, 1]
-        bars = share_ax.bar(x, [_percent(r["kdlab"]["peak_share"]) for r in rows], 0.6, color=PATH_COLOURS["kdlab"])
+        bars = share_ax.bar(x, [100 * r["kdlab"]["peak_share"] for r in rows], 0.6, color=PATH_COLOURS["kdlab"])
         share_ax.bar_label(bars, fmt="%.1f", fontsize=8)
-        share_ax.set_xticks(x, ticks, fontsize=8)
         share_ax.set(ylabel=f"% of the {peak:.0f} TFLOP/s dense bf16 peak",
                      title="model FLOPs utilisation of kdlab's path", ylim=(0, 100))
-        share_ax.title.set_fontsize(9)
         share_ax.grid(axis="y", alpha=0.3)
+    for ax in axes[0]:   # one panel, or two with the peak
+        ax.set_xticks(x, ticks, fontsize=8)
+        ax.title.set_fontsize(9)
     return _save(fig, Path(out_path))
 
 
@@ -617,8 +594,7 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path) -> Path:
                          f"sweep with --grid KEY=V1,V2, and run it to the end.")
     fig, axes = _figure("Test accuracy against each swept setting",
                         f"{source_line(list(by_trial.values()), str(sweep_dir))} | {describe_nodes(sweep)}",
-                        _smoke(by_trial),
-                        (6 * len(swept) + 1, 5), 1, len(swept))
+                        _smoke(by_trial), (6 * len(swept) + 1, 5), 1, len(swept))
     for ax, key in zip(axes[0], swept):
         values = sweep["grid"][key]
         # Numbers at their value; names (a hint layer) one after the other.
@@ -634,19 +610,19 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path) -> Path:
                 style = ["-", "--", ":", "-."][line_number % 4]
                 if None in by_value:   # the run does not read this setting
                     summary = summarise(by_value[None])
-                    spread = _percent(summary["std"] or 0)
-                    ax.axhline(_percent(summary["mean"]), color=colour, linestyle=style,
+                    spread = 100 * (summary["std"] or 0)
+                    ax.axhline(100 * summary["mean"], color=colour, linestyle=style,
                                label=f"{label} (does not read {key}; band: ± 1 sd)")
-                    ax.axhspan(_percent(summary["mean"]) - spread, _percent(summary["mean"]) + spread,
+                    ax.axhspan(100 * summary["mean"] - spread, 100 * summary["mean"] + spread,
                                color=colour, alpha=0.12, linewidth=0)
                     continue
                 xs = [positions[v] for v in by_value]
                 summaries = [summarise(by_value[v]) for v in by_value]
-                ax.errorbar(xs, [_percent(s["mean"]) for s in summaries],
-                            yerr=[_percent(s["std"] or 0) for s in summaries], color=colour, linestyle=style,
+                ax.errorbar(xs, [100 * s["mean"] for s in summaries],
+                            yerr=[100 * (s["std"] or 0) for s in summaries], color=colour, linestyle=style,
                             marker="s", capsize=4, label=f"{label} (mean ± 1 sd over seeds)")
                 for x, v in zip(xs, by_value):
-                    ax.plot([x] * len(by_value[v]), [_percent(r["test_acc"]) for r in by_value[v]], "o",
+                    ax.plot([x] * len(by_value[v]), [100 * r["test_acc"] for r in by_value[v]], "o",
                             color=colour, markersize=3, alpha=0.6)
         ax.set_xticks([positions[v] for v in values], [str(v) for v in values])
         ax.set(xlabel=key, ylabel=f"test accuracy (%, {_count(by_trial, 'n_test')} images)",
@@ -788,8 +764,7 @@ def save_sample_grid(splits, out_dir: str | Path, smoke: bool, per_class: int = 
         for k, ax in enumerate(axes[c]):
             if k < len(members):
                 ax.imshow(images[members[k]].transpose(1, 2, 0), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             ax.spines[:].set_visible(False)
         axes[c, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
     return _save(fig, out_dir / "sample_images.png")

@@ -1,10 +1,9 @@
 """The lab's findings, computed once from its results files; the report, the docs and the notebook word them.
 
-A comparison is a paired difference of two runs (kdlab.stats.paired_difference: the runs, the
-seeds paired, the mean difference, its 95% interval, McNemar's p-value per seed, whether the
-interval excludes zero). `Findings` computes each comparison once, however many renderings use
-it: each distillation run's gain over its baseline, the best student's gap to its teacher, logit
-KD from scratch against its baseline at each training budget and the verdict those budgets give.
+A comparison is a paired difference of two runs (kdlab.stats.paired_difference). `Findings`
+computes each comparison once, however many renderings use it: each distillation run's gain over
+its baseline, the best student's gap to its teacher, logit KD from scratch against its baseline
+at each training budget and the verdict those budgets give.
 kdlab.report writes them in LaTeX, kdlab.docs and kdlab.figures' results table in Markdown;
 none of them compares runs itself. numpy only, no torch.
 """
@@ -73,8 +72,7 @@ class Findings:
     @cached_property
     def per_class(self) -> tuple[str, str, list[dict]] | None:
         """(the best distilled run, its baseline, their paired difference class by class); None without both."""
-        kd = best_distilled(self.results)
-        if kd is None:
+        if (kd := best_distilled(self.results)) is None:
             return None
         base = baseline_of(kd)
         return kd, base, paired_difference_by_class(self.seeds[kd], self.seeds[base], len(CLASSES))

@@ -66,12 +66,12 @@ def enumerate_text(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" and {items[-1]}"
 
 
-def compare(a: float, b: float, unit: str = "points") -> str:
+def compare(a: float, b: float) -> str:
     """How `a` stands to `b` (accuracies as fractions): '1.23 points above', 'level with'."""
     diff = 100 * (a - b)
     if f"{abs(diff):.2f}" == "0.00":
         return "level with"
-    return f"{abs(diff):.2f} {unit} {'above' if diff > 0 else 'below'}"
+    return f"{abs(diff):.2f} points {'above' if diff > 0 else 'below'}"
 
 
 def times(reference: float, value: float, less: str, more: str) -> str:

@@ -6,12 +6,9 @@ report/generated/*.tex. report/KD_LAB.tex inputs those files and types no result
 number of its prose, and every comparison ("above", "below"), is a macro computed here, so
 the text stays true whatever the runs gave. Then latexmk builds report/KD_LAB.pdf.
 
-The runs it expects follow the results it is given (kdlab.config.expected_runs): the six of
-`run all` for the lab with ImageNet weights, the teacher and the from-scratch students for a
-reference run without them. An expected run without a results file is named as missing, in a
-sentence and in the tables; a run outside `run all` is reported when it has results and is
-otherwise left out. Smoke results (synthetic data) and CPU runs are refused unless --draft,
-and a draft says so on every page.
+The runs it expects follow the results (kdlab.config.expected_runs); one without a results file
+is named as missing, in a sentence and in the tables. Smoke results (synthetic data) and CPU runs
+are refused unless --draft, and a draft says so on every page.
 
 The template, report/KD_LAB.tex, is copied into the report folder, so a report can be built
 anywhere (on Drive, beside the figures it shows).
@@ -40,7 +37,7 @@ from kdlab.registry import METHODS, setting_fields
 from kdlab.findings import Findings
 from kdlab.results import (DEFAULT_BENCHMARK, LOGIT_KD_FROM_SCRATCH, STEP_DESCRIPTIONS, agreement, default_seed_results,
                            distillation_temperature, load_benchmark, load_budget_baselines, load_deploy,
-                           load_efficiency, load_seed_results, read_json, run_order, softened, teacher_note)
+                           load_efficiency, load_manifest, load_seed_results, run_order, softened, teacher_note)
 from kdlab.stats import per_class_interval_text, summarise, training_seed
 
 # The report's template; `make_report` copies it into the report folder it is given.
@@ -69,18 +66,6 @@ CIFAR_RESNET_STAGES = (32, 16, 8, 4)
 RECIPE_MACROS = {"Epochs": "epochs", "PeakLR": "lr", "WeightDecay": "weight_decay"}
 
 
-# ----------------------------------------------------------------------------- reading
-
-def load_manifest(results_dir: Path) -> dict | None:
-    path = results_dir / "manifest.json"
-    if not path.exists():
-        return None
-    manifest = read_json(path, "write it again, or delete it.")
-    if not isinstance(manifest, dict):
-        raise KdlabError(f"{path} must hold one JSON object (key: value); write it again, or delete it.")
-    return manifest
-
-
 # ----------------------------------------------------------------------------- the report's data
 
 @dataclass
@@ -98,8 +83,8 @@ class Report:
     figures_dir: Path
     report_dir: Path
     figures_tex_path: str             # the figures folder as LaTeX, run from the report folder
-    deployment: dict | None = None    # deploy.json of `python -m kdlab deploy`, if given and there
-    deploy_path: Path | None = None
+    deployment: dict | None           # deploy.json of `python -m kdlab deploy`, if given and there
+    deploy_path: Path | None
 
     @cached_property
     def findings(self) -> Findings:
@@ -178,10 +163,8 @@ def cannot_yet(rep: Report, what: str, runs) -> str:
     """That `what` waits for those of `runs` without a results file; "" when none lacks one, so
     that `cannot_yet(...) or <the sentence>` words the comparison once it can be made."""
     lacking = [run for run in runs if run not in rep.results]
-    if not lacking:
-        return ""
     return (f"{what} cannot be measured yet: {runs_text(lacking, {})} {agreeing(len(lacking), 'has', 'have')} "
-            f"no results file.")
+            f"no results file." if lacking else "")
 
 
 def compared_pairs(rep: Report):
@@ -236,8 +219,7 @@ def abstract_results(rep: Report) -> str:
 
 def soft_target_sentences(rep: Report) -> str:
     """What the teacher's softened outputs show, read from the examples its results file keeps."""
-    examples = rep.results.get(TEACHER_RUN, {}).get("soft_target_examples")
-    if not examples:
+    if not (examples := rep.results.get(TEACHER_RUN, {}).get("soft_target_examples")):
         return ""
     temperature = distillation_temperature(rep.results)
 
@@ -393,45 +375,34 @@ def results_table(rep: Report) -> str:
         if run not in rep.results:
             rows.append(rf"{tt(run)} & \multicolumn{{7}}{{c}}{{\textit{{missing: no results file}}}} \\")
             continue
-        r, m = rep.results[run], rep.measured(run)
+        r, m, summary = rep.results[run], rep.measured(run), summarise(rep.seeds[run])
+        test_acc = pct(summary["mean"]) + ("" if summary["std"] is None
+                                           else rf" $\pm$ {pct(summary['std'])} ({summary['n_seeds']})")
         flops = f"{m['flops_per_image'] / 1e9:.2f}" if "flops_per_image" in m else "--"
         latency = f"{m['latency_ms']:.2f}" if "latency_ms" in m else "--"
         rows.append(rf"{tt(run)} & {r['epochs']} & {pct(r['best_val_acc'])} ({r['best_epoch']}) & "
-                    rf"{test_acc_cell(rep, run)} & {r['parameters'] / 1e6:.2f} & {flops} & {latency} & "
+                    rf"{test_acc} & {r['parameters'] / 1e6:.2f} & {flops} & {latency} & "
                     rf"{minutes(r['wall_seconds'])} \\")
-    if rep.efficiency:
-        where = f"FLOPs per image and latency from {efficiency_source(rep)}"
-    else:
-        where = (f"FLOPs and latency: -- (no {tt('efficiency.json')} in {tt(rep.figures_dir)}; "
-                 f"the figures module writes it).")
-    caption = (rf"Every run. Validation accuracy: the best epoch's (that epoch in brackets), "
-               rf"whose weights are kept; test accuracy: those weights, once, on the "
-               rf"test set; for a run trained with several seeds, the mean $\pm$ the standard "
-               rf"deviation over its seeds (their number in brackets), the other columns being "
-               rf"those of seed {DEFAULT_SEED}. Parameters: the deployed network (a regressor used only in training "
-               rf"is not counted). Train: wall time of all epochs, validation included. {where} "
-               rf"Source: {tt(rep.results_dir)}.")
+    where = (f"FLOPs per image and latency from {efficiency_source(rep)}" if rep.efficiency
+             else f"FLOPs and latency: -- (no {tt('efficiency.json')} in {tt(rep.figures_dir)}; "
+                  f"the figures module writes it).")
+    caption = (rf"Every run. Validation accuracy: the best epoch's (that epoch in brackets), whose weights "
+               rf"are kept; test accuracy: those weights, once, on the test set; for a run trained with "
+               rf"several seeds, the mean $\pm$ the standard deviation over its seeds (their number in "
+               rf"brackets), the other columns being those of seed {DEFAULT_SEED}. Parameters: the "
+               rf"deployed network (a regressor used only in training is not counted). Train: wall time of "
+               rf"all epochs, validation included. {where} Source: {tt(rep.results_dir)}.")
     return table("tab:results", caption, "lrrrrrrr", [
         r"Run & Epochs & Val.\ acc. & Test acc. & Params & GFLOPs & Latency & Train \\",
         r" & & \% (epoch) & \% & (M) & & (ms) & (min) \\"], rows)
 
 
-def test_acc_cell(rep: Report, run: str) -> str:
-    """The test accuracy of `run`: one seed's, or the mean and spread of several."""
-    summary = summarise(rep.seeds[run])
-    if summary["std"] is None:
-        return pct(summary["mean"])
-    return rf"{pct(summary['mean'])} $\pm$ {pct(summary['std'])} ({summary['n_seeds']})"
-
-
 def best_epoch_sentence(rep: Report) -> str:
     last = [run for run, r in rep.results.items() if r["best_epoch"] == r["epochs"]]
     earlier = [run for run in rep.results if run not in last]
-    out = []
-    if last:
-        out.append(rf"{runs_text(last, rep.results)} {agreeing(len(last), 'was', 'were')} best on validation "
-                   rf"at {agreeing(len(last), 'its', 'their')} last epoch, as a cosine schedule "
-                   rf"that ends at zero makes likely.")
+    out = ([rf"{runs_text(last, rep.results)} {agreeing(len(last), 'was', 'were')} best on validation "
+            rf"at {agreeing(len(last), 'its', 'their')} last epoch, as a cosine schedule "
+            rf"that ends at zero makes likely."] if last else [])
     if earlier:
         out.append("Peaked before the end: " + enumerate_text(
             [rf"{run_name(run, rep.results)} (epoch {rep.results[run]['best_epoch']} of {rep.results[run]['epochs']})"
@@ -486,13 +457,11 @@ def speed_sentences(rep: Report) -> str:
 # ----------------------------------------------------------------------------- discussion: what KD bought
 
 def kd_gain_sentences(rep: Report) -> str:
-    out = []
-    for start, name, base, kd in compared_pairs(rep):
-        out.append(cannot_yet(rep, f"The gain of {name} {start}", (base, kd))
-                   or rf"{sentence_start(start)}, {name} ({run_name(kd, rep.results)}) reached {seeds_text(rep, kd)} "
-                      rf"test accuracy against {seeds_text(rep, base)} for the cross-entropy student: "
-                      rf"{difference_text(rep.findings.gain(kd))}.")
-    return " ".join(out)
+    return " ".join(cannot_yet(rep, f"The gain of {name} {start}", (base, kd))
+                    or rf"{sentence_start(start)}, {name} ({run_name(kd, rep.results)}) reached "
+                       rf"{seeds_text(rep, kd)} test accuracy against {seeds_text(rep, base)} for the "
+                       rf"cross-entropy student: {difference_text(rep.findings.gain(kd))}."
+                    for start, name, base, kd in compared_pairs(rep))
 
 
 def evaluation_sentences(rep: Report) -> str:
@@ -515,17 +484,15 @@ def evaluation_sentences(rep: Report) -> str:
 def kd_cost_sentences(rep: Report) -> str:
     out = []
     for start, name, base, kd in compared_pairs(rep):
-        waiting = cannot_yet(rep, f"The training cost of {name} {start}", (base, kd))
-        if waiting:
+        if waiting := cannot_yet(rep, f"The training cost of {name} {start}", (base, kd)):
             out.append(waiting)
             continue
         b, k = rep.results[base], rep.results[kd]
         per_epoch_b, per_epoch_k = b["wall_seconds"] / b["epochs"], k["wall_seconds"] / k["epochs"]
         extra = (rf", and trains {k['extra_training_parameters']:,} regressor parameters "
                  rf"besides the student" if k["extra_training_parameters"] else "")
-        out.append(rf"An epoch of {name} {start} took {per_epoch_k:.1f} s against "
-                   rf"{per_epoch_b:.1f} s for cross-entropy alone "
-                   rf"({per_epoch_k / per_epoch_b:.2f} times as long){extra}.")
+        out.append(rf"An epoch of {name} {start} took {per_epoch_k:.1f} s against {per_epoch_b:.1f} s for "
+                   rf"cross-entropy alone ({per_epoch_k / per_epoch_b:.2f} times as long){extra}.")
     t = rep.results.get(TEACHER_RUN)
     out.append(cannot_yet(rep, "The teacher's training cost", [TEACHER_RUN])
                or rf"The teacher those runs need cost {minutes(t['wall_seconds'])} min of "
@@ -618,15 +585,12 @@ def per_class_sentences(rep: Report) -> str:
 # ----------------------------------------------------------------------------- discussion: the other questions
 
 def logits_vs_features_sentences(rep: Report) -> str:
-    out = []
-    for start in STARTS:
-        logits, features = run_of("kd_logits", start), run_of("kd_features", start)
-        if not {logits, features} <= set(rep.runs):   # a comparison this lab does not make
-            continue
-        out.append(cannot_yet(rep, f"Logits against features {STARTS[start]}", (logits, features))
-                   or rf"{sentence_start(STARTS[start])}, logit KD at {seeds_text(rep, logits)} against feature KD "
-                      rf"at {seeds_text(rep, features)}: {paired_text(rep, logits, features)}.")
-    return " ".join(out)
+    pairs = [(start, run_of("kd_logits", start), run_of("kd_features", start)) for start in STARTS]
+    return " ".join(cannot_yet(rep, f"Logits against features {STARTS[start]}", (logits, features))
+                    or rf"{sentence_start(STARTS[start])}, logit KD at {seeds_text(rep, logits)} against "
+                       rf"feature KD at {seeds_text(rep, features)}: {paired_text(rep, logits, features)}."
+                    for start, logits, features in pairs
+                    if {logits, features} <= set(rep.runs))   # the comparisons this lab makes
 
 
 def pretrained_vs_scratch_sentences(rep: Report) -> str:
@@ -635,17 +599,14 @@ def pretrained_vs_scratch_sentences(rep: Report) -> str:
         return (rf"No run of these results files started from ImageNet weights, so the question is "
                 rf"left open by numbers here: it needs the runs that fine-tune from ImageNet "
                 rf"(\texttt{{student\_pretrained\_*}}), trained where the ImageNet weights can be downloaded.")
-    out = []
-    for method, info in METHODS.items():
-        s_run, p_run = run_of(method, "scratch"), run_of(method, "pretrained")
-        if not {s_run, p_run} <= set(rep.runs):   # a comparison this lab does not make
-            continue
-        out.append(cannot_yet(rep, f"ImageNet against scratch for {info.name}", (s_run, p_run))
-                   or rf"With {info.name}, the student {STARTS['pretrained']} reached {seeds_text(rep, p_run)} in "
-                      rf"{count(rep.results[p_run]['epochs'], 'epoch')}, against {seeds_text(rep, s_run)} in "
-                      rf"{count(rep.results[s_run]['epochs'], 'epoch')} {STARTS['scratch']}: "
-                      rf"{paired_text(rep, p_run, s_run)}.")
-    return " ".join(out)
+    pairs = [(m.name, run_of(key, "scratch"), run_of(key, "pretrained")) for key, m in METHODS.items()]
+    return " ".join(cannot_yet(rep, f"ImageNet against scratch for {name}", (s_run, p_run))
+                    or rf"With {name}, the student {STARTS['pretrained']} reached {seeds_text(rep, p_run)} in "
+                       rf"{count(rep.results[p_run]['epochs'], 'epoch')}, against {seeds_text(rep, s_run)} in "
+                       rf"{count(rep.results[s_run]['epochs'], 'epoch')} {STARTS['scratch']}: "
+                       rf"{paired_text(rep, p_run, s_run)}."
+                    for name, s_run, p_run in pairs
+                    if {s_run, p_run} <= set(rep.runs))   # the comparisons this lab makes
 
 
 def student_vs_teacher_sentences(rep: Report) -> str:
@@ -686,21 +647,13 @@ def agreement_sentences(rep: Report) -> str:
     out = ["On the test set, the students predict the same class as the teacher for "
            + enumerate_text([rf"{acc_text(share)} of the images ({run_name(run, rep.results)})"
                              for run, share in shares.items()]) + "."]
-    for start, name, base, kd in compared_pairs(rep):
-        if base in shares and kd in shares:
-            out.append(rf"{sentence_start(start)}, the agreement of {name} with the teacher is "
-                       rf"{compare(shares[kd], shares[base])} the cross-entropy student's.")
+    out += [rf"{sentence_start(start)}, the agreement of {name} with the teacher is "
+            rf"{compare(shares[kd], shares[base])} the cross-entropy student's."
+            for start, name, base, kd in compared_pairs(rep) if base in shares and kd in shares]
     return " ".join(out)
 
 
 # ----------------------------------------------------------------------------- deploying the student
-
-def deployed_student(rep: Report) -> str | None:
-    """The student the deploy section speaks of: the best one if deploy.json measured it, else its first."""
-    students = [run for run in rep.deployment["runs"] if run != TEACHER_RUN]
-    best = rep.findings.best_student
-    return best if best in students else next(iter(students), None)
-
 
 def deploy_table(rep: Report) -> str:
     """Each deployed run in each variant, from deploy.json; nothing without one."""
@@ -731,7 +684,9 @@ def deploy_sentences(rep: Report) -> str:
         where = f"{tt(rep.deploy_path)} is not there" if rep.deploy_path else "none given"
         return (rf"Deployment on a CPU: not measured for this report (its {tt('deploy.json')}: {where}); "
                 rf"\texttt{{python -m kdlab deploy}} measures it.")
-    student = deployed_student(rep)
+    # The best student if deploy.json measured it, else its first.
+    students = [run for run in deployment["runs"] if run != TEACHER_RUN]
+    student = rep.findings.best_student if rep.findings.best_student in students else next(iter(students), None)
     if student is None:
         return rf"Deployment on a CPU: {tt(rep.deploy_path)} measured no student."
     variants = deployment["runs"][student]["variants"]
@@ -931,8 +886,7 @@ def collect(results_dir, figures_dir, report_dir, expected=None, benchmark=None,
     `budget_dir`: the budget-matched baselines of the results (kdlab.results.BUDGET_DIR for the reference)."""
     results_dir, figures_dir, report_dir = Path(results_dir), Path(figures_dir), Path(report_dir)
     benchmark, budget_dir, deploy = (Path(path) if path else None for path in (benchmark, budget_dir, deploy))
-    unknown = [run for run in expected or () if run not in RUNS]
-    if unknown:
+    if unknown := [run for run in expected or () if run not in RUNS]:
         raise KdlabError(f"unknown run {', '.join(unknown)}; valid runs: {', '.join(RUNS)}")
     if not results_dir.is_dir():
         raise KdlabError(f"--results {results_dir} is not a folder; give the folder of the runs' "
@@ -988,11 +942,7 @@ def place_template(report_dir: Path) -> None:
 def make_report(results_dir="results/reference", figures_dir="figures", report_dir="my_report",
                 expected=None, draft=False, pdf=True, pdf_required=False,
                 benchmark=DEFAULT_BENCHMARK, budget_dir=None, deploy=None, log=print) -> Report:
-    """Generate report_dir/generated/*.tex from the results, then build the PDF if latexmk is here.
-
-    `expected`: the runs the report expects (default: those the results imply, kdlab.config.expected_runs).
-    """
-    report_dir = Path(report_dir)
+    """Write report_dir/generated/*.tex from the results (`collect`), then the PDF if latexmk is here."""
     rep = collect(results_dir, figures_dir, report_dir, expected, benchmark, budget_dir, deploy)
     reason = rep.draft_reason()
     if reason and not draft:
@@ -1002,8 +952,8 @@ def make_report(results_dir="results/reference", figures_dir="figures", report_d
                          f"{reason}, not the lab's results. Point --results at a real run's folder, "
                          f"or pass --draft for a draft that says so on every page.")
     check_deployment(rep)
-    place_template(report_dir)
-    written = write_generated(rep, report_dir / "generated")
+    place_template(rep.report_dir)
+    written = write_generated(rep, rep.report_dir / "generated")
     log(f"wrote {', '.join(str(p) for p in written)}")
     log(f"{len(rep.results)} results file(s) in {rep.results_dir}"
         + (f"; missing runs: {', '.join(rep.missing)}" if rep.missing else "")
@@ -1018,6 +968,6 @@ def make_report(results_dir="results/reference", figures_dir="figures", report_d
             raise KdlabError(message)
         log(f"kdlab: note: {message}")
         return rep
-    seconds = build_pdf(report_dir)
-    log(f"built {report_dir / 'KD_LAB.pdf'} in {seconds:.1f}s")
+    seconds = build_pdf(rep.report_dir)
+    log(f"built {rep.report_dir / 'KD_LAB.pdf'} in {seconds:.1f}s")
     return rep

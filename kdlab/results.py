@@ -30,10 +30,11 @@ KEPT_MANIFEST = "manifest.json"
 KEPT_PART_PREFIX = "weights.fp16.part"
 
 # What every <run>_results.json holds (kdlab.checkpoints writes it when a run finishes).
-RESULT_KEYS = ("run", "test_acc", "best_val_acc", "best_epoch", "epochs", "config",
-               "weights", "smoke", "data", "n_train", "n_val", "n_test", "parameters",
-               "extra_training_parameters", "test_predictions", "device", "device_name",
-               "torch_version", "wall_seconds", "finished")
+RESULT_KEYS = ("run", "test_acc", "best_val_acc", "best_epoch", "epochs", "config", "weights", "smoke",
+               "data", "n_train", "n_val", "n_test", "parameters", "extra_training_parameters",
+               "test_predictions", "device", "device_name", "torch_version", "wall_seconds", "finished")
+# <run>[_seed<N>]_{best.pt,last.pt,results.json}; a run name may itself contain underscores.
+RUN_FILE = re.compile(r"(?P<run>.+?)(?:_seed(?P<seed>\d+))?_(?:best\.pt|last\.pt|results\.json)")
 
 
 def run_file(suffix: str) -> property:
@@ -63,16 +64,9 @@ def default_ckpt_dir(smoke: bool) -> Path:
 
 def seeds_in(ckpt_dir: str | Path, run: str) -> list[int]:
     """The training seeds of `run` that have any file in `ckpt_dir`, the default seed first."""
-    seeds = set()
-    for path in Path(ckpt_dir).glob(f"{run}_*"):
-        match = RUN_FILE.fullmatch(path.name)
-        if match and match["run"] == run:
-            seeds.add(int(match["seed"] or DEFAULT_SEED))
+    matches = (RUN_FILE.fullmatch(path.name) for path in Path(ckpt_dir).glob(f"{run}_*"))
+    seeds = {int(match["seed"] or DEFAULT_SEED) for match in matches if match and match["run"] == run}
     return sorted(seeds, key=lambda seed: (seed != DEFAULT_SEED, seed))
-
-
-# <run>[_seed<N>]_{best.pt,last.pt,results.json}; a run name may itself contain underscores.
-RUN_FILE = re.compile(r"(?P<run>.+?)(?:_seed(?P<seed>\d+))?_(?:best\.pt|last\.pt|results\.json)")
 
 
 def run_status(ckpt_dir: str | Path, run: str, seed: int = DEFAULT_SEED) -> str:
@@ -125,10 +119,7 @@ def read_results_file(path: Path, run: str, seed: int = DEFAULT_SEED) -> dict:
 
 
 def load_results(results_dir: str | Path) -> dict[str, dict]:
-    """The default seed's results of every run found in `results_dir`, in the lab's order.
-
-    Files of names that are not runs are not read.
-    """
+    """The default seed's results of every run in `results_dir` (load_seed_results), in the lab's order."""
     return default_seed_results(load_seed_results(results_dir))
 
 
@@ -143,11 +134,9 @@ def load_seed_results(results_dir: str | Path) -> dict[str, list[dict]]:
     A run and seed found twice (`<run>_results.json` beside `<run>_seed42_results.json`, say) with
     different settings is refused, naming both files: two different runs are never averaged.
     """
-    entries = []
-    for path in sorted(Path(results_dir).glob("*_results.json")):
-        match = RUN_FILE.fullmatch(path.name)
-        if match and match["run"] in RUNS:
-            entries.append((path, read_results_file(path, match["run"], int(match["seed"] or DEFAULT_SEED))))
+    paths = sorted(Path(results_dir).glob("*_results.json"))
+    matched = [(path, m) for path in paths if (m := RUN_FILE.fullmatch(path.name)) and m["run"] in RUNS]
+    entries = [(path, read_results_file(path, m["run"], int(m["seed"] or DEFAULT_SEED))) for path, m in matched]
     by_run: dict[str, list[dict]] = {}
     for _, r in sorted(check_no_duplicates(entries), key=lambda e: (run_order(e[1]["run"]), training_seed(e[1]))):
         by_run.setdefault(r["run"], []).append(r)
@@ -187,6 +176,16 @@ DEFAULT_BENCHMARK = "benchmarks/results/h200-full-compile.json"
 STEP_DESCRIPTIONS = {TEACHER_STEP: "teacher step (ResNet50, CE)", STUDENT_STEP: "student step (ResNet18, CE)",
                      **{key: f"{m.name} step (+ ResNet50 forward)" for key, m in METHODS.items() if m.uses_teacher},
                      EVALUATION_STEP: "evaluation (ResNet18 forward)"}
+
+
+def load_manifest(results_dir: Path) -> dict | None:
+    path = results_dir / "manifest.json"
+    if not path.exists():
+        return None
+    manifest = read_json(path, "write it again, or delete it.")
+    if not isinstance(manifest, dict):
+        raise KdlabError(f"{path} must hold one JSON object (key: value); write it again, or delete it.")
+    return manifest
 
 
 def load_efficiency(figures_dir: Path) -> dict | None:

@@ -92,8 +92,7 @@ def paired_difference(kd: list[dict], baseline: list[dict], n_boot: int = 10_000
     interval. McNemar's test per seed pair: b = images only the KD run gets right, c = images
     only the baseline gets right.
     """
-    kd_runs = {training_seed(r): r for r in kd}
-    base_runs = {training_seed(r): r for r in baseline}
+    kd_runs, base_runs = ({training_seed(r): r for r in runs} for runs in (kd, baseline))
     kd_name, base_name = kd[0]["run"], baseline[0]["run"]
     seeds = sorted(kd_runs.keys() & base_runs.keys())
     if not seeds:
@@ -160,12 +159,9 @@ def check_no_duplicates(entries: list[tuple]) -> list[tuple]:
     kept = {}
     for path, results in entries:
         key = (results["run"], training_seed(results))
-        if key not in kept:
-            kept[key] = (path, results)
-            continue
-        first_path, first = kept[key]
-        if first["config"] != results["config"]:
-            a, b = first["config"], results["config"]
+        first_path, first = kept.setdefault(key, (path, results))
+        a, b = first["config"], results["config"]
+        if a != b:
             differing = ", ".join(f"{k}: {a.get(k, '<absent>')!r} against {b.get(k, '<absent>')!r}"
                                   for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
             raise KdlabError(f"{first_path} and {path} both hold {key[0]} with training seed {key[1]} "
