@@ -470,8 +470,8 @@ def tiny_teacher(tmp_path_factory) -> pathlib.Path:
 @pytest.mark.parametrize("run", ["student_scratch_kd_features", "student_scratch_at"])
 @pytest.mark.parametrize("fault", [raise_keyboard_interrupt, raise_diverged], ids=["Ctrl-C", "error"])
 def test_a_failed_feature_run_leaves_no_hook_on_the_teacher(tmp_path, monkeypatch, tiny_teacher, run, fault):
-    shutil.copytree(tiny_teacher, tmp_path, dirs_exist_ok=True)
-    lab = Lab(tmp_path, device="cpu", smoke=True, progress=False, log=lambda line: None, **TINY)
+    lab = Lab(tmp_path, device="cpu", smoke=True, progress=False, log=lambda line: None, teacher_dir=tiny_teacher,
+              **TINY)
     teacher = lab.run("teacher_resnet50").model        # loaded: the object the student's run distils
     fail_in_step(monkeypatch, 2, fault)
     for attempt in range(2):                          # a retry must not add hooks either
