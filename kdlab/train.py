@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -104,14 +105,33 @@ def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@contextmanager
+def onednn_where_it_computes(images: torch.Tensor, dtype: torch.dtype | None):
+    """oneDNN off for the block where it would train on garbage: in bf16 on the CPU at 16 px or fewer.
+
+    oneDNN (seen in torch 2.14's CPU build) computes the bf16 weight gradient of a 3x3 stride-2
+    convolution over a 1x1 map from uninitialised memory, now and then inf. A ResNet's layer4 meets
+    such a map at 16 px or fewer (--smoke's size); there torch's own kernels take the step (a smoke
+    run about 1.5 times slower). At the lab's sizes oneDNN stays on.
+    """
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled and not (
+        images.device.type == "cpu" and dtype == torch.bfloat16 and images.shape[-1] <= 16)
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
 def train_step(method, optimizer, scaler, images, targets, dtype, epochs_done: float, forward=None):
     """One optimisation step on a batch of the device loader, `epochs_done` epochs into training;
     returns the logits, the loss terms, and whether the loss scaler skipped the update (a 0/1
     tensor on the device; None without a scaler). `forward`: method.forward_train, or a compiled one."""
-    with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
-        logits, losses = (forward or method.forward_train)(images, targets, epochs_done)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(sum(losses.values())).backward()
+    with onednn_where_it_computes(images, dtype):
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+            logits, losses = (forward or method.forward_train)(images, targets, epochs_done)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(sum(losses.values())).backward()
     scaler.step(optimizer)
     # The scaler's own inf/nan flag, read where it lies (on the device: no sync) before update()
     # clears it. Comparing the scale before and after would need a copy each step, and would stop

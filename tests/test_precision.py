@@ -12,7 +12,7 @@ from kdlab.cli import main
 from kdlab.config import SpeedLevers
 from kdlab.errors import KdlabError
 from kdlab.lab import Lab
-from kdlab.train import check_precision, resolve_precision
+from kdlab.train import check_precision, onednn_where_it_computes, resolve_precision
 
 
 @pytest.mark.parametrize("command, needle", [
@@ -65,6 +65,31 @@ def test_the_results_and_the_log_name_the_precision(tmp_path, tiny_splits, preci
     assert trained.results["precision"] == expected
     assert f"training on cpu ({expected})" in lines[0]
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in trained.results["history"])
+
+
+def test_bf16_steps_at_16_px_on_the_cpu_run_without_onednn():
+    """oneDNN's bf16 weight gradient of a 3x3 stride-2 convolution over a 1x1 map (layer4's first, at
+    16 px) is uninitialised memory, so such steps run on torch's own kernels: the eight taps that see
+    only padding get a zero gradient, the centre the fp32 one. At the lab's sizes oneDNN stays on."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
+    maps = torch.randn(4, 8, 1, 1)
+
+    def weight_gradient(dtype):
+        conv.zero_grad(set_to_none=True)
+        with onednn_where_it_computes(maps, dtype), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            conv(maps).float().square().sum().backward()
+        return conv.weight.grad
+
+    fp32 = weight_gradient(None)
+    for _ in range(3):   # unguarded, oneDNN's answer changed from one call to the next
+        bf16 = weight_gradient(torch.bfloat16)
+        assert torch.equal(bf16[..., [0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 2, 0, 2, 0, 1, 2]], torch.zeros(8, 8, 8))
+        torch.testing.assert_close(bf16[..., 1, 1], fp32[..., 1, 1], rtol=0.05, atol=0.05)
+    assert torch.backends.mkldnn.enabled, "the flag is restored after the step"
+    for size, dtype in [(32, torch.bfloat16), (16, None)]:
+        with onednn_where_it_computes(torch.zeros(2, 3, size, size), dtype):
+            assert torch.backends.mkldnn.enabled
 
 
 # ----------------------------------------------------------------------------- the fp16 loss scaler
